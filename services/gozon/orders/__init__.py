@@ -1,0 +1,1 @@
+"""The orders service: orders, their outbox, and the consumer of payment results."""
