@@ -1,27 +1,151 @@
-"""`gozon …`: the only place that picks a process to run."""
+"""`gozon …`: the only place that picks a process to run.
+
+    gozon orders   api | relay | consumer | migrate | outbox requeue-failed
+    gozon payments api | relay | consumer | migrate | outbox requeue-failed
+
+Each command reads its settings from `GOZON_*` variables, sets up logging and tracing for its
+process, and runs one job until SIGTERM.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
 
 from gozon import __version__
 
+Command = Callable[[argparse.Namespace], int]
+
+
+def _start(service: str, settings_class: type) -> object:
+    """Reads the settings (failing fast with the variable's name) and sets up the process."""
+    from gozon.core.logging import configure_logging
+    from gozon.core.telemetry import configure_tracing
+
+    try:
+        settings = settings_class()
+    except ValidationError as exc:
+        raise SystemExit(f"gozon: invalid settings:\n{exc}") from exc
+    configure_logging(service, level=settings.log_level, json=settings.log_json)
+    configure_tracing(service)
+    return settings
+
+
+# --------------------------------------------------------------------------- orders
+
+
+def orders_api(_: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gozon.core.settings import OrdersSettings
+    from gozon.orders.api import build_app
+
+    settings = _start("orders-api", OrdersSettings)
+    assert isinstance(settings, OrdersSettings)
+    uvicorn.run(
+        build_app(settings),
+        host=settings.orders_api_host,
+        port=settings.orders_api_port,
+        log_config=None,
+        access_log=False,
+    )
+    return 0
+
+
+def orders_relay(_: argparse.Namespace) -> int:
+    from gozon.contracts import ORDER_CREATED_TOPIC
+    from gozon.core.settings import OrdersSettings
+    from gozon.messaging.worker import WorkerSpec, run_relay
+    from gozon.orders.models import order_outbox
+
+    settings = _start("orders-relay", OrdersSettings)
+    assert isinstance(settings, OrdersSettings)
+    spec = WorkerSpec(
+        "orders",
+        settings.orders_database_url,
+        settings.orders_api_host,
+        settings.orders_relay_metrics_port,
+    )
+    asyncio.run(run_relay(spec, settings, order_outbox, [ORDER_CREATED_TOPIC]))
+    return 0
+
+
+def orders_migrate(_: argparse.Namespace) -> int:
+    from gozon.core.migrations import upgrade
+    from gozon.core.settings import OrdersSettings
+
+    settings = _start("orders-migrate", OrdersSettings)
+    assert isinstance(settings, OrdersSettings)
+    upgrade(_migrations("orders"), settings.orders_database_url)
+    return 0
+
+
+def orders_requeue_failed(_: argparse.Namespace) -> int:
+    from gozon.core.db import create_engine
+    from gozon.core.settings import OrdersSettings
+    from gozon.messaging.relay import requeue_failed
+    from gozon.orders.models import order_outbox
+
+    settings = _start("orders-outbox", OrdersSettings)
+    assert isinstance(settings, OrdersSettings)
+
+    async def run() -> int:
+        engine = create_engine(settings.orders_database_url, pool_size=1)
+        try:
+            return await requeue_failed(engine, order_outbox)
+        finally:
+            await engine.dispose()
+
+    print(f"requeued {asyncio.run(run())} FAILED order_outbox rows")
+    return 0
+
+
+# --------------------------------------------------------------------------- wiring
+
+
+def _migrations(service: str) -> Path:
+    return Path(__file__).parent / service / "migrations"
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gozon", description=__doc__)
+    parser = argparse.ArgumentParser(prog="gozon", description="Gozon order and payment platform")
     parser.add_argument("--version", action="version", version=f"gozon {__version__}")
+    services = parser.add_subparsers(dest="service", metavar="SERVICE")
+
+    def add(
+        sub: argparse._SubParsersAction[argparse.ArgumentParser],
+        name: str,
+        run: Command,
+        help_: str,
+    ) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help_)
+        command.set_defaults(run=run)
+        return command
+
+    orders = services.add_parser("orders", help="the orders service")
+    orders_sub = orders.add_subparsers(dest="process", metavar="PROCESS", required=True)
+    add(orders_sub, "api", orders_api, "the orders HTTP API (port GOZON_ORDERS_API_PORT)")
+    add(orders_sub, "relay", orders_relay, "publishes order_outbox rows to Kafka")
+    add(orders_sub, "migrate", orders_migrate, "alembic upgrade of order_db to head")
+    outbox = orders_sub.add_parser("outbox", help="order_outbox maintenance")
+    outbox_sub = outbox.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add(outbox_sub, "requeue-failed", orders_requeue_failed, "requeue FAILED rows")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "run", None) is None:
+    run: Command | None = getattr(args, "run", None)
+    if run is None:
         parser.print_help(sys.stderr)
         return 2
-    return int(args.run(args))
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""What every Gozon process shares: settings, database, logging, telemetry, metrics, HTTP basics."""

@@ -1,0 +1,62 @@
+"""The FastAPI app factory shared by the APIs: problem+json, health, metrics, server spans.
+
+The caller passes a lifespan that builds the process's resources (engine, session factory,
+clients) and yields them as lifespan state with a `readiness` entry; nothing is built at
+import time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import Lifespan
+
+from gozon import __version__
+from gozon.core.health import Readiness
+from gozon.core.metrics import HttpMetricsMiddleware
+from gozon.core.problems import install_problem_handlers
+from gozon.core.telemetry import ServerSpanMiddleware
+
+ops = APIRouter(include_in_schema=False)
+
+
+@ops.get("/health/live")
+async def live() -> dict[str, str]:
+    return {"status": "live"}
+
+
+@ops.get("/health/ready")
+async def ready(request: Request) -> JSONResponse:
+    readiness: Readiness = request.state.readiness
+    checks = await readiness.report()
+    ok = all(checks.values())
+    return JSONResponse(
+        {"status": "ready" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503
+    )
+
+
+@ops.get("/metrics")
+async def metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def create_app(
+    *,
+    service: str,
+    title: str,
+    description: str,
+    lifespan: Lifespan[Any],
+    routers: Sequence[APIRouter],
+) -> FastAPI:
+    app = FastAPI(title=title, description=description, version=__version__, lifespan=lifespan)
+    install_problem_handlers(app)
+    app.add_middleware(HttpMetricsMiddleware)
+    app.add_middleware(ServerSpanMiddleware, service=service)
+    app.include_router(ops)
+    for router in routers:
+        app.include_router(router)
+    return app

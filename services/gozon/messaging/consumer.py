@@ -1,0 +1,202 @@
+"""The consumer runner: record, effect, then commit the offset.
+
+Guarantees:
+- An offset is committed only after the handler's database transaction has committed (the
+  handler commits; the runner commits the offset after it returns). A crash in between
+  redelivers the message, and the handler's idempotency (an inbox row, a guarded status
+  change) turns the redelivery into a counted duplicate.
+- A message that cannot be parsed or validated is published to `<topic>.dlq`, with the reason
+  and its origin in headers, and only then is its offset committed: it is never lost, and it
+  never blocks the partition.
+- A transient failure (the database unreachable) is retried with capped backoff, for as long
+  as it lasts: never skipped. Any other handler error is retried a few times and then
+  dead-lettered with its reason, so one poison message cannot stall every order behind it.
+- Messages of one partition are handled one at a time, in offset order.
+- A stop request (SIGTERM) is honoured between messages; an uncommitted message is simply
+  delivered again to whoever owns the partition next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Generic, TypeAlias, TypeVar
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.structs import ConsumerRecord
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+from pydantic import BaseModel, ValidationError
+
+from gozon.core.db import is_database_outage
+from gozon.core.runtime import sleep_unless
+from gozon.core.telemetry import context_from_headers
+from gozon.messaging.kafka import dlq_topic, is_transient
+from gozon.messaging.metrics import CONSUMER_HANDLE_SECONDS, CONSUMER_LAG, CONSUMER_MESSAGES
+
+log = structlog.get_logger(__name__)
+tracer = trace.get_tracer(__name__)
+
+E = TypeVar("E", bound=BaseModel)
+Record: TypeAlias = ConsumerRecord[bytes, bytes]
+Handler = Callable[[E, Record], Awaitable[str]]
+"""Handles one event in its own database transaction; returns "processed" or "duplicate"."""
+
+DLQ_REASON = "x-dlq-reason"
+
+
+class _Stopping(Exception):
+    """Raised inside the runner when a stop request interrupts a retry."""
+
+
+class ConsumerRunner(Generic[E]):
+    def __init__(
+        self,
+        *,
+        consumer: AIOKafkaConsumer,
+        producer: AIOKafkaProducer,
+        topic: str,
+        schema: type[E],
+        handler: Handler[E],
+        max_handler_attempts: int = 5,
+        retry_backoff_max: float = 5.0,
+    ) -> None:
+        self.consumer = consumer
+        self.producer = producer
+        self.topic = topic
+        self.schema = schema
+        self.handler = handler
+        self.max_handler_attempts = max_handler_attempts
+        self.retry_backoff_max = retry_backoff_max
+        self.database_ok = True
+        self._next_offsets: dict[TopicPartition, int] = {}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            batches = await self.consumer.getmany(timeout_ms=200)
+            try:
+                for tp, records in batches.items():
+                    for record in records:
+                        if stop.is_set():
+                            return
+                        await self.handle(record, stop)
+                        await self.consumer.commit({tp: record.offset + 1})
+                        self._next_offsets[tp] = record.offset + 1
+            except _Stopping:
+                return
+            self._update_lag()
+
+    async def handle(self, record: Record, stop: asyncio.Event) -> str:
+        """Handles one record to its end: processed, duplicate or dead-lettered."""
+        try:
+            event = self.parse(record)
+        except ValueError as exc:
+            await self.dead_letter(record, f"invalid message: {_one_line(exc)}", stop)
+            return "dead_lettered"
+        context = context_from_headers(record.headers)
+        with tracer.start_as_current_span(
+            f"{self.topic} process",
+            context=context,
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.destination.name": self.topic,
+                "messaging.kafka.offset": record.offset,
+            },
+        ):
+            structlog.contextvars.bind_contextvars(event_id=str(getattr(event, "event_id", "")))
+            try:
+                return await self._handle_with_retries(event, record, stop)
+            finally:
+                structlog.contextvars.unbind_contextvars("event_id")
+
+    def parse(self, record: Record) -> E:
+        if not record.value:
+            raise ValueError("empty message value")
+        try:
+            return self.schema.model_validate_json(record.value)
+        except ValidationError as exc:
+            raise ValueError(str(exc)) from exc
+
+    async def _handle_with_retries(self, event: E, record: Record, stop: asyncio.Event) -> str:
+        attempts = 0
+        delay = 0.1
+        while True:
+            started = time.perf_counter()
+            try:
+                outcome = await self.handler(event, record)
+            except Exception as exc:
+                if is_database_outage(exc):
+                    if self.database_ok:
+                        log.warning(
+                            "database unavailable, retrying", topic=self.topic, error=repr(exc)
+                        )
+                    self.database_ok = False
+                else:
+                    attempts += 1
+                    CONSUMER_MESSAGES.labels(self.topic, "failed").inc()
+                    log.error(
+                        "handler failed",
+                        topic=self.topic,
+                        attempt=attempts,
+                        offset=record.offset,
+                        exc_info=exc,
+                    )
+                    if attempts >= self.max_handler_attempts:
+                        await self.dead_letter(record, f"handler failed: {_one_line(exc)}", stop)
+                        return "dead_lettered"
+                if stop.is_set():
+                    raise _Stopping from exc
+                await sleep_unless(stop, delay)
+                delay = min(delay * 2, self.retry_backoff_max)
+                continue
+            self.database_ok = True
+            CONSUMER_HANDLE_SECONDS.labels(self.topic).observe(time.perf_counter() - started)
+            CONSUMER_MESSAGES.labels(self.topic, outcome).inc()
+            return outcome
+
+    async def dead_letter(self, record: Record, reason: str, stop: asyncio.Event) -> None:
+        """Publishes the record unchanged to `<topic>.dlq` with why and whence in headers."""
+        headers = [
+            *[(key, value) for key, value in record.headers if not key.startswith("x-dlq-")],
+            (DLQ_REASON, reason[:4000].encode()),
+            ("x-dlq-original-topic", record.topic.encode()),
+            ("x-dlq-original-partition", str(record.partition).encode()),
+            ("x-dlq-original-offset", str(record.offset).encode()),
+            ("x-dlq-at", datetime.now(UTC).isoformat().encode()),
+        ]
+        delay = 0.1
+        while True:
+            try:
+                await self.producer.send_and_wait(
+                    dlq_topic(record.topic), value=record.value, key=record.key, headers=headers
+                )
+                break
+            except Exception as exc:
+                if not is_transient(exc) or stop.is_set():
+                    raise
+                await sleep_unless(stop, delay)
+                delay = min(delay * 2, self.retry_backoff_max)
+        CONSUMER_MESSAGES.labels(self.topic, "dead_lettered").inc()
+        log.warning(
+            "message dead-lettered",
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            reason=reason,
+        )
+
+    def _update_lag(self) -> None:
+        lag = 0
+        for tp in self.consumer.assignment():
+            highwater = self.consumer.highwater(tp)
+            if highwater is not None and tp in self._next_offsets:
+                lag += max(0, highwater - self._next_offsets[tp])
+        CONSUMER_LAG.labels(self.topic).set(lag)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:1000] or type(exc).__name__

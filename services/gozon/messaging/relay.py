@@ -1,0 +1,291 @@
+"""The outbox relay: publishes committed outbox rows to Kafka, at least once, per key in order.
+
+Guarantees:
+- At least once. A row is marked SENT in the same transaction that claimed it, and only
+  after the broker acknowledged it (`acks=all`, idempotent producer). A relay that dies
+  between the ack and the commit publishes the row again after restart; consumers
+  deduplicate by `event_id`.
+- Several relays on one outbox are safe: a batch is claimed with
+  `SELECT … FOR UPDATE SKIP LOCKED`, so no two relays hold the same row.
+- Within one relay, rows go out in id order (enqueued one after another, then every ack
+  awaited), so the events of one key keep their order on their partition. Two relays, or a
+  row that waits for a retry, can let a later event of the same key overtake an earlier one;
+  the consumers are written so that order between different orders does not matter.
+- A broker outage does not burn attempts: a transient error leaves the rows PENDING and the
+  relay reports not ready until the broker answers again. Only an error about the message
+  itself counts an attempt, with exponential backoff; after the limit the row is FAILED
+  (counted, and requeued by `requeue_failed`).
+- Wake-up without taxing the writers: no NOTIFY in the writers' transactions (it takes a
+  database-wide lock at commit). The relay re-polls at once while batches come back full,
+  and otherwise polls every `idle_poll` (10 ms by default: one indexed query on an empty
+  partial index).
+- SIGTERM: the batch in hand is finished and committed, then the relay exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaProducer
+from sqlalchemy import Table, delete, func, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from gozon.core.db import is_database_outage
+from gozon.core.runtime import sleep_unless
+from gozon.messaging.kafka import is_transient
+from gozon.messaging.metrics import (
+    OUTBOX_COMMIT_TO_ACK,
+    OUTBOX_FAILED,
+    OUTBOX_OLDEST_AGE,
+    OUTBOX_PENDING,
+    OUTBOX_PRUNED,
+    OUTBOX_PUBLISH_ERRORS,
+    OUTBOX_PUBLISHED,
+)
+from gozon.messaging.outbox import FAILED, PENDING, SENT
+
+log = structlog.get_logger(__name__)
+
+
+class BrokerUnavailable(Exception):
+    """Kafka did not take the batch for reasons that are not the messages' fault."""
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    batch_size: int = 200
+    idle_poll: float = 0.010
+    max_attempts: int = 10
+    backoff_base: float = 0.2
+    backoff_max: float = 60.0
+    retention: timedelta = timedelta(hours=72)
+    prune_interval: float = 60.0
+    outage_backoff_max: float = 5.0
+
+
+def retry_delay(attempts: int, base: float, cap: float) -> float:
+    """Exponential backoff after `attempts` failed attempts: base, 2·base, 4·base, … ≤ cap."""
+    return float(min(cap, base * (2 ** max(0, attempts - 1))))
+
+
+class OutboxRelay:
+    def __init__(
+        self,
+        *,
+        table: Table,
+        sessions: async_sessionmaker[AsyncSession],
+        producer: AIOKafkaProducer,
+        config: RelayConfig,
+    ) -> None:
+        self.table = table
+        self.name = table.name
+        self.sessions = sessions
+        self.producer = producer
+        self.config = config
+        self.kafka_ok = False
+        self.database_ok = False
+        self._last_prune = 0.0
+
+    # -- one batch
+
+    def _claim(self) -> Any:
+        t = self.table
+        return (
+            select(
+                t.c.id,
+                t.c.topic,
+                t.c.message_key,
+                t.c.payload,
+                t.c.headers,
+                t.c.attempts,
+                t.c.created_at,
+            )
+            .where(t.c.status == PENDING, t.c.next_attempt_at <= func.now())
+            .order_by(t.c.id)
+            .limit(self.config.batch_size)
+            .with_for_update(skip_locked=True)
+        )
+
+    async def publish_batch(self) -> int:
+        """Claims, publishes and marks one batch; returns how many rows it claimed."""
+        async with self.sessions() as session, session.begin():
+            rows = (await session.execute(self._claim())).all()
+            if not rows:
+                return 0
+            deliveries: list[asyncio.Future[Any]] = []
+            outage: BaseException | None = None
+            for row in rows:
+                try:
+                    deliveries.append(
+                        await self.producer.send(
+                            row.topic,
+                            value=json.dumps(row.payload, separators=(",", ":")).encode(),
+                            key=row.message_key.encode(),
+                            headers=[(k, str(v).encode()) for k, v in row.headers.items()],
+                        )
+                    )
+                except Exception as exc:
+                    if is_transient(exc):
+                        outage = exc
+                        break  # later rows would wait on the same dead broker
+                    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                    future.set_exception(exc)
+                    deliveries.append(future)
+
+            sent: list[int] = []
+            for row, delivery in zip(rows, deliveries, strict=False):
+                try:
+                    await delivery
+                except Exception as exc:
+                    if is_transient(exc):
+                        outage = outage or exc
+                        continue
+                    await self._count_attempt(session, row, exc)
+                else:
+                    sent.append(row.id)
+                    OUTBOX_COMMIT_TO_ACK.labels(self.name).observe(
+                        max(0.0, (datetime.now(UTC) - row.created_at).total_seconds())
+                    )
+            if sent:
+                await session.execute(
+                    update(self.table)
+                    .where(self.table.c.id.in_(sent))
+                    .values(status=SENT, sent_at=func.now())
+                )
+        OUTBOX_PUBLISHED.labels(self.name).inc(len(sent))
+        if outage is not None:
+            OUTBOX_PUBLISH_ERRORS.labels(self.name, "transient").inc()
+            raise BrokerUnavailable(repr(outage)) from outage
+        return len(rows)
+
+    async def _count_attempt(self, session: AsyncSession, row: Any, exc: BaseException) -> None:
+        attempts = row.attempts + 1
+        final = attempts >= self.config.max_attempts
+        delay = retry_delay(attempts, self.config.backoff_base, self.config.backoff_max)
+        OUTBOX_PUBLISH_ERRORS.labels(self.name, "permanent").inc()
+        if final:
+            OUTBOX_FAILED.labels(self.name).inc()
+        log.warning(
+            "outbox row not published",
+            outbox=self.name,
+            row_id=row.id,
+            attempts=attempts,
+            final=final,
+            error=repr(exc),
+        )
+        await session.execute(
+            update(self.table)
+            .where(self.table.c.id == row.id)
+            .values(
+                attempts=attempts,
+                last_error=repr(exc)[:2000],
+                status=FAILED if final else PENDING,
+                next_attempt_at=func.now() + timedelta(seconds=delay),
+            )
+        )
+
+    # -- the loop
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Publishes until `stop` is set; the batch in hand is always finished first."""
+        outage_delay = 0.1
+        while not stop.is_set():
+            try:
+                claimed = await self.publish_batch()
+            except BrokerUnavailable as exc:
+                self.database_ok = True
+                if self.kafka_ok:
+                    log.warning(
+                        "kafka unavailable, rows stay pending", outbox=self.name, error=str(exc)
+                    )
+                self.kafka_ok = False
+                await sleep_unless(stop, outage_delay)
+                outage_delay = min(outage_delay * 2, self.config.outage_backoff_max)
+                continue
+            except Exception as exc:
+                if not is_database_outage(exc):
+                    raise
+                self._database_down(exc)
+                await sleep_unless(stop, outage_delay)
+                outage_delay = min(outage_delay * 2, self.config.outage_backoff_max)
+                continue
+            if not self.database_ok or (claimed and not self.kafka_ok):
+                log.info("relay healthy", outbox=self.name)
+            self.database_ok = True
+            if claimed:
+                self.kafka_ok = True
+            outage_delay = 0.1
+            await self._maybe_prune()
+            if claimed < self.config.batch_size:
+                await sleep_unless(stop, self.config.idle_poll)
+
+    def _database_down(self, exc: BaseException) -> None:
+        if self.database_ok:
+            log.warning("database unavailable", outbox=self.name, error=repr(exc))
+        self.database_ok = False
+
+    # -- housekeeping
+
+    async def _maybe_prune(self) -> None:
+        now = time.monotonic()
+        if now - self._last_prune < self.config.prune_interval:
+            return
+        self._last_prune = now
+        pruned = await prune_sent(self.sessions, self.table, self.config.retention)
+        if pruned:
+            log.info("pruned sent outbox rows", outbox=self.name, rows=pruned)
+
+    async def refresh_gauges(self) -> None:
+        """Outbox lag at scrape time: pending rows and the age of the oldest (one cheap query)."""
+        t = self.table
+        async with self.sessions() as session:
+            pending, oldest = (
+                await session.execute(
+                    select(func.count(), func.min(t.c.created_at)).where(t.c.status == PENDING)
+                )
+            ).one()
+        OUTBOX_PENDING.labels(self.name).set(pending)
+        age = (datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0
+        OUTBOX_OLDEST_AGE.labels(self.name).set(max(0.0, age))
+
+
+async def prune_sent(
+    sessions: async_sessionmaker[AsyncSession],
+    table: Table,
+    retention: timedelta,
+    *,
+    chunk: int = 5000,
+) -> int:
+    """Deletes SENT rows older than `retention`, in chunks so no transaction grows large."""
+    total = 0
+    while True:
+        async with sessions() as session, session.begin():
+            old = (
+                select(table.c.id)
+                .where(table.c.status == SENT, table.c.sent_at < func.now() - retention)
+                .limit(chunk)
+                .scalar_subquery()
+            )
+            result = await session.execute(delete(table).where(table.c.id.in_(old)))
+        deleted = int(getattr(result, "rowcount", 0) or 0)
+        total += deleted
+        OUTBOX_PRUNED.labels(table.name).inc(deleted)
+        if deleted < chunk:
+            return total
+
+
+async def requeue_failed(engine: AsyncEngine, table: Table) -> int:
+    """Puts every FAILED row back in the queue with a fresh attempt budget."""
+    async with engine.begin() as conn:
+        result = await conn.execute(
+            update(table)
+            .where(table.c.status == FAILED)
+            .values(status=PENDING, attempts=0, next_attempt_at=func.now())
+        )
+    return int(getattr(result, "rowcount", 0) or 0)

@@ -1,0 +1,171 @@
+"""Composition roots of the relay and consumer processes, shared by both services.
+
+Each builds its engine, Kafka clients and side port in `main`, waits (reporting not ready)
+while Kafka or the database is not there yet, runs until SIGTERM, and closes what it built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TypeVar
+
+import structlog
+from aiokafka import AIOKafkaConsumer
+from pydantic import BaseModel
+from sqlalchemy import Table
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from gozon.core.db import create_engine, database_answers, session_factory
+from gozon.core.health import Readiness
+from gozon.core.runtime import sleep_unless, stop_on_signals
+from gozon.core.settings import MessagingSettings
+from gozon.core.sideport import side_port
+from gozon.messaging.consumer import ConsumerRunner, Handler
+from gozon.messaging.kafka import (
+    broker_answers,
+    ensure_topics,
+    is_transient,
+    new_consumer,
+    new_producer,
+)
+from gozon.messaging.relay import OutboxRelay, RelayConfig
+
+log = structlog.get_logger(__name__)
+E = TypeVar("E", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What differs between the services' workers."""
+
+    service: str
+    database_url: str
+    metrics_host: str
+    metrics_port: int
+
+
+def relay_config(settings: MessagingSettings) -> RelayConfig:
+    return RelayConfig(
+        batch_size=settings.relay_batch_size,
+        idle_poll=settings.relay_idle_poll_ms / 1000,
+        max_attempts=settings.relay_max_attempts,
+        backoff_base=settings.relay_backoff_base_ms / 1000,
+        backoff_max=settings.relay_backoff_max_ms / 1000,
+        retention=timedelta(hours=settings.relay_retention_hours),
+        prune_interval=settings.relay_prune_interval_s,
+    )
+
+
+async def _until_started(
+    what: str, start: Callable[[], Awaitable[object]], stop: asyncio.Event
+) -> bool:
+    """Retries a start-up step that needs Kafka until it works; False if stopped first."""
+    delay = 0.2
+    while not stop.is_set():
+        try:
+            await start()
+            return True
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("waiting for kafka", step=what, error=repr(exc))
+            await sleep_unless(stop, delay)
+            delay = min(delay * 2, 5.0)
+    return False
+
+
+async def run_relay(
+    spec: WorkerSpec, settings: MessagingSettings, table: Table, topics: list[str]
+) -> None:
+    stop = stop_on_signals()
+    engine = create_engine(spec.database_url, pool_size=2, application_name=f"{spec.service}-relay")
+    sessions = session_factory(engine)
+    producer = new_producer(settings.kafka_bootstrap_servers, client_id=f"{spec.service}-relay")
+    relay = OutboxRelay(
+        table=table, sessions=sessions, producer=producer, config=relay_config(settings)
+    )
+    readiness = Readiness()
+    readiness.add("database", lambda: database_answers(engine))
+    readiness.add("kafka", lambda: broker_answers(producer))
+    try:
+        async with side_port(
+            spec.metrics_host, spec.metrics_port, readiness, before_scrape=[relay.refresh_gauges]
+        ):
+            started = await _until_started("producer", producer.start, stop)
+            if started and await _until_started(
+                "topics",
+                lambda: ensure_topics(
+                    settings.kafka_bootstrap_servers,
+                    topics,
+                    partitions=settings.kafka_topic_partitions,
+                    replication_factor=settings.kafka_replication_factor,
+                ),
+                stop,
+            ):
+                log.info("relay started", outbox=table.name, topics=topics)
+                await relay.run(stop)
+    finally:
+        await producer.stop()
+        await engine.dispose()
+        log.info("relay stopped", outbox=table.name)
+
+
+async def run_consumer(
+    spec: WorkerSpec,
+    settings: MessagingSettings,
+    *,
+    topic: str,
+    group_id: str,
+    schema: type[E],
+    make_handler: Callable[[async_sessionmaker[AsyncSession]], Handler[E]],
+) -> None:
+    stop = stop_on_signals()
+    engine = create_engine(
+        spec.database_url, pool_size=2, application_name=f"{spec.service}-consumer"
+    )
+    producer = new_producer(
+        settings.kafka_bootstrap_servers, client_id=f"{spec.service}-consumer-dlq"
+    )
+    consumer: AIOKafkaConsumer = new_consumer(
+        settings.kafka_bootstrap_servers,
+        group_id=group_id,
+        client_id=f"{spec.service}-consumer",
+        topics=[topic],
+    )
+    runner = ConsumerRunner(
+        consumer=consumer,
+        producer=producer,
+        topic=topic,
+        schema=schema,
+        handler=make_handler(session_factory(engine)),
+        max_handler_attempts=settings.consumer_max_handler_attempts,
+    )
+    readiness = Readiness()
+    readiness.add("database", lambda: database_answers(engine))
+    readiness.add("kafka", lambda: broker_answers(producer))
+    try:
+        async with side_port(spec.metrics_host, spec.metrics_port, readiness):
+            if (
+                await _until_started("producer", producer.start, stop)
+                and await _until_started(
+                    "topics",
+                    lambda: ensure_topics(
+                        settings.kafka_bootstrap_servers,
+                        [topic],
+                        partitions=settings.kafka_topic_partitions,
+                        replication_factor=settings.kafka_replication_factor,
+                    ),
+                    stop,
+                )
+                and await _until_started("consumer", consumer.start, stop)
+            ):
+                log.info("consumer started", topic=topic, group_id=group_id)
+                await runner.run(stop)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+        await engine.dispose()
+        log.info("consumer stopped", topic=topic)

@@ -1,0 +1,117 @@
+"""The orders HTTP API: routes translate HTTP to a service call and back."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import APIRouter, FastAPI, Query, Request, Response, status
+
+from gozon.core.app import create_app
+from gozon.core.db import create_engine, database_answers, session_factory
+from gozon.core.deps import SessionsDep
+from gozon.core.headers import IdempotencyKeyDep, UserIdDep
+from gozon.core.health import Readiness
+from gozon.core.problems import Problem
+from gozon.core.settings import OrdersSettings
+from gozon.orders import service
+from gozon.orders.schemas import OrderCreate, OrderRead
+
+router = APIRouter(prefix="/api/orders", tags=["orders"])
+
+PROBLEM = {"description": "Problem details (RFC 9457)", "content": {"application/problem+json": {}}}
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=OrderRead,
+    responses={400: PROBLEM, 422: PROBLEM},
+    summary="Create an order (status NEW); payment follows asynchronously",
+)
+async def create_order(
+    body: OrderCreate,
+    user_id: UserIdDep,
+    idempotency_key: IdempotencyKeyDep,
+    sessions: SessionsDep,
+    response: Response,
+) -> Any:
+    try:
+        created = await service.create_order(
+            sessions=sessions, user_id=user_id, data=body, idempotency_key=idempotency_key
+        )
+    except service.IdempotencyKeyReused as exc:
+        raise Problem(
+            422,
+            "This Idempotency-Key was already used with a different request body.",
+            title="Idempotency-Key reused",
+        ) from exc
+    response.headers["Location"] = f"/api/orders/{created.order.id}"
+    if created.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return created.order
+
+
+@router.get(
+    "",
+    response_model=list[OrderRead],
+    responses={400: PROBLEM},
+    summary="The user's orders, newest first; the next page is in the Link header",
+)
+async def list_orders(
+    user_id: UserIdDep,
+    sessions: SessionsDep,
+    request: Request,
+    response: Response,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> Any:
+    try:
+        orders, next_cursor = await service.list_orders(
+            sessions=sessions, user_id=user_id, limit=limit, cursor=cursor
+        )
+    except service.InvalidCursor as exc:
+        raise Problem(400, "The cursor is not one this service issued.") from exc
+    if next_cursor:
+        url = request.url.include_query_params(cursor=next_cursor, limit=limit)
+        response.headers["Link"] = f'<{url.path}?{url.query}>; rel="next"'
+    return orders
+
+
+@router.get(
+    "/{order_id}",
+    response_model=OrderRead,
+    responses={400: PROBLEM, 404: PROBLEM},
+    summary="One of the user's orders, with its status",
+)
+async def get_order(order_id: uuid.UUID, user_id: UserIdDep, sessions: SessionsDep) -> Any:
+    order = await service.get_order(sessions=sessions, user_id=user_id, order_id=order_id)
+    if order is None:
+        raise Problem(404, f"No order {order_id} for this user.")
+    return order
+
+
+def build_app(settings: OrdersSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        engine = create_engine(
+            settings.orders_database_url,
+            pool_size=settings.db_pool_size,
+            application_name="orders-api",
+        )
+        readiness = Readiness()
+        readiness.add("database", lambda: database_answers(engine))
+        try:
+            yield {"sessions": session_factory(engine), "readiness": readiness}
+        finally:
+            await engine.dispose()
+
+    return create_app(
+        service="orders",
+        title="Gozon orders",
+        description="Create orders and follow them to FINISHED or CANCELLED.",
+        lifespan=lifespan,
+        routers=[router],
+    )
