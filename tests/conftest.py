@@ -7,13 +7,17 @@ stack. Fixtures start lazily: a unit-test run starts no server.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import port_for
 import pytest
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
 
 from scripts.stack import Kafka, Postgres, StackConfig
 
@@ -48,3 +52,92 @@ def kafka(servers_dir: Path) -> Iterator[Kafka]:
     server.start()
     yield server
     server.stop()
+
+
+# --------------------------------------------------------------------------- databases
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "services" / "gozon"
+
+
+def _admin_url(postgres: Postgres) -> str:
+    return postgres.url("postgres", driver="postgresql")
+
+
+def _psql(postgres: Postgres, sql: str) -> None:
+    """Runs one statement on the maintenance database (CREATE/DROP DATABASE need no tx)."""
+    import asyncio
+
+    import asyncpg
+
+    async def run() -> None:
+        conn = await asyncpg.connect(_admin_url(postgres))
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def _migrated_template(postgres: Postgres, service: str) -> str:
+    """A database migrated to head once per session, used as the template of fresh ones."""
+    from gozon.core.migrations import upgrade
+
+    name = f"{service}_template"
+    _psql(postgres, f'DROP DATABASE IF EXISTS "{name}"')
+    _psql(postgres, f'CREATE DATABASE "{name}"')
+    upgrade(MIGRATIONS / service / "migrations", postgres.url(name))
+    return name
+
+
+@pytest.fixture(scope="session")
+def orders_template(postgres: Postgres) -> str:
+    return _migrated_template(postgres, "orders")
+
+
+@pytest.fixture(scope="session")
+def payments_template(postgres: Postgres) -> str:
+    return _migrated_template(postgres, "payments")
+
+
+def fresh_database(postgres: Postgres, template: str) -> Iterator[str]:
+    """A new database copied from a migrated template: each test gets its own tables."""
+    import uuid
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    _psql(postgres, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    yield postgres.url(name)
+    _psql(postgres, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def orders_db(postgres: Postgres, orders_template: str) -> Iterator[str]:
+    """The URL of a fresh, migrated order_db of this test's own."""
+    yield from fresh_database(postgres, orders_template)
+
+
+@pytest.fixture
+def payments_db(postgres: Postgres, payments_template: str) -> Iterator[str]:
+    """The URL of a fresh, migrated account_db of this test's own."""
+    yield from fresh_database(postgres, payments_template)
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+@contextlib.asynccontextmanager
+async def serve(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """Runs the app's lifespan and gives an HTTP client to it (in-process, no socket)."""
+    async with LifespanManager(app) as manager:
+        # As a real server does: an unhandled error is a 500 answer, not an exception here.
+        transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tracing() -> None:
+    """As every process's entry point does: real span ids, so trace context propagates."""
+    from gozon.core.telemetry import configure_tracing
+
+    configure_tracing("tests")
