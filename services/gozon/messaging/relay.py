@@ -11,10 +11,11 @@ Guarantees:
   awaited), so the events of one key keep their order on their partition. Two relays, or a
   row that waits for a retry, can let a later event of the same key overtake an earlier one;
   the consumers are written so that order between different orders does not matter.
-- A broker outage does not burn attempts: a transient error leaves the rows PENDING and the
-  relay reports not ready until the broker answers again. Only an error about the message
-  itself counts an attempt, with exponential backoff; after the limit the row is FAILED
-  (counted, and requeued by `requeue_failed`).
+- A broker outage does not burn attempts: a transient error while the broker does not answer
+  leaves the rows PENDING and the relay backs off (its readiness probe fails meanwhile). An
+  error about the message itself (too large, its topic missing while the broker answers)
+  counts an attempt, with exponential backoff, and does not hold up the rows behind it; after
+  the limit the row is FAILED (counted, and requeued by `requeue_failed`).
 - Wake-up without taxing the writers: no NOTIFY in the writers' transactions (it takes a
   database-wide lock at commit). The relay re-polls at once while batches come back full,
   and otherwise polls every `idle_poll` (10 ms by default: one indexed query on an empty
@@ -38,7 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from gozon.core.db import is_database_outage
 from gozon.core.runtime import sleep_unless
-from gozon.messaging.kafka import is_transient
+from gozon.messaging.kafka import broker_answers, is_transient
 from gozon.messaging.metrics import (
     OUTBOX_COMMIT_TO_ACK,
     OUTBOX_FAILED,
@@ -118,51 +119,62 @@ class OutboxRelay:
             rows = (await session.execute(self._claim())).all()
             if not rows:
                 return 0
-            deliveries: list[asyncio.Future[Any]] = []
-            outage: BaseException | None = None
+            # Enqueue in id order (the producer keeps that order per partition), then await
+            # every acknowledgement before anything is marked.
+            deliveries: list[tuple[Any, asyncio.Future[Any] | BaseException]] = []
             for row in rows:
                 try:
-                    deliveries.append(
-                        await self.producer.send(
-                            row.topic,
-                            value=json.dumps(row.payload, separators=(",", ":")).encode(),
-                            key=row.message_key.encode(),
-                            headers=[(k, str(v).encode()) for k, v in row.headers.items()],
-                        )
-                    )
+                    deliveries.append((row, await self._send(row)))
                 except Exception as exc:
+                    deliveries.append((row, exc))
                     if is_transient(exc):
-                        outage = exc
-                        break  # later rows would wait on the same dead broker
-                    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-                    future.set_exception(exc)
-                    deliveries.append(future)
-
-            sent: list[int] = []
-            for row, delivery in zip(rows, deliveries, strict=False):
+                        break  # the rows after it stay untouched, claimed again next time
+            sent: list[Any] = []
+            failed: list[tuple[Any, BaseException]] = []
+            for row, delivery in deliveries:
+                if isinstance(delivery, BaseException):
+                    failed.append((row, delivery))
+                    continue
                 try:
                     await delivery
                 except Exception as exc:
-                    if is_transient(exc):
-                        outage = outage or exc
-                        continue
-                    await self._count_attempt(session, row, exc)
+                    failed.append((row, exc))
                 else:
-                    sent.append(row.id)
-                    OUTBOX_COMMIT_TO_ACK.labels(self.name).observe(
-                        max(0.0, (datetime.now(UTC) - row.created_at).total_seconds())
-                    )
+                    sent.append(row)
+            # A transient error while the broker answers is about that message (a missing
+            # topic, say): it counts an attempt. While the broker does not answer, it is an
+            # outage: no attempt is counted and the relay backs off.
+            outage = next((error for _, error in failed if is_transient(error)), None)
+            if outage is not None and await broker_answers(self.producer):
+                outage = None
+            for row, error in failed:
+                if outage is None or not is_transient(error):
+                    await self._count_attempt(session, row, error)
             if sent:
                 await session.execute(
                     update(self.table)
-                    .where(self.table.c.id.in_(sent))
+                    .where(self.table.c.id.in_([row.id for row in sent]))
                     .values(status=SENT, sent_at=func.now())
                 )
+        now = datetime.now(UTC)
+        for row in sent:
+            OUTBOX_COMMIT_TO_ACK.labels(self.name).observe(
+                max(0.0, (now - row.created_at).total_seconds())
+            )
         OUTBOX_PUBLISHED.labels(self.name).inc(len(sent))
         if outage is not None:
             OUTBOX_PUBLISH_ERRORS.labels(self.name, "transient").inc()
             raise BrokerUnavailable(repr(outage)) from outage
         return len(rows)
+
+    async def _send(self, row: Any) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = await self.producer.send(
+            row.topic,
+            value=json.dumps(row.payload, separators=(",", ":")).encode(),
+            key=row.message_key.encode(),
+            headers=[(name, str(value).encode()) for name, value in row.headers.items()],
+        )
+        return future
 
     async def _count_attempt(self, session: AsyncSession, row: Any, exc: BaseException) -> None:
         attempts = row.attempts + 1

@@ -1,0 +1,452 @@
+"""The outbox relay against the real PostgreSQL and Kafka: delivery, outages, crashes, replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import TypeAlias
+
+import port_for
+import pytest
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import ConsumerRecord
+from sqlalchemy import func, insert, select, text, update
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from gozon.contracts import ORDER_CREATED_TOPIC, OrderCreated, OrderCreatedPayload, utc_now
+from gozon.core.db import session_factory
+from gozon.core.settings import OrdersSettings
+from gozon.messaging.kafka import new_producer
+from gozon.messaging.outbox import add_to_outbox
+from gozon.messaging.relay import OutboxRelay, RelayConfig, prune_sent, requeue_failed
+from gozon.orders.api import build_app
+from gozon.orders.models import order_outbox
+from scripts.stack import Kafka, StackConfig, create_topics
+from tests.conftest import serve
+from tests.processes import GozonProcess, wait_for
+
+pytestmark = pytest.mark.integration
+Record: TypeAlias = ConsumerRecord[bytes, bytes]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture
+async def engine(orders_db: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_async_engine(orders_db)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+async def topic(kafka: Kafka) -> str:
+    name = f"test.relay.{uuid.uuid4().hex[:10]}"
+    await create_topics_async(kafka.bootstrap, name)
+    return name
+
+
+async def create_topics_async(bootstrap: str, *names: str) -> None:
+    await asyncio.to_thread(_create, bootstrap, list(names))
+
+
+def _create(bootstrap: str, names: list[str]) -> None:
+    asyncio.run(create_topics(bootstrap, names, partitions=3))
+
+
+def event_for(user_id: str) -> OrderCreated:
+    order_id = uuid.uuid4()
+    return OrderCreated(
+        aggregate_id=str(order_id),
+        payload=OrderCreatedPayload(
+            order_id=order_id,
+            user_id=user_id,
+            amount=Decimal("10.50"),
+            description="test",
+            created_at=utc_now(),
+        ),
+    )
+
+
+async def insert_events(engine: AsyncEngine, topic: str, count: int, keys: int = 10) -> set[str]:
+    """Outbox rows as the orders service writes them; returns their event ids."""
+    sessions = session_factory(engine)
+    ids: set[str] = set()
+    async with sessions() as session, session.begin():
+        for n in range(count):
+            event = event_for(f"user-{n % keys}")
+            ids.add(str(event.event_id))
+            await add_to_outbox(
+                session,
+                order_outbox,
+                topic=topic,
+                key=event.payload.user_id,
+                event=event,
+                aggregate_id=event.aggregate_id,
+                event_type=event.event_type,
+            )
+    return ids
+
+
+async def statuses(engine: AsyncEngine) -> dict[str, int]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            select(order_outbox.c.status, func.count()).group_by(order_outbox.c.status)
+        )
+        return {status: count for status, count in rows.all()}
+
+
+async def consume(
+    bootstrap: str, topic: str, *, at_least: int, within: float = 30, settle: float = 1.0
+) -> list[Record]:
+    """Every record of the topic from the start: waits for `at_least`, then `settle` more
+    seconds so that duplicates have their chance to show up."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    await consumer.start()
+    records: list[Record] = []
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        settle_until: float | None = None
+        while loop.time() < deadline and (settle_until is None or loop.time() < settle_until):
+            batch = await consumer.getmany(timeout_ms=200)
+            for part in batch.values():
+                records.extend(part)
+            if settle_until is None and len(records) >= at_least:
+                settle_until = loop.time() + settle
+    finally:
+        await consumer.stop()
+    return records
+
+
+def event_ids(records: list[Record]) -> list[str]:
+    return [json.loads(record.value)["event_id"] for record in records]
+
+
+@asynccontextmanager
+async def running_relay(
+    engine: AsyncEngine, bootstrap: str, config: RelayConfig | None = None
+) -> AsyncIterator[OutboxRelay]:
+    producer = new_producer(bootstrap, client_id="test-relay")
+    await producer.start()
+    relay = OutboxRelay(
+        table=order_outbox,
+        sessions=session_factory(engine),
+        producer=producer,
+        config=config or RelayConfig(),
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    try:
+        yield relay
+    finally:
+        stop.set()
+        await task
+        await producer.stop()
+
+
+def relay_process(orders_db: str, bootstrap: str, log: Path) -> GozonProcess:
+    port = port_for.select_random()
+    return GozonProcess(
+        ["orders", "relay"],
+        env={
+            "GOZON_ORDERS_DATABASE_URL": orders_db,
+            "GOZON_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "GOZON_ORDERS_RELAY_METRICS_PORT": str(port),
+            "GOZON_ORDERS_API_HOST": "127.0.0.1",
+        },
+        log=log,
+        health_url=f"http://127.0.0.1:{port}",
+    )
+
+
+async def until(predicate: object, within: float, what: str) -> None:
+    assert callable(predicate)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not await predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {within} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+async def test_a_created_order_reaches_kafka_with_envelope_key_and_traceparent(
+    orders_db: str, engine: AsyncEngine, kafka: Kafka
+) -> None:
+    await create_topics_async(kafka.bootstrap, ORDER_CREATED_TOPIC)
+    user_id = f"u-{uuid.uuid4().hex[:10]}"
+    async with serve(build_app(OrdersSettings(orders_database_url=orders_db))) as client:
+        response = await client.post(
+            "/api/orders",
+            headers={"X-User-Id": user_id},
+            json={"amount": 1500.99, "description": "Тестовый заказ"},
+        )
+    assert response.status_code == 201
+    order = response.json()
+    async with engine.connect() as conn:
+        stored_headers = (await conn.execute(select(order_outbox.c.headers))).scalar_one()
+
+    async with running_relay(engine, kafka.bootstrap):
+        await until(lambda: _all_sent(engine), 10, "the row to be SENT")
+    records = [
+        r
+        for r in await consume(kafka.bootstrap, ORDER_CREATED_TOPIC, at_least=1)
+        if r.key == user_id.encode()
+    ]
+
+    assert len(records) == 1
+    record = records[0]
+    envelope = json.loads(record.value)
+    assert set(envelope) == {
+        "event_id",
+        "event_type",
+        "schema_version",
+        "occurred_at",
+        "aggregate_id",
+        "payload",
+    }
+    assert envelope["event_type"] == "OrderCreated"
+    assert envelope["schema_version"] == 1
+    assert envelope["aggregate_id"] == order["id"]
+    assert envelope["payload"] == {
+        "order_id": order["id"],
+        "user_id": user_id,
+        "amount": 1500.99,
+        "description": "Тестовый заказ",
+        "created_at": envelope["payload"]["created_at"],
+    }
+    assert b'"amount":1500.99' in record.value
+    headers = dict(record.headers)
+    assert headers["traceparent"].decode() == stored_headers["traceparent"]
+    assert headers["traceparent"].startswith(b"00-")
+    assert await statuses(engine) == {"SENT": 1}
+
+
+async def _all_sent(engine: AsyncEngine) -> bool:
+    return set(await statuses(engine)) == {"SENT"}
+
+
+@pytest.fixture
+def private_kafka(servers_dir: Path) -> Iterator[Kafka]:
+    """A broker of this test's own, so that stopping it disturbs no other test."""
+    port = port_for.select_random()
+    server = Kafka(
+        servers_dir / f"kafka-{uuid.uuid4().hex[:6]}",
+        port,
+        port_for.select_random(exclude_ports=[port]),
+        cache_dir=StackConfig.from_env().cache_dir,
+        heap="384m",
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_relay_keeps_rows_pending_while_kafka_is_down_and_loses_none(
+    orders_db: str, engine: AsyncEngine, private_kafka: Kafka, tmp_path: Path
+) -> None:
+    relay = relay_process(orders_db, private_kafka.bootstrap, tmp_path / "relay.log")
+    relay.start(ready=True)
+    try:
+        await asyncio.to_thread(private_kafka.stop)
+        await asyncio.to_thread(
+            wait_for,
+            lambda: relay.status() == 503,
+            timeout=20,
+            what="the relay to report not ready",
+        )
+
+        created: set[str] = set()
+        async with serve(build_app(OrdersSettings(orders_database_url=orders_db))) as client:
+            for n in range(30):
+                response = await client.post(
+                    "/api/orders",
+                    headers={"X-User-Id": f"user-{n % 4}"},
+                    json={"amount": n + 1, "description": f"order {n}"},
+                )
+                assert response.status_code == 201
+                created.add(response.json()["id"])
+        await asyncio.sleep(1.5)
+        assert await statuses(engine) == {"PENDING": 30}
+        async with engine.connect() as conn:
+            attempts = await conn.scalar(select(func.max(order_outbox.c.attempts)))
+        assert attempts == 0  # an outage burns no attempts
+        assert relay.status() == 503
+
+        await asyncio.to_thread(private_kafka.start)
+        await asyncio.to_thread(
+            wait_for,
+            lambda: relay.status() == 200,
+            timeout=30,
+            what="the relay to report ready again",
+        )
+        await until(lambda: _all_sent(engine), 30, "every row to be SENT")
+        records = await consume(private_kafka.bootstrap, ORDER_CREATED_TOPIC, at_least=30)
+        published = {json.loads(r.value)["aggregate_id"] for r in records}
+        assert published == created
+        assert relay.stop() == 0  # SIGTERM: a clean exit
+    finally:
+        relay.kill()
+
+
+async def test_two_relay_processes_publish_every_row_and_none_twice(
+    orders_db: str, engine: AsyncEngine, kafka: Kafka, topic: str, tmp_path: Path
+) -> None:
+    expected = await insert_events(engine, topic, 3000, keys=25)
+    relays = [
+        relay_process(orders_db, kafka.bootstrap, tmp_path / f"relay-{n}.log") for n in range(2)
+    ]
+    try:
+        for relay in relays:
+            relay.start()
+        await until(lambda: _all_sent(engine), 60, "every row to be SENT")
+        records = await consume(kafka.bootstrap, topic, at_least=len(expected))
+    finally:
+        for relay in relays:
+            relay.stop()
+    ids = event_ids(records)
+    duplicates = len(ids) - len(set(ids))
+    print(f"two relays: {len(ids)} messages, {len(set(ids))} distinct, {duplicates} duplicates")
+    assert set(ids) == expected
+    assert duplicates == 0  # SKIP LOCKED: no row is ever held by both relays
+
+
+async def test_a_relay_killed_after_publishing_and_before_committing_publishes_again(
+    orders_db: str, engine: AsyncEngine, kafka: Kafka, topic: str, tmp_path: Path
+) -> None:
+    (event_id,) = await insert_events(engine, topic, 1)
+    # Hold the relay between the broker's ack and its commit: marking the row SENT blocks.
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "CREATE FUNCTION hold() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN PERFORM pg_sleep(600); RETURN NEW; END $$"
+            )
+        )
+        await conn.execute(
+            text(
+                "CREATE TRIGGER hold BEFORE UPDATE ON order_outbox FOR EACH ROW "
+                "WHEN (NEW.status = 'SENT') EXECUTE FUNCTION hold()"
+            )
+        )
+    first = relay_process(orders_db, kafka.bootstrap, tmp_path / "relay-1.log").start()
+    try:
+        records = await consume(kafka.bootstrap, topic, at_least=1, settle=0)
+        assert event_ids(records) == [event_id]
+    finally:
+        first.kill()
+    async with engine.begin() as conn:
+        # The server notices the dead client (here at once, rather than at TCP keepalive).
+        await conn.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'orders-relay' AND datname = current_database()"
+            )
+        )
+        await conn.execute(text("DROP TRIGGER hold ON order_outbox"))
+    assert await statuses(engine) == {"PENDING": 1}
+
+    second = relay_process(orders_db, kafka.bootstrap, tmp_path / "relay-2.log").start()
+    try:
+        await until(lambda: _all_sent(engine), 20, "the row to be SENT")
+    finally:
+        second.stop()
+    records = await consume(kafka.bootstrap, topic, at_least=2)
+    assert event_ids(records) == [event_id, event_id]  # at least once, shown
+
+
+async def test_a_message_the_broker_refuses_is_retried_then_failed_and_can_be_requeued(
+    engine: AsyncEngine, kafka: Kafka, topic: str
+) -> None:
+    async with engine.begin() as conn:
+        big = await conn.scalar(
+            insert(order_outbox)
+            .values(
+                aggregate_id="big",
+                event_type="OrderCreated",
+                topic=topic,
+                message_key="user-big",
+                payload={"padding": "x" * 2_000_000},
+            )
+            .returning(order_outbox.c.id)
+        )
+    small = await insert_events(engine, topic, 2)
+    config = RelayConfig(max_attempts=3, backoff_base=0.05, backoff_max=0.1)
+    async with running_relay(engine, kafka.bootstrap, config):
+        await until(
+            lambda: _statuses_are(engine, {"FAILED": 1, "SENT": 2}),
+            20,
+            "the big row FAILED and the small ones SENT",
+        )
+    async with engine.connect() as conn:
+        row = (await conn.execute(select(order_outbox).where(order_outbox.c.id == big))).one()
+    assert row.attempts == 3
+    assert "MessageSizeTooLarge" in row.last_error
+    records = await consume(kafka.bootstrap, topic, at_least=2)
+    assert set(event_ids(records)) == small  # the refused row held nothing up
+
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(order_outbox)
+            .where(order_outbox.c.id == big)
+            .values(payload={"event_id": "requeued"})
+        )
+    assert await requeue_failed(engine, order_outbox) == 1
+    async with running_relay(engine, kafka.bootstrap, config):
+        await until(lambda: _all_sent(engine), 20, "the requeued row to be SENT")
+    records = await consume(kafka.bootstrap, topic, at_least=3)
+    assert "requeued" in event_ids(records)
+
+
+async def _statuses_are(engine: AsyncEngine, wanted: dict[str, int]) -> bool:
+    return await statuses(engine) == wanted
+
+
+async def test_sent_rows_are_pruned_after_the_retention_period(
+    engine: AsyncEngine, kafka: Kafka, topic: str
+) -> None:
+    await insert_events(engine, topic, 5)
+    async with running_relay(engine, kafka.bootstrap):
+        await until(lambda: _all_sent(engine), 10, "the rows to be SENT")
+    await insert_events(engine, topic, 2)  # pending: never pruned
+    sessions = session_factory(engine)
+    assert await prune_sent(sessions, order_outbox, timedelta(hours=1)) == 0
+    assert await prune_sent(sessions, order_outbox, timedelta(0), chunk=2) == 5
+    assert await statuses(engine) == {"PENDING": 2}
+
+
+async def test_the_requeue_command_reports_what_it_requeued(orders_db: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        "gozon",
+        "orders",
+        "outbox",
+        "requeue-failed",
+        env={"GOZON_ORDERS_DATABASE_URL": orders_db, "PATH": _venv_path()},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await process.communicate()
+    assert process.returncode == 0, output
+    assert b"requeued 0 FAILED order_outbox rows" in output
+
+
+def _venv_path() -> str:
+    import os
+    import sys
+
+    return f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"

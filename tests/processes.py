@@ -1,0 +1,100 @@
+"""Real `gozon …` processes for integration and end-to-end tests.
+
+A process is started with its own environment, its output in a log file, waited for through
+its `/health/live` (or `/health/ready`) endpoint, and stopped with SIGTERM or killed with
+SIGKILL, as an orchestrator would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+GOZON = str(Path(sys.executable).with_name("gozon"))
+
+
+def http_status(url: str, timeout: float = 1.0) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (loopback)
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def wait_for(predicate: object, *, timeout: float, what: str, interval: float = 0.05) -> None:
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class GozonProcess:
+    def __init__(
+        self,
+        args: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        log: Path,
+        health_url: str,
+    ) -> None:
+        self.args = list(args)
+        self.env = {**os.environ, "GOZON_LOG_JSON": "true", **env}
+        self.log = log
+        self.health_url = health_url
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, *, ready: bool = False, timeout: float = 30) -> GozonProcess:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [GOZON, *self.args], env=self.env, stdout=out, stderr=subprocess.STDOUT
+            )
+        endpoint = "/health/ready" if ready else "/health/live"
+        wait_for(
+            lambda: self._check_alive() and http_status(self.health_url + endpoint) == 200,
+            timeout=timeout,
+            what=f"gozon {' '.join(self.args)} {endpoint} (log: {self.log})",
+        )
+        return self
+
+    def _check_alive(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            tail = self.log.read_text(errors="replace")[-3000:]
+            raise AssertionError(f"gozon {' '.join(self.args)} exited early:\n{tail}")
+        return True
+
+    def status(self, endpoint: str = "/health/ready") -> int | None:
+        return http_status(self.health_url + endpoint)
+
+    def stop(self, timeout: float = 20) -> int | None:
+        """SIGTERM, as an orchestrator does; returns the exit code."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"gozon {' '.join(self.args)} ignored SIGTERM") from None
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to finish anything."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
