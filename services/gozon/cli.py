@@ -75,6 +75,33 @@ def orders_relay(_: argparse.Namespace) -> int:
     return 0
 
 
+def orders_consumer(_: argparse.Namespace) -> int:
+    from gozon.contracts import PAYMENT_PROCESSED_TOPIC, PaymentProcessed
+    from gozon.core.settings import OrdersSettings
+    from gozon.messaging.worker import WorkerSpec, run_consumer
+    from gozon.orders.consumer import make_handler
+
+    settings = _start("orders-consumer", OrdersSettings)
+    assert isinstance(settings, OrdersSettings)
+    spec = WorkerSpec(
+        "orders",
+        settings.orders_database_url,
+        settings.orders_api_host,
+        settings.orders_consumer_metrics_port,
+    )
+    asyncio.run(
+        run_consumer(
+            spec,
+            settings,
+            topic=PAYMENT_PROCESSED_TOPIC,
+            group_id=settings.orders_group_id,
+            schema=PaymentProcessed,
+            make_handler=make_handler,
+        )
+    )
+    return 0
+
+
 def orders_migrate(_: argparse.Namespace) -> int:
     from gozon.core.migrations import upgrade
     from gozon.core.settings import OrdersSettings
@@ -131,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     orders_sub = orders.add_subparsers(dest="process", metavar="PROCESS", required=True)
     add(orders_sub, "api", orders_api, "the orders HTTP API (port GOZON_ORDERS_API_PORT)")
     add(orders_sub, "relay", orders_relay, "publishes order_outbox rows to Kafka")
+    add(orders_sub, "consumer", orders_consumer, "moves orders to FINISHED or CANCELLED")
     add(orders_sub, "migrate", orders_migrate, "alembic upgrade of order_db to head")
     outbox = orders_sub.add_parser("outbox", help="order_outbox maintenance")
     outbox_sub = outbox.add_subparsers(dest="action", metavar="ACTION", required=True)

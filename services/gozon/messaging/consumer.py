@@ -7,7 +7,8 @@ Guarantees:
   change) turns the redelivery into a counted duplicate.
 - A message that cannot be parsed or validated is published to `<topic>.dlq`, with the reason
   and its origin in headers, and only then is its offset committed: it is never lost, and it
-  never blocks the partition.
+  never blocks the partition. A handler that finds a well-formed message impossible to handle
+  raises `RejectMessage`, with the same effect.
 - A transient failure (the database unreachable) is retried with capped backoff, for as long
   as it lasts: never skipped. Any other handler error is retried a few times and then
   dead-lettered with its reason, so one poison message cannot stall every order behind it.
@@ -46,6 +47,11 @@ Handler = Callable[[E, Record], Awaitable[str]]
 """Handles one event in its own database transaction; returns "processed" or "duplicate"."""
 
 DLQ_REASON = "x-dlq-reason"
+
+
+class RejectMessage(Exception):
+    """Raised by a handler for a well-formed message that can never be handled (it refers to
+    something that does not exist, say): the message goes to the dead-letter topic at once."""
 
 
 class _Stopping(Exception):
@@ -128,6 +134,9 @@ class ConsumerRunner(Generic[E]):
             started = time.perf_counter()
             try:
                 outcome = await self.handler(event, record)
+            except RejectMessage as exc:
+                await self.dead_letter(record, f"rejected: {_one_line(exc)}", stop)
+                return "dead_lettered"
             except Exception as exc:
                 if is_database_outage(exc):
                     if self.database_ok:

@@ -1,0 +1,253 @@
+"""The consumer runner and the orders consumer against the real Kafka and PostgreSQL:
+final statuses, duplicates, poison messages to the dead-letter topic, a database outage."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from decimal import Decimal
+from pathlib import Path
+from typing import Literal
+
+import port_for
+import pytest
+from aiokafka import AIOKafkaProducer, TopicPartition
+from sqlalchemy import insert, select
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from gozon.contracts import PaymentProcessed, PaymentProcessedPayload, utc_now
+from gozon.core.db import create_engine, session_factory
+from gozon.messaging.consumer import DLQ_REASON, ConsumerRunner
+from gozon.messaging.kafka import dlq_topic, new_consumer, new_producer
+from gozon.orders.consumer import make_handler
+from gozon.orders.models import Order
+from scripts.stack import Kafka, Postgres, create_topics
+from tests.integration.test_relay import consume
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def topic(kafka: Kafka) -> str:
+    name = f"test.payments.{uuid.uuid4().hex[:10]}"
+    await asyncio.to_thread(
+        lambda: asyncio.run(create_topics(kafka.bootstrap, [name, dlq_topic(name)], 1))
+    )
+    return name
+
+
+@pytest.fixture
+async def producer(kafka: Kafka) -> AsyncIterator[AIOKafkaProducer]:
+    producer = new_producer(kafka.bootstrap, client_id="test")
+    await producer.start()
+    yield producer
+    await producer.stop()
+
+
+@asynccontextmanager
+async def running_consumer(
+    database_url: str, kafka: Kafka, topic: str, group: str
+) -> AsyncIterator[ConsumerRunner[PaymentProcessed]]:
+    engine = create_engine(database_url, pool_size=2)
+    producer = new_producer(kafka.bootstrap, client_id="test-dlq")
+    consumer = new_consumer(kafka.bootstrap, group_id=group, client_id="test", topics=[topic])
+    await producer.start()
+    await consumer.start()
+    runner = ConsumerRunner(
+        consumer=consumer,
+        producer=producer,
+        topic=topic,
+        schema=PaymentProcessed,
+        handler=make_handler(session_factory(engine)),
+        max_handler_attempts=3,
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    try:
+        yield runner
+    finally:
+        stop.set()
+        await task
+        await consumer.stop()
+        await producer.stop()
+        await engine.dispose()
+
+
+async def new_order(engine: AsyncEngine, user_id: str = "u-1") -> uuid.UUID:
+    order_id = uuid.uuid4()
+    async with engine.begin() as conn:
+        await conn.execute(
+            insert(Order).values(
+                id=order_id,
+                user_id=user_id,
+                amount=Decimal("10.00"),
+                description="x",
+                status="NEW",
+                created_at=utc_now(),
+            )
+        )
+    return order_id
+
+
+def result(
+    order_id: uuid.UUID,
+    status: Literal["PAID", "INSUFFICIENT_FUNDS", "ACCOUNT_NOT_FOUND"],
+    reason: str | None = None,
+) -> bytes:
+    event = PaymentProcessed(
+        aggregate_id=str(order_id),
+        payload=PaymentProcessedPayload(
+            order_id=order_id,
+            user_id="u-1",
+            amount=Decimal("10"),
+            status=status,
+            reason=reason,
+            processed_at=utc_now(),
+        ),
+    )
+    return event.model_dump_json().encode()
+
+
+async def order_state(engine: AsyncEngine, order_id: uuid.UUID) -> tuple[str, str | None]:
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                select(Order.status, Order.cancel_reason).where(Order.id == order_id)
+            )
+        ).one()
+    return row.status, row.cancel_reason
+
+
+async def committed(kafka: Kafka, topic: str, group: str) -> int | None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    meta = offsets.get(TopicPartition(topic, 0))
+    return None if meta is None else int(meta.offset)
+
+
+async def until_committed(
+    kafka: Kafka, topic: str, group: str, offset: int, within: float = 20
+) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while (await committed(kafka, topic, group)) != offset:
+        assert loop.time() < deadline, f"offset {offset} not committed in {within} s"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def engine(orders_db: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_async_engine(orders_db)
+    yield engine
+    await engine.dispose()
+
+
+async def test_payment_results_move_orders_to_their_final_status_once(
+    orders_db: str, engine: AsyncEngine, kafka: Kafka, topic: str, producer: AIOKafkaProducer
+) -> None:
+    paid, poor, late = await new_order(engine), await new_order(engine), await new_order(engine)
+    messages = [
+        result(paid, "PAID"),
+        result(poor, "INSUFFICIENT_FUNDS", "balance 5.00 is less than 10.00"),
+        result(paid, "PAID"),  # a duplicate
+        result(late, "ACCOUNT_NOT_FOUND"),
+        result(late, "PAID"),  # late: the first result won
+    ]
+    for value in messages:
+        await producer.send_and_wait(topic, value=value, key=b"u-1")
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    async with running_consumer(orders_db, kafka, topic, group):
+        await until_committed(kafka, topic, group, len(messages))
+    assert await order_state(engine, paid) == ("FINISHED", None)
+    assert await order_state(engine, poor) == ("CANCELLED", "balance 5.00 is less than 10.00")
+    assert await order_state(engine, late) == ("CANCELLED", "ACCOUNT_NOT_FOUND")
+
+
+async def test_a_malformed_message_lands_in_the_dlq_with_its_reason_and_the_next_is_handled(
+    orders_db: str, engine: AsyncEngine, kafka: Kafka, topic: str, producer: AIOKafkaProducer
+) -> None:
+    order_id = await new_order(engine)
+    poison = [b"{not json", b'{"event_type": "PaymentProcessed"}', b""]
+    for value in poison:
+        await producer.send_and_wait(
+            topic,
+            value=value,
+            key=b"u-1",
+            headers=[("traceparent", b"00-" + b"1" * 32 + b"-" + b"2" * 16 + b"-01")],
+        )
+    await producer.send_and_wait(topic, value=result(uuid.uuid4(), "PAID"), key=b"u-1")
+    await producer.send_and_wait(topic, value=result(order_id, "PAID"), key=b"u-1")
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    async with running_consumer(orders_db, kafka, topic, group):
+        await until_committed(kafka, topic, group, 5)
+    assert await order_state(engine, order_id) == ("FINISHED", None)
+
+    dead = await consume(kafka.bootstrap, dlq_topic(topic), at_least=4)
+    assert [record.value for record in dead[:3]] == poison
+    reasons = [dict(record.headers)[DLQ_REASON].decode() for record in dead]
+    assert reasons[0].startswith("invalid message: ")
+    assert "Invalid JSON" in reasons[0]
+    assert "Field required" in reasons[1]
+    assert reasons[2] == "invalid message: empty message value"
+    assert reasons[3].startswith("rejected: no order ")  # well-formed, but unknown order
+    origin = dict(dead[0].headers)
+    assert origin["x-dlq-original-topic"] == topic.encode()
+    assert origin["x-dlq-original-offset"] == b"0"
+    assert origin["traceparent"].startswith(b"00-111")
+
+
+@pytest.fixture
+def private_postgres(
+    servers_dir: Path, orders_template: str, postgres: Postgres
+) -> Iterator[Postgres]:
+    """A PostgreSQL of this test's own, so that stopping it disturbs no other test."""
+    server = Postgres(
+        servers_dir / f"pg-{uuid.uuid4().hex[:6]}",
+        port_for.select_random(),
+        durable=False,
+        databases=("order_db",),
+    )
+    server.start()
+    from gozon.core.migrations import upgrade
+    from tests.conftest import MIGRATIONS
+
+    upgrade(MIGRATIONS / "orders" / "migrations", server.url("order_db"))
+    yield server
+    server.stop()
+
+
+async def test_a_database_outage_is_retried_until_it_ends_and_the_message_is_not_skipped(
+    private_postgres: Postgres, kafka: Kafka, topic: str, producer: AIOKafkaProducer
+) -> None:
+    url = private_postgres.url("order_db")
+    engine = create_async_engine(url)
+    try:
+        order_id = await new_order(engine)
+    finally:
+        await engine.dispose()
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    async with running_consumer(url, kafka, topic, group) as runner:
+        await asyncio.to_thread(private_postgres.stop)
+        await producer.send_and_wait(topic, value=result(order_id, "PAID"), key=b"u-1")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while runner.database_ok:
+            assert loop.time() < deadline, "the runner never saw the outage"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1)
+        assert await committed(kafka, topic, group) is None  # not skipped, not committed
+        await asyncio.to_thread(private_postgres.start)
+        await until_committed(kafka, topic, group, 1, within=30)
+    engine = create_async_engine(url)
+    try:
+        assert await order_state(engine, order_id) == ("FINISHED", None)
+    finally:
+        await engine.dispose()
