@@ -640,7 +640,9 @@ class Kafka:
     def _format(self, libs: Path) -> None:
         if (self.data_dir / "data" / "meta.properties").exists():
             return
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = "-"
+        while cluster_id.startswith("-"):  # as Kafka's own ids: the CLI would read it as a flag
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         _run(
             self._java(
                 libs, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.config)
@@ -849,7 +851,13 @@ class Platform:
             self.pidfile.spawn(
                 [str(honcho), "start", "-f", str(PROCFILE), "-d", str(ROOT)],
                 log=self.log,
-                env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+                env={
+                    **os.environ,
+                    **env,
+                    "PYTHONUNBUFFERED": "1",
+                    # the Procfile's `gozon …` is the one installed beside this interpreter
+                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                },
                 cwd=ROOT,
             )
         pid = self.pidfile.pid()

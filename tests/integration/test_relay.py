@@ -27,9 +27,9 @@ from gozon.messaging.outbox import add_to_outbox
 from gozon.messaging.relay import OutboxRelay, RelayConfig, prune_sent, requeue_failed
 from gozon.orders.api import build_app
 from gozon.orders.models import order_outbox
+from scripts.processes import GozonProcess, wait_for
 from scripts.stack import Kafka, StackConfig, create_topics
 from tests.conftest import serve
-from tests.processes import GozonProcess, wait_for
 
 pytestmark = pytest.mark.integration
 Record: TypeAlias = ConsumerRecord[bytes, bytes]

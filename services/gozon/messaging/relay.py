@@ -154,7 +154,9 @@ class OutboxRelay:
                 await session.execute(
                     update(self.table)
                     .where(self.table.c.id.in_([row.id for row in sent]))
-                    .values(status=SENT, sent_at=func.now())
+                    # clock_timestamp(): the moment of marking, after the acks (now() would be
+                    # the start of this transaction, before the publish).
+                    .values(status=SENT, sent_at=func.clock_timestamp())
                 )
         now = datetime.now(UTC)
         for row in sent:

@@ -1,4 +1,4 @@
-"""Real `gozon …` processes for integration and end-to-end tests.
+"""Real `gozon …` processes for the tests and benchmarks.
 
 A process is started with its own environment, its output in a log file, waited for through
 its `/health/live` (or `/health/ready`) endpoint, and stopped with SIGTERM or killed with
