@@ -33,7 +33,10 @@ Money: TypeAlias = Annotated[
     Field(max_digits=15, decimal_places=2),
     PlainSerializer(_money_to_json, return_type=float | int, when_used="json"),
 ]
+Amount: TypeAlias = Annotated[Money, Field(gt=0, le=MAX_AMOUNT, allow_inf_nan=False)]
+"""An order's or a deposit's amount: positive, two places at most, at most MAX_AMOUNT."""
 UserId: TypeAlias = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+PaymentStatus: TypeAlias = Literal["PAID", "INSUFFICIENT_FUNDS", "ACCOUNT_NOT_FOUND"]
 
 
 def utc_now() -> datetime:
@@ -47,7 +50,7 @@ class _Model(BaseModel):
 class OrderCreatedPayload(_Model):
     order_id: uuid.UUID
     user_id: UserId
-    amount: Annotated[Money, Field(gt=0)]
+    amount: Amount
     description: str
     created_at: AwareDatetime
 
@@ -55,8 +58,8 @@ class OrderCreatedPayload(_Model):
 class PaymentProcessedPayload(_Model):
     order_id: uuid.UUID
     user_id: UserId
-    amount: Annotated[Money, Field(gt=0)]
-    status: Literal["PAID", "INSUFFICIENT_FUNDS", "ACCOUNT_NOT_FOUND"]
+    amount: Amount
+    status: PaymentStatus
     reason: str | None = None
     processed_at: AwareDatetime
 

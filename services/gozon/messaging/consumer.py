@@ -9,9 +9,10 @@ Guarantees:
   and its origin in headers, and only then is its offset committed: it is never lost, and it
   never blocks the partition. A handler that finds a well-formed message impossible to handle
   raises `RejectMessage`, with the same effect.
-- A transient failure (the database unreachable) is retried with capped backoff, for as long
-  as it lasts: never skipped. Any other handler error is retried a few times and then
-  dead-lettered with its reason, so one poison message cannot stall every order behind it.
+- A transient failure (the database unreachable, or a handler's `RetryLater`) is retried with
+  capped backoff, for as long as it lasts: never skipped. Any other handler error is retried
+  a few times and then dead-lettered with its reason, so one poison message cannot stall
+  every order behind it.
 - Messages of one partition are handled one at a time, in offset order.
 - A stop request (SIGTERM) is honoured between messages; an uncommitted message is simply
   delivered again to whoever owns the partition next.
@@ -52,6 +53,11 @@ DLQ_REASON = "x-dlq-reason"
 class RejectMessage(Exception):
     """Raised by a handler for a well-formed message that can never be handled (it refers to
     something that does not exist, say): the message goes to the dead-letter topic at once."""
+
+
+class RetryLater(Exception):
+    """Raised by a handler for a passing condition (a contended row, say): retried like a
+    database outage, for as long as it lasts, never dead-lettered."""
 
 
 class _Stopping(Exception):
@@ -138,7 +144,7 @@ class ConsumerRunner(Generic[E]):
                 await self.dead_letter(record, f"rejected: {_one_line(exc)}", stop)
                 return "dead_lettered"
             except Exception as exc:
-                if is_database_outage(exc):
+                if is_database_outage(exc) or isinstance(exc, RetryLater):
                     if self.database_ok:
                         log.warning(
                             "database unavailable, retrying", topic=self.topic, error=repr(exc)

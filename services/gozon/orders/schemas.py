@@ -8,9 +8,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from gozon.contracts import MAX_AMOUNT, Money
+from gozon.contracts import Amount, Money
 
-Amount = Annotated[Money, Field(gt=0, le=MAX_AMOUNT, allow_inf_nan=False)]
 Description = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500)]
 
 

@@ -1,0 +1,128 @@
+"""The payments HTTP API: routes translate HTTP to a service call and back."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import APIRouter, FastAPI, Query, Response, status
+
+from gozon.contracts import Amount
+from gozon.core.app import create_app
+from gozon.core.db import create_engine, database_answers, session_factory
+from gozon.core.deps import SessionsDep
+from gozon.core.headers import IdempotencyKeyDep, UserIdDep
+from gozon.core.health import Readiness
+from gozon.core.problems import Problem
+from gozon.core.settings import PaymentsSettings
+from gozon.payments import service
+from gozon.payments.models import MAX_BALANCE
+from gozon.payments.schemas import AccountRead, DepositRead
+
+router = APIRouter(prefix="/api/payments", tags=["payments"])
+
+PROBLEM = {"description": "Problem details (RFC 9457)", "content": {"application/problem+json": {}}}
+
+
+@router.post(
+    "/accounts",
+    status_code=status.HTTP_201_CREATED,
+    response_model=AccountRead,
+    responses={400: PROBLEM, 409: PROBLEM},
+    summary="Open the user's account (one per user), with a zero balance",
+)
+async def create_account(user_id: UserIdDep, sessions: SessionsDep, response: Response) -> Any:
+    try:
+        account = await service.create_account(sessions=sessions, user_id=user_id)
+    except service.AccountExists as exc:
+        raise Problem(409, "This user already has an account.", title="Account exists") from exc
+    response.headers["Location"] = "/api/payments/balance"
+    return account
+
+
+@router.post(
+    "/deposit",
+    response_model=DepositRead,
+    responses={400: PROBLEM, 422: PROBLEM, 503: PROBLEM},
+    summary="Credit the user's account; the first deposit opens it",
+)
+async def deposit(
+    amount: Annotated[
+        Amount, Query(description="Positive, at most two decimal places, at most 1e9.")
+    ],
+    user_id: UserIdDep,
+    idempotency_key: IdempotencyKeyDep,
+    sessions: SessionsDep,
+    response: Response,
+) -> Any:
+    try:
+        deposited = await service.deposit(
+            sessions=sessions, user_id=user_id, amount=amount, idempotency_key=idempotency_key
+        )
+    except service.IdempotencyKeyReused as exc:
+        raise Problem(
+            422,
+            "This Idempotency-Key was already used for a deposit of another amount.",
+            title="Idempotency-Key reused",
+        ) from exc
+    except service.BalanceLimitExceeded as exc:
+        raise Problem(
+            422,
+            f"The deposit would take the balance over {MAX_BALANCE}.",
+            title="Balance limit exceeded",
+        ) from exc
+    except service.AccountBusy as exc:
+        raise Problem(
+            503,
+            "The account is changing too fast to credit now; nothing was written, retry.",
+            title="Account busy",
+            headers={"Retry-After": "1"},
+        ) from exc
+    if deposited.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    entry = deposited.entry
+    return DepositRead(
+        account_id=entry.account_id,
+        user_id=entry.user_id,
+        amount=entry.amount,
+        balance=entry.balance_after,
+        created_at=entry.created_at,
+    )
+
+
+@router.get(
+    "/balance",
+    response_model=AccountRead,
+    responses={400: PROBLEM, 404: PROBLEM},
+    summary="The user's account and its balance",
+)
+async def get_balance(user_id: UserIdDep, sessions: SessionsDep) -> Any:
+    account = await service.get_account(sessions=sessions, user_id=user_id)
+    if account is None:
+        raise Problem(404, "This user has no account; a first deposit opens one.")
+    return account
+
+
+def build_app(settings: PaymentsSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        engine = create_engine(
+            settings.payments_database_url,
+            pool_size=settings.db_pool_size,
+            application_name="payments-api",
+        )
+        readiness = Readiness()
+        readiness.add("database", lambda: database_answers(engine))
+        try:
+            yield {"sessions": session_factory(engine), "readiness": readiness}
+        finally:
+            await engine.dispose()
+
+    return create_app(
+        service="payments",
+        title="Gozon payments",
+        description="Open an account, deposit money, read the balance.",
+        lifespan=lifespan,
+        routers=[router],
+    )

@@ -1,0 +1,307 @@
+"""The payments consumer's handler against the real PostgreSQL: each `OrderCreated` is paid at
+most once, answered exactly once, and no concurrency creates or loses a cent."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from decimal import Decimal
+
+import pytest
+from aiokafka.structs import ConsumerRecord
+from prometheus_client import REGISTRY
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from gozon.contracts import (
+    ORDER_CREATED_TOPIC,
+    OrderCreated,
+    OrderCreatedPayload,
+    PaymentProcessed,
+    utc_now,
+)
+from gozon.core.db import create_engine, session_factory
+from gozon.messaging.consumer import Record
+from gozon.payments import service
+from gozon.payments.consumer import make_handler
+from gozon.payments.models import (
+    DEBIT,
+    DEPOSIT,
+    Account,
+    InboxEntry,
+    LedgerEntry,
+    payment_outbox,
+)
+
+pytestmark = pytest.mark.integration
+
+Sessions = async_sessionmaker[AsyncSession]
+
+
+@pytest.fixture
+async def engine(payments_db: str) -> AsyncIterator[AsyncEngine]:
+    # Room for many transactions at once, so that the concurrency tests really race.
+    engine = create_engine(payments_db, pool_size=20)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+def sessions(engine: AsyncEngine) -> Sessions:
+    return session_factory(engine)
+
+
+def user() -> str:
+    return f"u-{uuid.uuid4().hex[:10]}"
+
+
+def order_created(user_id: str, amount: str, order_id: uuid.UUID | None = None) -> OrderCreated:
+    order_id = order_id or uuid.uuid4()
+    return OrderCreated(
+        aggregate_id=str(order_id),
+        payload=OrderCreatedPayload(
+            order_id=order_id,
+            user_id=user_id,
+            amount=Decimal(amount),
+            description="test",
+            created_at=utc_now(),
+        ),
+    )
+
+
+def record_of(event: OrderCreated) -> Record:
+    value = event.model_dump_json().encode()
+    key = event.payload.user_id.encode()
+    return ConsumerRecord(
+        topic=ORDER_CREATED_TOPIC,
+        partition=0,
+        offset=0,
+        timestamp=0,
+        timestamp_type=0,
+        key=key,
+        value=value,
+        checksum=None,
+        serialized_key_size=len(key),
+        serialized_value_size=len(value),
+        headers=[],
+    )
+
+
+async def deposit(sessions: Sessions, user_id: str, amount: str) -> None:
+    await service.deposit(
+        sessions=sessions, user_id=user_id, amount=Decimal(amount), idempotency_key=None
+    )
+
+
+async def balance_of(sessions: Sessions, user_id: str) -> Decimal | None:
+    async with sessions() as session:
+        return await session.scalar(select(Account.balance).where(Account.user_id == user_id))
+
+
+async def rows_for_order(sessions: Sessions, order_id: uuid.UUID) -> tuple[int, int, int]:
+    """(inbox rows, ledger debits, outbox rows) of one order."""
+    async with sessions() as session:
+        inbox = await session.scalar(
+            select(func.count()).select_from(InboxEntry).where(InboxEntry.order_id == order_id)
+        )
+        debits = await session.scalar(
+            select(func.count()).select_from(LedgerEntry).where(LedgerEntry.order_id == order_id)
+        )
+        outbox = await session.scalar(
+            select(func.count())
+            .select_from(payment_outbox)
+            .where(payment_outbox.c.order_id == order_id)
+        )
+    return int(inbox or 0), int(debits or 0), int(outbox or 0)
+
+
+async def answer_for(sessions: Sessions, order_id: uuid.UUID) -> PaymentProcessed:
+    async with sessions() as session:
+        payload = await session.scalar(
+            select(payment_outbox.c.payload).where(payment_outbox.c.order_id == order_id)
+        )
+    return PaymentProcessed.model_validate(payload)
+
+
+def outcome_count(outcome: str) -> float:
+    return REGISTRY.get_sample_value("gozon_payment_outcomes_total", {"outcome": outcome}) or 0.0
+
+
+async def test_an_order_within_the_balance_is_debited_recorded_and_answered(
+    sessions: Sessions,
+) -> None:
+    uid = user()
+    await deposit(sessions, uid, "5000")
+    event = order_created(uid, "1500.99")
+    handle = make_handler(sessions)
+    paid_before = outcome_count("paid")
+
+    assert await handle(event, record_of(event)) == "processed"
+
+    assert await balance_of(sessions, uid) == Decimal("3499.01")
+    assert await rows_for_order(sessions, event.payload.order_id) == (1, 1, 1)
+    async with sessions() as session:
+        inbox = await session.scalar(select(InboxEntry))
+        debit = await session.scalar(select(LedgerEntry).where(LedgerEntry.kind == DEBIT))
+        outbox = (await session.execute(select(payment_outbox))).one()
+    assert inbox is not None
+    assert inbox.idempotency_key == event.event_id
+    assert (inbox.status, inbox.reason, inbox.amount) == ("PAID", None, Decimal("1500.99"))
+    assert debit is not None
+    assert (debit.amount, debit.balance_after) == (Decimal("1500.99"), Decimal("3499.01"))
+    assert debit.order_id == event.payload.order_id
+    assert outbox.topic == "payment.processed.event"
+    assert outbox.message_key == uid
+    assert outbox.user_id == uid
+    assert outbox.status == "PENDING"
+    answer = PaymentProcessed.model_validate(outbox.payload)
+    assert answer.aggregate_id == str(event.payload.order_id)
+    assert answer.payload.status == "PAID"
+    assert answer.payload.amount == Decimal("1500.99")
+    assert outbox.payload["payload"]["amount"] == 1500.99  # an exact JSON number
+    assert outcome_count("paid") == paid_before + 1
+
+
+async def test_duplicate_order_event_debits_once(sessions: Sessions) -> None:
+    uid = user()
+    await deposit(sessions, uid, "100")
+    event = order_created(uid, "60")
+    handle = make_handler(sessions)
+
+    outcomes = [await handle(event, record_of(event)) for _ in range(3)]
+
+    assert outcomes == ["processed", "duplicate", "duplicate"]
+    assert await balance_of(sessions, uid) == Decimal("40")
+    assert await rows_for_order(sessions, event.payload.order_id) == (1, 1, 1)
+
+
+async def test_concurrent_deliveries_of_one_order_event_debit_once(sessions: Sessions) -> None:
+    uid = user()
+    await deposit(sessions, uid, "100")
+    event = order_created(uid, "60")
+    handle = make_handler(sessions)
+
+    outcomes = await asyncio.gather(*(handle(event, record_of(event)) for _ in range(5)))
+
+    assert sorted(outcomes) == ["duplicate"] * 4 + ["processed"]
+    assert await balance_of(sessions, uid) == Decimal("40")
+    assert await rows_for_order(sessions, event.payload.order_id) == (1, 1, 1)
+
+
+async def test_insufficient_funds_leaves_the_balance_unchanged(sessions: Sessions) -> None:
+    uid = user()
+    await deposit(sessions, uid, "100")
+    event = order_created(uid, "100.01")
+
+    assert await make_handler(sessions)(event, record_of(event)) == "processed"
+
+    assert await balance_of(sessions, uid) == Decimal("100")
+    assert await rows_for_order(sessions, event.payload.order_id) == (1, 0, 1)
+    answer = await answer_for(sessions, event.payload.order_id)
+    assert answer.payload.status == "INSUFFICIENT_FUNDS"
+    assert answer.payload.reason
+
+
+async def test_an_order_of_the_whole_balance_is_paid_down_to_zero(sessions: Sessions) -> None:
+    uid = user()
+    await deposit(sessions, uid, "100")
+    event = order_created(uid, "100.00")
+
+    await make_handler(sessions)(event, record_of(event))
+
+    assert await balance_of(sessions, uid) == Decimal("0")
+    assert (await answer_for(sessions, event.payload.order_id)).payload.status == "PAID"
+
+
+async def test_an_order_without_an_account_is_account_not_found_and_opens_none(
+    sessions: Sessions,
+) -> None:
+    uid = user()
+    event = order_created(uid, "10")
+
+    assert await make_handler(sessions)(event, record_of(event)) == "processed"
+
+    assert await balance_of(sessions, uid) is None
+    assert await rows_for_order(sessions, event.payload.order_id) == (1, 0, 1)
+    answer = await answer_for(sessions, event.payload.order_id)
+    assert answer.payload.status == "ACCOUNT_NOT_FOUND"
+    assert answer.payload.reason
+
+
+async def test_a_second_event_for_a_paid_order_cannot_debit_it_again(sessions: Sessions) -> None:
+    """Belt and braces behind the inbox: the database allows one debit per order."""
+    uid = user()
+    await deposit(sessions, uid, "100")
+    first = order_created(uid, "30")
+    second = order_created(uid, "30", order_id=first.payload.order_id)  # another event id
+    handle = make_handler(sessions)
+
+    await handle(first, record_of(first))
+    with pytest.raises(IntegrityError, match="uq_account_ledger_debit_order_id"):
+        await handle(second, record_of(second))
+
+    assert await balance_of(sessions, uid) == Decimal("70")
+    assert await rows_for_order(sessions, first.payload.order_id) == (1, 1, 1)
+
+
+async def test_concurrent_orders_and_deposits_on_one_account_neither_create_nor_lose_money(
+    sessions: Sessions,
+) -> None:
+    uid = user()
+    initial = Decimal("1000")
+    await deposit(sessions, uid, str(initial))
+    rng = random.Random(20261124)
+    orders = [order_created(uid, f"{rng.randint(100, 9999) / 100:.2f}") for _ in range(200)]
+    deposits = [f"{rng.randint(100, 4999) / 100:.2f}" for _ in range(50)]
+    handle = make_handler(sessions)
+    conflicts_before = sum(
+        REGISTRY.get_sample_value("gozon_payments_cas_conflicts_total", {"operation": op}) or 0
+        for op in ("debit", "deposit")
+    )
+    work: list[Awaitable[object]] = [handle(event, record_of(event)) for event in orders]
+    work += [deposit(sessions, uid, amount) for amount in deposits]
+    rng.shuffle(work)
+
+    await asyncio.gather(*work)
+
+    async with sessions() as session:
+        inbox = (await session.execute(select(InboxEntry.order_id, InboxEntry.status))).all()
+        ledger = (await session.scalars(select(LedgerEntry).order_by(LedgerEntry.id))).all()
+        outbox = await session.scalar(select(func.count()).select_from(payment_outbox))
+    balance = await balance_of(sessions, uid)
+    assert balance is not None
+
+    # Every order has exactly one inbox row and one answer.
+    assert sorted(str(order_id) for order_id, _ in inbox) == sorted(
+        str(event.payload.order_id) for event in orders
+    )
+    assert outbox == len(orders)
+    statuses = {order_id: status for order_id, status in inbox}
+    assert set(statuses.values()) <= {"PAID", "INSUFFICIENT_FUNDS"}
+    paid = [e.payload.amount for e in orders if statuses[e.payload.order_id] == "PAID"]
+    assert paid, "some orders must have been paid"
+    assert len(paid) < len(orders), "the orders were meant to outrun the money"
+
+    # No money created or lost: the balance is the sum of what came in minus what was paid.
+    assert balance == initial + sum(Decimal(d) for d in deposits) - sum(paid)
+    debits = [entry for entry in ledger if entry.kind == DEBIT]
+    credits = [entry for entry in ledger if entry.kind == DEPOSIT]
+    assert len(debits) == len(paid)
+    assert len(credits) == 1 + len(deposits)
+    assert sum(e.amount for e in credits) - sum(e.amount for e in debits) == balance
+
+    # The ledger replays the balance step by step, and it never went below zero.
+    running = Decimal(0)
+    for entry in ledger:
+        running += entry.amount if entry.kind == DEPOSIT else -entry.amount
+        assert entry.balance_after == running >= 0
+    assert running == balance
+
+    conflicts = sum(
+        REGISTRY.get_sample_value("gozon_payments_cas_conflicts_total", {"operation": op}) or 0
+        for op in ("debit", "deposit")
+    )
+    assert conflicts > conflicts_before, "the changes were meant to race"
