@@ -2,6 +2,7 @@
 
     gozon orders   api | relay | consumer | migrate | outbox requeue-failed
     gozon payments api | relay | consumer | migrate | outbox requeue-failed
+    gozon gateway
 
 Each command reads its settings from `GOZON_*` variables, sets up logging and tracing for its
 process, and runs one job until SIGTERM.
@@ -132,6 +133,124 @@ def orders_requeue_failed(_: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- payments
+
+
+def payments_api(_: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gozon.core.settings import PaymentsSettings
+    from gozon.payments.api import build_app
+
+    settings = _start("payments-api", PaymentsSettings)
+    assert isinstance(settings, PaymentsSettings)
+    uvicorn.run(
+        build_app(settings),
+        host=settings.payments_api_host,
+        port=settings.payments_api_port,
+        log_config=None,
+        access_log=False,
+    )
+    return 0
+
+
+def payments_relay(_: argparse.Namespace) -> int:
+    from gozon.contracts import PAYMENT_PROCESSED_TOPIC
+    from gozon.core.settings import PaymentsSettings
+    from gozon.messaging.worker import WorkerSpec, run_relay
+    from gozon.payments.models import payment_outbox
+
+    settings = _start("payments-relay", PaymentsSettings)
+    assert isinstance(settings, PaymentsSettings)
+    spec = WorkerSpec(
+        "payments",
+        settings.payments_database_url,
+        settings.payments_api_host,
+        settings.payments_relay_metrics_port,
+    )
+    asyncio.run(run_relay(spec, settings, payment_outbox, [PAYMENT_PROCESSED_TOPIC]))
+    return 0
+
+
+def payments_consumer(_: argparse.Namespace) -> int:
+    from gozon.contracts import ORDER_CREATED_TOPIC, OrderCreated
+    from gozon.core.settings import PaymentsSettings
+    from gozon.messaging.worker import WorkerSpec, run_consumer
+    from gozon.payments.consumer import make_handler
+
+    settings = _start("payments-consumer", PaymentsSettings)
+    assert isinstance(settings, PaymentsSettings)
+    spec = WorkerSpec(
+        "payments",
+        settings.payments_database_url,
+        settings.payments_api_host,
+        settings.payments_consumer_metrics_port,
+    )
+    asyncio.run(
+        run_consumer(
+            spec,
+            settings,
+            topic=ORDER_CREATED_TOPIC,
+            group_id=settings.payments_group_id,
+            schema=OrderCreated,
+            make_handler=make_handler,
+        )
+    )
+    return 0
+
+
+def payments_migrate(_: argparse.Namespace) -> int:
+    from gozon.core.migrations import upgrade
+    from gozon.core.settings import PaymentsSettings
+
+    settings = _start("payments-migrate", PaymentsSettings)
+    assert isinstance(settings, PaymentsSettings)
+    upgrade(_migrations("payments"), settings.payments_database_url)
+    return 0
+
+
+def payments_requeue_failed(_: argparse.Namespace) -> int:
+    from gozon.core.db import create_engine
+    from gozon.core.settings import PaymentsSettings
+    from gozon.messaging.relay import requeue_failed
+    from gozon.payments.models import payment_outbox
+
+    settings = _start("payments-outbox", PaymentsSettings)
+    assert isinstance(settings, PaymentsSettings)
+
+    async def run() -> int:
+        engine = create_engine(settings.payments_database_url, pool_size=1)
+        try:
+            return await requeue_failed(engine, payment_outbox)
+        finally:
+            await engine.dispose()
+
+    print(f"requeued {asyncio.run(run())} FAILED payment_outbox rows")
+    return 0
+
+
+# --------------------------------------------------------------------------- gateway
+
+
+def gateway(_: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gozon.core.settings import GatewaySettings
+    from gozon.gateway.app import build_app
+
+    settings = _start("gateway", GatewaySettings)
+    assert isinstance(settings, GatewaySettings)
+    uvicorn.run(
+        build_app(settings),
+        host=settings.gateway_host,
+        port=settings.gateway_port,
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,  # the edge: the peer is the client; X-Forwarded-For is not trusted
+    )
+    return 0
+
+
 # --------------------------------------------------------------------------- wiring
 
 
@@ -163,6 +282,22 @@ def build_parser() -> argparse.ArgumentParser:
     outbox = orders_sub.add_parser("outbox", help="order_outbox maintenance")
     outbox_sub = outbox.add_subparsers(dest="action", metavar="ACTION", required=True)
     add(outbox_sub, "requeue-failed", orders_requeue_failed, "requeue FAILED rows")
+
+    payments = services.add_parser("payments", help="the payments service")
+    payments_sub = payments.add_subparsers(dest="process", metavar="PROCESS", required=True)
+    add(payments_sub, "api", payments_api, "the payments HTTP API (port GOZON_PAYMENTS_API_PORT)")
+    add(payments_sub, "relay", payments_relay, "publishes payment_outbox rows to Kafka")
+    add(payments_sub, "consumer", payments_consumer, "pays for orders: inbox, debit, outbox")
+    add(payments_sub, "migrate", payments_migrate, "alembic upgrade of account_db to head")
+    payments_outbox = payments_sub.add_parser("outbox", help="payment_outbox maintenance")
+    payments_outbox_sub = payments_outbox.add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    add(payments_outbox_sub, "requeue-failed", payments_requeue_failed, "requeue FAILED rows")
+    gateway_command = services.add_parser(
+        "gateway", help="the API gateway, the one entry point (port GOZON_GATEWAY_PORT)"
+    )
+    gateway_command.set_defaults(run=gateway)
     return parser
 
 

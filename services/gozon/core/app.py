@@ -52,7 +52,15 @@ def create_app(
     lifespan: Lifespan[Any],
     routers: Sequence[APIRouter],
 ) -> FastAPI:
-    app = FastAPI(title=title, description=description, version=__version__, lifespan=lifespan)
+    app = FastAPI(
+        title=title,
+        description=description,
+        version=__version__,
+        lifespan=lifespan,
+        # Spans and metrics are ours (ServerSpanMiddleware, HttpMetricsMiddleware): FastAPI's
+        # own would add a second server span per request, in a trace of its own.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
+    )
     install_problem_handlers(app)
     app.add_middleware(HttpMetricsMiddleware)
     app.add_middleware(ServerSpanMiddleware, service=service)

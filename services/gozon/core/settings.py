@@ -7,10 +7,10 @@ message naming the variable; production refuses the development database passwor
 
 from __future__ import annotations
 
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEV_PASSWORD = "postgres"  # noqa: S105 (the local stack's password, refused in production)
 
@@ -78,3 +78,44 @@ class PaymentsSettings(_ServiceSettings):
     def _no_dev_secrets(self) -> Self:
         self._check_database_password(self.payments_database_url)
         return self
+
+
+class GatewaySettings(CommonSettings):
+    """The gateway: where it listens, its two upstreams, and how it protects them and clients."""
+
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = Field(default=8080, ge=1, le=65535)
+    gateway_orders_url: str = "http://127.0.0.1:8081"
+    gateway_payments_url: str = "http://127.0.0.1:8082"
+    gateway_upstream_connect_timeout_s: float = Field(default=1.0, gt=0)
+    gateway_upstream_timeout_s: float = Field(default=5.0, gt=0)
+    gateway_upstream_retries: int = Field(default=2, ge=0, le=5)
+    gateway_upstream_pool_size: int = Field(default=100, ge=1)
+    gateway_max_body_bytes: int = Field(default=1024 * 1024, ge=0)
+    gateway_breaker_failures: int = Field(default=5, ge=1)
+    gateway_breaker_reset_s: float = Field(default=5.0, gt=0)
+    gateway_rate_limit_per_s: float = Field(default=0, ge=0)  # per user; 0 turns it off
+    gateway_rate_limit_burst: int = Field(default=20, ge=1)
+    gateway_cors_origins: Annotated[list[str], NoDecode] = []  # comma-separated; empty is off
+
+    @field_validator("gateway_orders_url", "gateway_payments_url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("an upstream URL must start with http:// or https://")
+        return url.rstrip("/")
+
+    @field_validator("gateway_cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @property
+    def gateway_routes(self) -> dict[str, tuple[str, str]]:
+        """Path prefix → (upstream name, base URL): `/api/orders/**` goes to the orders API."""
+        return {
+            "/api/orders": ("orders", self.gateway_orders_url),
+            "/api/payments": ("payments", self.gateway_payments_url),
+        }

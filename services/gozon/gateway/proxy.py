@@ -1,0 +1,345 @@
+"""The reverse proxy: edge checks, then one streamed exchange with the upstream.
+
+For every request under an upstream's prefix, in this order, each refusal a problem+json
+answer that never reaches the upstream:
+
+    X-User-Id missing or malformed      400
+    Content-Length over the limit       413 (a body without one is counted while it streams)
+    per-user rate limit exceeded        429 + Retry-After (only when configured)
+    upstream's breaker open             503 + Retry-After, at once
+
+Then the request goes upstream on that upstream's pooled aiohttp session, its body streamed
+(or, when it is small and its length known, read first so that a retry can resend it), and the
+answer comes back streamed, headers filtered as `gateway.headers` says. Failures map to:
+
+    refused, reset, unreachable          503 (idempotent ones retried first, see below)
+    no response headers within the
+    configured timeout                   504
+    malformed response                   502
+
+Retries happen only for idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE), only on
+connection errors, never on a timeout (the upstream may still be working on it), and at once.
+The gateway retries a connection that could not be made (refused, unreachable: a replica going
+away) up to `gateway_upstream_retries` times; a pooled connection that the upstream closed under
+a sent request is retried once by aiohttp itself (RFC 9112 §9.3.1, idempotent methods only).
+A request that never got an answer counts as a failure for the upstream's circuit breaker; any
+answer is a success.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+import structlog
+from prometheus_client import Counter, Gauge
+from starlette.types import Receive, Scope, Send
+from yarl import URL
+
+from gozon.core.headers import user_id
+from gozon.core.problems import Problem, problem_response
+from gozon.core.settings import GatewaySettings
+from gozon.core.telemetry import current_trace_headers
+from gozon.gateway.breaker import CircuitBreaker, State
+from gozon.gateway.headers import downstream_headers, upstream_headers
+from gozon.gateway.ratelimit import RateLimiter, retry_after
+
+UPSTREAM_REQUESTS = Counter(
+    "gozon_gateway_upstream_requests_total",
+    "Requests for an upstream, by outcome: answered, unavailable, timeout, bad_response, "
+    "breaker_open.",
+    ["upstream", "outcome"],
+)
+BREAKER_STATE = Gauge(
+    "gozon_gateway_breaker_state",
+    "The upstream's circuit breaker: 0 closed, 1 half-open, 2 open.",
+    ["upstream"],
+)
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+# Bodies up to this size with a known length are read before the upstream is called (so a
+# retry can resend them) and answers up to it are sent in one piece; larger ones stream.
+BUFFERED_BYTES = 64 * 1024
+# Below uvicorn's default keep-alive (5 s): the gateway drops an idle pooled connection before
+# the upstream closes it, so a request rarely meets a connection closing under it.
+POOL_KEEPALIVE_S = 4.0
+REQUEST_ID_KEY = "gozon.request_id"
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    name: str
+    url: str
+    session: aiohttp.ClientSession
+    breaker: CircuitBreaker
+
+    async def answers(self) -> bool:
+        """Readiness: the upstream's `/health/live` answers 200."""
+        async with self.session.get(
+            f"{self.url}/health/live", timeout=aiohttp.ClientTimeout(total=1.0)
+        ) as response:
+            return response.status == 200
+
+
+def open_upstream(name: str, url: str, settings: GatewaySettings) -> Upstream:
+    """The upstream's pooled session and breaker (call inside the lifespan, close the session)."""
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(
+            limit=settings.gateway_upstream_pool_size, keepalive_timeout=POOL_KEEPALIVE_S
+        ),
+        # The deadline for the answer's headers is the proxy's; these bound the connect and
+        # each read of a streamed answer.
+        timeout=aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=settings.gateway_upstream_connect_timeout_s,
+            sock_read=settings.gateway_upstream_timeout_s,
+        ),
+        auto_decompress=False,  # bytes pass through as the upstream encoded them
+        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+        cookie_jar=aiohttp.DummyCookieJar(),  # one session serves every user: keep no cookies
+    )
+
+    def on_change(state: State) -> None:
+        BREAKER_STATE.labels(name).set(state)
+        log.warning("circuit breaker changed", upstream=name, state=state.name)
+
+    BREAKER_STATE.labels(name).set(State.CLOSED)
+    breaker = CircuitBreaker(
+        failure_threshold=settings.gateway_breaker_failures,
+        reset_timeout_s=settings.gateway_breaker_reset_s,
+        on_change=on_change,
+    )
+    return Upstream(name, url, session, breaker)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class _Body:
+    """The client's request body, read from ASGI `receive` once and counted against the limit."""
+
+    def __init__(self, receive: Receive, limit: int) -> None:
+        self._receive = receive
+        self._limit = limit
+        self._size = 0
+        self.started = False
+        self.too_large = False
+        self.client_gone = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        self.started = True
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self.client_gone = True
+                raise _ClientGone
+            chunk: bytes = message.get("body", b"")
+            self._size += len(chunk)
+            if self._size > self._limit:
+                self.too_large = True
+                raise _BodyTooLarge
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                return
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self.chunks()])
+
+
+class Gateway:
+    """The lifespan's routing state: upstreams by name, the limits, the optional rate limiter."""
+
+    def __init__(self, settings: GatewaySettings, upstreams: dict[str, Upstream]) -> None:
+        self.upstreams = upstreams
+        self.timeout_s = settings.gateway_upstream_timeout_s
+        self.retries = settings.gateway_upstream_retries
+        self.max_body = settings.gateway_max_body_bytes
+        self.limiter = (
+            RateLimiter(
+                rate_per_s=settings.gateway_rate_limit_per_s,
+                burst=settings.gateway_rate_limit_burst,
+            )
+            if settings.gateway_rate_limit_per_s > 0
+            else None
+        )
+
+    async def close(self) -> None:
+        for upstream in self.upstreams.values():
+            await upstream.session.close()
+
+    async def forward(self, name: str, scope: Scope, receive: Receive, send: Send) -> None:
+        upstream = self.upstreams[name]
+        try:
+            length = self._check(scope, upstream)
+        except Problem as problem:
+            await _refuse(problem, scope, receive, send)
+            return
+        body = _Body(receive, self.max_body)
+        data: bytes | None = None
+        try:
+            if length is not None and length <= BUFFERED_BYTES:
+                data = await body.read() if length else None
+            async with asyncio.timeout(self.timeout_s):
+                response = await self._exchange(upstream, scope, body, data, length)
+        except Exception as exc:
+            answer = self._failure(upstream, body, exc)
+            if answer is not None:
+                await _refuse(answer, scope, receive, send)
+            return
+        UPSTREAM_REQUESTS.labels(name, "answered").inc()
+        upstream.breaker.success()
+        try:
+            await _relay(response, send)
+        finally:
+            response.release()
+
+    def _check(self, scope: Scope, upstream: Upstream) -> int | None:
+        """The edge checks; answers the request body's declared length."""
+        user: str | None = None
+        length_header: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == b"x-user-id":
+                user = value.decode("latin-1")
+            elif name == b"content-length":
+                length_header = value
+        user = user_id(user)
+        length: int | None = None
+        if length_header is not None:
+            if not length_header.isdigit():
+                raise Problem(400, "Content-Length must be a whole number of bytes.")
+            length = int(length_header)
+            if length > self.max_body:
+                raise _too_large(self.max_body)
+        if self.limiter is not None and (wait := self.limiter.acquire(user)):
+            raise Problem(
+                429,
+                "Too many requests for this user; retry after the time in Retry-After.",
+                headers={"Retry-After": str(retry_after(wait))},
+            )
+        if not upstream.breaker.allow():
+            UPSTREAM_REQUESTS.labels(upstream.name, "breaker_open").inc()
+            raise Problem(
+                503,
+                f"The {upstream.name} service is unavailable; retry after the time in Retry-After.",
+                headers={"Retry-After": str(upstream.breaker.retry_after())},
+            )
+        return length
+
+    async def _exchange(
+        self,
+        upstream: Upstream,
+        scope: Scope,
+        body: _Body,
+        data: bytes | None,
+        length: int | None,
+    ) -> aiohttp.ClientResponse:
+        method: str = scope["method"]
+        query: bytes = scope["query_string"]
+        path: bytes = scope.get("raw_path") or scope["path"].encode()
+        url = URL(
+            upstream.url + (path + b"?" + query if query else path).decode("latin-1"),
+            encoded=True,
+        )
+        client = scope.get("client")
+        headers = upstream_headers(
+            scope["headers"],
+            client_host=client[0] if client else None,
+            scheme=scope["scheme"],
+            request_id=scope[REQUEST_ID_KEY],
+            trace=current_trace_headers(),
+        )
+        streamed = data is None and _has_body(scope, length)
+        attempt = 0
+        while True:
+            try:
+                return await upstream.session.request(
+                    method,
+                    url,
+                    headers=headers,
+                    data=body.chunks() if streamed else data,
+                    allow_redirects=False,
+                )
+            except aiohttp.ClientConnectorError as exc:
+                # No connection, so not one byte of the request (nor of its body) was read.
+                if not retryable(method, exc) or attempt == self.retries:
+                    raise
+                attempt += 1
+
+    def _failure(self, upstream: Upstream, body: _Body, exc: Exception) -> Problem | None:
+        """The answer to a request that got no response (None: the client is gone)."""
+        if body.client_gone:
+            return None
+        if body.too_large:
+            return _too_large(self.max_body)
+        # aiohttp's connect timeout is a TimeoutError too, but it means "unreachable".
+        if isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ConnectionTimeoutError):
+            outcome = "timeout"
+            problem = Problem(
+                504, f"The {upstream.name} service did not answer within {self.timeout_s:g} s."
+            )
+        elif isinstance(exc, aiohttp.ClientConnectionError):
+            outcome = "unavailable"
+            problem = Problem(503, f"The {upstream.name} service is unavailable.")
+        elif isinstance(exc, aiohttp.ClientError):
+            outcome = "bad_response"
+            problem = Problem(502, f"The {upstream.name} service sent a malformed answer.")
+        else:  # a bug of the gateway's, not the upstream's: the breaker is not told
+            log.error("proxy failed", upstream=upstream.name, exc_info=exc)
+            return Problem(500, "The gateway failed to answer; the error was logged.")
+        UPSTREAM_REQUESTS.labels(upstream.name, outcome).inc()
+        upstream.breaker.failure()
+        log.warning("upstream failed", upstream=upstream.name, outcome=outcome, error=repr(exc))
+        return problem
+
+
+def retryable(method: str, exc: BaseException) -> bool:
+    """May the gateway send this failed attempt again (if it has retries left)?"""
+    return method in IDEMPOTENT and isinstance(exc, aiohttp.ClientConnectorError)
+
+
+def _has_body(scope: Scope, length: int | None) -> bool:
+    if length is not None:
+        return length > 0
+    return any(name == b"transfer-encoding" for name, _ in scope["headers"])
+
+
+def _too_large(limit: int) -> Problem:
+    return Problem(413, f"The request body is larger than {limit} bytes.")
+
+
+async def _refuse(problem: Problem, scope: Scope, receive: Receive, send: Send) -> None:
+    response = problem_response(
+        problem.status,
+        problem.detail,
+        instance=scope["path"],
+        title=problem.title,
+        headers=problem.headers,
+    )
+    await response(scope, receive, send)
+
+
+async def _relay(response: aiohttp.ClientResponse, send: Send) -> None:
+    """Sends the upstream's answer on: small ones in one piece, the rest as it arrives."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status,
+            "headers": downstream_headers(response.raw_headers),
+        }
+    )
+    if response.content_length is not None and response.content_length <= BUFFERED_BYTES:
+        await send({"type": "http.response.body", "body": await response.read()})
+        return
+    async for chunk in response.content.iter_any():
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})

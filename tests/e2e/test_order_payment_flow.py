@@ -1,0 +1,261 @@
+"""The order → payment → status flow with every process real, through the gateway.
+
+Invariants checked: no money is created or lost, each order is debited at most once, every
+order reaches a final status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaProducer
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from gozon.contracts import ORDER_CREATED_TOPIC, OrderCreated, OrderCreatedPayload, utc_now
+from tests.e2e.conftest import Platform
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+async def gateway(platform: Platform) -> AsyncIterator[httpx.AsyncClient]:
+    limits = httpx.Limits(max_connections=100)
+    async with httpx.AsyncClient(base_url=platform.gateway, timeout=30, limits=limits) as client:
+        yield client
+
+
+@pytest.fixture
+async def accounts_db(platform: Platform) -> AsyncIterator[AsyncEngine]:
+    engine = create_async_engine(platform.env["GOZON_PAYMENTS_DATABASE_URL"])
+    yield engine
+    await engine.dispose()
+
+
+def new_user() -> str:
+    return f"e2e-{uuid.uuid4().hex[:12]}"
+
+
+async def final_order(
+    client: httpx.AsyncClient, user: str, order_id: str, within: float = 20
+) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        response = await client.get(f"/api/orders/{order_id}", headers={"X-User-Id": user})
+        assert response.status_code == 200, response.text
+        order: dict[str, Any] = response.json()
+        if order["status"] != "NEW":
+            return order
+        assert loop.time() < deadline, f"order {order_id} still NEW after {within} s"
+        await asyncio.sleep(0.02)
+
+
+async def balance(client: httpx.AsyncClient, user: str) -> Decimal:
+    response = await client.get("/api/payments/balance", headers={"X-User-Id": user})
+    assert response.status_code == 200, response.text
+    return Decimal(str(response.json()["balance"]))
+
+
+async def order(client: httpx.AsyncClient, user: str, amount: str) -> str:
+    response = await client.post(
+        "/api/orders",
+        headers={"X-User-Id": user},
+        json={"amount": float(amount), "description": "e2e"},
+    )
+    assert response.status_code == 201, response.text
+    order_id: str = response.json()["id"]
+    return order_id
+
+
+async def deposit(client: httpx.AsyncClient, user: str, amount: str) -> None:
+    response = await client.post(
+        f"/api/payments/deposit?amount={amount}", headers={"X-User-Id": user}
+    )
+    assert response.status_code in (200, 201), response.text
+
+
+async def test_the_spec_scenario_deposit_order_and_the_order_is_finished(
+    gateway: httpx.AsyncClient,
+) -> None:
+    user = new_user()
+    await deposit(gateway, user, "5000")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    response = await gateway.post(
+        "/api/orders",
+        headers={"X-User-Id": user, "Content-Type": "application/json"},
+        content='{"amount": 1500.99, "description": "Тестовый заказ"}'.encode(),
+    )
+    assert response.status_code == 201
+    assert response.json()["status"] == "NEW"
+    finished = await final_order(gateway, user, response.json()["id"])
+    elapsed = loop.time() - started
+    assert finished["status"] == "FINISHED"
+    assert elapsed < 1.0, f"the order took {elapsed:.3f} s to finish"
+    assert await balance(gateway, user) == Decimal("3499.01")
+    listed = await gateway.get("/api/orders", headers={"X-User-Id": user})
+    assert [o["status"] for o in listed.json()] == ["FINISHED"]
+
+
+async def test_insufficient_funds_cancel_the_order_and_leave_the_balance(
+    gateway: httpx.AsyncClient,
+) -> None:
+    user = new_user()
+    await deposit(gateway, user, "100")
+    cancelled = await final_order(gateway, user, await order(gateway, user, "100.01"))
+    assert cancelled["status"] == "CANCELLED"
+    assert "INSUFFICIENT_FUNDS" in cancelled["cancel_reason"] or "insufficient" in (
+        cancelled["cancel_reason"].lower()
+    )
+    assert await balance(gateway, user) == Decimal("100")
+
+
+async def test_an_order_without_an_account_is_cancelled(gateway: httpx.AsyncClient) -> None:
+    user = new_user()
+    cancelled = await final_order(gateway, user, await order(gateway, user, "10"))
+    assert cancelled["status"] == "CANCELLED"
+    assert cancelled["cancel_reason"]
+    response = await gateway.get("/api/payments/balance", headers={"X-User-Id": user})
+    assert response.status_code == 404
+
+
+async def test_the_same_order_event_three_times_debits_once(
+    gateway: httpx.AsyncClient, platform: Platform, accounts_db: AsyncEngine
+) -> None:
+    user = new_user()
+    await deposit(gateway, user, "50")
+    order_id = uuid.uuid4()
+    event = OrderCreated(
+        aggregate_id=str(order_id),
+        payload=OrderCreatedPayload(
+            order_id=order_id,
+            user_id=user,
+            amount=Decimal("20.00"),
+            description="replayed",
+            created_at=utc_now(),
+        ),
+    )
+    producer = AIOKafkaProducer(
+        bootstrap_servers=platform.env["GOZON_KAFKA_BOOTSTRAP_SERVERS"],
+        acks="all",
+        enable_idempotence=True,
+    )
+    await producer.start()
+    try:
+        for _ in range(3):
+            await producer.send_and_wait(
+                ORDER_CREATED_TOPIC, key=user.encode(), value=event.model_dump_json().encode()
+            )
+    finally:
+        await producer.stop()
+
+    async def counts() -> tuple[int, int, int]:
+        async with accounts_db.connect() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        "SELECT (SELECT count(*) FROM account_ledger WHERE order_id = :o),"
+                        "       (SELECT count(*) FROM payment_inbox WHERE order_id = :o),"
+                        "       (SELECT count(*) FROM payment_outbox WHERE order_id = :o)"
+                    ),
+                    {"o": order_id},
+                )
+            ).one()
+        return int(row[0]), int(row[1]), int(row[2])
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while await counts() != (1, 1, 1):
+        assert loop.time() < deadline, f"counts stayed {await counts()}"
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1)  # the two duplicates have been consumed by now; nothing changes
+    assert await counts() == (1, 1, 1)
+    assert await balance(gateway, user) == Decimal("30.00")
+
+
+async def check_money_invariants(accounts_db: AsyncEngine, user: str) -> Decimal:
+    """Ledger and balance agree, nothing went negative, at most one debit per order."""
+    async with accounts_db.connect() as conn:
+        row = (
+            await conn.execute(
+                text(
+                    "SELECT a.balance,"
+                    " coalesce(sum(CASE l.kind WHEN 'DEPOSIT' THEN l.amount"
+                    "              ELSE -l.amount END), 0),"
+                    " coalesce(min(l.balance_after), 0),"
+                    " count(l.order_id) - count(DISTINCT l.order_id)"
+                    " FROM accounts a LEFT JOIN account_ledger l ON l.account_id = a.id"
+                    " WHERE a.user_id = :u GROUP BY a.balance"
+                ),
+                {"u": user},
+            )
+        ).one()
+    account_balance, ledger_sum, lowest, double_debits = row
+    assert account_balance == ledger_sum
+    assert lowest >= 0
+    assert double_debits == 0
+    return Decimal(account_balance)
+
+
+async def test_concurrent_orders_and_deposits_on_one_account_create_or_lose_no_money(
+    gateway: httpx.AsyncClient, accounts_db: AsyncEngine
+) -> None:
+    user = new_user()
+    await deposit(gateway, user, "100")
+    amounts = [Decimal(f"{(n % 7) + 1}.{n % 100:02d}") for n in range(200)]
+    deposits = [Decimal("25.50")] * 50
+    order_ids, _ = await asyncio.gather(
+        asyncio.gather(*(order(gateway, user, str(amount)) for amount in amounts)),
+        asyncio.gather(*(deposit(gateway, user, str(amount)) for amount in deposits)),
+    )
+    finals = await asyncio.gather(
+        *(final_order(gateway, user, oid, within=60) for oid in order_ids)
+    )
+    paid = sum(
+        (
+            amount
+            for amount, final in zip(amounts, finals, strict=True)
+            if final["status"] == "FINISHED"
+        ),
+        Decimal(0),
+    )
+    assert {final["status"] for final in finals} <= {"FINISHED", "CANCELLED"}
+    expected = Decimal(100) + sum(deposits) - paid
+    assert await balance(gateway, user) == expected
+    assert await check_money_invariants(accounts_db, user) == expected
+    async with accounts_db.connect() as conn:
+        results = (
+            await conn.execute(
+                text(
+                    "SELECT count(*), count(DISTINCT order_id) FROM payment_outbox"
+                    " WHERE user_id = :u"
+                ),
+                {"u": user},
+            )
+        ).one()
+    assert tuple(results) == (200, 200)  # one payment result per order, exactly
+
+
+async def test_a_payments_consumer_killed_mid_stream_debits_nothing_twice(
+    gateway: httpx.AsyncClient, platform: Platform, accounts_db: AsyncEngine
+) -> None:
+    user = new_user()
+    await deposit(gateway, user, "1000")
+    amounts = [Decimal("3.00")] * 150
+    order_ids = await asyncio.gather(*(order(gateway, user, str(a)) for a in amounts))
+    await asyncio.sleep(0.05)  # let it get going
+    platform.processes["payments-consumer"].kill()
+    await asyncio.to_thread(platform.start, "payments-consumer")
+    finals = await asyncio.gather(
+        *(final_order(gateway, user, oid, within=60) for oid in order_ids)
+    )
+    assert {final["status"] for final in finals} == {"FINISHED"}
+    assert await balance(gateway, user) == Decimal("1000") - sum(amounts)
+    assert await check_money_invariants(accounts_db, user) == Decimal("550.00")
