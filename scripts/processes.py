@@ -49,7 +49,7 @@ class GozonProcess:
         health_url: str,
     ) -> None:
         self.args = list(args)
-        self.env = {**os.environ, "GOZON_LOG_JSON": "true", **env}
+        self.env = {**os.environ, "GOZON_LOG_JSON": "true", "PYTHONUNBUFFERED": "1", **env}
         self.log = log
         self.health_url = health_url
         self.process: subprocess.Popen[bytes] | None = None

@@ -18,6 +18,8 @@ import port_for
 import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from scripts.stack import Kafka, Postgres, StackConfig
 
@@ -136,8 +138,18 @@ async def serve(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def tracing() -> None:
-    """As every process's entry point does: real span ids, so trace context propagates."""
+def tracing() -> InMemorySpanExporter:
+    """As every process's entry point does: real span ids, so trace context propagates; the
+    finished spans are kept in memory for the tests that look at them."""
     from gozon.core.telemetry import configure_tracing
 
-    configure_tracing("tests")
+    exporter = InMemorySpanExporter()
+    configure_tracing("tests", env={}).add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+@pytest.fixture
+def spans(tracing: InMemorySpanExporter) -> InMemorySpanExporter:
+    """The spans finished during this test."""
+    tracing.clear()
+    return tracing

@@ -14,6 +14,8 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Callable, Sequence
+from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -80,10 +82,11 @@ def orders_consumer(_: argparse.Namespace) -> int:
     from gozon.contracts import PAYMENT_PROCESSED_TOPIC, PaymentProcessed
     from gozon.core.settings import OrdersSettings
     from gozon.messaging.worker import WorkerSpec, run_consumer
-    from gozon.orders.consumer import make_handler
+    from gozon.orders.consumer import count_stuck_orders, make_handler
 
     settings = _start("orders-consumer", OrdersSettings)
     assert isinstance(settings, OrdersSettings)
+    stuck_after = timedelta(seconds=settings.orders_stuck_after_s)
     spec = WorkerSpec(
         "orders",
         settings.orders_database_url,
@@ -98,6 +101,7 @@ def orders_consumer(_: argparse.Namespace) -> int:
             group_id=settings.orders_group_id,
             schema=PaymentProcessed,
             make_handler=make_handler,
+            scrape_hooks=[partial(count_stuck_orders, after=stuck_after)],
         )
     )
     return 0

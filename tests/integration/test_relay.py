@@ -231,9 +231,12 @@ async def test_a_created_order_reaches_kafka_with_envelope_key_and_traceparent(
         "created_at": envelope["payload"]["created_at"],
     }
     assert b'"amount":1500.99' in record.value
-    headers = dict(record.headers)
-    assert headers["traceparent"].decode() == stored_headers["traceparent"]
-    assert headers["traceparent"].startswith(b"00-")
+    # Same trace as the HTTP request; the parent is now the relay's PRODUCER span.
+    sent_trace = dict(record.headers)["traceparent"].decode().split("-")
+    stored_trace = stored_headers["traceparent"].split("-")
+    assert sent_trace[0] == "00"
+    assert sent_trace[1] == stored_trace[1]
+    assert sent_trace[2] != stored_trace[2]
     assert await statuses(engine) == {"SENT": 1}
 
 

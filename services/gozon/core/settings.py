@@ -57,6 +57,7 @@ class OrdersSettings(_ServiceSettings):
     orders_relay_metrics_port: int = Field(default=9101, ge=0, le=65535)
     orders_consumer_metrics_port: int = Field(default=9102, ge=0, le=65535)
     orders_group_id: str = "orders"
+    orders_stuck_after_s: float = Field(default=60, gt=0)
 
     @model_validator(mode="after")
     def _no_dev_secrets(self) -> Self:

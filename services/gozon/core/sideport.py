@@ -18,7 +18,7 @@ from gozon.core.health import Readiness
 log = structlog.get_logger(__name__)
 
 
-ScrapeHook = Callable[[], Awaitable[None]]
+ScrapeHook = Callable[[], Awaitable[object]]
 
 
 def _app(readiness: Readiness, before_scrape: Sequence[ScrapeHook]) -> web.Application:

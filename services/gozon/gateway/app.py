@@ -86,7 +86,7 @@ class GatewayApp(FastAPI):
         super().__init__(**options)
         self._proxy_routes = routes
         self._proxied = ServerSpanMiddleware(
-            HttpMetricsMiddleware(self._forward), service="gateway"
+            HttpMetricsMiddleware(self._forward), service="gateway", edge=True
         )
         self._edge = edge(self._dispatch)
 
@@ -184,7 +184,7 @@ def build_app(settings: GatewaySettings) -> FastAPI:
     )
     install_problem_handlers(app)
     app.add_middleware(HttpMetricsMiddleware)
-    app.add_middleware(ServerSpanMiddleware, service="gateway")
+    app.add_middleware(ServerSpanMiddleware, service="gateway", edge=True)
     app.include_router(ops)
     app.include_router(docs)
     return app

@@ -28,17 +28,21 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from sqlalchemy import Table, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from gozon.core.db import is_database_outage
 from gozon.core.runtime import sleep_unless
+from gozon.core.telemetry import context_from_headers
 from gozon.messaging.kafka import broker_answers, is_transient
 from gozon.messaging.metrics import (
     OUTBOX_COMMIT_TO_ACK,
@@ -52,6 +56,7 @@ from gozon.messaging.metrics import (
 from gozon.messaging.outbox import FAILED, PENDING, SENT
 
 log = structlog.get_logger(__name__)
+tracer = trace.get_tracer(__name__)
 
 
 class BrokerUnavailable(Exception):
@@ -119,45 +124,16 @@ class OutboxRelay:
             rows = (await session.execute(self._claim())).all()
             if not rows:
                 return 0
-            # Enqueue in id order (the producer keeps that order per partition), then await
-            # every acknowledgement before anything is marked.
-            deliveries: list[tuple[Any, asyncio.Future[Any] | BaseException]] = []
-            for row in rows:
-                try:
-                    deliveries.append((row, await self._send(row)))
-                except Exception as exc:
-                    deliveries.append((row, exc))
-                    if is_transient(exc):
-                        break  # the rows after it stay untouched, claimed again next time
-            sent: list[Any] = []
-            failed: list[tuple[Any, BaseException]] = []
-            for row, delivery in deliveries:
-                if isinstance(delivery, BaseException):
-                    failed.append((row, delivery))
-                    continue
-                try:
-                    await delivery
-                except Exception as exc:
-                    failed.append((row, exc))
-                else:
-                    sent.append(row)
-            # A transient error while the broker answers is about that message (a missing
-            # topic, say): it counts an attempt. While the broker does not answer, it is an
-            # outage: no attempt is counted and the relay backs off.
-            outage = next((error for _, error in failed if is_transient(error)), None)
-            if outage is not None and await broker_answers(self.producer):
-                outage = None
-            for row, error in failed:
-                if outage is None or not is_transient(error):
-                    await self._count_attempt(session, row, error)
-            if sent:
-                await session.execute(
-                    update(self.table)
-                    .where(self.table.c.id.in_([row.id for row in sent]))
-                    # clock_timestamp(): the moment of marking, after the acks (now() would be
-                    # the start of this transaction, before the publish).
-                    .values(status=SENT, sent_at=func.clock_timestamp())
-                )
+            # One batch publishes rows of many traces: its span links to each of them.
+            links = [
+                Link(trace.get_current_span(context_from_headers(row.headers)).get_span_context())
+                for row in rows
+            ]
+            with tracer.start_as_current_span(
+                f"{self.name} relay batch", links=links, attributes={"gozon.batch.rows": len(rows)}
+            ):
+                sent, outage = await self._publish(session, rows)
+        # Committed: only now are the rows SENT.
         now = datetime.now(UTC)
         for row in sent:
             OUTBOX_COMMIT_TO_ACK.labels(self.name).observe(
@@ -169,13 +145,93 @@ class OutboxRelay:
             raise BrokerUnavailable(repr(outage)) from outage
         return len(rows)
 
+    async def _publish(
+        self, session: AsyncSession, rows: Sequence[Any]
+    ) -> tuple[list[Any], BaseException | None]:
+        """Publishes the claimed rows and marks them, inside the claiming transaction.
+
+        Returns the rows marked SENT, and the error if the broker turned out to be down.
+        """
+        # Enqueue in id order (the producer keeps that order per partition), then await
+        # every acknowledgement before anything is marked.
+        deliveries: list[tuple[Any, asyncio.Future[Any] | BaseException]] = []
+        for row in rows:
+            try:
+                deliveries.append((row, await self._send(row)))
+            except Exception as exc:
+                deliveries.append((row, exc))
+                if is_transient(exc):
+                    break  # the rows after it stay untouched, claimed again next time
+        sent: list[Any] = []
+        failed: list[tuple[Any, BaseException]] = []
+        for row, delivery in deliveries:
+            if isinstance(delivery, BaseException):
+                failed.append((row, delivery))
+                continue
+            try:
+                await delivery
+            except Exception as exc:
+                failed.append((row, exc))
+            else:
+                sent.append(row)
+                log.info(
+                    "published",
+                    outbox=self.name,
+                    row_id=row.id,
+                    topic=row.topic,
+                    aggregate_id=row.payload.get("aggregate_id"),
+                    event_id=row.payload.get("event_id"),
+                    **_trace_ids(row.headers),
+                )
+        # A transient error while the broker answers is about that message (a missing topic,
+        # say): it counts an attempt. While the broker does not answer, it is an outage: no
+        # attempt is counted and the relay backs off.
+        outage = next((error for _, error in failed if is_transient(error)), None)
+        if outage is not None and await broker_answers(self.producer):
+            outage = None
+        for row, error in failed:
+            if outage is None or not is_transient(error):
+                await self._count_attempt(session, row, error)
+        if sent:
+            await session.execute(
+                update(self.table)
+                .where(self.table.c.id.in_([row.id for row in sent]))
+                # clock_timestamp(): the moment of marking, after the acks (now() would be the
+                # start of this transaction, before the publish).
+                .values(status=SENT, sent_at=func.clock_timestamp())
+            )
+        return sent, outage
+
     async def _send(self, row: Any) -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = await self.producer.send(
-            row.topic,
-            value=json.dumps(row.payload, separators=(",", ":")).encode(),
-            key=row.message_key.encode(),
-            headers=[(name, str(value).encode()) for name, value in row.headers.items()],
+        """Enqueues one row in a PRODUCER span that continues the row's trace.
+
+        The span's own context goes out as the Kafka headers, so the consumer's span is its
+        child; it ends when the broker acknowledges (or refuses) the message.
+        """
+        span = tracer.start_span(
+            f"{row.topic} publish",
+            context=context_from_headers(row.headers),
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.destination.name": row.topic,
+                "messaging.message.id": str(row.payload.get("event_id", "")),
+                "gozon.outbox.row_id": row.id,
+            },
         )
+        headers = dict(row.headers)
+        propagate.inject(headers, context=trace.set_span_in_context(span))
+        try:
+            future: asyncio.Future[Any] = await self.producer.send(
+                row.topic,
+                value=json.dumps(row.payload, separators=(",", ":")).encode(),
+                key=row.message_key.encode(),
+                headers=[(name, str(value).encode()) for name, value in headers.items()],
+            )
+        except BaseException as exc:
+            _end_span(span, exc)
+            raise
+        future.add_done_callback(lambda done: _end_span(span, done.exception()))
         return future
 
     async def _count_attempt(self, session: AsyncSession, row: Any, exc: BaseException) -> None:
@@ -303,3 +359,17 @@ async def requeue_failed(engine: AsyncEngine, table: Table) -> int:
             .values(status=PENDING, attempts=0, next_attempt_at=func.now())
         )
     return int(getattr(result, "rowcount", 0) or 0)
+
+
+def _end_span(span: trace.Span, error: BaseException | None) -> None:
+    if error is not None:
+        span.record_exception(error)
+        span.set_status(Status(StatusCode.ERROR, repr(error)))
+    span.end()
+
+
+def _trace_ids(headers: dict[str, str]) -> dict[str, str]:
+    """The row's own trace and span ids (its `traceparent` is 00-<trace>-<span>-<flags>), for
+    a log line written inside the batch's span, which belongs to no order's trace."""
+    parts = headers.get("traceparent", "").split("-")
+    return {"trace_id": parts[1], "span_id": parts[2]} if len(parts) == 4 else {}

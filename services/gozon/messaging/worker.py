@@ -7,9 +7,10 @@ while Kafka or the database is not there yet, runs until SIGTERM, and closes wha
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from typing import TypeVar
 
 import structlog
@@ -121,7 +122,9 @@ async def run_consumer(
     group_id: str,
     schema: type[E],
     make_handler: Callable[[async_sessionmaker[AsyncSession]], Handler[E]],
+    scrape_hooks: Sequence[Callable[[async_sessionmaker[AsyncSession]], Awaitable[object]]] = (),
 ) -> None:
+    """Runs the consumer; `scrape_hooks` refresh the service's gauges at each scrape."""
     stop = stop_on_signals()
     engine = create_engine(
         spec.database_url, pool_size=2, application_name=f"{spec.service}-consumer"
@@ -135,19 +138,21 @@ async def run_consumer(
         client_id=f"{spec.service}-consumer",
         topics=[topic],
     )
+    sessions = session_factory(engine)
     runner = ConsumerRunner(
         consumer=consumer,
         producer=producer,
         topic=topic,
         schema=schema,
-        handler=make_handler(session_factory(engine)),
+        handler=make_handler(sessions),
         max_handler_attempts=settings.consumer_max_handler_attempts,
     )
     readiness = Readiness()
     readiness.add("database", lambda: database_answers(engine))
     readiness.add("kafka", lambda: broker_answers(producer))
     try:
-        async with side_port(spec.metrics_host, spec.metrics_port, readiness):
+        hooks = [partial(hook, sessions) for hook in scrape_hooks]
+        async with side_port(spec.metrics_host, spec.metrics_port, readiness, hooks):
             if (
                 await _until_started("producer", producer.start, stop)
                 and await _until_started(

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import structlog
 from fastapi import APIRouter, FastAPI, Query, Request, Response, status
 
 from gozon.core.app import create_app
@@ -20,6 +21,7 @@ from gozon.orders import service
 from gozon.orders.schemas import OrderCreate, OrderRead
 
 router = APIRouter(prefix="/api/orders", tags=["orders"])
+log = structlog.get_logger(__name__)
 
 PROBLEM = {"description": "Problem details (RFC 9457)", "content": {"application/problem+json": {}}}
 
@@ -48,6 +50,13 @@ async def create_order(
             "This Idempotency-Key was already used with a different request body.",
             title="Idempotency-Key reused",
         ) from exc
+    log.info(
+        "order created",
+        order_id=str(created.order.id),
+        user_id=user_id,
+        amount=str(created.order.amount),
+        replayed=created.replayed,
+    )
     response.headers["Location"] = f"/api/orders/{created.order.id}"
     if created.replayed:
         response.headers["Idempotent-Replayed"] = "true"

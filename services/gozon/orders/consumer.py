@@ -8,11 +8,11 @@ commits the offset after it.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import structlog
-from prometheus_client import Counter, Histogram
-from sqlalchemy import exists, select, update
+from prometheus_client import Counter, Gauge, Histogram
+from sqlalchemy import exists, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gozon.contracts import PaymentProcessed
@@ -23,6 +23,10 @@ log = structlog.get_logger(__name__)
 
 ORDERS_FINAL = Counter(
     "gozon_orders_final_total", "Orders that reached a final status.", ["status"]
+)
+ORDERS_STUCK = Gauge(
+    "gozon_orders_stuck",
+    "Orders still NEW longer than GOZON_ORDERS_STUCK_AFTER_S (their payment result is late).",
 )
 ORDER_TO_FINAL = Histogram(
     "gozon_order_to_final_seconds",
@@ -73,3 +77,15 @@ def make_handler(sessions: async_sessionmaker[AsyncSession]) -> Handler[PaymentP
             structlog.contextvars.unbind_contextvars("order_id", "user_id")
 
     return handle
+
+
+async def count_stuck_orders(sessions: async_sessionmaker[AsyncSession], after: timedelta) -> int:
+    """NEW orders older than `after`: every order should have reached a final status by then."""
+    async with sessions() as session:
+        stuck = await session.scalar(
+            select(func.count())
+            .select_from(Order)
+            .where(Order.status == NEW, Order.created_at < func.now() - after)
+        )
+    ORDERS_STUCK.set(stuck or 0)
+    return int(stuck or 0)

@@ -47,6 +47,8 @@ class Order(Base):
         CheckConstraint("amount > 0", name="amount_positive"),
         CheckConstraint(f"status IN ('{NEW}', '{FINISHED}', '{CANCELLED}')", name="status"),
         Index("ix_orders_user_id_created_at", "user_id", text("created_at DESC"), text("id DESC")),
+        # The stuck-orders gauge counts old NEW orders at every scrape: only NEW ones indexed.
+        Index("ix_orders_new_created_at", "created_at", postgresql_where=text(f"status = '{NEW}'")),
         Index(
             "uq_orders_user_id_idempotency_key",
             "user_id",

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import structlog
 from fastapi import APIRouter, FastAPI, Query, Response, status
 
 from gozon.contracts import Amount
@@ -20,6 +21,7 @@ from gozon.payments import service
 from gozon.payments.models import MAX_BALANCE
 from gozon.payments.schemas import AccountRead, DepositRead
 
+log = structlog.get_logger(__name__)
 router = APIRouter(prefix="/api/payments", tags=["payments"])
 
 PROBLEM = {"description": "Problem details (RFC 9457)", "content": {"application/problem+json": {}}}
@@ -82,6 +84,13 @@ async def deposit(
     if deposited.replayed:
         response.headers["Idempotent-Replayed"] = "true"
     entry = deposited.entry
+    log.info(
+        "deposit",
+        user_id=user_id,
+        amount=str(amount),
+        balance=str(entry.balance_after),
+        replayed=deposited.replayed,
+    )
     return DepositRead(
         account_id=entry.account_id,
         user_id=entry.user_id,
