@@ -85,6 +85,11 @@ class ConsumerRunner(Generic[E]):
         self.retry_backoff_max = retry_backoff_max
         self.database_ok = True
         self._next_offsets: dict[TopicPartition, int] = {}
+        # Every outcome's series exists from the start, so the first dead letter is an
+        # increase from 0 that rate() and increase() can see, not a series appearing.
+        for outcome in ("processed", "duplicate", "dead_lettered", "failed"):
+            CONSUMER_MESSAGES.labels(topic, outcome)
+        CONSUMER_LAG.labels(topic)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -97,6 +97,12 @@ class OutboxRelay:
         self.kafka_ok = False
         self.database_ok = False
         self._last_prune = 0.0
+        # Every series exists from the start (see the consumer runner for why).
+        OUTBOX_PUBLISHED.labels(self.name)
+        OUTBOX_FAILED.labels(self.name)
+        OUTBOX_PRUNED.labels(self.name)
+        for kind in ("transient", "permanent"):
+            OUTBOX_PUBLISH_ERRORS.labels(self.name, kind)
 
     # -- one batch
 
