@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -68,6 +69,8 @@ def main() -> int:
     parser.add_argument("--phase-seconds", type=float, default=8)
     parser.add_argument("--phases", type=int, default=3, help="phases per state (ABAB…)")
     args = parser.parse_args()
+    # SIGTERM (a timeout, Ctrl-C from a runner) still runs the clean-up below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
 
     work = Path(tempfile.mkdtemp(prefix="gozon-bench-"))
     work.chmod(0o755)

@@ -181,6 +181,7 @@ def payments_consumer(_: argparse.Namespace) -> int:
     from gozon.core.settings import PaymentsSettings
     from gozon.messaging.worker import WorkerSpec, run_consumer
     from gozon.payments.consumer import make_handler
+    from gozon.payments.models import payment_outbox
 
     settings = _start("payments-consumer", PaymentsSettings)
     assert isinstance(settings, PaymentsSettings)
@@ -198,6 +199,7 @@ def payments_consumer(_: argparse.Namespace) -> int:
             group_id=settings.payments_group_id,
             schema=OrderCreated,
             make_handler=make_handler,
+            outbox=payment_outbox.name,
         )
     )
     return 0

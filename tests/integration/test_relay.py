@@ -25,6 +25,7 @@ from gozon.core.settings import OrdersSettings
 from gozon.messaging.kafka import new_producer
 from gozon.messaging.outbox import add_to_outbox
 from gozon.messaging.relay import OutboxRelay, RelayConfig, prune_sent, requeue_failed
+from gozon.messaging.wakeup import OutboxListener
 from gozon.orders.api import build_app
 from gozon.orders.models import order_outbox
 from scripts.processes import GozonProcess, wait_for
@@ -453,3 +454,28 @@ def _venv_path() -> str:
     import sys
 
     return f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+
+
+async def test_a_committed_order_wakes_the_relay_at_once_not_at_the_fallback_poll(
+    orders_db: str, engine: AsyncEngine, kafka: Kafka
+) -> None:
+    await create_topics_async(kafka.bootstrap, ORDER_CREATED_TOPIC)
+    config = RelayConfig(fallback_poll=60)  # only a notification can wake it in time
+    async with (
+        running_relay(engine, kafka.bootstrap, config) as relay,
+        OutboxListener(orders_db, order_outbox.name, relay.wake).running(),
+    ):
+        await asyncio.sleep(0.5)  # the relay has polled once and is waiting now
+        async with serve(build_app(OrdersSettings(orders_database_url=orders_db))) as client:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            for n in range(3):
+                response = await client.post(
+                    "/api/orders",
+                    headers={"X-User-Id": "wake"},
+                    json={"amount": n + 1, "description": "wake"},
+                )
+                assert response.status_code == 201
+                await until(lambda: _all_sent(engine), 5, f"order {n} to be SENT")
+            elapsed = loop.time() - started
+    assert elapsed < 5  # three wake-ups; the fallback poll alone would take minutes

@@ -32,7 +32,7 @@ class MessagingSettings(CommonSettings):
     """The relay and consumer knobs, shared by both services' workers."""
 
     relay_batch_size: int = Field(default=200, ge=1, le=5000)
-    relay_idle_poll_ms: int = Field(default=10, ge=1, le=60_000)
+    relay_fallback_poll_ms: int = Field(default=1000, ge=1, le=600_000)
     relay_max_attempts: int = Field(default=10, ge=1)
     relay_backoff_base_ms: int = Field(default=200, ge=1)
     relay_backoff_max_ms: int = Field(default=60_000, ge=1)

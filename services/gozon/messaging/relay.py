@@ -17,15 +17,17 @@ Guarantees:
   counts an attempt, with exponential backoff, and does not hold up the rows behind it; after
   the limit the row is FAILED (counted, and requeued by `requeue_failed`).
 - Wake-up without taxing the writers: no NOTIFY in the writers' transactions (it takes a
-  database-wide lock at commit). The relay re-polls at once while batches come back full,
-  and otherwise polls every `idle_poll` (10 ms by default: one indexed query on an empty
-  partial index).
+  database-wide lock at commit). Writers send a coalesced notification after their commit
+  (`gozon.messaging.wakeup`), which sets `wake`; the relay re-polls at once while batches
+  come back full, and otherwise waits for `wake` or the slow `fallback_poll` (1 s), so a
+  lost notification delays a row, never loses it.
 - SIGTERM: the batch in hand is finished and committed, then the relay exits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Sequence
@@ -66,7 +68,7 @@ class BrokerUnavailable(Exception):
 @dataclass(frozen=True)
 class RelayConfig:
     batch_size: int = 200
-    idle_poll: float = 0.010
+    fallback_poll: float = 1.0
     max_attempts: int = 10
     backoff_base: float = 0.2
     backoff_max: float = 60.0
@@ -97,6 +99,8 @@ class OutboxRelay:
         self.kafka_ok = False
         self.database_ok = False
         self._last_prune = 0.0
+        self.wake = asyncio.Event()
+        """Set when rows may be waiting (a notification); the relay then polls at once."""
         # Every series exists from the start (see the consumer runner for why).
         OUTBOX_PUBLISHED.labels(self.name)
         OUTBOX_FAILED.labels(self.name)
@@ -271,7 +275,19 @@ class OutboxRelay:
     async def run(self, stop: asyncio.Event) -> None:
         """Publishes until `stop` is set; the batch in hand is always finished first."""
         outage_delay = 0.1
+        stopper = asyncio.create_task(self._wake_on(stop))
+        try:
+            await self._loop(stop, outage_delay)
+        finally:
+            stopper.cancel()
+
+    async def _wake_on(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self.wake.set()
+
+    async def _loop(self, stop: asyncio.Event, outage_delay: float) -> None:
         while not stop.is_set():
+            self.wake.clear()  # a notification from here on means rows after this claim
             try:
                 claimed = await self.publish_batch()
             except BrokerUnavailable as exc:
@@ -299,7 +315,8 @@ class OutboxRelay:
             outage_delay = 0.1
             await self._maybe_prune()
             if claimed < self.config.batch_size:
-                await sleep_unless(stop, self.config.idle_poll)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), self.config.fallback_poll)
 
     def _database_down(self, exc: BaseException) -> None:
         if self.database_ok:

@@ -7,6 +7,7 @@ while Kafka or the database is not there yet, runs until SIGTERM, and closes wha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -33,6 +34,7 @@ from gozon.messaging.kafka import (
     new_producer,
 )
 from gozon.messaging.relay import OutboxRelay, RelayConfig
+from gozon.messaging.wakeup import OutboxListener, OutboxNotifier
 
 log = structlog.get_logger(__name__)
 E = TypeVar("E", bound=BaseModel)
@@ -51,7 +53,7 @@ class WorkerSpec:
 def relay_config(settings: MessagingSettings) -> RelayConfig:
     return RelayConfig(
         batch_size=settings.relay_batch_size,
-        idle_poll=settings.relay_idle_poll_ms / 1000,
+        fallback_poll=settings.relay_fallback_poll_ms / 1000,
         max_attempts=settings.relay_max_attempts,
         backoff_base=settings.relay_backoff_base_ms / 1000,
         backoff_max=settings.relay_backoff_max_ms / 1000,
@@ -95,6 +97,7 @@ async def run_relay(
         async with side_port(
             spec.metrics_host, spec.metrics_port, readiness, before_scrape=[relay.refresh_gauges]
         ):
+            listener = OutboxListener(spec.database_url, table.name, relay.wake)
             started = await _until_started("producer", producer.start, stop)
             if started and await _until_started(
                 "topics",
@@ -107,7 +110,8 @@ async def run_relay(
                 stop,
             ):
                 log.info("relay started", outbox=table.name, topics=topics)
-                await relay.run(stop)
+                async with listener.running():
+                    await relay.run(stop)
     finally:
         await producer.stop()
         await engine.dispose()
@@ -121,10 +125,17 @@ async def run_consumer(
     topic: str,
     group_id: str,
     schema: type[E],
-    make_handler: Callable[[async_sessionmaker[AsyncSession]], Handler[E]],
+    make_handler: Callable[..., Handler[E]],
+    outbox: str | None = None,
     scrape_hooks: Sequence[Callable[[async_sessionmaker[AsyncSession]], Awaitable[object]]] = (),
 ) -> None:
-    """Runs the consumer; `scrape_hooks` refresh the service's gauges at each scrape."""
+    """Runs the consumer.
+
+    `make_handler(sessions)` builds the handler; when the handler writes to an `outbox`, it is
+    built as `make_handler(sessions, notify=…)` and calls `notify()` after each commit that
+    added outbox rows, to wake that outbox's relay. `scrape_hooks` refresh the service's
+    gauges at each scrape.
+    """
     stop = stop_on_signals()
     engine = create_engine(
         spec.database_url, pool_size=2, application_name=f"{spec.service}-consumer"
@@ -139,12 +150,15 @@ async def run_consumer(
         topics=[topic],
     )
     sessions = session_factory(engine)
+    notifier = OutboxNotifier(engine, outbox) if outbox else None
     runner = ConsumerRunner(
         consumer=consumer,
         producer=producer,
         topic=topic,
         schema=schema,
-        handler=make_handler(sessions),
+        handler=(
+            make_handler(sessions, notify=notifier.notify) if notifier else make_handler(sessions)
+        ),
         max_handler_attempts=settings.consumer_max_handler_attempts,
     )
     readiness = Readiness()
@@ -168,7 +182,10 @@ async def run_consumer(
                 and await _until_started("consumer", consumer.start, stop)
             ):
                 log.info("consumer started", topic=topic, group_id=group_id)
-                await runner.run(stop)
+                async with contextlib.AsyncExitStack() as stack:
+                    if notifier:
+                        await stack.enter_async_context(notifier.running())
+                    await runner.run(stop)
     finally:
         await consumer.stop()
         await producer.stop()

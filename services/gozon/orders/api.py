@@ -17,7 +17,9 @@ from gozon.core.headers import IdempotencyKeyDep, UserIdDep
 from gozon.core.health import Readiness
 from gozon.core.problems import Problem
 from gozon.core.settings import OrdersSettings
+from gozon.messaging.wakeup import OutboxNotifier
 from gozon.orders import service
+from gozon.orders.models import order_outbox
 from gozon.orders.schemas import OrderCreate, OrderRead
 
 router = APIRouter(prefix="/api/orders", tags=["orders"])
@@ -38,6 +40,7 @@ async def create_order(
     user_id: UserIdDep,
     idempotency_key: IdempotencyKeyDep,
     sessions: SessionsDep,
+    request: Request,
     response: Response,
 ) -> Any:
     try:
@@ -57,6 +60,8 @@ async def create_order(
         amount=str(created.order.amount),
         replayed=created.replayed,
     )
+    if not created.replayed:
+        request.state.outbox_notifier.notify()  # committed: wake the relay
     response.headers["Location"] = f"/api/orders/{created.order.id}"
     if created.replayed:
         response.headers["Idempotent-Replayed"] = "true"
@@ -112,8 +117,14 @@ def build_app(settings: OrdersSettings) -> FastAPI:
         )
         readiness = Readiness()
         readiness.add("database", lambda: database_answers(engine))
+        notifier = OutboxNotifier(engine, order_outbox.name)
         try:
-            yield {"sessions": session_factory(engine), "readiness": readiness}
+            async with notifier.running():
+                yield {
+                    "sessions": session_factory(engine),
+                    "readiness": readiness,
+                    "outbox_notifier": notifier,
+                }
         finally:
             await engine.dispose()
 

@@ -13,6 +13,8 @@ Guarantees (the runner commits the offset only after this transaction has commit
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import structlog
 from sqlalchemy import update
 from sqlalchemy.dialects.postgresql import insert
@@ -34,7 +36,11 @@ from gozon.payments.models import InboxEntry, payment_outbox
 log = structlog.get_logger(__name__)
 
 
-def make_handler(sessions: async_sessionmaker[AsyncSession]) -> Handler[OrderCreated]:
+def make_handler(
+    sessions: async_sessionmaker[AsyncSession], *, notify: Callable[[], None] = lambda: None
+) -> Handler[OrderCreated]:
+    """The handler; `notify` is called after each commit that added a payment_outbox row."""
+
     async def handle(event: OrderCreated, _: Record) -> str:
         order = event.payload
         structlog.contextvars.bind_contextvars(order_id=str(order.order_id), user_id=order.user_id)
@@ -83,6 +89,7 @@ def make_handler(sessions: async_sessionmaker[AsyncSession]) -> Handler[OrderCre
                     order_id=order.order_id,
                     user_id=order.user_id,
                 )
+            notify()
             outcome = payment.status.lower()
             PAYMENT_OUTCOMES.labels(outcome).inc()
             PAYMENT_AMOUNT.labels(outcome).observe(float(order.amount))

@@ -1,0 +1,120 @@
+"""Waking the relay when rows are committed, without taxing the writers.
+
+A `NOTIFY` inside the writer's transaction takes a database-wide lock at commit (measured by a
+previous session: order + outbox commits fell from 11,300 to 4,500 per second at 8 clients).
+So the writer calls `OutboxNotifier.notify()` *after* its commit: that only sets a flag, and a
+background task sends one `pg_notify` on its own connection for however many commits happened
+while the previous one was in flight (coalesced: under load, one notification covers many
+rows). The relay listens on the channel (`OutboxListener`) and also polls on a slow fallback
+interval, so a lost notification (a dropped connection, a writer that crashed between its
+commit and the notify) delays a row by at most that interval and never loses it.
+
+Guarantee: none needed for correctness. Notifications are only a latency optimisation; the
+outbox table is the truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from functools import partial
+
+import asyncpg
+import structlog
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+log = structlog.get_logger(__name__)
+
+
+def _set(event: asyncio.Event, *_: object) -> None:
+    event.set()
+
+
+def channel_for(outbox: str) -> str:
+    return f"{outbox}_ready"
+
+
+class OutboxNotifier:
+    """Coalesced after-commit notifications for one outbox table."""
+
+    def __init__(self, engine: AsyncEngine, outbox: str) -> None:
+        self.engine = engine
+        self.channel = channel_for(outbox)
+        self._pending = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def notify(self) -> None:
+        """Call after the transaction that wrote outbox rows has committed; never blocks."""
+        self._pending.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._pending.wait()
+            self._pending.clear()
+            try:
+                async with self.engine.connect() as conn:
+                    await conn.execute(text("SELECT pg_notify(:c, '')"), {"c": self.channel})
+                    await conn.commit()
+            except Exception as exc:  # the relay's fallback poll covers a lost notification
+                log.debug("outbox notification failed", channel=self.channel, error=repr(exc))
+                await asyncio.sleep(0.1)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[OutboxNotifier]:
+        self._task = asyncio.create_task(self._run())
+        try:
+            yield self
+        finally:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+class OutboxListener:
+    """Sets `wake` whenever the outbox's channel is notified; reconnects after a loss."""
+
+    def __init__(self, database_url: str, outbox: str, wake: asyncio.Event) -> None:
+        url = make_url(database_url).set(drivername="postgresql")
+        self.dsn = url.render_as_string(hide_password=False)
+        self.channel = channel_for(outbox)
+        self.wake = wake
+        self._task: asyncio.Task[None] | None = None
+
+    def _on_notify(self, *_: object) -> None:
+        self.wake.set()
+
+    async def _run(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                conn = await asyncpg.connect(self.dsn, timeout=5)
+            except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+                log.debug("outbox listener cannot connect", error=repr(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            delay = 0.1
+            lost = asyncio.Event()
+            conn.add_termination_listener(partial(_set, lost))
+            try:
+                await conn.add_listener(self.channel, self._on_notify)
+                self.wake.set()  # rows may have been committed while nobody listened
+                await lost.wait()
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.debug("outbox listener lost", error=repr(exc))
+            finally:
+                with contextlib.suppress(Exception):
+                    await conn.close(timeout=1)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[OutboxListener]:
+        self._task = asyncio.create_task(self._run())
+        try:
+            yield self
+        finally:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
