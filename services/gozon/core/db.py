@@ -25,12 +25,17 @@ def new_metadata() -> MetaData:
     return MetaData(naming_convention=NAMING_CONVENTION)
 
 
-def create_engine(url: str, *, pool_size: int = 10, application_name: str = "gozon") -> AsyncEngine:
+def create_engine(
+    url: str, *, pool_size: int = 10, application_name: str = "gozon", pre_ping: bool = True
+) -> AsyncEngine:
+    """The engine. `pre_ping` tests each pooled connection before use (a round trip): the APIs
+    want it, so that a database restart costs no request an error; the workers retry a
+    failed transaction anyway and save the round trip on every message."""
     return create_async_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        pool_pre_ping=pre_ping,
         pool_timeout=10,
         connect_args={
             "server_settings": {"application_name": application_name},

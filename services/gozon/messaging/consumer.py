@@ -13,7 +13,9 @@ Guarantees:
   capped backoff, for as long as it lasts: never skipped. Any other handler error is retried
   a few times and then dead-lettered with its reason, so one poison message cannot stall
   every order behind it.
-- Messages of one partition are handled one at a time, in offset order.
+- Messages of one partition are handled one at a time, in offset order; the partitions of a
+  fetched batch are handled side by side. Offsets are committed per partition after the
+  records of the batch that were handled.
 - A stop request (SIGTERM) is honoured between messages; an uncommitted message is simply
   delivered again to whoever owns the partition next.
 """
@@ -28,6 +30,7 @@ from typing import Generic, TypeAlias, TypeVar
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import ConsumerRecord
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
@@ -94,17 +97,54 @@ class ConsumerRunner(Generic[E]):
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             batches = await self.consumer.getmany(timeout_ms=200)
-            try:
-                for tp, records in batches.items():
-                    for record in records:
-                        if stop.is_set():
-                            return
-                        await self.handle(record, stop)
-                        await self.consumer.commit({tp: record.offset + 1})
-                        self._next_offsets[tp] = record.offset + 1
-            except _Stopping:
-                return
+            # Partitions are independent (a key lives on one), so they are handled side by
+            # side; within one, strictly in offset order.
+            results = await asyncio.gather(
+                *(self._partition(tp, records, stop) for tp, records in batches.items()),
+                return_exceptions=True,
+            )
+            for result in results:
+                if isinstance(result, _Stopping):
+                    return
+                if isinstance(result, BaseException):
+                    raise result
             self._update_lag()
+
+    async def _partition(
+        self, tp: TopicPartition, records: list[Record], stop: asyncio.Event
+    ) -> None:
+        """Handles one partition's records in order, then commits how far it got.
+
+        Each handler has committed its transaction before the next record starts, so the
+        offset committed at the end never runs ahead of the database. A crash before it
+        redelivers records whose effects are already recorded: they count as duplicates.
+        """
+        done: int | None = None
+        try:
+            for record in records:
+                if stop.is_set():
+                    return
+                await self.handle(record, stop)
+                done = record.offset + 1
+        finally:
+            if done is not None:
+                await self._commit(tp, done)
+
+    async def _commit(self, tp: TopicPartition, offset: int) -> None:
+        try:
+            await self.consumer.commit({tp: offset})
+        except (CommitFailedError, IllegalStateError) as exc:
+            # The partition was revoked meanwhile: its new owner will see these records
+            # again and find them already recorded.
+            log.warning(
+                "offset commit refused",
+                topic=tp.topic,
+                partition=tp.partition,
+                offset=offset,
+                error=repr(exc),
+            )
+            return
+        self._next_offsets[tp] = offset
 
     async def handle(self, record: Record, stop: asyncio.Event) -> str:
         """Handles one record to its end: processed, duplicate or dead-lettered."""

@@ -84,7 +84,9 @@ async def run_relay(
     spec: WorkerSpec, settings: MessagingSettings, table: Table, topics: list[str]
 ) -> None:
     stop = stop_on_signals()
-    engine = create_engine(spec.database_url, pool_size=2, application_name=f"{spec.service}-relay")
+    engine = create_engine(
+        spec.database_url, pool_size=2, application_name=f"{spec.service}-relay", pre_ping=False
+    )
     sessions = session_factory(engine)
     producer = new_producer(settings.kafka_bootstrap_servers, client_id=f"{spec.service}-relay")
     relay = OutboxRelay(
@@ -137,8 +139,12 @@ async def run_consumer(
     gauges at each scrape.
     """
     stop = stop_on_signals()
+    # One connection per partition handled side by side, one for the notifier, one spare.
     engine = create_engine(
-        spec.database_url, pool_size=2, application_name=f"{spec.service}-consumer"
+        spec.database_url,
+        pool_size=settings.kafka_topic_partitions + 2,
+        application_name=f"{spec.service}-consumer",
+        pre_ping=False,
     )
     producer = new_producer(
         settings.kafka_bootstrap_servers, client_id=f"{spec.service}-consumer-dlq"
