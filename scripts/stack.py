@@ -776,10 +776,15 @@ class StackConfig:
 
     def platform_env(self, pg: Postgres, kafka: Kafka) -> dict[str, str]:
         """The settings every platform process reads (same names as compose and the chart)."""
+        orders_port = os.environ.get("GOZON_ORDERS_API_PORT", "8081")
+        payments_port = os.environ.get("GOZON_PAYMENTS_API_PORT", "8082")
         return {
             "GOZON_ORDERS_DATABASE_URL": pg.url("order_db"),
             "GOZON_PAYMENTS_DATABASE_URL": pg.url("account_db"),
             "GOZON_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap,
+            # the gateway follows the APIs wherever their ports were moved
+            "GOZON_GATEWAY_ORDERS_URL": f"http://127.0.0.1:{orders_port}",
+            "GOZON_GATEWAY_PAYMENTS_URL": f"http://127.0.0.1:{payments_port}",
         }
 
 
