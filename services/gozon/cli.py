@@ -13,14 +13,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from gozon import __version__
+from gozon.core.settings import OrdersSettings, PaymentsSettings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from sqlalchemy import Table
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -39,199 +46,148 @@ def _start(service: str, settings_class: type) -> object:
     return settings
 
 
-# --------------------------------------------------------------------------- orders
+# --------------------------------------------------------------------------- the services
 
 
-def orders_api(_: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class _Service:
+    """What differs between the orders and the payments service's processes."""
+
+    name: str
+    settings: type[OrdersSettings] | type[PaymentsSettings]
+    build_app: Callable[[Any], FastAPI]
+    outbox: Table
+    publishes: str
+    consumes: str
+    schema: type[BaseModel]
+    make_handler: Callable[..., Any]
+    handler_writes_outbox: bool
+    scrape_hooks: Callable[[Any], list[Callable[..., Awaitable[object]]]]
+
+
+def _service(name: str) -> _Service:
+    """Imports only the service asked for."""
+    from gozon import contracts
+
+    if name == "orders":
+        from gozon.orders import api as orders_api
+        from gozon.orders import consumer as orders_consumer
+        from gozon.orders.models import order_outbox
+
+        def stuck(settings: OrdersSettings) -> list[Callable[..., Awaitable[object]]]:
+            after = timedelta(seconds=settings.orders_stuck_after_s)
+            return [partial(orders_consumer.count_stuck_orders, after=after)]
+
+        return _Service(
+            name,
+            OrdersSettings,
+            orders_api.build_app,
+            order_outbox,
+            publishes=contracts.ORDER_CREATED_TOPIC,
+            consumes=contracts.PAYMENT_PROCESSED_TOPIC,
+            schema=contracts.PaymentProcessed,
+            make_handler=orders_consumer.make_handler,
+            handler_writes_outbox=False,
+            scrape_hooks=stuck,
+        )
+    from gozon.payments import api as payments_api
+    from gozon.payments import consumer as payments_consumer
+    from gozon.payments.models import payment_outbox
+
+    return _Service(
+        name,
+        PaymentsSettings,
+        payments_api.build_app,
+        payment_outbox,
+        publishes=contracts.PAYMENT_PROCESSED_TOPIC,
+        consumes=contracts.ORDER_CREATED_TOPIC,
+        schema=contracts.OrderCreated,
+        make_handler=payments_consumer.make_handler,
+        handler_writes_outbox=True,
+        scrape_hooks=lambda _: [],
+    )
+
+
+def _settings(service: _Service, process: str) -> OrdersSettings | PaymentsSettings:
+    settings = _start(f"{service.name}-{process}", service.settings)
+    assert isinstance(settings, OrdersSettings | PaymentsSettings)
+    return settings
+
+
+def run_api(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from gozon.core.settings import OrdersSettings
-    from gozon.orders.api import build_app
-
-    settings = _start("orders-api", OrdersSettings)
-    assert isinstance(settings, OrdersSettings)
+    service = _service(args.service)
+    settings = _settings(service, "api")
     uvicorn.run(
-        build_app(settings),
-        host=settings.orders_api_host,
-        port=settings.orders_api_port,
+        service.build_app(settings),
+        host=settings.api_host,
+        port=settings.api_port,
         log_config=None,
         access_log=False,
     )
     return 0
 
 
-def orders_relay(_: argparse.Namespace) -> int:
-    from gozon.contracts import ORDER_CREATED_TOPIC
-    from gozon.core.settings import OrdersSettings
+def run_relay(args: argparse.Namespace) -> int:
     from gozon.messaging.worker import WorkerSpec, run_relay
-    from gozon.orders.models import order_outbox
 
-    settings = _start("orders-relay", OrdersSettings)
-    assert isinstance(settings, OrdersSettings)
+    service = _service(args.service)
+    settings = _settings(service, "relay")
     spec = WorkerSpec(
-        "orders",
-        settings.orders_database_url,
-        settings.orders_api_host,
-        settings.orders_relay_metrics_port,
+        service.name, settings.database_url, settings.api_host, settings.relay_metrics_port
     )
-    asyncio.run(run_relay(spec, settings, order_outbox, [ORDER_CREATED_TOPIC]))
+    asyncio.run(run_relay(spec, settings, service.outbox, [service.publishes]))
     return 0
 
 
-def orders_consumer(_: argparse.Namespace) -> int:
-    from gozon.contracts import PAYMENT_PROCESSED_TOPIC, PaymentProcessed
-    from gozon.core.settings import OrdersSettings
+def run_consumer(args: argparse.Namespace) -> int:
     from gozon.messaging.worker import WorkerSpec, run_consumer
-    from gozon.orders.consumer import count_stuck_orders, make_handler
 
-    settings = _start("orders-consumer", OrdersSettings)
-    assert isinstance(settings, OrdersSettings)
-    stuck_after = timedelta(seconds=settings.orders_stuck_after_s)
+    service = _service(args.service)
+    settings = _settings(service, "consumer")
     spec = WorkerSpec(
-        "orders",
-        settings.orders_database_url,
-        settings.orders_api_host,
-        settings.orders_consumer_metrics_port,
+        service.name, settings.database_url, settings.api_host, settings.consumer_metrics_port
     )
     asyncio.run(
         run_consumer(
             spec,
             settings,
-            topic=PAYMENT_PROCESSED_TOPIC,
-            group_id=settings.orders_group_id,
-            schema=PaymentProcessed,
-            make_handler=make_handler,
-            scrape_hooks=[partial(count_stuck_orders, after=stuck_after)],
+            topic=service.consumes,
+            group_id=settings.group_id,
+            schema=service.schema,
+            make_handler=service.make_handler,
+            outbox=service.outbox.name if service.handler_writes_outbox else None,
+            scrape_hooks=service.scrape_hooks(settings),
         )
     )
     return 0
 
 
-def orders_migrate(_: argparse.Namespace) -> int:
+def run_migrate(args: argparse.Namespace) -> int:
     from gozon.core.migrations import upgrade
-    from gozon.core.settings import OrdersSettings
 
-    settings = _start("orders-migrate", OrdersSettings)
-    assert isinstance(settings, OrdersSettings)
-    upgrade(_migrations("orders"), settings.orders_database_url)
+    service = _service(args.service)
+    settings = _settings(service, "migrate")
+    upgrade(Path(__file__).parent / service.name / "migrations", settings.database_url)
     return 0
 
 
-def orders_requeue_failed(_: argparse.Namespace) -> int:
+def run_requeue_failed(args: argparse.Namespace) -> int:
     from gozon.core.db import create_engine
-    from gozon.core.settings import OrdersSettings
     from gozon.messaging.relay import requeue_failed
-    from gozon.orders.models import order_outbox
 
-    settings = _start("orders-outbox", OrdersSettings)
-    assert isinstance(settings, OrdersSettings)
+    service = _service(args.service)
+    settings = _settings(service, "outbox")
 
     async def run() -> int:
-        engine = create_engine(settings.orders_database_url, pool_size=1)
+        engine = create_engine(settings.database_url, pool_size=1)
         try:
-            return await requeue_failed(engine, order_outbox)
+            return await requeue_failed(engine, service.outbox)
         finally:
             await engine.dispose()
 
-    print(f"requeued {asyncio.run(run())} FAILED order_outbox rows")
-    return 0
-
-
-# --------------------------------------------------------------------------- payments
-
-
-def payments_api(_: argparse.Namespace) -> int:
-    import uvicorn
-
-    from gozon.core.settings import PaymentsSettings
-    from gozon.payments.api import build_app
-
-    settings = _start("payments-api", PaymentsSettings)
-    assert isinstance(settings, PaymentsSettings)
-    uvicorn.run(
-        build_app(settings),
-        host=settings.payments_api_host,
-        port=settings.payments_api_port,
-        log_config=None,
-        access_log=False,
-    )
-    return 0
-
-
-def payments_relay(_: argparse.Namespace) -> int:
-    from gozon.contracts import PAYMENT_PROCESSED_TOPIC
-    from gozon.core.settings import PaymentsSettings
-    from gozon.messaging.worker import WorkerSpec, run_relay
-    from gozon.payments.models import payment_outbox
-
-    settings = _start("payments-relay", PaymentsSettings)
-    assert isinstance(settings, PaymentsSettings)
-    spec = WorkerSpec(
-        "payments",
-        settings.payments_database_url,
-        settings.payments_api_host,
-        settings.payments_relay_metrics_port,
-    )
-    asyncio.run(run_relay(spec, settings, payment_outbox, [PAYMENT_PROCESSED_TOPIC]))
-    return 0
-
-
-def payments_consumer(_: argparse.Namespace) -> int:
-    from gozon.contracts import ORDER_CREATED_TOPIC, OrderCreated
-    from gozon.core.settings import PaymentsSettings
-    from gozon.messaging.worker import WorkerSpec, run_consumer
-    from gozon.payments.consumer import make_handler
-    from gozon.payments.models import payment_outbox
-
-    settings = _start("payments-consumer", PaymentsSettings)
-    assert isinstance(settings, PaymentsSettings)
-    spec = WorkerSpec(
-        "payments",
-        settings.payments_database_url,
-        settings.payments_api_host,
-        settings.payments_consumer_metrics_port,
-    )
-    asyncio.run(
-        run_consumer(
-            spec,
-            settings,
-            topic=ORDER_CREATED_TOPIC,
-            group_id=settings.payments_group_id,
-            schema=OrderCreated,
-            make_handler=make_handler,
-            outbox=payment_outbox.name,
-        )
-    )
-    return 0
-
-
-def payments_migrate(_: argparse.Namespace) -> int:
-    from gozon.core.migrations import upgrade
-    from gozon.core.settings import PaymentsSettings
-
-    settings = _start("payments-migrate", PaymentsSettings)
-    assert isinstance(settings, PaymentsSettings)
-    upgrade(_migrations("payments"), settings.payments_database_url)
-    return 0
-
-
-def payments_requeue_failed(_: argparse.Namespace) -> int:
-    from gozon.core.db import create_engine
-    from gozon.core.settings import PaymentsSettings
-    from gozon.messaging.relay import requeue_failed
-    from gozon.payments.models import payment_outbox
-
-    settings = _start("payments-outbox", PaymentsSettings)
-    assert isinstance(settings, PaymentsSettings)
-
-    async def run() -> int:
-        engine = create_engine(settings.payments_database_url, pool_size=1)
-        try:
-            return await requeue_failed(engine, payment_outbox)
-        finally:
-            await engine.dispose()
-
-    print(f"requeued {asyncio.run(run())} FAILED payment_outbox rows")
+    print(f"requeued {asyncio.run(run())} FAILED {service.outbox.name} rows")
     return 0
 
 
@@ -260,10 +216,6 @@ def gateway(_: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- wiring
 
 
-def _migrations(service: str) -> Path:
-    return Path(__file__).parent / service / "migrations"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gozon", description="Gozon order and payment platform")
     parser.add_argument("--version", action="version", version=f"gozon {__version__}")
@@ -279,27 +231,20 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(run=run)
         return command
 
-    orders = services.add_parser("orders", help="the orders service")
-    orders_sub = orders.add_subparsers(dest="process", metavar="PROCESS", required=True)
-    add(orders_sub, "api", orders_api, "the orders HTTP API (port GOZON_ORDERS_API_PORT)")
-    add(orders_sub, "relay", orders_relay, "publishes order_outbox rows to Kafka")
-    add(orders_sub, "consumer", orders_consumer, "moves orders to FINISHED or CANCELLED")
-    add(orders_sub, "migrate", orders_migrate, "alembic upgrade of order_db to head")
-    outbox = orders_sub.add_parser("outbox", help="order_outbox maintenance")
-    outbox_sub = outbox.add_subparsers(dest="action", metavar="ACTION", required=True)
-    add(outbox_sub, "requeue-failed", orders_requeue_failed, "requeue FAILED rows")
-
-    payments = services.add_parser("payments", help="the payments service")
-    payments_sub = payments.add_subparsers(dest="process", metavar="PROCESS", required=True)
-    add(payments_sub, "api", payments_api, "the payments HTTP API (port GOZON_PAYMENTS_API_PORT)")
-    add(payments_sub, "relay", payments_relay, "publishes payment_outbox rows to Kafka")
-    add(payments_sub, "consumer", payments_consumer, "pays for orders: inbox, debit, outbox")
-    add(payments_sub, "migrate", payments_migrate, "alembic upgrade of account_db to head")
-    payments_outbox = payments_sub.add_parser("outbox", help="payment_outbox maintenance")
-    payments_outbox_sub = payments_outbox.add_subparsers(
-        dest="action", metavar="ACTION", required=True
-    )
-    add(payments_outbox_sub, "requeue-failed", payments_requeue_failed, "requeue FAILED rows")
+    for name, database, does in (
+        ("orders", "order_db", "moves orders to FINISHED or CANCELLED"),
+        ("payments", "account_db", "pays for orders: inbox, debit, outbox"),
+    ):
+        outbox_table = "order_outbox" if name == "orders" else "payment_outbox"
+        service = services.add_parser(name, help=f"the {name} service")
+        processes = service.add_subparsers(dest="process", metavar="PROCESS", required=True)
+        add(processes, "api", run_api, f"the {name} HTTP API (GOZON_{name.upper()}_API_PORT)")
+        add(processes, "relay", run_relay, f"publishes {outbox_table} rows to Kafka")
+        add(processes, "consumer", run_consumer, does)
+        add(processes, "migrate", run_migrate, f"alembic upgrade of {database} to head")
+        outbox = processes.add_parser("outbox", help=f"{outbox_table} maintenance")
+        actions = outbox.add_subparsers(dest="action", metavar="ACTION", required=True)
+        add(actions, "requeue-failed", run_requeue_failed, "requeue FAILED rows")
     gateway_command = services.add_parser(
         "gateway", help="the API gateway, the one entry point (port GOZON_GATEWAY_PORT)"
     )

@@ -7,7 +7,7 @@ message naming the variable; production refuses the development database passwor
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Self
+from typing import Annotated, ClassVar, Literal, Self
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -43,12 +43,44 @@ class MessagingSettings(CommonSettings):
 
 
 class _ServiceSettings(MessagingSettings):
+    """What both services have, under their own prefixed names (`GOZON_ORDERS_…`)."""
+
+    service: ClassVar[str]
+
+    def _own(self, name: str) -> object:
+        return getattr(self, f"{self.service}_{name}")
+
+    @property
+    def database_url(self) -> str:
+        return str(self._own("database_url"))
+
+    @property
+    def api_host(self) -> str:
+        return str(self._own("api_host"))
+
+    @property
+    def api_port(self) -> int:
+        return int(str(self._own("api_port")))
+
+    @property
+    def relay_metrics_port(self) -> int:
+        return int(str(self._own("relay_metrics_port")))
+
+    @property
+    def consumer_metrics_port(self) -> int:
+        return int(str(self._own("consumer_metrics_port")))
+
+    @property
+    def group_id(self) -> str:
+        return str(self._own("group_id"))
+
     def _check_database_password(self, url: str) -> None:
         if self.environment == "production" and f":{DEV_PASSWORD}@" in url:
             raise ValueError("the development database password is not allowed in production")
 
 
 class OrdersSettings(_ServiceSettings):
+    service: ClassVar[str] = "orders"
     orders_database_url: str = (
         f"postgresql+asyncpg://postgres:{DEV_PASSWORD}@127.0.0.1:5432/order_db"
     )
@@ -66,6 +98,7 @@ class OrdersSettings(_ServiceSettings):
 
 
 class PaymentsSettings(_ServiceSettings):
+    service: ClassVar[str] = "payments"
     payments_database_url: str = (
         f"postgresql+asyncpg://postgres:{DEV_PASSWORD}@127.0.0.1:5432/account_db"
     )

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from functools import partial
+from typing import Any
 
 import asyncpg
 import structlog
@@ -33,6 +34,17 @@ def _set(event: asyncio.Event, *_: object) -> None:
     event.set()
 
 
+@contextlib.asynccontextmanager
+async def _in_background(loop: Callable[[], Coroutine[Any, Any, None]]) -> AsyncIterator[None]:
+    task = asyncio.create_task(loop())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 def channel_for(outbox: str) -> str:
     return f"{outbox}_ready"
 
@@ -44,7 +56,6 @@ class OutboxNotifier:
         self.engine = engine
         self.channel = channel_for(outbox)
         self._pending = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
     def notify(self) -> None:
         """Call after the transaction that wrote outbox rows has committed; never blocks."""
@@ -62,15 +73,9 @@ class OutboxNotifier:
                 log.debug("outbox notification failed", channel=self.channel, error=repr(exc))
                 await asyncio.sleep(0.1)
 
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[OutboxNotifier]:
-        self._task = asyncio.create_task(self._run())
-        try:
-            yield self
-        finally:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+    def running(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Sends notifications while the block runs."""
+        return _in_background(self._run)
 
 
 class OutboxListener:
@@ -81,7 +86,6 @@ class OutboxListener:
         self.dsn = url.render_as_string(hide_password=False)
         self.channel = channel_for(outbox)
         self.wake = wake
-        self._task: asyncio.Task[None] | None = None
 
     def _on_notify(self, *_: object) -> None:
         self.wake.set()
@@ -109,12 +113,6 @@ class OutboxListener:
                 with contextlib.suppress(Exception):
                     await conn.close(timeout=1)
 
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[OutboxListener]:
-        self._task = asyncio.create_task(self._run())
-        try:
-            yield self
-        finally:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+    def running(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Listens while the block runs."""
+        return _in_background(self._run)
