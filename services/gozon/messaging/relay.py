@@ -274,10 +274,9 @@ class OutboxRelay:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Publishes until `stop` is set; the batch in hand is always finished first."""
-        outage_delay = 0.1
         stopper = asyncio.create_task(self._wake_on(stop))
         try:
-            await self._loop(stop, outage_delay)
+            await self._loop(stop)
         finally:
             stopper.cancel()
 
@@ -285,7 +284,8 @@ class OutboxRelay:
         await stop.wait()
         self.wake.set()
 
-    async def _loop(self, stop: asyncio.Event, outage_delay: float) -> None:
+    async def _loop(self, stop: asyncio.Event) -> None:
+        outage_delay = 0.1
         while not stop.is_set():
             self.wake.clear()  # a notification from here on means rows after this claim
             try:
