@@ -12,9 +12,14 @@ from decimal import Decimal
 import pytest
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import REGISTRY
-from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 
 from gozon.contracts import (
     ORDER_CREATED_TOPIC,
@@ -305,3 +310,29 @@ async def test_concurrent_orders_and_deposits_on_one_account_neither_create_nor_
         for op in ("debit", "deposit")
     )
     assert conflicts > conflicts_before, "the changes were meant to race"
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE account_ledger SET amount = amount + 1",
+        "DELETE FROM account_ledger",
+        "TRUNCATE account_ledger",
+    ],
+)
+async def test_the_ledger_refuses_to_be_rewritten(payments_db: str, statement: str) -> None:
+    engine = create_async_engine(payments_db)
+    try:
+        await service.deposit(
+            sessions=session_factory(engine),
+            user_id="ledger",
+            amount=Decimal("10"),
+            idempotency_key=None,
+        )
+        with pytest.raises(DBAPIError, match="account_ledger is append-only"):
+            async with engine.begin() as conn:
+                await conn.execute(text(statement))
+        async with engine.connect() as conn:
+            assert await conn.scalar(text("SELECT sum(amount) FROM account_ledger")) == 10
+    finally:
+        await engine.dispose()

@@ -2,8 +2,9 @@
 
 What the database itself guarantees, whatever the code does:
 - one account per user, and a balance that never leaves [0, MAX_BALANCE] (a CHECK);
-- the ledger is append-only by convention and holds one DEBIT per order at most (a partial
-  unique index) and one deposit per (account, Idempotency-Key) (another);
+- the ledger is append-only (triggers refuse UPDATE, DELETE and TRUNCATE: migration 0002)
+  and holds one DEBIT per order at most (a partial unique index) and one deposit per
+  (account, Idempotency-Key) (another);
 - one inbox row per event id (its primary key), so an event is recorded once.
 """
 
