@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from decimal import Decimal
-from pathlib import Path
 from typing import Literal
 
-import port_for
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 from sqlalchemy import insert, select
@@ -202,26 +200,6 @@ async def test_a_malformed_message_lands_in_the_dlq_with_its_reason_and_the_next
     assert origin["x-dlq-original-topic"] == topic.encode()
     assert origin["x-dlq-original-offset"] == b"0"
     assert origin["traceparent"].startswith(b"00-111")
-
-
-@pytest.fixture
-def private_postgres(
-    servers_dir: Path, orders_template: str, postgres: Postgres
-) -> Iterator[Postgres]:
-    """A PostgreSQL of this test's own, so that stopping it disturbs no other test."""
-    server = Postgres(
-        servers_dir / f"pg-{uuid.uuid4().hex[:6]}",
-        port_for.select_random(),
-        durable=False,
-        databases=("order_db",),
-    )
-    server.start()
-    from gozon.core.migrations import upgrade
-    from tests.conftest import MIGRATIONS
-
-    upgrade(MIGRATIONS / "orders" / "migrations", server.url("order_db"))
-    yield server
-    server.stop()
 
 
 async def test_a_database_outage_is_retried_until_it_ends_and_the_message_is_not_skipped(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from decimal import Decimal
@@ -29,7 +29,7 @@ from gozon.messaging.wakeup import OutboxListener
 from gozon.orders.api import build_app
 from gozon.orders.models import order_outbox
 from scripts.processes import GozonProcess, wait_for
-from scripts.stack import Kafka, StackConfig, create_topics
+from scripts.stack import Kafka, Postgres, create_topics
 from tests.conftest import serve
 
 pytestmark = pytest.mark.integration
@@ -243,22 +243,6 @@ async def test_a_created_order_reaches_kafka_with_envelope_key_and_traceparent(
 
 async def _all_sent(engine: AsyncEngine) -> bool:
     return set(await statuses(engine)) == {"SENT"}
-
-
-@pytest.fixture
-def private_kafka(servers_dir: Path) -> Iterator[Kafka]:
-    """A broker of this test's own, so that stopping it disturbs no other test."""
-    port = port_for.select_random()
-    server = Kafka(
-        servers_dir / f"kafka-{uuid.uuid4().hex[:6]}",
-        port,
-        port_for.select_random(exclude_ports=[port]),
-        cache_dir=StackConfig.from_env().cache_dir,
-        heap="384m",
-    )
-    server.start()
-    yield server
-    server.stop()
 
 
 async def test_relay_keeps_rows_pending_while_kafka_is_down_and_loses_none(
@@ -479,3 +463,35 @@ async def test_a_committed_order_wakes_the_relay_at_once_not_at_the_fallback_pol
                 await until(lambda: _all_sent(engine), 5, f"order {n} to be SENT")
             elapsed = loop.time() - started
     assert elapsed < 5  # three wake-ups; the fallback poll alone would take minutes
+
+
+async def test_the_relay_is_not_ready_while_its_database_is_down_and_recovers(
+    private_postgres: Postgres, kafka: Kafka, tmp_path: Path
+) -> None:
+    relay = relay_process(private_postgres.url("order_db"), kafka.bootstrap, tmp_path / "relay.log")
+    relay.start(ready=True)
+    try:
+        await asyncio.to_thread(private_postgres.stop)
+        await asyncio.to_thread(
+            wait_for,
+            lambda: relay.status() == 503,
+            timeout=20,
+            what="the relay to report not ready",
+        )
+        assert relay.status("/health/live") == 200  # alive: an orchestrator must not kill it
+        await asyncio.to_thread(private_postgres.start)
+        await asyncio.to_thread(
+            wait_for,
+            lambda: relay.status() == 200,
+            timeout=30,
+            what="the relay to report ready again",
+        )
+        engine = create_async_engine(private_postgres.url("order_db"))
+        try:
+            ids = await insert_events(engine, ORDER_CREATED_TOPIC, 3)
+            await until(lambda: _all_sent(engine), 20, "the rows to be SENT after the outage")
+        finally:
+            await engine.dispose()
+        assert len(ids) == 3
+    finally:
+        relay.stop()
