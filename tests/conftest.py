@@ -7,11 +7,13 @@ stack. Fixtures start lazily: a unit-test run starts no server.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import port_for
@@ -20,8 +22,15 @@ from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from pydantic import BaseModel
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from gozon.core.db import create_engine, session_factory
+from gozon.messaging.consumer import ConsumerRunner, Handler
+from gozon.messaging.kafka import new_consumer, new_producer
 from scripts.stack import Kafka, Postgres, StackConfig
+
+E = TypeVar("E", bound=BaseModel)
 
 
 @pytest.fixture(scope="session")
@@ -153,3 +162,48 @@ def spans(tracing: InMemorySpanExporter) -> InMemorySpanExporter:
     """The spans finished during this test."""
     tracing.clear()
     return tracing
+
+
+async def until(predicate: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
+    """Polls `predicate` every 50 ms until it is true; fails after `within` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not await predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {within} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def running_consumer(
+    database_url: str,
+    kafka: Kafka,
+    topic: str,
+    group: str,
+    schema: type[E],
+    make_handler: Callable[[async_sessionmaker[AsyncSession]], Handler[E]],
+) -> AsyncIterator[ConsumerRunner[E]]:
+    """A consumer runner on `topic` in this process, as `gozon … consumer` runs one."""
+    engine = create_engine(database_url, pool_size=4)
+    producer = new_producer(kafka.bootstrap, client_id="test-dlq")
+    consumer = new_consumer(kafka.bootstrap, group_id=group, client_id="test", topics=[topic])
+    await producer.start()
+    await consumer.start()
+    runner = ConsumerRunner(
+        consumer=consumer,
+        producer=producer,
+        topic=topic,
+        schema=schema,
+        handler=make_handler(session_factory(engine)),
+        max_handler_attempts=3,
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    try:
+        yield runner
+    finally:
+        stop.set()
+        await task
+        await consumer.stop()
+        await producer.stop()
+        await engine.dispose()

@@ -19,6 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from gozon.contracts import ORDER_CREATED_TOPIC, OrderCreated, OrderCreatedPayload, utc_now
+from tests.conftest import until
 from tests.e2e.conftest import Platform
 
 pytestmark = pytest.mark.e2e
@@ -188,11 +189,10 @@ async def test_the_same_order_event_three_times_debits_once(
             ).one()
         return int(row[0]), int(row[1]), int(row[2])
 
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 20
-    while await counts() != (1, 1, 1):
-        assert loop.time() < deadline, f"counts stayed {await counts()}"
-        await asyncio.sleep(0.05)
+    async def recorded_once() -> bool:
+        return await counts() == (1, 1, 1)
+
+    await until(recorded_once, 20, "one ledger row, one inbox row and one result")
     await asyncio.sleep(1)  # the two duplicates have been consumed by now; nothing changes
     assert await counts() == (1, 1, 1)
     assert await balance(gateway, user) == Decimal("30.00")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Literal
 
@@ -16,12 +15,12 @@ from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from gozon.contracts import PaymentProcessed, PaymentProcessedPayload, utc_now
-from gozon.core.db import create_engine, session_factory
-from gozon.messaging.consumer import DLQ_REASON, ConsumerRunner
-from gozon.messaging.kafka import dlq_topic, new_consumer, new_producer
+from gozon.messaging.consumer import DLQ_REASON
+from gozon.messaging.kafka import dlq_topic, new_producer
 from gozon.orders.consumer import make_handler
 from gozon.orders.models import Order
 from scripts.stack import Kafka, Postgres, create_topics
+from tests.conftest import running_consumer, until
 from tests.integration.test_relay import consume
 
 pytestmark = pytest.mark.integration
@@ -42,35 +41,6 @@ async def producer(kafka: Kafka) -> AsyncIterator[AIOKafkaProducer]:
     await producer.start()
     yield producer
     await producer.stop()
-
-
-@asynccontextmanager
-async def running_consumer(
-    database_url: str, kafka: Kafka, topic: str, group: str
-) -> AsyncIterator[ConsumerRunner[PaymentProcessed]]:
-    engine = create_engine(database_url, pool_size=2)
-    producer = new_producer(kafka.bootstrap, client_id="test-dlq")
-    consumer = new_consumer(kafka.bootstrap, group_id=group, client_id="test", topics=[topic])
-    await producer.start()
-    await consumer.start()
-    runner = ConsumerRunner(
-        consumer=consumer,
-        producer=producer,
-        topic=topic,
-        schema=PaymentProcessed,
-        handler=make_handler(session_factory(engine)),
-        max_handler_attempts=3,
-    )
-    stop = asyncio.Event()
-    task = asyncio.create_task(runner.run(stop))
-    try:
-        yield runner
-    finally:
-        stop.set()
-        await task
-        await consumer.stop()
-        await producer.stop()
-        await engine.dispose()
 
 
 async def new_order(engine: AsyncEngine, user_id: str = "u-1") -> uuid.UUID:
@@ -134,11 +104,10 @@ async def committed(kafka: Kafka, topic: str, group: str) -> int | None:
 async def until_committed(
     kafka: Kafka, topic: str, group: str, offset: int, within: float = 20
 ) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while (await committed(kafka, topic, group)) != offset:
-        assert loop.time() < deadline, f"offset {offset} not committed in {within} s"
-        await asyncio.sleep(0.05)
+    async def reached() -> bool:
+        return await committed(kafka, topic, group) == offset
+
+    await until(reached, within, f"offset {offset} to be committed")
 
 
 @pytest.fixture
@@ -162,7 +131,7 @@ async def test_payment_results_move_orders_to_their_final_status_once(
     for value in messages:
         await producer.send_and_wait(topic, value=value, key=b"u-1")
     group = f"g-{uuid.uuid4().hex[:8]}"
-    async with running_consumer(orders_db, kafka, topic, group):
+    async with running_consumer(orders_db, kafka, topic, group, PaymentProcessed, make_handler):
         await until_committed(kafka, topic, group, len(messages))
     assert await order_state(engine, paid) == ("FINISHED", None)
     assert await order_state(engine, poor) == ("CANCELLED", "balance 5.00 is less than 10.00")
@@ -184,7 +153,7 @@ async def test_a_malformed_message_lands_in_the_dlq_with_its_reason_and_the_next
     await producer.send_and_wait(topic, value=result(uuid.uuid4(), "PAID"), key=b"u-1")
     await producer.send_and_wait(topic, value=result(order_id, "PAID"), key=b"u-1")
     group = f"g-{uuid.uuid4().hex[:8]}"
-    async with running_consumer(orders_db, kafka, topic, group):
+    async with running_consumer(orders_db, kafka, topic, group, PaymentProcessed, make_handler):
         await until_committed(kafka, topic, group, 5)
     assert await order_state(engine, order_id) == ("FINISHED", None)
 
@@ -212,14 +181,14 @@ async def test_a_database_outage_is_retried_until_it_ends_and_the_message_is_not
     finally:
         await engine.dispose()
     group = f"g-{uuid.uuid4().hex[:8]}"
-    async with running_consumer(url, kafka, topic, group) as runner:
+    async with running_consumer(url, kafka, topic, group, PaymentProcessed, make_handler) as runner:
         await asyncio.to_thread(private_postgres.stop)
         await producer.send_and_wait(topic, value=result(order_id, "PAID"), key=b"u-1")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 20
-        while runner.database_ok:
-            assert loop.time() < deadline, "the runner never saw the outage"
-            await asyncio.sleep(0.05)
+
+        async def outage_seen() -> bool:
+            return not runner.database_ok
+
+        await until(outage_seen, 20, "the runner to see the outage")
         await asyncio.sleep(1)
         assert await committed(kafka, topic, group) is None  # not skipped, not committed
         await asyncio.to_thread(private_postgres.start)

@@ -30,7 +30,7 @@ from gozon.orders.api import build_app
 from gozon.orders.models import order_outbox
 from scripts.processes import GozonProcess, wait_for
 from scripts.stack import Kafka, Postgres, create_topics
-from tests.conftest import serve
+from tests.conftest import serve, until
 
 pytestmark = pytest.mark.integration
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
@@ -171,16 +171,6 @@ def relay_process(orders_db: str, bootstrap: str, log: Path) -> GozonProcess:
         log=log,
         health_url=f"http://127.0.0.1:{port}",
     )
-
-
-async def until(predicate: object, within: float, what: str) -> None:
-    assert callable(predicate)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not await predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {within} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 # --------------------------------------------------------------------------- tests

@@ -4,10 +4,7 @@ relay's batches)."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
@@ -17,50 +14,17 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from gozon.contracts import ORDER_CREATED_TOPIC, OrderCreated
-from gozon.core.db import create_engine, session_factory
 from gozon.core.settings import OrdersSettings, PaymentsSettings
-from gozon.messaging.consumer import ConsumerRunner
-from gozon.messaging.kafka import dlq_topic, new_consumer, new_producer
+from gozon.messaging.kafka import dlq_topic
 from gozon.orders.api import build_app as orders_app
 from gozon.payments.api import build_app as payments_app
 from gozon.payments.consumer import make_handler
 from gozon.payments.models import payment_outbox
 from scripts.stack import Kafka
-from tests.conftest import serve
+from tests.conftest import running_consumer, serve, until
 from tests.integration.test_relay import create_topics_async, running_relay
 
 pytestmark = pytest.mark.integration
-
-
-@asynccontextmanager
-async def payments_consumer(database_url: str, kafka: Kafka) -> AsyncIterator[None]:
-    engine = create_engine(database_url, pool_size=2)
-    producer = new_producer(kafka.bootstrap, client_id="test-dlq")
-    consumer = new_consumer(
-        kafka.bootstrap,
-        group_id=f"g-{uuid.uuid4().hex[:8]}",
-        client_id="test",
-        topics=[ORDER_CREATED_TOPIC],
-    )
-    await producer.start()
-    await consumer.start()
-    runner = ConsumerRunner(
-        consumer=consumer,
-        producer=producer,
-        topic=ORDER_CREATED_TOPIC,
-        schema=OrderCreated,
-        handler=make_handler(session_factory(engine)),
-    )
-    stop = asyncio.Event()
-    task = asyncio.create_task(runner.run(stop))
-    try:
-        yield
-    finally:
-        stop.set()
-        await task
-        await consumer.stop()
-        await producer.stop()
-        await engine.dispose()
 
 
 def by_name(spans: list[ReadableSpan], name: str, trace_id: int) -> ReadableSpan:
@@ -89,21 +53,31 @@ async def test_an_order_is_one_trace_across_the_kafka_hop(
     try:
         async with (
             running_relay(orders_engine, kafka.bootstrap),
-            payments_consumer(payments_db, kafka),
+            running_consumer(
+                payments_db,
+                kafka,
+                ORDER_CREATED_TOPIC,
+                f"g-{uuid.uuid4().hex[:8]}",
+                OrderCreated,
+                make_handler,
+            ),
         ):
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 20
-            while True:
+
+            async def payment_headers() -> dict[str, str] | None:
                 async with payments_engine.connect() as conn:
-                    headers = await conn.scalar(
+                    found: dict[str, str] | None = await conn.scalar(
                         select(payment_outbox.c.headers).where(
                             payment_outbox.c.order_id == order_id
                         )
                     )
-                if headers is not None:
-                    break
-                assert loop.time() < deadline, "the order was never paid"
-                await asyncio.sleep(0.05)
+                return found
+
+            async def paid() -> bool:
+                return await payment_headers() is not None
+
+            await until(paid, 20, "the order to be paid")
+            headers = await payment_headers()
+            assert headers is not None
     finally:
         await orders_engine.dispose()
         await payments_engine.dispose()
