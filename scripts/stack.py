@@ -40,6 +40,10 @@ from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT / "services") not in sys.path:  # `make down` may run before the virtualenv exists
+    sys.path.append(str(ROOT / "services"))
+from gozon.processes import PROCESSES  # noqa: E402 (the process table: standard library only)
+
 KAFKA_POM = ROOT / "scripts" / "kafka" / "pom.xml"
 DEFAULT_KAFKA_VERSION = "4.4.0"
 DATABASES = ("order_db", "account_db")
@@ -789,15 +793,10 @@ class StackConfig:
 
 
 PROCFILE = ROOT / "Procfile"
-# Each platform process that serves HTTP, with the setting that names its port and the default.
+# Each platform process, with the setting that names its HTTP port and the default: from the
+# process table, the one list that the Procfile, the tests, compose and the chart follow.
 HEALTH_PORTS: dict[str, tuple[str, int]] = {
-    "gateway": ("GOZON_GATEWAY_PORT", 8080),
-    "orders-api": ("GOZON_ORDERS_API_PORT", 8081),
-    "payments-api": ("GOZON_PAYMENTS_API_PORT", 8082),
-    "orders-relay": ("GOZON_ORDERS_RELAY_METRICS_PORT", 9101),
-    "orders-consumer": ("GOZON_ORDERS_CONSUMER_METRICS_PORT", 9102),
-    "payments-relay": ("GOZON_PAYMENTS_RELAY_METRICS_PORT", 9103),
-    "payments-consumer": ("GOZON_PAYMENTS_CONSUMER_METRICS_PORT", 9104),
+    p.name: (p.port_setting, p.default_port) for p in PROCESSES
 }
 
 

@@ -14,20 +14,10 @@ from pathlib import Path
 import port_for
 import pytest
 
+from gozon.processes import PROCESSES, process
 from scripts.processes import GozonProcess
 from scripts.stack import Kafka, Postgres, StackConfig
 from tests.conftest import fresh_database
-
-PROCESSES = {
-    # name: (command, the setting naming its HTTP port)
-    "orders-api": (["orders", "api"], "GOZON_ORDERS_API_PORT"),
-    "orders-relay": (["orders", "relay"], "GOZON_ORDERS_RELAY_METRICS_PORT"),
-    "orders-consumer": (["orders", "consumer"], "GOZON_ORDERS_CONSUMER_METRICS_PORT"),
-    "payments-api": (["payments", "api"], "GOZON_PAYMENTS_API_PORT"),
-    "payments-relay": (["payments", "relay"], "GOZON_PAYMENTS_RELAY_METRICS_PORT"),
-    "payments-consumer": (["payments", "consumer"], "GOZON_PAYMENTS_CONSUMER_METRICS_PORT"),
-    "gateway": (["gateway"], "GOZON_GATEWAY_PORT"),
-}
 
 
 @dataclass
@@ -45,13 +35,13 @@ class Platform:
         return self.url("gateway")
 
     def new_process(self, name: str) -> GozonProcess:
-        args, port_setting = PROCESSES[name]
+        entry = process(name)
         self.restarts += 1
         return GozonProcess(
-            args,
+            entry.args,
             env=self.env,
             log=self.logs / f"{name}.log",
-            health_url=f"http://127.0.0.1:{self.env[port_setting]}",
+            health_url=f"http://127.0.0.1:{self.env[entry.port_setting]}",
         )
 
     def start(self, name: str) -> GozonProcess:
@@ -91,7 +81,7 @@ def platform(
     ports: list[int] = []
     for _ in PROCESSES:
         ports.append(port_for.select_random(exclude_ports=ports))
-    env = {setting: str(port) for (_, setting), port in zip(PROCESSES.values(), ports, strict=True)}
+    env = {p.port_setting: str(port) for p, port in zip(PROCESSES, ports, strict=True)}
     env |= {
         "GOZON_ORDERS_DATABASE_URL": next(orders_dbs),
         "GOZON_PAYMENTS_DATABASE_URL": next(payments_dbs),
@@ -104,8 +94,9 @@ def platform(
     logs = servers_dir / "e2e-logs"
     platform = Platform(env=env, logs=logs)
     try:
-        for name in PROCESSES:
-            platform.start(name)
+        # the gateway last, once its upstreams answer
+        for entry in sorted(PROCESSES, key=lambda p: p.kind == "gateway"):
+            platform.start(entry.name)
         yield platform
     finally:
         for process in platform.processes.values():

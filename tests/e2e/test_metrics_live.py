@@ -16,7 +16,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gozon.contracts import ORDER_CREATED_TOPIC, PAYMENT_PROCESSED_TOPIC
-from tests.e2e.conftest import PROCESSES, Platform
+from gozon.processes import PROCESSES
+from tests.e2e.conftest import Platform
 from tests.e2e.test_order_payment_flow import deposit, final_order, new_user
 from tests.unit.test_dashboards import family_of, metric_names_used
 
@@ -54,7 +55,7 @@ async def scrape_all(client: httpx.AsyncClient, platform: Platform) -> dict[str,
         assert response.status_code == 200, f"{name}: {response.status_code}"
         return Scrape(response.text)
 
-    names = list(PROCESSES)
+    names = [p.name for p in PROCESSES]
     scrapes = await asyncio.gather(*(one(name) for name in names))
     return dict(zip(names, scrapes, strict=True))
 
