@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -117,7 +118,7 @@ async def test_a_retry_with_the_same_idempotency_key_returns_the_same_order(
 ) -> None:
     uid = user()
     headers = {"X-User-Id": uid, "Idempotency-Key": "checkout-42"}
-    body = {"amount": "99.90", "description": "book"}
+    body = {"amount": 99.90, "description": "book"}
     first = await client.post("/api/orders", json=body, headers=headers)
     again = await client.post("/api/orders", json=body, headers=headers)
     assert first.status_code == again.status_code == 201
@@ -163,6 +164,24 @@ BAD_REQUESTS: list[tuple[str, dict[str, str | None], Any, int]] = [
     ("unknown field", {}, {"amount": 1, "description": "x", "status": "FINISHED"}, 422),
     ("array body", {}, [1, 2], 422),
     ("not JSON", {}, b"{amount: 1", 400),
+    (
+        "amount past a float's precision",
+        {},
+        b'{"amount": 5.0000000000000000001, "description": "x"}',
+        422,
+    ),
+    ("amount as a padded string", {}, {"amount": "  5 ", "description": "x"}, 422),
+    ("amount as an exponent string", {}, {"amount": "1e2", "description": "x"}, 422),
+    ("amount as a plain string", {}, {"amount": "5", "description": "x"}, 422),
+    ("NaN literal", {}, b'{"amount": NaN, "description": "x"}', 400),
+    ("Infinity literal", {}, b'{"amount": Infinity, "description": "x"}', 400),
+    ("duplicate key", {}, b'{"amount": 1, "amount": 2, "description": "x"}', 400),
+    ("NUL in description", {}, {"amount": 1, "description": "a\u0000b"}, 400),
+    ("lone surrogate", {}, b'{"amount": 1, "description": "\\ud800"}', 400),
+    ("invalid UTF-8", {}, b'{"amount": 1, "description": "\xff\xfe"}', 400),
+    ("blank unicode description", {}, {"amount": 1, "description": "\u3000\u00a0"}, 422),
+    ("nested too deep", {}, b"[" * 100 + b"]" * 100, 400),
+    ("huge integer", {}, b'{"amount": ' + b"9" * 5000 + b', "description": "x"}', 400),
 ]
 
 
@@ -198,6 +217,64 @@ async def test_an_unknown_order_id_and_a_malformed_one_are_client_errors(
     assert (await client.get(f"/api/orders/{uuid.uuid4()}", headers=uid)).status_code == 404
     assert (await client.get("/api/orders/not-a-uuid", headers=uid)).status_code == 422
     assert (await client.get("/api/orders?cursor=zzz", headers=uid)).status_code == 400
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "0001-01-01T00:00:00+23:59|00000000-0000-0000-0000-000000000000",
+        "9999-12-31T23:59:59-23:59|00000000-0000-0000-0000-000000000000",
+        "2026-01-01T00:00:00|00000000-0000-0000-0000-000000000000",  # naive
+        "2026-01-01T00:00:00+00:00|0000000000000000000000000000000",  # not canonical
+        "2026-01-01T00:00:00+00:00|00000000-0000-0000-0000-000000000000|x",
+        "\x00|\x00",
+    ],
+)
+async def test_a_cursor_the_service_did_not_issue_is_a_400(
+    client: httpx.AsyncClient, raw: str
+) -> None:
+    cursor = base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+    response = await client.get(f"/api/orders?cursor={cursor}", headers={"X-User-Id": user()})
+    assert response.status_code == 400, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+@pytest.mark.parametrize(
+    ("query", "headers"),
+    [
+        ("limit=1&limit=2", {}),
+        ("cursor=a&cursor=b", {}),
+    ],
+)
+async def test_a_repeated_query_parameter_is_a_400(
+    client: httpx.AsyncClient, query: str, headers: dict[str, str]
+) -> None:
+    response = await client.get(f"/api/orders?{query}", headers={"X-User-Id": user()})
+    assert response.status_code == 400, response.text
+    assert response.json()["title"] == "Repeated query parameter"
+
+
+async def test_a_repeated_user_header_is_a_400_and_writes_nothing(
+    client: httpx.AsyncClient, orders_db: str
+) -> None:
+    response = await client.post(
+        "/api/orders",
+        json={"amount": 1, "description": "x"},
+        headers=[("X-User-Id", user()), ("X-User-Id", user())],
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["title"] == "Repeated header"
+    assert await count_rows(orders_db) == (0, 0)
+
+
+async def test_an_amount_is_stored_exactly_as_written(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/api/orders",
+        content=b'{"amount": 0.1E1, "description": "x"}',
+        headers={"X-User-Id": user(), "Content-Type": "application/json"},
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["amount"] == 1
 
 
 @pytest.mark.parametrize("broken_table", ["order_outbox", "orders"])

@@ -227,6 +227,15 @@ BAD_DEPOSITS: list[tuple[str, dict[str, str | None], str, int]] = [
     ("huge amount", {}, "amount=1000000000.01", 422),
     ("huge exponent", {}, "amount=1e10", 422),
     ("too many digits", {}, "amount=1234567890123456", 422),
+    ("underscore separator", {}, "amount=1_000", 422),
+    ("plus sign", {}, "amount=%2B5", 422),
+    ("padded", {}, "amount=%205%20", 422),
+    ("leading zero", {}, "amount=05", 422),
+    ("exponent", {}, "amount=1e2", 422),
+    ("trailing dot", {}, "amount=5.", 422),
+    ("repeated amount", {}, "amount=1&amount=2", 400),
+    ("NUL in amount", {}, "amount=1%00", 422),
+    ("invalid UTF-8 in amount", {}, "amount=%FF", 422),
 ]
 
 

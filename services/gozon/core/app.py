@@ -18,6 +18,7 @@ from starlette.types import Lifespan
 from gozon import __version__
 from gozon.core.health import Readiness
 from gozon.core.metrics import HttpMetricsMiddleware
+from gozon.core.openapi import install_problem_document
 from gozon.core.problems import install_problem_handlers
 from gozon.core.telemetry import ServerSpanMiddleware
 
@@ -62,6 +63,7 @@ def create_app(
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     install_problem_handlers(app)
+    install_problem_document(app)
     app.add_middleware(HttpMetricsMiddleware)
     app.add_middleware(ServerSpanMiddleware, service=service)
     app.include_router(ops)

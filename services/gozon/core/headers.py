@@ -1,7 +1,10 @@
 """The request headers every API reads: `X-User-Id` and `Idempotency-Key`.
 
-The gateway checks `X-User-Id` at the edge too; the services check it again because they must
-be safe to call directly (and are, in tests and inside the cluster).
+Both are declared as FastAPI header parameters with their pattern, so the OpenAPI document
+says what is required and what is accepted; a missing or malformed one is a 400 problem (the
+validation handler in `core.problems` maps header errors to 400). The gateway checks
+`X-User-Id` at the edge with `check_user_id`, the same rule and wording; the services check it
+again because they must be safe to call directly (and are, in tests and inside the cluster).
 """
 
 from __future__ import annotations
@@ -9,37 +12,40 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from fastapi import Depends, Header
+from fastapi import Header
 
 from gozon.core.problems import Problem
 
-USER_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+USER_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"
+USER_ID = re.compile(USER_ID_PATTERN)
+USER_ID_RULE = "X-User-Id must be 1-64 characters of letters, digits, '-', '_' and '.'."
 
 
-def user_id(x_user_id: Annotated[str | None, Header(include_in_schema=True)] = None) -> str:
-    if x_user_id is None:
+def check_user_id(value: str | None) -> str:
+    """The edge's check of one `X-User-Id` value (None: the header is missing)."""
+    if value is None:
         raise Problem(400, "The X-User-Id header is required.", title="Missing X-User-Id")
-    if not USER_ID.fullmatch(x_user_id):
-        raise Problem(
-            400,
-            "X-User-Id must be 1-64 characters of letters, digits, '-', '_' and '.'.",
-            title="Malformed X-User-Id",
-        )
-    return x_user_id
+    if not USER_ID.fullmatch(value):
+        raise Problem(400, USER_ID_RULE, title="Malformed X-User-Id")
+    return value
 
 
-def idempotency_key(
-    key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
-) -> str | None:
-    if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
-        raise Problem(
-            400,
-            "Idempotency-Key must be 1-255 visible ASCII characters.",
-            title="Malformed Idempotency-Key",
-        )
-    return key
-
-
-UserIdDep = Annotated[str, Depends(user_id)]
-IdempotencyKeyDep = Annotated[str | None, Depends(idempotency_key)]
+UserIdDep = Annotated[
+    str,
+    Header(
+        alias="X-User-Id",
+        pattern=USER_ID_PATTERN,
+        description="The user the request acts for. " + USER_ID_RULE,
+        examples=["123"],
+    ),
+]
+IdempotencyKeyDep = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        pattern=IDEMPOTENCY_KEY_PATTERN,
+        description="1-255 visible ASCII characters; a retry with the same key and request "
+        "answers with the first result and writes nothing.",
+    ),
+]

@@ -2,7 +2,10 @@
 
 Raise `Problem` from a route or a service call; FastAPI's own validation errors and HTTP
 exceptions are translated too, and an unexpected exception becomes a 500 that names nothing
-internal (the details go to the log, with the trace id).
+internal (the details go to the log, with the trace id). A request whose headers are missing or
+malformed is a 400 (the client sent a bad request, not a bad entity); other validation errors
+are 422 with the list of `errors`. `ProblemDetails` is the body's schema, for the OpenAPI
+documents (`core.openapi`).
 """
 
 from __future__ import annotations
@@ -15,10 +18,32 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 PROBLEM_JSON = "application/problem+json"
 log = structlog.get_logger(__name__)
+
+
+class FieldError(BaseModel):
+    location: str = Field(description="Where: `body.amount`, `query.limit`, `header.X-User-Id`.")
+    message: str
+    type: str
+
+
+class ProblemDetails(BaseModel):
+    """An RFC 9457 problem: every 4xx and 5xx answer's body (`application/problem+json`)."""
+
+    model_config = ConfigDict(extra="allow", title="Problem")
+
+    type: str = Field(default="about:blank", description="A URI naming the problem type.")
+    title: str = Field(description="A short summary of the problem type.")
+    status: int = Field(ge=100, le=599, description="The HTTP status code.")
+    detail: str | None = Field(default=None, description="What to fix, for this request.")
+    instance: str | None = Field(default=None, description="The request path.")
+    errors: list[FieldError] | None = Field(
+        default=None, description="Each invalid field (422 answers)."
+    )
 
 
 class Problem(Exception):
@@ -102,6 +127,14 @@ async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
             400, "The request body is not valid JSON.", instance=request.url.path
         )
     summary = "; ".join(f"{e['location']}: {e['message']}" for e in errors)
+    if all(error["location"].startswith("header.") for error in errors):
+        return problem_response(
+            400,
+            f"A request header is missing or malformed: {summary}",
+            instance=request.url.path,
+            title="Invalid header",
+            errors=errors,
+        )
     return problem_response(
         422,
         f"The request is not valid: {summary}",

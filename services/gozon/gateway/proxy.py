@@ -3,7 +3,8 @@
 For every request under an upstream's prefix, in this order, each refusal a problem+json
 answer that never reaches the upstream:
 
-    X-User-Id missing or malformed      400
+    X-User-Id missing, repeated or
+    malformed                           400
     Content-Length over the limit       413 (a body without one is counted while it streams)
     per-user rate limit exceeded        429 + Retry-After (only when configured)
     upstream's breaker open             503 + Retry-After, at once
@@ -38,7 +39,7 @@ from prometheus_client import Counter, Gauge
 from starlette.types import Receive, Scope, Send
 from yarl import URL
 
-from gozon.core.headers import user_id
+from gozon.core.headers import check_user_id
 from gozon.core.problems import Problem, problem_response
 from gozon.core.settings import GatewaySettings
 from gozon.core.telemetry import current_trace_headers
@@ -205,14 +206,18 @@ class Gateway:
 
     def _check(self, scope: Scope, upstream: Upstream) -> int | None:
         """The edge checks; answers the request body's declared length."""
-        user: str | None = None
+        users: list[str] = []
         length_header: bytes | None = None
         for name, value in scope["headers"]:
             if name == b"x-user-id":
-                user = value.decode("latin-1")
+                users.append(value.decode("latin-1"))
             elif name == b"content-length":
                 length_header = value
-        user = user_id(user)
+        if len(users) > 1:  # which copy counts differs between servers: refuse, never guess
+            raise Problem(
+                400, "The header x-user-id is given more than once.", title="Repeated header"
+            )
+        user = check_user_id(users[0] if users else None)
         length: int | None = None
         if length_header is not None:
             if not length_header.isdigit():

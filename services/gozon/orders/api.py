@@ -15,6 +15,7 @@ from gozon.core.db import create_engine, database_answers, session_factory
 from gozon.core.deps import SessionsDep
 from gozon.core.headers import IdempotencyKeyDep, UserIdDep
 from gozon.core.health import Readiness
+from gozon.core.inputs import StrictRoute
 from gozon.core.problems import Problem
 from gozon.core.settings import OrdersSettings
 from gozon.messaging.wakeup import OutboxNotifier
@@ -22,26 +23,28 @@ from gozon.orders import service
 from gozon.orders.models import order_outbox
 from gozon.orders.schemas import OrderCreate, OrderRead
 
-router = APIRouter(prefix="/api/orders", tags=["orders"])
+router = APIRouter(prefix="/api/orders", tags=["orders"], route_class=StrictRoute)
 log = structlog.get_logger(__name__)
 
-PROBLEM = {"description": "Problem details (RFC 9457)", "content": {"application/problem+json": {}}}
+CURSOR_PATTERN = r"^[A-Za-z0-9_-]{1,200}$"
 
 
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=OrderRead,
-    responses={400: PROBLEM, 422: PROBLEM},
+    responses={
+        422: {"description": "Invalid body, or the Idempotency-Key was used for another order."}
+    },
     summary="Create an order (status NEW); payment follows asynchronously",
 )
 async def create_order(
     body: OrderCreate,
     user_id: UserIdDep,
-    idempotency_key: IdempotencyKeyDep,
     sessions: SessionsDep,
     request: Request,
     response: Response,
+    idempotency_key: IdempotencyKeyDep = None,
 ) -> Any:
     try:
         created = await service.create_order(
@@ -71,7 +74,7 @@ async def create_order(
 @router.get(
     "",
     response_model=list[OrderRead],
-    responses={400: PROBLEM},
+    responses={400: {"description": "A bad header, or a cursor this service did not issue."}},
     summary="The user's orders, newest first; the next page is in the Link header",
 )
 async def list_orders(
@@ -80,7 +83,14 @@ async def list_orders(
     request: Request,
     response: Response,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    cursor: Annotated[
+        str | None,
+        Query(
+            pattern=CURSOR_PATTERN,
+            description="Opaque: only the value from the previous page's `Link: rel=next` "
+            "header; any other value is a 400.",
+        ),
+    ] = None,
 ) -> Any:
     try:
         orders, next_cursor = await service.list_orders(
@@ -97,7 +107,7 @@ async def list_orders(
 @router.get(
     "/{order_id}",
     response_model=OrderRead,
-    responses={400: PROBLEM, 404: PROBLEM},
+    responses={404: {"description": "No such order for this user."}},
     summary="One of the user's orders, with its status",
 )
 async def get_order(order_id: uuid.UUID, user_id: UserIdDep, sessions: SessionsDep) -> Any:

@@ -8,9 +8,21 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from gozon.contracts import Amount, Money
+from gozon.contracts import Money
+from gozon.core.inputs import JsonAmount
 
-Description = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500)]
+# Whitespace as Python, JSON Schema (ECMAScript) and Unicode each define it, so that every
+# validator of the published schema agrees on which descriptions are blank.
+_SPACE = r"\t-\r \x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+DESCRIPTION_PATTERN = rf"^[^\x00]*[^\x00{_SPACE}][^\x00]*$"
+Description = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=500, pattern=DESCRIPTION_PATTERN),
+    Field(
+        description="1-500 characters, stored as sent; at least one is not whitespace; no NUL.",
+        examples=["Тестовый заказ"],
+    ),
+]
 
 
 class OrderCreate(BaseModel):
@@ -19,7 +31,7 @@ class OrderCreate(BaseModel):
         json_schema_extra={"examples": [{"amount": 1500.99, "description": "Тестовый заказ"}]},
     )
 
-    amount: Amount = Field(description="Positive, at most two decimal places, at most 1e9.")
+    amount: JsonAmount
     description: Description
 
 

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from decimal import Decimal
 from typing import Annotated, Any
 
 import structlog
 from fastapi import APIRouter, FastAPI, Query, Response, status
 
-from gozon.contracts import Amount
 from gozon.core.app import create_app
 from gozon.core.db import create_engine, database_answers, session_factory
 from gozon.core.deps import SessionsDep
 from gozon.core.headers import IdempotencyKeyDep, UserIdDep
 from gozon.core.health import Readiness
+from gozon.core.inputs import AMOUNT_PATTERN, StrictRoute
 from gozon.core.problems import Problem
 from gozon.core.settings import PaymentsSettings
 from gozon.payments import service
@@ -22,16 +23,14 @@ from gozon.payments.models import MAX_BALANCE
 from gozon.payments.schemas import AccountRead, DepositRead
 
 log = structlog.get_logger(__name__)
-router = APIRouter(prefix="/api/payments", tags=["payments"])
-
-PROBLEM = {"description": "Problem details (RFC 9457)", "content": {"application/problem+json": {}}}
+router = APIRouter(prefix="/api/payments", tags=["payments"], route_class=StrictRoute)
 
 
 @router.post(
     "/accounts",
     status_code=status.HTTP_201_CREATED,
     response_model=AccountRead,
-    responses={400: PROBLEM, 409: PROBLEM},
+    responses={409: {"description": "This user already has an account."}},
     summary="Open the user's account (one per user), with a zero balance",
 )
 async def create_account(user_id: UserIdDep, sessions: SessionsDep, response: Response) -> Any:
@@ -46,18 +45,32 @@ async def create_account(user_id: UserIdDep, sessions: SessionsDep, response: Re
 @router.post(
     "/deposit",
     response_model=DepositRead,
-    responses={400: PROBLEM, 422: PROBLEM, 503: PROBLEM},
+    responses={
+        422: {
+            "description": "Invalid amount, an Idempotency-Key used for another amount, or a "
+            "balance that would pass its limit."
+        },
+        503: {"description": "The account is changing too fast; nothing was written, retry."},
+    },
     summary="Credit the user's account; the first deposit opens it",
 )
 async def deposit(
-    amount: Annotated[
-        Amount, Query(description="Positive, at most two decimal places, at most 1e9.")
+    amount_text: Annotated[
+        str,
+        Query(
+            alias="amount",
+            pattern=AMOUNT_PATTERN,
+            description="0.01 to 1000000000, at most two decimal places, plain digits: no sign, "
+            "exponent, spaces, separators or leading zeros.",
+            examples=["100.50"],
+        ),
     ],
     user_id: UserIdDep,
-    idempotency_key: IdempotencyKeyDep,
     sessions: SessionsDep,
     response: Response,
+    idempotency_key: IdempotencyKeyDep = None,
 ) -> Any:
+    amount = Decimal(amount_text)  # exact: the pattern admits only plain decimals in range
     try:
         deposited = await service.deposit(
             sessions=sessions, user_id=user_id, amount=amount, idempotency_key=idempotency_key
@@ -103,7 +116,7 @@ async def deposit(
 @router.get(
     "/balance",
     response_model=AccountRead,
-    responses={400: PROBLEM, 404: PROBLEM},
+    responses={404: {"description": "This user has no account; a first deposit opens one."}},
     summary="The user's account and its balance",
 )
 async def get_balance(user_id: UserIdDep, sessions: SessionsDep) -> Any:
