@@ -189,13 +189,92 @@ async def test_the_same_order_event_three_times_debits_once(
             ).one()
         return int(row[0]), int(row[1]), int(row[2])
 
-    async def recorded_once() -> bool:
-        return await counts() == (1, 1, 1)
+    async def answered_thrice() -> bool:
+        return (await counts())[2] == 3
 
-    await until(recorded_once, 20, "one ledger row, one inbox row and one result")
-    await asyncio.sleep(1)  # the two duplicates have been consumed by now; nothing changes
-    assert await counts() == (1, 1, 1)
+    # every delivery is answered (with the one decision), so three answers = all consumed
+    await until(answered_thrice, 20, "an answer to each of the three deliveries")
+    assert await counts() == (1, 1, 3)
     assert await balance(gateway, user) == Decimal("30.00")
+
+
+async def publish(platform: Platform, events: list[OrderCreated]) -> None:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=platform.env["GOZON_KAFKA_BOOTSTRAP_SERVERS"],
+        acks="all",
+        enable_idempotence=True,
+    )
+    await producer.start()
+    try:
+        for event in events:
+            await producer.send_and_wait(
+                ORDER_CREATED_TOPIC,
+                key=event.payload.user_id.encode(),
+                value=event.model_dump_json().encode(),
+            )
+    finally:
+        await producer.stop()
+
+
+async def test_new_envelopes_for_decided_orders_move_no_money(
+    gateway: httpx.AsyncClient, platform: Platform, accounts_db: AsyncEngine
+) -> None:
+    """A producer's retry of an order under a fresh event id, for a CANCELLED order whose user
+    has topped up since, and for a FINISHED one: neither is debited (again)."""
+    user = new_user()
+    await deposit(gateway, user, "100")
+    finished = await final_order(gateway, user, await order(gateway, user, "60"))
+    cancelled = await final_order(gateway, user, await order(gateway, user, "70"))
+    assert (finished["status"], cancelled["status"]) == ("FINISHED", "CANCELLED")
+    await deposit(gateway, user, "500")  # now the cancelled order would be affordable
+    before = await check_money_invariants(accounts_db, user)
+    assert before == Decimal("540")
+
+    def envelope(final: dict[str, Any]) -> OrderCreated:
+        return OrderCreated(  # a new envelope: a fresh event_id for the same order
+            aggregate_id=final["id"],
+            payload=OrderCreatedPayload(
+                order_id=uuid.UUID(final["id"]),
+                user_id=user,
+                amount=Decimal(str(final["amount"])),
+                description=final["description"],
+                created_at=utc_now(),
+            ),
+        )
+
+    await publish(platform, [envelope(finished), envelope(cancelled), envelope(cancelled)])
+
+    async def answers() -> dict[str, int]:
+        async with accounts_db.connect() as conn:
+            rows = await conn.execute(
+                text(
+                    "SELECT order_id::text, count(*) FROM payment_outbox"
+                    " WHERE user_id = :u GROUP BY order_id"
+                ),
+                {"u": user},
+            )
+            return {order_id: int(count) for order_id, count in rows}
+
+    async def all_answered() -> bool:  # first answer + one per new envelope
+        return await answers() == {finished["id"]: 2, cancelled["id"]: 3}
+
+    await until(all_answered, 30, "an answer to every new envelope")
+    assert await check_money_invariants(accounts_db, user) == before
+    assert await balance(gateway, user) == Decimal("540")
+    for final in (finished, cancelled):
+        again = await gateway.get(f"/api/orders/{final['id']}", headers={"X-User-Id": user})
+        assert again.json()["status"] == final["status"]
+    async with accounts_db.connect() as conn:
+        statuses = (
+            await conn.execute(
+                text(
+                    "SELECT DISTINCT order_id::text, payload->'payload'->>'status'"
+                    " FROM payment_outbox WHERE user_id = :u"
+                ),
+                {"u": user},
+            )
+        ).all()
+    assert sorted(status for _, status in statuses) == ["INSUFFICIENT_FUNDS", "PAID"]
 
 
 async def check_money_invariants(accounts_db: AsyncEngine, user: str) -> Decimal:

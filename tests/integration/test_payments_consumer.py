@@ -131,6 +131,16 @@ async def answer_for(sessions: Sessions, order_id: uuid.UUID) -> PaymentProcesse
     return PaymentProcessed.model_validate(payload)
 
 
+async def answers_for(sessions: Sessions, order_id: uuid.UUID) -> list[PaymentProcessed]:
+    async with sessions() as session:
+        payloads = await session.scalars(
+            select(payment_outbox.c.payload)
+            .where(payment_outbox.c.order_id == order_id)
+            .order_by(payment_outbox.c.id)
+        )
+        return [PaymentProcessed.model_validate(p) for p in payloads]
+
+
 def outcome_count(outcome: str) -> float:
     return REGISTRY.get_sample_value("gozon_payment_outcomes_total", {"outcome": outcome}) or 0.0
 
@@ -180,7 +190,8 @@ async def test_duplicate_order_event_debits_once(sessions: Sessions) -> None:
 
     assert outcomes == ["processed", "duplicate", "duplicate"]
     assert await balance_of(sessions, uid) == Decimal("40")
-    assert await rows_for_order(sessions, event.payload.order_id) == (1, 1, 1)
+    # one inbox row, one debit; each delivery is answered with the one decision
+    assert await rows_for_order(sessions, event.payload.order_id) == (1, 1, 3)
 
 
 async def test_concurrent_deliveries_of_one_order_event_debit_once(sessions: Sessions) -> None:
@@ -193,7 +204,7 @@ async def test_concurrent_deliveries_of_one_order_event_debit_once(sessions: Ses
 
     assert sorted(outcomes) == ["duplicate"] * 4 + ["processed"]
     assert await balance_of(sessions, uid) == Decimal("40")
-    assert await rows_for_order(sessions, event.payload.order_id) == (1, 1, 1)
+    assert await rows_for_order(sessions, event.payload.order_id) == (1, 1, 5)
 
 
 async def test_insufficient_funds_leaves_the_balance_unchanged(sessions: Sessions) -> None:
@@ -236,20 +247,71 @@ async def test_an_order_without_an_account_is_account_not_found_and_opens_none(
     assert answer.payload.reason
 
 
-async def test_a_second_event_for_a_paid_order_cannot_debit_it_again(sessions: Sessions) -> None:
-    """Belt and braces behind the inbox: the database allows one debit per order."""
+async def test_a_new_envelope_for_a_paid_order_debits_nothing_and_answers_paid_again(
+    sessions: Sessions,
+) -> None:
     uid = user()
     await deposit(sessions, uid, "100")
     first = order_created(uid, "30")
     second = order_created(uid, "30", order_id=first.payload.order_id)  # another event id
     handle = make_handler(sessions)
 
-    await handle(first, record_of(first))
-    with pytest.raises(IntegrityError, match="uq_account_ledger_debit_order_id"):
-        await handle(second, record_of(second))
+    assert await handle(first, record_of(first)) == "processed"
+    assert await handle(second, record_of(second)) == "duplicate"
 
     assert await balance_of(sessions, uid) == Decimal("70")
-    assert await rows_for_order(sessions, first.payload.order_id) == (1, 1, 1)
+    assert await rows_for_order(sessions, first.payload.order_id) == (2, 1, 2)
+    answers = await answers_for(sessions, first.payload.order_id)
+    assert [a.payload.status for a in answers] == ["PAID", "PAID"]
+
+
+async def test_a_cancelled_order_stays_unpaid_after_a_top_up_whatever_the_envelope(
+    sessions: Sessions,
+) -> None:
+    uid = user()
+    await deposit(sessions, uid, "10")
+    first = order_created(uid, "50")
+    handle = make_handler(sessions)
+    assert await handle(first, record_of(first)) == "processed"
+    await deposit(sessions, uid, "100")  # the user tops up after the cancellation
+
+    retry = order_created(uid, "50", order_id=first.payload.order_id)
+    outcomes = await asyncio.gather(
+        handle(retry, record_of(retry)), handle(first, record_of(first))
+    )
+
+    assert list(outcomes) == ["duplicate", "duplicate"]
+    assert await balance_of(sessions, uid) == Decimal("110")
+    assert await rows_for_order(sessions, first.payload.order_id) == (2, 0, 3)
+    answers = await answers_for(sessions, first.payload.order_id)
+    assert {a.payload.status for a in answers} == {"INSUFFICIENT_FUNDS"}
+
+
+async def test_concurrent_new_envelopes_of_one_order_decide_it_once(sessions: Sessions) -> None:
+    uid = user()
+    await deposit(sessions, uid, "100")
+    order_id = uuid.uuid4()
+    events = [order_created(uid, "60", order_id=order_id) for _ in range(5)]
+    handle = make_handler(sessions)
+
+    outcomes = await asyncio.gather(*(handle(e, record_of(e)) for e in events))
+
+    assert sorted(outcomes) == ["duplicate"] * 4 + ["processed"]
+    assert await balance_of(sessions, uid) == Decimal("40")
+    assert await rows_for_order(sessions, order_id) == (5, 1, 5)
+
+
+async def test_the_ledger_refuses_a_second_debit_of_one_order(sessions: Sessions) -> None:
+    """Belt and braces behind the decision: the database allows one debit per order."""
+    uid = user()
+    await deposit(sessions, uid, "100")
+    order_id = uuid.uuid4()
+    async with sessions() as session, session.begin():
+        await service.pay_for_order(session, order_id=order_id, user_id=uid, amount=Decimal(30))
+    with pytest.raises(IntegrityError, match="uq_account_ledger_debit_order_id"):
+        async with sessions() as session, session.begin():
+            await service.pay_for_order(session, order_id=order_id, user_id=uid, amount=Decimal(30))
+    assert await balance_of(sessions, uid) == Decimal("70")
 
 
 async def test_concurrent_orders_and_deposits_on_one_account_neither_create_nor_lose_money(

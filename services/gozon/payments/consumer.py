@@ -1,14 +1,18 @@
 """The payments consumer's handler for `order.created.event`: inbox, debit, outbox, one commit.
 
 Guarantees (the runner commits the offset only after this transaction has committed):
-- An event is paid for at most once: its event id is the inbox row's key, inserted first with
-  `ON CONFLICT DO NOTHING`; a redelivery finds the row and writes nothing ("duplicate"), and a
-  concurrent redelivery waits for the first transaction, then finds it.
-- The inbox row with its outcome, the debit with its ledger row, and the `PaymentProcessed`
+- An order is paid for at most once, whatever envelope it comes in: every event is recorded in
+  the inbox by its event id, and the order's one payment decision (`service.
+  decide_order_payment`, keyed by the order id) is made by the first event about it. A later
+  event about the same order — a redelivery, or the producer's retry under a new event id —
+  debits nothing and gets the stored decision sent again ("duplicate"); a concurrent one waits
+  for the first transaction, then finds its decision.
+- The inbox row, the decision, the debit with its ledger row, and the `PaymentProcessed`
   outbox row commit together or not at all; a crash before the commit leaves nothing, and the
-  redelivered event is paid then.
-- Every first delivery gets exactly one answer on `payment.processed.event`: PAID,
-  INSUFFICIENT_FUNDS (nothing debited) or ACCOUNT_NOT_FOUND.
+  redelivered event is decided then.
+- Every delivery gets an answer on `payment.processed.event`: the order's decision, PAID,
+  INSUFFICIENT_FUNDS (nothing debited) or ACCOUNT_NOT_FOUND. The orders consumer applies only
+  the first (its status change is guarded), so a repeated answer changes nothing.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ def make_handler(
         structlog.contextvars.bind_contextvars(order_id=str(order.order_id), user_id=order.user_id)
         try:
             async with sessions() as session, session.begin():
-                claimed = await session.scalar(
+                new_event = await session.scalar(
                     insert(InboxEntry)
                     .values(
                         idempotency_key=event.event_id,
@@ -57,43 +61,60 @@ def make_handler(
                     .on_conflict_do_nothing(index_elements=[InboxEntry.idempotency_key])
                     .returning(InboxEntry.idempotency_key)
                 )
-                if claimed is None:
-                    log.info("order event already handled")
-                    return "duplicate"
-                payment = await service.pay_for_order(
-                    session, order_id=order.order_id, user_id=order.user_id, amount=order.amount
+                decision = await service.decide_order_payment(
+                    session,
+                    event_id=event.event_id,
+                    order_id=order.order_id,
+                    user_id=order.user_id,
+                    amount=order.amount,
                 )
-                processed_at = utc_now()
-                await session.execute(
-                    update(InboxEntry)
-                    .where(InboxEntry.idempotency_key == event.event_id)
-                    .values(status=payment.status, reason=payment.reason, processed_at=processed_at)
-                )
+                if new_event is not None:
+                    await session.execute(
+                        update(InboxEntry)
+                        .where(InboxEntry.idempotency_key == event.event_id)
+                        .values(
+                            status=decision.status, reason=decision.reason, processed_at=utc_now()
+                        )
+                    )
                 result = PaymentProcessed(
                     aggregate_id=str(order.order_id),
                     payload=PaymentProcessedPayload(
                         order_id=order.order_id,
-                        user_id=order.user_id,
-                        amount=order.amount,
-                        status=payment.status,
-                        reason=payment.reason,
-                        processed_at=processed_at,
+                        user_id=decision.user_id,
+                        amount=decision.amount,
+                        status=decision.status,
+                        reason=decision.reason,
+                        processed_at=decision.decided_at,
                     ),
                 )
                 await add_to_outbox(
                     session,
                     payment_outbox,
                     topic=PAYMENT_PROCESSED_TOPIC,
-                    key=order.user_id,
+                    key=decision.user_id,
                     event=result,
                     order_id=order.order_id,
-                    user_id=order.user_id,
+                    user_id=decision.user_id,
                 )
             notify()
-            outcome = payment.status.lower()
+            if decision.replayed:
+                if (decision.user_id, decision.amount) != (order.user_id, order.amount):
+                    log.warning(
+                        "order event disagrees with the order's payment decision",
+                        event_amount=str(order.amount),
+                        decided_amount=str(decision.amount),
+                        decided_user_id=decision.user_id,
+                    )
+                log.info(
+                    "order already decided; outcome sent again",
+                    outcome=decision.status,
+                    same_event=new_event is None,
+                )
+                return "duplicate"
+            outcome = decision.status.lower()
             PAYMENT_OUTCOMES.labels(outcome).inc()
             PAYMENT_AMOUNT.labels(outcome).observe(float(order.amount))
-            log.info("order payment processed", outcome=payment.status)
+            log.info("order payment processed", outcome=decision.status)
             return "processed"
         finally:
             structlog.contextvars.unbind_contextvars("order_id", "user_id")

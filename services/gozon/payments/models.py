@@ -5,7 +5,9 @@ What the database itself guarantees, whatever the code does:
 - the ledger is append-only (triggers refuse UPDATE, DELETE and TRUNCATE: migration 0002)
   and holds one DEBIT per order at most (a partial unique index) and one deposit per
   (account, Idempotency-Key) (another);
-- one inbox row per event id (its primary key), so an event is recorded once.
+- one inbox row per event id (its primary key), so an event is recorded once;
+- one payment decision per order (`payment_decisions`, keyed by the order id), so whatever
+  envelope an order arrives in, it is decided once (migration 0003).
 """
 
 from __future__ import annotations
@@ -125,6 +127,27 @@ class InboxEntry(Base):
             f"status IN ('{PAID}', '{INSUFFICIENT_FUNDS}', '{ACCOUNT_NOT_FOUND}')", name="status"
         ),
         Index("ix_payment_inbox_order_id", "order_id"),
+    )
+
+
+class PaymentDecision(Base):
+    """The one outcome of an order's payment; every later event about the order gets it again."""
+
+    __tablename__ = "payment_decisions"
+
+    order_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(64))
+    amount: Mapped[Decimal] = mapped_column(Numeric(19, 2))
+    # NULL only inside the deciding transaction: the outcome is set before it commits.
+    status: Mapped[str | None] = mapped_column(String(32))
+    reason: Mapped[str | None] = mapped_column(Text)
+    event_id: Mapped[uuid.UUID] = mapped_column(comment="The event that decided it.")
+    decided_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    __table_args__ = (
+        CheckConstraint(
+            f"status IN ('{PAID}', '{INSUFFICIENT_FUNDS}', '{ACCOUNT_NOT_FOUND}')", name="status"
+        ),
     )
 
 

@@ -11,8 +11,15 @@ Guarantees:
   database's CHECK whatever happens.
 - A deposit with an Idempotency-Key credits once: a retry with the same key and amount answers
   with the first deposit's result; the same key with another amount is refused.
-- `pay_for_order` works inside the caller's transaction (the consumer's, which also holds the
-  inbox and outbox rows) and writes nothing when the order cannot be paid.
+- One payment decision per order: `decide_order_payment` claims the order's
+  `payment_decisions` row first (`ON CONFLICT DO NOTHING` on the order id; a concurrent claim
+  waits for the first transaction, then finds its row). Only the claim's winner debits; any
+  other event about the order, in the same or a new envelope, gets the stored decision and
+  debits nothing — a CANCELLED order stays unpaid after a top-up, a FINISHED one is not paid
+  twice.
+- `pay_for_order` and `decide_order_payment` work inside the caller's transaction (the
+  consumer's, which also holds the inbox and outbox rows) and write nothing when the order
+  cannot be paid.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import asyncio
 import random
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 
 from sqlalchemy import func, select, update
@@ -39,6 +47,7 @@ from gozon.payments.models import (
     PAID,
     Account,
     LedgerEntry,
+    PaymentDecision,
 )
 
 CAS_ATTEMPTS = 20
@@ -94,6 +103,19 @@ class Deposited:
 class Payment:
     status: PaymentStatus
     reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """An order's payment decision; `replayed` when it was made for an earlier event."""
+
+    order_id: uuid.UUID
+    user_id: str
+    amount: Decimal
+    status: PaymentStatus
+    reason: str | None
+    decided_at: datetime
+    replayed: bool
 
 
 def cas_backoff(attempt: int) -> float:
@@ -249,3 +271,54 @@ async def pay_for_order(
         )
     )
     return Payment(PAID)
+
+
+async def decide_order_payment(
+    session: AsyncSession,
+    *,
+    event_id: uuid.UUID,
+    order_id: uuid.UUID,
+    user_id: str,
+    amount: Decimal,
+) -> Decision:
+    """The order's one payment decision, in the caller's transaction.
+
+    The first event about an order claims its decision row and pays (or not); every later one
+    gets the stored decision back, with nothing debited.
+    """
+    claimed = await session.scalar(
+        insert(PaymentDecision)
+        .values(order_id=order_id, user_id=user_id, amount=amount, event_id=event_id)
+        .on_conflict_do_nothing(index_elements=[PaymentDecision.order_id])
+        .returning(PaymentDecision.decided_at)
+    )
+    if claimed is None:
+        stored = await session.scalar(
+            select(PaymentDecision).where(PaymentDecision.order_id == order_id)
+        )
+        assert stored is not None  # the conflicting claim has committed
+        assert stored.status is not None  # and set its outcome before committing
+        return Decision(
+            order_id=order_id,
+            user_id=stored.user_id,
+            amount=stored.amount,
+            status=stored.status,  # type: ignore[arg-type]  # the CHECK keeps it a PaymentStatus
+            reason=stored.reason,
+            decided_at=stored.decided_at,
+            replayed=True,
+        )
+    payment = await pay_for_order(session, order_id=order_id, user_id=user_id, amount=amount)
+    await session.execute(
+        update(PaymentDecision)
+        .where(PaymentDecision.order_id == order_id)
+        .values(status=payment.status, reason=payment.reason)
+    )
+    return Decision(
+        order_id=order_id,
+        user_id=user_id,
+        amount=amount,
+        status=payment.status,
+        reason=payment.reason,
+        decided_at=claimed,
+        replayed=False,
+    )
