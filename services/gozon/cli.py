@@ -199,17 +199,11 @@ def gateway(_: argparse.Namespace) -> int:
 
     from gozon.core.settings import GatewaySettings
     from gozon.gateway.app import build_app
+    from gozon.gateway.server import uvicorn_config
 
     settings = _start("gateway", GatewaySettings)
     assert isinstance(settings, GatewaySettings)
-    uvicorn.run(
-        build_app(settings),
-        host=settings.gateway_host,
-        port=settings.gateway_port,
-        log_config=None,
-        access_log=False,
-        proxy_headers=False,  # the edge: the peer is the client; X-Forwarded-For is not trusted
-    )
+    uvicorn.Server(uvicorn_config(build_app(settings), settings)).run()
     return 0
 
 

@@ -131,6 +131,13 @@ class GatewaySettings(CommonSettings):
     gateway_rate_limit_per_s: float = Field(default=0, ge=0)  # per user; 0 turns it off
     gateway_rate_limit_burst: int = Field(default=20, ge=1)
     gateway_cors_origins: Annotated[list[str], NoDecode] = []  # comma-separated; empty is off
+    # The client side of the edge (gateway/server.py): what one connection may send, how fast.
+    gateway_max_request_line_bytes: int = Field(default=8 * 1024, ge=256)
+    gateway_max_head_bytes: int = Field(default=16 * 1024, ge=1024)  # request line + headers
+    gateway_max_headers: int = Field(default=64, ge=8)
+    gateway_header_timeout_s: float = Field(default=10.0, gt=0)
+    gateway_body_timeout_s: float = Field(default=30.0, gt=0)
+    gateway_max_connections_per_client: int = Field(default=256, ge=1)
 
     @field_validator("gateway_orders_url", "gateway_payments_url")
     @classmethod

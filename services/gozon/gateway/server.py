@@ -1,0 +1,278 @@
+"""The gateway's HTTP/1.1 server protocol: uvicorn's httptools protocol with the edge's limits.
+
+uvicorn bounds idle keep-alive connections (`timeout_keep_alive`) and nothing else at the
+connection level: with its default parser (httptools) a request line, a header or a whole head
+may be any size, a client may take forever to send its headers or its announced body, and one
+address may hold any number of connections. `EdgeProtocol` adds exactly those limits:
+
+    request line longer than `max_request_line_bytes`           414, connection closed
+    more than `max_headers` headers, or a head (request line
+    and headers) larger than `max_head_bytes`                   431, connection closed
+    head not complete `header_timeout_s` after its first byte
+    (or after the connection opened)                            408, connection closed
+    body not complete `body_timeout_s` after the head           408 (if no answer started yet),
+                                                                connection closed
+    more than `max_connections_per_client` open connections
+    from one address                                            429 to the new one, closed
+
+Each refusal is written by the protocol itself (problem+json, `Connection: close`) before the
+request reaches the application, so nothing is forwarded: a head refused is never parsed into
+a request, and a body cut short by its deadline reaches an upstream, if at all, as an
+incomplete request. A head's size is counted from the bytes received while it is incomplete,
+so a client cannot make the parser buffer an endless header value either.
+
+Why subclass rather than configure: uvicorn has no setting for any of these with httptools
+(h11's `max_incomplete_event_size` covers only the head size, and only with the slower h11
+parser); the subclass keeps httptools' speed and touches only its parser callbacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+
+import structlog
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from gozon.core.problems import PROBLEM_JSON
+from gozon.core.settings import GatewaySettings
+
+log = structlog.get_logger(__name__)
+# After a refusal the connection is half-closed (FIN after the answer) and what the client
+# still sends is read and dropped for this long, so its kernel does not turn our close into a
+# reset that destroys the answer before the client reads it (nginx's lingering close).
+LINGER_S = 2.0
+
+
+@dataclass
+class EdgeLimits:
+    """The limits, and the per-address connection counts shared by a server's connections."""
+
+    max_request_line_bytes: int = 8 * 1024
+    max_head_bytes: int = 16 * 1024
+    max_headers: int = 64
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections_per_client: int = 256
+    open_connections: Counter[str] = field(default_factory=Counter)
+
+
+class _Refused(Exception):
+    """Raised from a parser callback: the parser stops, `send_400_response` answers it."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def problem_bytes(status: int, detail: str, headers: dict[str, str] | None = None) -> bytes:
+    """A complete HTTP/1.1 problem+json answer that closes the connection."""
+    phrase = HTTPStatus(status).phrase
+    body = json.dumps(
+        {"type": "about:blank", "title": phrase, "status": status, "detail": detail}
+    ).encode()
+    lines = [
+        f"HTTP/1.1 {status} {phrase}",
+        f"content-type: {PROBLEM_JSON}",
+        f"content-length: {len(body)}",
+        "connection: close",
+        *(f"{name}: {value}" for name, value in (headers or {}).items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+class EdgeProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with `EdgeLimits` (see the module docstring)."""
+
+    limits: EdgeLimits  # set by `edge_protocol`
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._counted_as: str | None = None
+        self._in_head = True
+        self._head_bytes = 0  # received while the head is incomplete
+        self._line_and_headers = 0  # the parsed head's size
+        self._header_count = 0
+        self._refused: _Refused | None = None
+        self._discarding = False
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------------ connection
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        host = self.client[0] if self.client else ""
+        if self.limits.open_connections[host] >= self.limits.max_connections_per_client:
+            log.warning("connection refused: too many from one address", client=host)
+            self._close_with(
+                429,
+                f"More than {self.limits.max_connections_per_client} open connections from "
+                "this address; reuse one, or retry later.",
+                {"retry-after": "1"},
+            )
+            return
+        self.limits.open_connections[host] += 1
+        self._counted_as = host
+        self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_late)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timers()
+        if self._counted_as is not None:
+            self.limits.open_connections[self._counted_as] -= 1
+            if self.limits.open_connections[self._counted_as] <= 0:
+                del self.limits.open_connections[self._counted_as]
+            self._counted_as = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._discarding or self.transport.is_closing():
+            return
+        if self._in_head:
+            self._head_bytes += len(data)
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(
+                    self.limits.header_timeout_s, self._head_late
+                )
+        super().data_received(data)
+        if self._in_head and self._head_bytes > self.limits.max_head_bytes:
+            self._close_with(431, self._head_too_large())
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a parser error: ours, when a limit of ours stopped the parser."""
+        if self._refused is not None:
+            self._close_with(self._refused.status, self._refused.detail)
+        else:
+            self._close_with(400, "The request is not valid HTTP/1.1.")
+
+    # ------------------------------------------------------------------ parser callbacks
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._line_and_headers = 0
+        self._header_count = 0
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        if len(self.url) > self.limits.max_request_line_bytes:
+            self._refuse(
+                414,
+                f"The request target is longer than {self.limits.max_request_line_bytes} bytes.",
+            )
+        self._line_and_headers += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        self._line_and_headers += len(name) + len(value) + 4
+        if self._header_count > self.limits.max_headers:
+            self._refuse(431, f"The request has more than {self.limits.max_headers} headers.")
+        if self._line_and_headers > self.limits.max_head_bytes:
+            self._refuse(431, self._head_too_large())
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        self._cancel_timers()
+        self._body_timer = self.loop.call_later(self.limits.body_timeout_s, self._body_late)
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._cancel_timers()
+        self._in_head = True  # the next request's head, if any, starts now
+        super().on_message_complete()
+
+    # ------------------------------------------------------------------ refusals
+
+    def _refuse(self, status: int, detail: str) -> None:
+        refused = _Refused(status, detail)
+        self._refused = refused
+        raise refused
+
+    def _head_too_large(self) -> str:
+        return f"The request line and headers are larger than {self.limits.max_head_bytes} bytes."
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self._head_bytes == 0:
+            self._abandon_cycle()
+            self.transport.close()  # a new connection that sent nothing: nothing to answer
+            return
+        self._close_with(
+            408, f"The request headers did not arrive within {self.limits.header_timeout_s:g} s."
+        )
+
+    def _body_late(self) -> None:
+        self._body_timer = None
+        if self.transport.is_closing():
+            return
+        log.warning("request body too slow; closing", client=self._counted_as)
+        self._close_with(
+            408, f"The request body did not arrive within {self.limits.body_timeout_s:g} s."
+        )
+
+    def _close_with(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+        """Answers `status` (unless an answer is being sent) and closes the connection."""
+        self._cancel_timers()
+        answering = self.cycle is not None and self.cycle.response_started
+        self._abandon_cycle()
+        if answering and not (self.cycle is not None and self.cycle.response_complete):
+            self.transport.close()  # mid-answer: only closing can tell the client it is cut
+            return
+        self.transport.write(problem_bytes(status, detail, headers))
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        self._discarding = True
+        self.loop.call_later(LINGER_S, self.transport.close)
+
+    def _abandon_cycle(self) -> None:
+        # The application, if it runs, now sees the client gone: its reads end, its writes drop.
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._head_timer, self._body_timer):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._body_timer = None
+
+
+def edge_protocol(limits: EdgeLimits) -> type[EdgeProtocol]:
+    """A protocol class for `uvicorn.run(http=…)` bound to `limits` (one per server)."""
+    return type("GatewayEdgeProtocol", (EdgeProtocol,), {"limits": limits})
+
+
+def limits_from(settings: GatewaySettings) -> EdgeLimits:
+    return EdgeLimits(
+        max_request_line_bytes=settings.gateway_max_request_line_bytes,
+        max_head_bytes=settings.gateway_max_head_bytes,
+        max_headers=settings.gateway_max_headers,
+        header_timeout_s=settings.gateway_header_timeout_s,
+        body_timeout_s=settings.gateway_body_timeout_s,
+        max_connections_per_client=settings.gateway_max_connections_per_client,
+    )
+
+
+def uvicorn_config(app: Any, settings: GatewaySettings) -> uvicorn.Config:
+    """How `gozon gateway` serves the app (the tests serve it the same way)."""
+    return uvicorn.Config(
+        app,
+        host=settings.gateway_host,
+        port=settings.gateway_port,
+        http=edge_protocol(limits_from(settings)),
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,  # the edge: the peer is the client; X-Forwarded-For is not trusted
+    )
