@@ -11,6 +11,7 @@ from gozon.gateway.headers import (
     upstream_headers,
     with_request_id,
 )
+from gozon.gateway.identity import IDENTITY_HEADERS
 from gozon.gateway.openapi import merge
 from gozon.gateway.proxy import retryable
 
@@ -21,6 +22,7 @@ def forward(headers: list[tuple[bytes, bytes]], **kwargs: object) -> dict[str, s
         "scheme": "https",
         "request_id": "rid",
         "trace": {"traceparent": "00-gateway-span"},
+        "user_id": "u1",
     }
     options.update(kwargs)
     sent = upstream_headers(headers, **options)  # type: ignore[arg-type]
@@ -48,6 +50,21 @@ def test_hop_by_hop_headers_and_those_named_in_connection_are_dropped() -> None:
     assert sent["content-type"] == "application/json"
     assert not {"connection", "x-private", "keep-alive", "proxy-authorization", "te"} & set(sent)
     assert not {"trailer", "transfer-encoding", "upgrade"} & set(sent)
+
+
+def test_identity_headers_are_the_gateways_and_the_clients_never_pass() -> None:
+    sent = forward(
+        [
+            (b"x-user-id", b"someone-else"),
+            (b"X-Forwarded-User", b"admin"),
+            (b"x-remote-user", b"admin"),
+            (b"authorization", b"Bearer t"),
+        ],
+        user_id="u7",
+        dropped=IDENTITY_HEADERS | {b"authorization"},
+    )
+    assert sent["x-user-id"] == "u7"
+    assert not {"x-forwarded-user", "x-remote-user", "authorization"} & set(sent)
 
 
 def test_forwarded_headers_are_set_by_the_gateway_and_for_is_appended() -> None:

@@ -33,3 +33,33 @@ def test_cors_origins_come_comma_separated_and_default_to_off(
 
 def test_the_rate_limit_is_off_by_default() -> None:
     assert GatewaySettings().gateway_rate_limit_per_s == 0
+
+
+def test_identity_is_the_header_by_default() -> None:
+    assert GatewaySettings().gateway_identity == "header"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({}, "exactly one of"),
+        ({"gateway_jwt_secret": "s" * 32}, "AUDIENCE"),
+        (
+            {"gateway_jwt_secret": "short", "gateway_jwt_audience": "a", "gateway_jwt_issuer": "i"},
+            "at least 32 bytes",
+        ),
+        (
+            {
+                "gateway_jwt_jwks_file": "/nonexistent/jwks.json",
+                "gateway_jwt_audience": "a",
+                "gateway_jwt_issuer": "i",
+            },
+            "missing",
+        ),
+    ],
+)
+def test_jwt_identity_fails_fast_without_a_complete_configuration(
+    values: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message):
+        GatewaySettings(gateway_identity="jwt", **values)  # type: ignore[arg-type]

@@ -7,9 +7,10 @@ message naming the variable; production refuses the development database passwor
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, ClassVar, Literal, Self
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEV_PASSWORD = "postgres"  # noqa: S105 (the local stack's password, refused in production)
@@ -138,6 +139,13 @@ class GatewaySettings(CommonSettings):
     gateway_header_timeout_s: float = Field(default=10.0, gt=0)
     gateway_body_timeout_s: float = Field(default=30.0, gt=0)
     gateway_max_connections_per_client: int = Field(default=256, ge=1)
+    # Who a request acts for (gateway/identity.py): the client's X-User-Id, or a verified JWT.
+    gateway_identity: Literal["header", "jwt"] = "header"
+    gateway_jwt_secret: SecretStr | None = None  # HS256
+    gateway_jwt_jwks_file: Path | None = None  # or asymmetric keys, chosen by the token's kid
+    gateway_jwt_audience: str | None = None
+    gateway_jwt_issuer: str | None = None
+    gateway_jwt_leeway_s: float = Field(default=30.0, ge=0, le=300)
 
     @field_validator("gateway_orders_url", "gateway_payments_url")
     @classmethod
@@ -152,6 +160,26 @@ class GatewaySettings(CommonSettings):
         if isinstance(value, str):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _identity_complete(self) -> Self:
+        if self.gateway_identity != "jwt":
+            return self
+        if (self.gateway_jwt_secret is None) == (self.gateway_jwt_jwks_file is None):
+            raise ValueError(
+                "jwt identity needs exactly one of GOZON_GATEWAY_JWT_SECRET and "
+                "GOZON_GATEWAY_JWT_JWKS_FILE"
+            )
+        if not self.gateway_jwt_audience or not self.gateway_jwt_issuer:
+            raise ValueError(
+                "jwt identity needs GOZON_GATEWAY_JWT_AUDIENCE and GOZON_GATEWAY_JWT_ISSUER"
+            )
+        secret = self.gateway_jwt_secret
+        if secret is not None and len(secret.get_secret_value().encode()) < 32:
+            raise ValueError("GOZON_GATEWAY_JWT_SECRET must be at least 32 bytes (RFC 7518 3.2)")
+        if self.gateway_jwt_jwks_file is not None and not self.gateway_jwt_jwks_file.is_file():
+            raise ValueError(f"GOZON_GATEWAY_JWT_JWKS_FILE {self.gateway_jwt_jwks_file} is missing")
+        return self
 
     @property
     def gateway_routes(self) -> dict[str, tuple[str, str]]:

@@ -4,9 +4,11 @@ Towards the upstream: hop-by-hop headers (the fixed list and any the `Connection
 are dropped; `Host` becomes the upstream's own; `X-Forwarded-For` gets the client's address
 appended, `X-Forwarded-Proto` and `X-Forwarded-Host` say what the client used (set by the
 gateway, never trusted from the client: the gateway is the edge); `X-Request-Id` and the W3C
-trace headers are replaced by the gateway's. Towards the client: hop-by-hop headers are dropped
-too, `Date` and `Server` are the gateway's own, `X-Request-Id` appears exactly once (the
-request's), and the rest (several `Set-Cookie` included) passes unchanged, names lower-cased.
+trace headers are replaced by the gateway's; identity headers (`X-User-Id` and its kin) are
+dropped and `X-User-Id` set to the user the gateway decided on (`gateway.identity`).
+Towards the client: hop-by-hop headers are dropped too, `Date` and `Server` are the gateway's
+own, `X-Request-Id` appears exactly once (the request's), and the rest (several `Set-Cookie`
+included) passes unchanged, names lower-cased.
 
 Pure functions over raw header pairs: no I/O, unit-tested.
 """
@@ -71,9 +73,15 @@ def upstream_headers(
     scheme: str,
     request_id: str,
     trace: Mapping[str, str],
+    user_id: str,
+    dropped: frozenset[bytes] = frozenset(),
 ) -> list[tuple[str, str]]:
-    """The headers to send upstream, from the client's raw ASGI headers."""
-    drop = HOP_BY_HOP | _REPLACED_UPSTREAM | connection_named(headers)
+    """The headers to send upstream, from the client's raw ASGI headers.
+
+    `user_id` is who the gateway decided the request acts for; `dropped` are the client's
+    identity headers, which never pass (the gateway's `X-User-Id` replaces them).
+    """
+    drop = HOP_BY_HOP | _REPLACED_UPSTREAM | dropped | {b"x-user-id"} | connection_named(headers)
     out: list[tuple[str, str]] = []
     forwarded_for: list[str] = []
     host = ""
@@ -93,6 +101,7 @@ def upstream_headers(
     if host:
         out.append(("x-forwarded-host", host))
     out.append(("x-request-id", request_id))
+    out.append(("x-user-id", user_id))
     out.extend(trace.items())
     return out
 

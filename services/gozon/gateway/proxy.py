@@ -3,8 +3,11 @@
 For every request under an upstream's prefix, in this order, each refusal a problem+json
 answer that never reaches the upstream:
 
+    no identity (gateway/identity.py):
     X-User-Id missing, repeated or
-    malformed                           400
+    malformed (header mode)             400
+    bearer token missing or invalid
+    (jwt mode)                          401 + WWW-Authenticate
     Content-Length over the limit       413 (a body without one is counted while it streams)
     per-user rate limit exceeded        429 + Retry-After (only when configured)
     upstream's breaker open             503 + Retry-After, at once
@@ -39,12 +42,12 @@ from prometheus_client import Counter, Gauge
 from starlette.types import Receive, Scope, Send
 from yarl import URL
 
-from gozon.core.headers import check_user_id
 from gozon.core.problems import Problem, problem_response
 from gozon.core.settings import GatewaySettings
 from gozon.core.telemetry import current_trace_headers
 from gozon.gateway.breaker import CircuitBreaker, State
 from gozon.gateway.headers import downstream_headers, upstream_headers
+from gozon.gateway.identity import IDENTITY_HEADERS, identity_from
 from gozon.gateway.ratelimit import RateLimiter, retry_after
 
 UPSTREAM_REQUESTS = Counter(
@@ -67,6 +70,7 @@ BUFFERED_BYTES = 64 * 1024
 # the upstream closes it, so a request rarely meets a connection closing under it.
 POOL_KEEPALIVE_S = 4.0
 REQUEST_ID_KEY = "gozon.request_id"
+USER_KEY = "gozon.user_id"
 
 log = structlog.get_logger(__name__)
 
@@ -165,6 +169,8 @@ class Gateway:
         self.timeout_s = settings.gateway_upstream_timeout_s
         self.retries = settings.gateway_upstream_retries
         self.max_body = settings.gateway_max_body_bytes
+        self.identity = identity_from(settings)
+        self.dropped = IDENTITY_HEADERS | self.identity.drops
         self.limiter = (
             RateLimiter(
                 rate_per_s=settings.gateway_rate_limit_per_s,
@@ -206,18 +212,12 @@ class Gateway:
 
     def _check(self, scope: Scope, upstream: Upstream) -> int | None:
         """The edge checks; answers the request body's declared length."""
-        users: list[str] = []
+        user = self.identity.user(scope["headers"])
+        scope[USER_KEY] = user
         length_header: bytes | None = None
         for name, value in scope["headers"]:
-            if name == b"x-user-id":
-                users.append(value.decode("latin-1"))
-            elif name == b"content-length":
+            if name == b"content-length":
                 length_header = value
-        if len(users) > 1:  # which copy counts differs between servers: refuse, never guess
-            raise Problem(
-                400, "The header x-user-id is given more than once.", title="Repeated header"
-            )
-        user = check_user_id(users[0] if users else None)
         length: int | None = None
         if length_header is not None:
             if not length_header.isdigit():
@@ -262,6 +262,8 @@ class Gateway:
             scheme=scope["scheme"],
             request_id=scope[REQUEST_ID_KEY],
             trace=current_trace_headers(),
+            user_id=scope[USER_KEY],
+            dropped=self.dropped,
         )
         streamed = data is None and _has_body(scope, length)
         attempt = 0
