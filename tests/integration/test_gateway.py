@@ -384,7 +384,17 @@ async def test_docs_merge_both_services_and_refetch_a_missing_one(
     await payments.start()
     document = (await gateway.get("/openapi.json")).json()
     assert set(document["paths"]) == {"/api/orders/{order_id}", "/api/payments/balance"}
-    assert set(document["components"]["schemas"]) == {"Thing", "payments_Thing"}
+    assert set(document["components"]["schemas"]) == {
+        "Thing",
+        "payments_Thing",
+        "Problem",
+        "FieldError",
+    }
+    answers = document["paths"]["/api/payments/balance"]["get"]["responses"]
+    assert {"400", "404", "408", "413", "429", "431", "503", "504"} <= set(answers)
+    assert answers["431"]["content"] == {
+        "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+    }
     assert "swagger-ui" in (await gateway.get("/docs")).text
 
 

@@ -5,8 +5,9 @@ FastAPI documents every error as `application/json` `HTTPValidationError`; ours 
 document: every 4xx/5xx response of every operation has the `Problem` schema under
 `application/problem+json`, and every operation lists the errors any request can get (400 for
 bad headers, repeated parameters or an unreadable body, 422 for an invalid one, 500, and 503
-when the service cannot take the request now). The gateway merges these documents and adds
-its own answers (`gateway.openapi`).
+when the service cannot take the request now); an optional parameter's schema is its type,
+not "that type or null" (a query or a header is absent, never null). The gateway merges
+these documents and adds its own answers (`gateway.openapi`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def with_problems(document: dict[str, Any], common: dict[str, str]) -> dict[str,
         for method, operation in item.items():
             if method not in {"get", "put", "post", "delete", "patch", "head", "options"}:
                 continue
+            for parameter in operation.get("parameters", []):
+                _drop_null(parameter)
             responses: dict[str, Any] = operation.setdefault("responses", {})
             for status, description in common.items():
                 responses.setdefault(status, {"description": description})
@@ -56,6 +59,18 @@ def with_problems(document: dict[str, Any], common: dict[str, str]) -> dict[str,
     schemas.update(problem.pop("$defs", {}))
     schemas["Problem"] = problem
     return document
+
+
+def _drop_null(parameter: dict[str, Any]) -> None:
+    """An optional parameter is absent, never null: `anyOf: [X, null]` is just X."""
+    schema = parameter.get("schema", {})
+    options = schema.get("anyOf")
+    if parameter.get("required") or not isinstance(options, list):
+        return
+    present = [option for option in options if option != {"type": "null"}]
+    if len(present) == 1 and len(options) == 2:
+        rest = {key: value for key, value in schema.items() if key != "anyOf"}
+        parameter["schema"] = {**present[0], **rest}
 
 
 def install_problem_document(app: FastAPI) -> None:

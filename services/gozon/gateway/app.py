@@ -146,6 +146,7 @@ def build_app(settings: GatewaySettings) -> FastAPI:
             [Source(prefix, upstreams[name]) for prefix, (name, _) in routes.items()],
             title=TITLE,
             version=__version__,
+            jwt=settings.gateway_identity == "jwt",
         )
         try:
             yield {"gateway": gateway, "readiness": readiness, "openapi": openapi_docs}

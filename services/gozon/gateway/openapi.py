@@ -7,6 +7,11 @@ keeps each upstream's paths under its route prefix (the paths are the same throu
 gateway), merges tags and components, and renames a component that two upstreams define
 differently (`OrderRead` → `orders_OrderRead`, with every `$ref` to it rewritten). An upstream
 whose document is missing is named in `info.description`.
+
+The merged document then gets the gateway's own answers on every operation (`GATEWAY_ERRORS`:
+what the edge refuses before or instead of the service, each `application/problem+json`); in
+jwt identity mode it also declares the bearer scheme and drops the `X-User-Id` parameter,
+which the gateway sets itself.
 """
 
 from __future__ import annotations
@@ -20,11 +25,51 @@ from typing import Any
 import aiohttp
 import structlog
 
+from gozon.core.openapi import with_problems
 from gozon.gateway.proxy import Upstream
 
 log = structlog.get_logger(__name__)
 
 Document = dict[str, Any]
+
+
+# What the gateway itself may answer for any proxied operation.
+GATEWAY_ERRORS = {
+    "400": "Bad request: identity header missing, repeated or malformed; a bad Content-Length; "
+    "or the service's own 400.",
+    "404": "No such route, or the service has no such resource.",
+    "408": "The request's headers or body did not arrive in time; the connection is closed.",
+    "413": "The request body is over the gateway's limit.",
+    "414": "The request target is over the gateway's limit.",
+    "429": "Too many requests for this user, or too many connections from this address; "
+    "retry after `Retry-After`.",
+    "431": "Too many request headers, or too large.",
+    "502": "The service sent a malformed answer.",
+    "503": "The service is unavailable (or its circuit breaker is open); not processed, retry "
+    "after `Retry-After`.",
+    "504": "The service did not answer in time.",
+}
+JWT_ERRORS = {"401": "A bearer token is missing, invalid or expired (see `WWW-Authenticate`)."}
+BEARER = {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+
+
+def with_gateway_answers(document: Document, *, jwt: bool) -> Document:
+    """The merged document with the gateway's own answers (and its identity, in jwt mode)."""
+    errors = GATEWAY_ERRORS | (JWT_ERRORS if jwt else {})
+    if jwt:
+        for item in document.get("paths", {}).values():
+            for operation in item.values():
+                if isinstance(operation, dict) and "parameters" in operation:
+                    operation["parameters"] = [
+                        p
+                        for p in operation["parameters"]
+                        if not (
+                            p.get("in") == "header" and p.get("name", "").lower() == "x-user-id"
+                        )
+                    ]
+        document.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = BEARER
+        document["security"] = [{"bearer": []}]
+    return with_problems(document, errors)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +144,7 @@ class OpenApiDocs:
         *,
         title: str,
         version: str,
+        jwt: bool = False,
         ttl_s: float = 300.0,
         fetch_timeout_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
@@ -106,6 +152,7 @@ class OpenApiDocs:
         self._sources = sources
         self._title = title
         self._version = version
+        self._jwt = jwt
         self._ttl_s = ttl_s
         self._timeout = aiohttp.ClientTimeout(total=fetch_timeout_s)
         self._clock = clock
@@ -115,7 +162,7 @@ class OpenApiDocs:
     async def document(self) -> Document:
         async with self._lock:  # one fetch per upstream at a time, however many readers
             await asyncio.gather(*(self._refresh(source.upstream) for source in self._sources))
-        return merge(
+        merged = merge(
             title=self._title,
             version=self._version,
             documents=[
@@ -123,6 +170,7 @@ class OpenApiDocs:
                 for s in self._sources
             ],
         )
+        return with_gateway_answers(merged, jwt=self._jwt)
 
     async def _refresh(self, upstream: Upstream) -> None:
         cached = self._cache.get(upstream.name)
