@@ -34,7 +34,20 @@ CURSOR_PATTERN = r"^[A-Za-z0-9_-]{1,200}$"
     status_code=status.HTTP_201_CREATED,
     response_model=OrderRead,
     responses={
-        422: {"description": "Invalid body, or the Idempotency-Key was used for another order."}
+        201: {
+            "description": "The order, status NEW; `Location` is its URL.",
+            "links": {
+                "GetOrder": {
+                    "operationId": "get_order_api_orders__order_id__get",
+                    "parameters": {
+                        "order_id": "$response.body#/id",
+                        "header.X-User-Id": "$request.header.X-User-Id",
+                    },
+                    "description": "The order, as its owner reads it.",
+                }
+            },
+        },
+        422: {"description": "Invalid body, or the Idempotency-Key was used for another order."},
     },
     summary="Create an order (status NEW); payment follows asynchronously",
 )
