@@ -16,6 +16,7 @@ from typing import Any
 import port_for
 import pytest
 import uvicorn
+from prometheus_client import REGISTRY
 
 from gozon.gateway.app import build_app
 from gozon.gateway.server import uvicorn_config
@@ -67,6 +68,11 @@ async def edge(orders: Upstream, payments: Upstream, **overrides: Any) -> AsyncI
     finally:
         server.should_exit = True
         await task
+
+
+def refusals(status: int) -> float:
+    sample = REGISTRY.get_sample_value("gozon_gateway_edge_refusals_total", {"status": str(status)})
+    return sample or 0.0
 
 
 async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -151,12 +157,14 @@ async def test_a_connection_that_sends_nothing_is_closed(
 async def test_oversized_or_broken_heads_are_refused_and_never_forwarded(
     orders: Upstream, payments: Upstream, request_bytes: bytes, status: int
 ) -> None:
+    refused_before = refusals(status)
     async with edge(orders, payments) as port:
         reader, writer = await connect(port)
         await send(writer, request_bytes)
         assert (await answer_and_close(reader))[0] == status
         writer.close()
     assert orders.hits == 0
+    assert refusals(status) == refused_before + 1
 
 
 async def test_keep_alive_requests_on_one_connection_are_not_cut_by_the_deadlines(

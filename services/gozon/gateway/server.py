@@ -37,12 +37,19 @@ from typing import Any
 
 import structlog
 import uvicorn
+from prometheus_client import Counter as PrometheusCounter
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gozon.core.problems import PROBLEM_JSON
 from gozon.core.settings import GatewaySettings
 
 log = structlog.get_logger(__name__)
+EDGE_REFUSALS = PrometheusCounter(
+    "gozon_gateway_edge_refusals_total",
+    "Connections the gateway's server refused before a request reached the app, by status: "
+    "400 unparseable, 408 too slow, 414/431 too large, 429 too many connections.",
+    ["status"],
+)
 # After a refusal the connection is half-closed (FIN after the answer) and what the client
 # still sends is read and dropped for this long, so its kernel does not turn our close into a
 # reset that destroys the answer before the client reads it (nginx's lingering close).
@@ -222,7 +229,10 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def _close_with(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
         """Answers `status` (unless an answer is being sent) and closes the connection."""
+        if self._discarding or self.transport.is_closing():
+            return  # refused already (a parser callback's refusal, then the size check)
         self._cancel_timers()
+        EDGE_REFUSALS.labels(str(status)).inc()
         answering = self.cycle is not None and self.cycle.response_started
         self._abandon_cycle()
         if answering and not (self.cycle is not None and self.cycle.response_complete):
