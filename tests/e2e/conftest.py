@@ -91,8 +91,8 @@ def platform(
         "GOZON_LOG_LEVEL": "INFO",
         "GOZON_GATEWAY_BREAKER_RESET_S": "1",
         # short enough for the slow-client cases of test_bad_input.py to finish quickly
-        "GOZON_GATEWAY_HEADER_TIMEOUT_S": "3",
-        "GOZON_GATEWAY_BODY_TIMEOUT_S": "3",
+        "GOZON_GATEWAY_HEADER_TIMEOUT_S": "5",
+        "GOZON_GATEWAY_BODY_TIMEOUT_S": "5",
     }
     logs = servers_dir / "e2e-logs"
     platform = Platform(env=env, logs=logs)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -54,6 +55,8 @@ EDGE_REFUSALS = PrometheusCounter(
 # still sends is read and dropped for this long, so its kernel does not turn our close into a
 # reset that destroys the answer before the client reads it (nginx's lingering close).
 LINGER_S = 2.0
+# A deadline acts after one more turn of the event loop (see `_after_a_turn`).
+TURN_S = 0.01
 
 
 @dataclass
@@ -110,6 +113,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self._discarding = False
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
+        self._head_turn_taken = self._body_turn_taken = False
 
     # ------------------------------------------------------------------ connection
 
@@ -206,10 +210,20 @@ class EdgeProtocol(HttpToolsProtocol):
     def _head_too_large(self) -> str:
         return f"The request line and headers are larger than {self.limits.max_head_bytes} bytes."
 
+    def _after_a_turn(self, expired: Callable[[], None]) -> asyncio.TimerHandle:
+        """`expired` once the loop has polled the socket again: uvloop runs due timers before
+        it reads, so a gateway that fell behind would otherwise refuse a client whose bytes
+        it had received but not read yet."""
+        return self.loop.call_later(TURN_S, expired)
+
     def _head_late(self) -> None:
-        self._head_timer = None
         if self.transport.is_closing():
             return
+        if not self._head_turn_taken:
+            self._head_turn_taken = True
+            self._head_timer = self._after_a_turn(self._head_late)
+            return
+        self._head_timer = None
         if self._head_bytes == 0:
             self._abandon_cycle()
             self.transport.close()  # a new connection that sent nothing: nothing to answer
@@ -219,9 +233,13 @@ class EdgeProtocol(HttpToolsProtocol):
         )
 
     def _body_late(self) -> None:
-        self._body_timer = None
         if self.transport.is_closing():
             return
+        if not self._body_turn_taken:
+            self._body_turn_taken = True
+            self._body_timer = self._after_a_turn(self._body_late)
+            return
+        self._body_timer = None
         log.warning("request body too slow; closing", client=self._counted_as)
         self._close_with(
             408, f"The request body did not arrive within {self.limits.body_timeout_s:g} s."
@@ -257,6 +275,7 @@ class EdgeProtocol(HttpToolsProtocol):
             if timer is not None:
                 timer.cancel()
         self._head_timer = self._body_timer = None
+        self._head_turn_taken = self._body_turn_taken = False
 
 
 def edge_protocol(limits: EdgeLimits) -> type[EdgeProtocol]:
