@@ -163,12 +163,19 @@ def build_app(settings: GatewaySettings) -> FastAPI:
                 allow_headers=[
                     "Content-Type",
                     "X-User-Id",
+                    "Authorization",  # the bearer token in jwt identity mode
                     "Idempotency-Key",
                     "X-Request-Id",
                     "traceparent",
                     "tracestate",
                 ],
-                expose_headers=["X-Request-Id", "Retry-After", "Location", "Link"],
+                expose_headers=[
+                    "X-Request-Id",
+                    "Retry-After",
+                    "Location",
+                    "Link",
+                    "WWW-Authenticate",
+                ],
             )
         return outer
 
