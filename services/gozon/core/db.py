@@ -26,21 +26,28 @@ def new_metadata() -> MetaData:
 
 
 def create_engine(
-    url: str, *, pool_size: int = 10, application_name: str = "gozon", pre_ping: bool = True
+    url: str,
+    *,
+    pool_size: int = 10,
+    application_name: str = "gozon",
+    pre_ping: bool = True,
+    pool_timeout_s: float = 10,
+    command_timeout_s: float = 30,
 ) -> AsyncEngine:
     """The engine. `pre_ping` tests each pooled connection before use (a round trip): the APIs
     want it, so that a database restart costs no request an error; the workers retry a
-    failed transaction anyway and save the round trip on every message."""
+    failed transaction anyway and save the round trip on every message. The APIs pass pool
+    and statement timeouts that nest under the gateway's (see `gozon.core.deadline`)."""
     return create_async_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=pre_ping,
-        pool_timeout=10,
+        pool_timeout=pool_timeout_s,
         connect_args={
             "server_settings": {"application_name": application_name},
             "timeout": 5,
-            "command_timeout": 30,
+            "command_timeout": command_timeout_s,
         },
     )
 
