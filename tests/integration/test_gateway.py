@@ -25,7 +25,7 @@ from fastapi import FastAPI
 
 from gozon.core.settings import GatewaySettings
 from gozon.gateway.app import build_app
-from tests.conftest import serve
+from tests.conftest import serve, until
 
 pytestmark = pytest.mark.integration
 
@@ -462,3 +462,19 @@ async def test_over_a_real_socket_bodies_stream_and_the_answer_is_the_gateways(
         async with client.get(f"{url}/api/payments/balance") as response:
             assert response.status == 503
             assert response.content_type == "application/problem+json"
+
+
+async def test_past_its_in_flight_limit_the_gateway_sheds_503_without_calling_the_upstream(
+    orders: Upstream, payments: Upstream
+) -> None:
+    orders.delay_s = TIMEOUT_S / 2
+    one_at_a_time = settings(orders, payments, gateway_upstream_max_in_flight=1)
+    async with serve(build_app(one_at_a_time)) as client:
+        first = asyncio.create_task(client.get("/api/orders/1", headers=USER))
+        await until(lambda: asyncio.sleep(0, result=orders.hits == 1), 10, "the first request")
+        shed = await client.post("/api/orders", headers=USER, json={})
+        assert (await first).status_code == 200
+    assert shed.status_code == 503
+    assert shed.headers["retry-after"] == "1"
+    assert shed.json()["outcome"] == "not_processed"
+    assert orders.hits == 1

@@ -21,7 +21,7 @@ from gozon import __version__
 from gozon.core.deadline import Admission, install_outage_handlers
 from gozon.core.health import Readiness
 from gozon.core.metrics import HttpMetricsMiddleware
-from gozon.core.problems import install_problem_handlers
+from gozon.core.problems import FAILURE_CONTRACT, install_problem_handlers
 from gozon.core.telemetry import ServerSpanMiddleware
 
 ops = APIRouter(include_in_schema=False)
@@ -67,7 +67,7 @@ def create_app(
 ) -> FastAPI:
     app = FastAPI(
         title=title,
-        description=description,
+        description=f"{description} {FAILURE_CONTRACT}",
         version=__version__,
         lifespan=lifespan,
         # Spans and metrics are ours (ServerSpanMiddleware, HttpMetricsMiddleware): FastAPI's

@@ -145,6 +145,9 @@ class GatewaySettings(CommonSettings):
     gateway_upstream_timeout_s: float = Field(default=5.0, gt=0)
     gateway_upstream_retries: int = Field(default=2, ge=0, le=5)
     gateway_upstream_pool_size: int = Field(default=100, ge=1)
+    # Requests outstanding per upstream; past it, 503 at once. The APIs' own limit is 16
+    # running + 16 queued: more sent would only wait (or be shed there, at a higher cost).
+    gateway_upstream_max_in_flight: int = Field(default=32, ge=1)
     gateway_max_body_bytes: int = Field(default=1024 * 1024, ge=0)
     gateway_breaker_failures: int = Field(default=5, ge=1)
     gateway_breaker_reset_s: float = Field(default=5.0, gt=0)

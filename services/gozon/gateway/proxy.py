@@ -6,6 +6,7 @@ answer that never reaches the upstream:
     X-User-Id missing or malformed      400
     Content-Length over the limit       413 (a body without one is counted while it streams)
     per-user rate limit exceeded        429 + Retry-After (only when configured)
+    upstream's in-flight limit reached  503 + Retry-After, at once (load shedding)
     upstream's breaker open             503 + Retry-After, at once
 
 Then the request goes upstream on that upstream's pooled aiohttp session, its body streamed
@@ -62,7 +63,7 @@ from gozon.gateway.ratelimit import RateLimiter, retry_after
 UPSTREAM_REQUESTS = Counter(
     "gozon_gateway_upstream_requests_total",
     "Requests for an upstream, by outcome: answered, unavailable (not sent), timeout, lost "
-    "(sent, connection lost), bad_response, breaker_open.",
+    "(sent, connection lost), bad_response, breaker_open, shed (at the in-flight limit).",
     ["upstream", "outcome"],
 )
 BREAKER_STATE = Gauge(
@@ -182,6 +183,8 @@ class Gateway:
         self.timeout_s = settings.gateway_upstream_timeout_s
         self.retries = settings.gateway_upstream_retries
         self.max_body = settings.gateway_max_body_bytes
+        self.max_in_flight = settings.gateway_upstream_max_in_flight
+        self._in_flight = dict.fromkeys(upstreams, 0)
         self.limiter = (
             RateLimiter(
                 rate_per_s=settings.gateway_rate_limit_per_s,
@@ -202,6 +205,15 @@ class Gateway:
         except Problem as problem:
             await _refuse(problem, scope, receive, send)
             return
+        self._in_flight[name] += 1
+        try:
+            await self._forward(upstream, length, scope, receive, send)
+        finally:
+            self._in_flight[name] -= 1
+
+    async def _forward(
+        self, upstream: Upstream, length: int | None, scope: Scope, receive: Receive, send: Send
+    ) -> None:
         body = _Body(receive, self.max_body)
         data: bytes | None = None
         try:
@@ -215,7 +227,7 @@ class Gateway:
             if answer is not None:
                 await _refuse(answer, scope, receive, send)
             return
-        UPSTREAM_REQUESTS.labels(name, "answered").inc()
+        UPSTREAM_REQUESTS.labels(upstream.name, "answered").inc()
         upstream.breaker.success()
         try:
             await _relay(response, send)
@@ -244,6 +256,17 @@ class Gateway:
                 429,
                 "Too many requests for this user; retry after the time in Retry-After.",
                 headers={"Retry-After": str(retry_after(wait))},
+            )
+        if self._in_flight[upstream.name] >= self.max_in_flight:
+            # Shed here, before the breaker (whose half-open probe slot it must not take):
+            # the upstream's own queue is full or nearly, and a request sent now would wait.
+            UPSTREAM_REQUESTS.labels(upstream.name, "shed").inc()
+            raise Problem(
+                503,
+                f"The {upstream.name} service is at capacity; the request was not processed. "
+                "Retry after the time in Retry-After.",
+                headers={"Retry-After": "1"},
+                outcome=NOT_PROCESSED,
             )
         if not upstream.breaker.allow():
             UPSTREAM_REQUESTS.labels(upstream.name, "breaker_open").inc()
