@@ -144,7 +144,7 @@ class Admission:
     max_in_flight: int
     max_queued: int
     timeout_s: float
-    exempt: tuple[str, ...] = ("/health/", "/metrics")
+    exempt: tuple[str, ...] = ("/health/", "/metrics", "/openapi.json", "/docs")
     _running: int = 0
     _waiters: collections.deque[asyncio.Future[None]] = field(default_factory=collections.deque)
 
@@ -186,6 +186,10 @@ class Admission:
                 await waiter
         except TimeoutError:
             pass
+        except BaseException:  # cancelled (the client left): a slot handed over goes on
+            if waiter.done() and not waiter.cancelled():
+                self._release()
+            raise
         finally:
             if not waiter.done():
                 waiter.cancel()
