@@ -32,7 +32,7 @@ from tests.faults.conftest import Users, record
 from tests.faults.invariants import ClientRecord, Report, check, wait_until_settled
 from tests.faults.load import SteadyLoad, overload
 
-pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
 
 STEADY_RATE = float(os.environ.get("GOZON_FAULTS_RATE", "30"))
 # Orders a second the platform sustains on a busy 2-core machine (docs/reliability.md); the
