@@ -14,8 +14,8 @@ What it checks (docs/reliability.md, DESIGN.md "Reliability"):
    negative;
 5. FINISHED ⇔ exactly one debit for the order (a CANCELLED order has none);
 6. no outbox row is left PENDING or FAILED (in either database);
-7. no client was told "not processed" (503, or 429) for an order that exists; the requests
-   are traced to orders by their `Idempotency-Key` (unique per request);
+7. no client was told "not processed" (503, 429, or no connection) for an order that exists;
+   the requests are traced to orders by their `Idempotency-Key` (unique per request);
 8. every answer of unknown outcome (502/504) said so in its body.
 
 It also counts what the clients saw (by status), the unknown outcomes and how many of them
@@ -47,7 +47,9 @@ class ClientRecord:
     sent_at: float  # time.time()
     latency_s: float
     status: int  # 0: no HTTP answer at all (the client's own timeout or connection error)
-    outcome: str | None = None  # the problem body's `outcome`, when it had one
+    # The problem body's `outcome`, when it had one; for status 0 the client's own verdict:
+    # "not_sent" (no connection) or "unknown" (sent, no answer).
+    outcome: str | None = None
     order_id: str | None = None  # from a 201
 
 
@@ -185,8 +187,11 @@ async def check(orders_url: str, payments_url: str, log: Iterable[ClientRecord])
     # 7. "not processed" never for an order that exists; 8. unknown outcomes say so
     for r in records:
         exists = (r.user_id, r.key) in by_key
-        if r.status in NOT_PROCESSED and exists:
+        if (r.status in NOT_PROCESSED or r.outcome == "not_sent") and exists:
             v.append(f"{r.status} 'not processed' for key {r.key}, but its order exists")
+        if r.status == 0 and r.outcome == "unknown":
+            report.unknown_outcomes += 1
+            report.unknown_that_exist += exists
         if r.status in UNKNOWN:
             report.unknown_outcomes += 1
             report.unknown_that_exist += exists

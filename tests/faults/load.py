@@ -111,8 +111,10 @@ class SteadyLoad:
                 headers={"X-User-Id": user, "Idempotency-Key": key},
             )
             status, body = response.status_code, response.content
-        except httpx.HTTPError:
-            status, body = 0, b""
+        except httpx.ConnectError:  # no connection: nothing was sent
+            status, body = 0, b'{"outcome": "not_sent"}'
+        except httpx.HTTPError:  # sent, then no answer: the outcome is unknown
+            status, body = 0, b'{"outcome": "unknown"}'
         self.log.append(
             record_from(key, user, sent_at, time.perf_counter() - started, status, body)
         )

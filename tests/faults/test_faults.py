@@ -17,6 +17,7 @@ import os
 import signal
 import statistics
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,10 +58,13 @@ def _figures(
     failures = [r for r in log if r.status != 201]
     after = [r for r in failures if r.sent_at >= window.start]
     recovery = max((r.sent_at - window.start for r in after), default=0.0)
+    no_answer = Counter(r.outcome for r in log if r.status == 0)
     return {
         "fault": fault,
         "requests": len(log),
         "statuses": {str(k): v for k, v in sorted(report.statuses.items())},
+        "failed_before_fault": len(failures) - len(after),
+        "no_answer": dict(no_answer),
         "fault_s": round(window.end - window.start, 1),
         "errors_until_s": round(recovery, 1),
         "unknown": report.unknown_outcomes,
