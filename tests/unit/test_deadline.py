@@ -8,6 +8,9 @@ from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
 
+from sqlalchemy.exc import DBAPIError
+
+from gozon.core.db import is_database_outage
 from gozon.core.deadline import Admission, current_budget, parse_budget
 from tests.conftest import until
 
@@ -98,3 +101,21 @@ async def test_too_small_a_budget_is_refused_before_the_app_runs() -> None:
     status, _, _ = await call(app, "/a", [(b"x-request-timeout-ms", b"20")])
     assert status == 503
     assert held.started == []
+
+
+class _DriverError(Exception):
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.sqlstate = code
+
+
+def test_a_server_shutting_down_or_refusing_is_an_outage_and_a_bug_is_not() -> None:
+    def error(code: str) -> DBAPIError:
+        return DBAPIError("SELECT 1", {}, _DriverError(code))
+
+    # admin shutdown, "the database system is shutting down", connection failure, too many
+    # connections, statement timeout
+    for code in ("57P01", "57P03", "08006", "53300", "57014"):
+        assert is_database_outage(error(code)), code
+    for code in ("23505", "42P01", "22003"):  # a constraint, a missing table, a bad number
+        assert not is_database_outage(error(code)), code

@@ -66,10 +66,28 @@ async def database_answers(engine: AsyncEngine) -> bool:
     return True
 
 
+# SQLSTATE classes of a server going away or refusing work: 08 connection exception, 53
+# insufficient resources (too many connections), 57 operator intervention (admin shutdown,
+# "the database system is shutting down / starting up", a statement cancelled by its timeout).
+# asyncpg's errors of these classes reach SQLAlchemy as plain DBAPIErrors.
+OUTAGE_SQLSTATE_CLASSES = frozenset({"08", "53", "57"})
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a DBAPIError from asyncpg (SQLAlchemy copies it onto `orig`)."""
+    code = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    return code if isinstance(code, str) else None
+
+
 def is_database_outage(exc: BaseException) -> bool:
     """A lost, refused or timed-out database connection: retry later, never skip the work."""
     if isinstance(exc, OSError | TimeoutError | ConnectionError):
         return True
     if isinstance(exc, OperationalError | InterfaceError):
         return True
-    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+    if not isinstance(exc, DBAPIError):
+        return False
+    code = sqlstate(exc)
+    return bool(exc.connection_invalidated) or (
+        code is not None and code[:2] in OUTAGE_SQLSTATE_CLASSES
+    )

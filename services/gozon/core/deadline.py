@@ -48,7 +48,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, SessionTransaction
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gozon.core.db import is_database_outage
+from gozon.core.db import is_database_outage, sqlstate
 from gozon.core.headers import DEADLINE_HEADER
 from gozon.core.problems import problem_response
 
@@ -257,10 +257,7 @@ def _committed(session: Session) -> None:
 
 
 def _is_cancelled_statement(exc: DBAPIError) -> bool:
-    orig = getattr(exc, "orig", None)
-    return getattr(orig, "sqlstate", None) == QUERY_CANCELED or (
-        getattr(orig, "pgcode", None) == QUERY_CANCELED
-    )
+    return sqlstate(exc) == QUERY_CANCELED
 
 
 def _unknown_outcome(request: Request) -> JSONResponse:
