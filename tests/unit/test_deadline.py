@@ -6,9 +6,8 @@ import asyncio
 import json
 from typing import Any
 
-from starlette.types import Message, Receive, Scope, Send
-
 from sqlalchemy.exc import DBAPIError
+from starlette.types import Message, Receive, Scope, Send
 
 from gozon.core.db import is_database_outage
 from gozon.core.deadline import Admission, current_budget, parse_budget
