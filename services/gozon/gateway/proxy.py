@@ -82,7 +82,7 @@ POOL_KEEPALIVE_S = 4.0
 REQUEST_ID_KEY = "gozon.request_id"
 # The budget sent upstream is the gateway's time left less this share of its timeout: the
 # answer's way back (and a busy event loop) must fit in it too.
-DEADLINE_MARGIN = 0.1
+DEADLINE_MARGIN = 0.2
 NOT_PROCESSED = "not_processed"
 UNKNOWN = "unknown"
 
