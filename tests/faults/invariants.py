@@ -51,6 +51,7 @@ class ClientRecord:
     # "not_sent" (no connection) or "unknown" (sent, no answer).
     outcome: str | None = None
     order_id: str | None = None  # from a 201
+    detail: str | None = None  # the problem body's `detail`, for the figures
 
 
 @dataclass

@@ -43,16 +43,17 @@ def order_body(key: str) -> dict[str, object]:
 def record_from(
     key: str, user: str, sent_at: float, latency: float, status: int, body: bytes
 ) -> ClientRecord:
-    outcome = order_id = None
+    outcome = order_id = detail = None
     try:
         parsed = json.loads(body) if body else None
     except ValueError:
         parsed = None
     if isinstance(parsed, dict):
         outcome = parsed.get("outcome")
+        detail = parsed.get("detail")
         if status == 201:
             order_id = parsed.get("id")
-    return ClientRecord(key, user, sent_at, latency, status, outcome, order_id)
+    return ClientRecord(key, user, sent_at, latency, status, outcome, order_id, detail)
 
 
 @dataclass
