@@ -81,6 +81,8 @@ def _figures(
         "requests": len(log),
         "statuses": {str(k): v for k, v in sorted(report.statuses.items())},
         "failed_before_fault": len(failures) - len(after),
+        "failed_after_back": sum(1 for r in after if r.sent_at > window.end),
+        "sent_after_back": sum(1 for r in log if r.sent_at > window.end),
         "no_answer": dict(no_answer),
         "why_503": dict(why_503),
         "fault_s": round(window.end - window.start, 1),
