@@ -1,4 +1,5 @@
-"""The request headers every API reads: `X-User-Id` and `Idempotency-Key`.
+"""The request headers every API reads: `X-User-Id`, `Idempotency-Key`, and the deadline
+the gateway sets, `X-Request-Timeout-Ms` (read by `gozon.core.deadline`).
 
 Both are declared as FastAPI header parameters with their pattern, so the OpenAPI document
 says what is required and what is accepted; a missing or malformed one is a 400 problem (the
@@ -20,6 +21,8 @@ USER_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"
 USER_ID = re.compile(USER_ID_PATTERN)
 USER_ID_RULE = "X-User-Id must be 1-64 characters of letters, digits, '-', '_' and '.'."
+# Milliseconds the caller will still wait for the answer (whole, positive); set by the gateway.
+DEADLINE_HEADER = "X-Request-Timeout-Ms"
 
 
 def check_user_id(value: str | None) -> str:

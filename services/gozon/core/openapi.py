@@ -4,10 +4,11 @@ FastAPI documents every error as `application/json` `HTTPValidationError`; ours 
 `application/problem+json` (`core.problems`). `problem_document` rewrites the generated
 document: every 4xx/5xx response of every operation has the `Problem` schema under
 `application/problem+json`, and every operation lists the errors any request can get (400 for
-bad headers, repeated parameters or an unreadable body, 422 for an invalid one, 500, and 503
-when the service cannot take the request now); an optional parameter's schema is its type,
-not "that type or null" (a query or a header is absent, never null). The gateway merges
-these documents and adds its own answers (`gateway.openapi`).
+bad headers, repeated parameters or an unreadable body, 422 for an invalid one, 500, 503 when
+the service did not process it, 504 when a commit's outcome is unknown: `core.deadline`); an
+optional parameter's schema is its type, not "that type or null" (a query or a header is
+absent, never null). The gateway merges these documents and adds its own answers
+(`gateway.openapi`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ COMMON_ERRORS = {
     "not strict JSON.",
     "422": "The request is well formed but invalid; `errors` lists each field.",
     "500": "The server failed; nothing about it is in the answer (it is logged).",
-    "503": "Not processed now (overloaded or a dependency down); retry after `Retry-After`.",
+    "503": 'Not processed (overloaded, out of time, or the database down): `"outcome": '
+    '"not_processed"`; retry after `Retry-After`.',
+    "504": 'The database connection was lost during the commit: `"outcome": "unknown"`; '
+    "retry with the same Idempotency-Key.",
 }
 
 

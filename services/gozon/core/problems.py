@@ -5,7 +5,8 @@ exceptions are translated too, and an unexpected exception becomes a 500 that na
 internal (the details go to the log, with the trace id). A request whose headers are missing or
 malformed is a 400 (the client sent a bad request, not a bad entity); other validation errors
 are 422 with the list of `errors`. `ProblemDetails` is the body's schema, for the OpenAPI
-documents (`core.openapi`).
+documents (`core.openapi`). Every 503 says `"outcome": "not_processed"`: nothing was done, a
+retry is safe (see gozon.core.deadline).
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
 PROBLEM_JSON = "application/problem+json"
+# The failure contract, as the OpenAPI documents state it (README, docs/reliability.md).
+FAILURE_CONTRACT = (
+    "Errors are RFC 9457 problem+json. A 503 (with Retry-After) means the request was not "
+    'processed: retrying it is safe. A 502 or 504 whose body says "outcome": "unknown" '
+    "means the request may or may not have been processed: retry it with the same "
+    "Idempotency-Key, which the APIs process once. A 429 means the per-user rate limit was "
+    "reached (not processed; see Retry-After)."
+)
 log = structlog.get_logger(__name__)
 
 
@@ -88,6 +97,10 @@ def problem_response(
         body["detail"] = detail
     if instance:
         body["instance"] = instance
+    if status == 503:
+        # The platform's contract (docs/reliability.md): a 503 always means "not processed,
+        # safe to retry"; an answer whose outcome is unknown is a 502 or 504 and says so.
+        body["outcome"] = "not_processed"
     body.update(extensions)
     return JSONResponse(
         jsonable_encoder(body), status_code=status, media_type=PROBLEM_JSON, headers=headers

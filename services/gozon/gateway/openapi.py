@@ -26,6 +26,7 @@ import aiohttp
 import structlog
 
 from gozon.core.openapi import with_problems
+from gozon.core.problems import FAILURE_CONTRACT
 from gozon.gateway.proxy import Upstream
 
 log = structlog.get_logger(__name__)
@@ -44,10 +45,12 @@ GATEWAY_ERRORS = {
     "429": "Too many requests for this user, or too many connections from this address; "
     "retry after `Retry-After`.",
     "431": "Too many request headers, or too large.",
-    "502": "The service sent a malformed answer.",
-    "503": "The service is unavailable (or its circuit breaker is open); not processed, retry "
-    "after `Retry-After`.",
-    "504": "The service did not answer in time.",
+    "502": "The service's answer was lost or malformed: the outcome is unknown; retry with the "
+    "same Idempotency-Key.",
+    "503": "Not processed (the service unavailable, shedding load, or its circuit breaker "
+    "open); retry after `Retry-After`.",
+    "504": "The service did not answer in time: the outcome is unknown; retry with the same "
+    "Idempotency-Key.",
 }
 JWT_ERRORS = {"401": "A bearer token is missing, invalid or expired (see `WWW-Authenticate`)."}
 BEARER = {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
@@ -120,7 +123,7 @@ def merge(
                 paths[path] = item
         for tag in document.get("tags", []):
             tags.setdefault(tag["name"], tag)
-    description = "Both Gozon services' APIs, as the gateway serves them."
+    description = f"Both Gozon services' APIs, as the gateway serves them. {FAILURE_CONTRACT}"
     if missing:
         description += f" Not available right now: {', '.join(missing)}."
     merged: Document = {
