@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from scripts.stack import ROOT, PidFile, StackError, wait_until
+from scripts.stack import ROOT, PidFile, StackError, port_is_free, wait_until
 
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 NODES = ("kwok-node-a", "kwok-node-b", "kwok-node-c")
@@ -324,9 +324,14 @@ class LocalCluster:
         (self.data_dir / "kwok.yaml").write_text("\n---\n".join(docs) + "\n")
 
     def start(self) -> None:
-        if self.running() == list(COMPONENTS):
+        running = self.running()
+        if running == list(COMPONENTS):
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        state = self.data_dir / "cluster.json"
+        if not running and state.exists() and not all(map(port_is_free, self.ports.values())):
+            # another program took a port since the last start: choose new ones
+            state.unlink()
         self._make_pki()
         self._write_kubeconfig(self.kubeconfig, "admin")
         for component in ("controller-manager", "scheduler"):
