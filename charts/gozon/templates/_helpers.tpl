@@ -456,3 +456,23 @@ Usage: {{- include "gozon.egressDatabase" (dict "ctx" $ "service" "orders") | ni
   {{- end }}
 {{- end }}
 {{- end }}
+
+{{/*
+gozon.secretData -- the chart's Secret's data (the two database URLs under their GOZON_* names)
+as YAML; secret.yaml renders it and gozon.configChecksum hashes it.
+Usage: stringData: {{- include "gozon.secretData" . | nindent 2 }}
+*/}}
+{{- define "gozon.secretData" -}}
+GOZON_ORDERS_DATABASE_URL: {{ include "gozon.databaseUrl" (dict "ctx" . "service" "orders") | quote }}
+GOZON_PAYMENTS_DATABASE_URL: {{ include "gozon.databaseUrl" (dict "ctx" . "service" "payments") | quote }}
+{{- end }}
+
+{{/*
+gozon.configChecksum -- sha256 of everything the processes read at start (the ConfigMap's and
+the Secret's data, or the existing Secret's name): the pods' checksum/config annotation.
+Usage: checksum/config: {{ include "gozon.configChecksum" . }}
+*/}}
+{{- define "gozon.configChecksum" -}}
+{{- $secret := ternary (printf "existingSecret=%s" .Values.existingSecret) (include "gozon.secretData" .) (ne .Values.existingSecret "") }}
+{{- print (include "gozon.config" .) $secret (toYaml .Values.otel) (toYaml .Values.common.extraEnv) | sha256sum }}
+{{- end }}
