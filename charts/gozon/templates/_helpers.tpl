@@ -473,6 +473,7 @@ the Secret's data, or the existing Secret's name): the pods' checksum/config ann
 Usage: checksum/config: {{ include "gozon.configChecksum" . }}
 */}}
 {{- define "gozon.configChecksum" -}}
-{{- $secret := ternary (printf "existingSecret=%s" .Values.existingSecret) (include "gozon.secretData" .) (ne .Values.existingSecret "") }}
+{{- $secret := printf "existingSecret=%s" .Values.existingSecret }}
+{{- if not .Values.existingSecret }}{{ $secret = include "gozon.secretData" . }}{{ end }}
 {{- print (include "gozon.config" .) $secret (toYaml .Values.otel) (toYaml .Values.common.extraEnv) | sha256sum }}
 {{- end }}
