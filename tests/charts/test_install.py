@@ -179,8 +179,9 @@ class Release:
         return {(str(e.involved_object.name), str(e.involved_object.uid)) for e in events}
 
     def leftovers(self) -> list[str]:
-        """Objects of the release still present (volumes claimed by StatefulSets excepted:
-        Kubernetes keeps them on purpose)."""
+        """Objects of the release still present. Excepted, as Helm and Kubernetes document:
+        objects annotated `helm.sh/resource-policy: keep` (the bundled databases' password
+        Secrets, kept with their data) and the volumes claimed by StatefulSets."""
         found = [f"Deployment/{d.metadata.name}" for d in self.deployments()]
         found += [f"StatefulSet/{s.metadata.name}" for s in self.statefulsets()]
         for kind, lister in (
@@ -190,7 +191,11 @@ class Release:
             ("Pod", self.core.list_namespaced_pod),
         ):
             items: list[Any] = lister(self.namespace, label_selector=self.selector).items
-            found += [f"{kind}/{o.metadata.name}" for o in items]
+            found += [
+                f"{kind}/{o.metadata.name}"
+                for o in items
+                if (o.metadata.annotations or {}).get("helm.sh/resource-policy") != "keep"
+            ]
         return found
 
 
