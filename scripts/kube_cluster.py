@@ -36,7 +36,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from scripts.stack import ROOT, PidFile, StackError, port_is_free, wait_until
@@ -82,6 +82,8 @@ class LocalCluster:
     """One local control plane, owned by its data folder."""
 
     data_dir: Path
+    # one PidFile per component, kept: a process started here is reaped by the stop here
+    _pidfiles: dict[str, PidFile] = field(default_factory=dict, init=False, repr=False)
 
     # ------------------------------------------------------------------ layout
     @property
@@ -97,7 +99,10 @@ class LocalCluster:
         return self.data_dir / "admin.kubeconfig"
 
     def _pidfile(self, component: str) -> PidFile:
-        return PidFile(self.data_dir / "run" / f"{component}.pid", marker=str(self.data_dir))
+        if component not in self._pidfiles:
+            path = self.data_dir / "run" / f"{component}.pid"
+            self._pidfiles[component] = PidFile(path, marker=str(self.data_dir))
+        return self._pidfiles[component]
 
     def _log(self, component: str) -> Path:
         return self.logs / f"{component}.log"
@@ -384,7 +389,8 @@ class LocalCluster:
                     "annotations": {"storageclass.kubernetes.io/is-default-class": "true"},
                 },
                 "provisioner": "kubernetes.io/no-provisioner",
-                "volumeBindingMode": "Immediate",
+                # as kind's local-path: bound when the pod is scheduled, not before
+                "volumeBindingMode": "WaitForFirstConsumer",
                 "reclaimPolicy": "Retain",
             }
         )
