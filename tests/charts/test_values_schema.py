@@ -10,8 +10,10 @@ values table in docs/kubernetes.md is the generated one.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -293,6 +295,19 @@ def test_every_values_key_is_documented_and_the_docs_table_is_current() -> None:
     assert chart_values_doc.with_table(doc, chart_values_doc.VALUES.read_text()) == doc, (
         "docs/kubernetes.md's values table is stale: run python -m scripts.chart_values_doc"
     )
+
+
+def test_every_helper_is_namespaced_and_says_how_to_call_it() -> None:
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    parts = re.split(r"\{\{-? define ", helpers)
+    assert len(parts) > 20
+    for before, block in itertools.pairwise(parts):
+        name = block.split('"')[1]
+        assert name.startswith("gozon."), name
+        comment = before.rsplit("{{/*", 1)[-1]
+        assert comment.lstrip().startswith(f"{name} -- "), f"{name}: no comment of its own"
+        assert "Usage: " in comment, f"{name}: no usage line"
+        assert name in comment.split("Usage:")[1], f"{name}: the usage line calls something else"
 
 
 def test_an_undocumented_key_is_named() -> None:

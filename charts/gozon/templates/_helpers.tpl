@@ -311,7 +311,7 @@ Usage: {{ include "gozon.config" . | fromYaml }}
 
 {{/*
 gozon.otelEnv -- the OTEL_* variables of a process or Job (none while otel.endpoint is empty).
-Usage: {{ include "gozon.otelEnv" (dict "ctx" $ "service" "gozon-orders-api") | nindent 12 }}
+Usage: {{ include "gozon.otelEnv" (dict "ctx" $) | nindent 12 }}
 */}}
 {{- define "gozon.otelEnv" -}}
 {{- if .ctx.Values.otel.endpoint }}
@@ -346,10 +346,11 @@ Usage: {{ if eq (include "gozon.monitoringOn" (dict "ctx" $ "enabled" .Values.me
 {{- end }}
 
 {{/*
-gozon.podSecurityContext / gozon.securityContext -- non-root, read-only root filesystem, no
-privilege escalation, every capability dropped, the runtime's seccomp profile. Not a value:
-nothing the platform does needs more.
-Usage: securityContext: {{- include "gozon.securityContext" . | nindent 12 }}
+gozon.podSecurityContext -- every pod's securityContext: a non-root numeric user and group
+(common.podSecurityContext) and the runtime's seccomp profile. With gozon.securityContext
+(read-only root filesystem, no privilege escalation, every capability dropped) it is not a
+value: nothing the platform does needs more.
+Usage: securityContext: {{- include "gozon.podSecurityContext" . | nindent 8 }}
 */}}
 {{- define "gozon.podSecurityContext" -}}
 runAsNonRoot: true
@@ -360,6 +361,11 @@ seccompProfile:
   type: RuntimeDefault
 {{- end }}
 
+{{/*
+gozon.securityContext -- every container's securityContext: read-only root filesystem, no
+privilege escalation, not privileged, every capability dropped.
+Usage: securityContext: {{- include "gozon.securityContext" . | nindent 12 }}
+*/}}
 {{- define "gozon.securityContext" -}}
 allowPrivilegeEscalation: false
 readOnlyRootFilesystem: true
