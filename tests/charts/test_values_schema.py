@@ -15,6 +15,7 @@ import json
 import os
 import re
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -302,6 +303,13 @@ def test_every_values_key_is_documented_and_the_docs_table_is_current() -> None:
     assert chart_values_doc.with_table(doc, chart_values_doc.VALUES.read_text()) == doc, (
         "docs/kubernetes.md's values table is stale: run python -m scripts.chart_values_doc"
     )
+
+
+def test_the_default_image_tag_is_the_package_version() -> None:
+    """image.tag defaults to appVersion: the tag `make image` gives the image it builds."""
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert chart["appVersion"] == project["version"]
 
 
 def test_every_helper_is_namespaced_and_says_how_to_call_it() -> None:
