@@ -168,3 +168,37 @@ def test_one_job_per_migration(tmp_path: Path, mode: str) -> None:
 def test_the_values_list_every_process_and_no_other() -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert sorted(values["processes"]) == sorted(p.name for p in PROCESSES)
+
+
+def test_the_bundled_databases_urls_carry_their_own_passwords(tmp_path: Path) -> None:
+    """The app's Secret and each database's Secret are drawn from one password per database."""
+    secrets = of_kind(render(tmp_path), "Secret")
+    urls = secrets[FULLNAME]["stringData"]
+    for service, database in (("orders", "order_db"), ("payments", "account_db")):
+        password = secrets[f"{FULLNAME}-{service}-db"]["stringData"]["password"]
+        assert len(password) == 32
+        assert urls[f"GOZON_{service.upper()}_DATABASE_URL"] == (
+            f"postgresql+asyncpg://gozon:{password}@{FULLNAME}-{service}-db:5432/{database}"
+        )
+
+
+def test_the_config_checksum_holds_no_random_password(tmp_path: Path) -> None:
+    """Two renders draw different passwords (no cluster to read them back from) but the pods'
+    checksum/config is the same: an upgrade that keeps the passwords does not roll the pods."""
+
+    def checksums() -> set[str]:
+        return {
+            d["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+            for d in of_kind(render(tmp_path), "Deployment").values()
+        }
+
+    first, second = checksums(), checksums()
+    assert len(first) == 1
+    assert first == second
+    changed = {
+        d["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+        for d in of_kind(
+            render(tmp_path, sets=("config.GOZON_LOG_LEVEL=DEBUG",)), "Deployment"
+        ).values()
+    }
+    assert changed.isdisjoint(first)

@@ -238,32 +238,28 @@ Usage: {{ include "gozon.dbDatabase" "orders" }}
 
 {{/*
 gozon.dbPassword -- a bundled database's password: the one in its existing Secret (so upgrades
-keep it), else a new random one. Computed once per render and remembered, so the database's
-Secret and the URLs built from it agree.
-Usage: {{ include "gozon.dbPassword" (dict "ctx" $ "service" "orders") }}
+keep it), else a new random one. Each call without an existing Secret draws a new password:
+call it once per render (secret.yaml does) and pass the result on.
+Usage: {{ $password := include "gozon.dbPassword" (dict "ctx" $ "service" "orders") }}
 */}}
 {{- define "gozon.dbPassword" -}}
-{{- $key := printf "gozonDbPassword_%s" .service }}
-{{- if not (hasKey .ctx.Values.postgresql.bundled $key) }}
-{{- $password := randAlphaNum 32 }}
 {{- $existing := lookup "v1" "Secret" .ctx.Release.Namespace (include "gozon.dbName" .) }}
 {{- if and $existing $existing.data (hasKey $existing.data "password") }}
-{{- $password = index $existing.data "password" | b64dec }}
+{{- index $existing.data "password" | b64dec }}
+{{- else }}
+{{- randAlphaNum 32 }}
 {{- end }}
-{{- $_ := set .ctx.Values.postgresql.bundled $key $password }}
-{{- end }}
-{{- get .ctx.Values.postgresql.bundled $key }}
 {{- end }}
 
 {{/*
-gozon.databaseUrl -- GOZON_ORDERS_DATABASE_URL or GOZON_PAYMENTS_DATABASE_URL, built from the
-bundled database or postgresql.external.<service> (password URL-escaped).
-Usage: {{ include "gozon.databaseUrl" (dict "ctx" $ "service" "orders") }}
+gozon.databaseUrl -- GOZON_ORDERS_DATABASE_URL or GOZON_PAYMENTS_DATABASE_URL: the bundled
+database's (with the `password` given) or postgresql.external.<service>'s (password URL-escaped).
+Usage: {{ include "gozon.databaseUrl" (dict "ctx" $ "service" "orders" "password" $password) }}
 */}}
 {{- define "gozon.databaseUrl" -}}
 {{- $pg := .ctx.Values.postgresql }}
 {{- if eq $pg.mode "bundled" }}
-{{- printf "postgresql+asyncpg://%s:%s@%s:5432/%s" $pg.bundled.user (include "gozon.dbPassword" .) (include "gozon.dbName" .) (include "gozon.dbDatabase" .service) }}
+{{- printf "postgresql+asyncpg://%s:%s@%s:5432/%s" $pg.bundled.user .password (include "gozon.dbName" .) (include "gozon.dbDatabase" .service) }}
 {{- else }}
 {{- $db := get $pg.external .service }}
 {{- $host := required (printf "postgresql.external.%s.host is required when postgresql.mode is external (or set existingSecret)" .service) $db.host }}
@@ -311,7 +307,7 @@ Usage: {{ include "gozon.config" . | fromYaml }}
 
 {{/*
 gozon.otelEnv -- the OTEL_* variables of a process or Job (none while otel.endpoint is empty).
-Usage: {{ include "gozon.otelEnv" (dict "ctx" $ "service" "gozon-orders-api") | nindent 12 }}
+Usage: {{ include "gozon.otelEnv" (dict "ctx" $) | nindent 12 }}
 */}}
 {{- define "gozon.otelEnv" -}}
 {{- if .ctx.Values.otel.endpoint }}
@@ -346,10 +342,11 @@ Usage: {{ if eq (include "gozon.monitoringOn" (dict "ctx" $ "enabled" .Values.me
 {{- end }}
 
 {{/*
-gozon.podSecurityContext / gozon.securityContext -- non-root, read-only root filesystem, no
-privilege escalation, every capability dropped, the runtime's seccomp profile. Not a value:
-nothing the platform does needs more.
-Usage: securityContext: {{- include "gozon.securityContext" . | nindent 12 }}
+gozon.podSecurityContext -- every pod's securityContext: a non-root numeric user and group
+(common.podSecurityContext) and the runtime's seccomp profile. With gozon.securityContext
+(read-only root filesystem, no privilege escalation, every capability dropped) it is not a
+value: nothing the platform does needs more.
+Usage: securityContext: {{- include "gozon.podSecurityContext" . | nindent 8 }}
 */}}
 {{- define "gozon.podSecurityContext" -}}
 runAsNonRoot: true
@@ -360,6 +357,11 @@ seccompProfile:
   type: RuntimeDefault
 {{- end }}
 
+{{/*
+gozon.securityContext -- every container's securityContext: read-only root filesystem, no
+privilege escalation, not privileged, every capability dropped.
+Usage: securityContext: {{- include "gozon.securityContext" . | nindent 12 }}
+*/}}
 {{- define "gozon.securityContext" -}}
 allowPrivilegeEscalation: false
 readOnlyRootFilesystem: true
@@ -459,21 +461,27 @@ Usage: {{- include "gozon.egressDatabase" (dict "ctx" $ "service" "orders") | ni
 
 {{/*
 gozon.secretData -- the chart's Secret's data (the two database URLs under their GOZON_* names)
-as YAML; secret.yaml renders it and gozon.configChecksum hashes it.
-Usage: stringData: {{- include "gozon.secretData" . | nindent 2 }}
+as YAML. `passwords` maps orders and payments to the bundled databases' passwords (unused with
+external servers).
+Usage: stringData: {{- include "gozon.secretData" (dict "ctx" $ "passwords" $passwords) | nindent 2 }}
 */}}
 {{- define "gozon.secretData" -}}
-GOZON_ORDERS_DATABASE_URL: {{ include "gozon.databaseUrl" (dict "ctx" . "service" "orders") | quote }}
-GOZON_PAYMENTS_DATABASE_URL: {{ include "gozon.databaseUrl" (dict "ctx" . "service" "payments") | quote }}
+{{- $passwords := .passwords | default dict }}
+GOZON_ORDERS_DATABASE_URL: {{ include "gozon.databaseUrl" (dict "ctx" .ctx "service" "orders" "password" (get $passwords "orders")) | quote }}
+GOZON_PAYMENTS_DATABASE_URL: {{ include "gozon.databaseUrl" (dict "ctx" .ctx "service" "payments" "password" (get $passwords "payments")) | quote }}
 {{- end }}
 
 {{/*
 gozon.configChecksum -- sha256 of everything the processes read at start (the ConfigMap's and
-the Secret's data, or the existing Secret's name): the pods' checksum/config annotation.
+the Secret's data, or the existing Secret's name): the pods' checksum/config annotation. Never
+renders a database password (nor draws one).
 Usage: checksum/config: {{ include "gozon.configChecksum" . }}
 */}}
 {{- define "gozon.configChecksum" -}}
 {{- $secret := printf "existingSecret=%s" .Values.existingSecret }}
-{{- if not .Values.existingSecret }}{{ $secret = include "gozon.secretData" . }}{{ end }}
+{{- if not .Values.existingSecret }}
+{{- /* A bundled database's password never changes once made: hash the URLs without it. */}}
+{{- $secret = include "gozon.secretData" (dict "ctx" . "passwords" (dict "orders" "-" "payments" "-")) }}
+{{- end }}
 {{- print (include "gozon.config" .) $secret (toYaml .Values.otel) (toYaml .Values.common.extraEnv) | sha256sum }}
 {{- end }}
