@@ -1,6 +1,6 @@
 # The two commands: `make up` runs the platform, `make test` runs the tests.
 # Ports and folders come from GOZON_* variables (see README, "Changing ports").
-.PHONY: up down status logs test test-chart lock bootstrap
+.PHONY: up down status logs test test-chart test-faults lock bootstrap
 
 PY := .venv/bin/python
 
@@ -28,7 +28,13 @@ test:
 # scripts/k8s-tools; see docs/kubernetes.md. Extra pytest arguments: CHART_ARGS="-k lint".
 test-chart: bootstrap
 	@scripts/k8s-tools
-	@.venv/bin/pytest tests/charts $(CHART_ARGS)
+	@.venv/bin/pytest tests/charts -p no:cacheprovider $(CHART_ARGS)
+
+# The fault suite (tests/faults, docs/reliability.md): kills, restarts and overloads the
+# platform under load and checks that nothing is lost. About 6-10 minutes.
+test-faults: bootstrap
+	@scripts/install-vegeta >/dev/null
+	@.venv/bin/pytest tests/faults -p no:cacheprovider $(ARGS)
 
 # Re-resolves requirements/lock.txt from pyproject.toml (then commit both).
 lock: bootstrap
