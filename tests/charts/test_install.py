@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,14 @@ RELEASE = "gozon"
 EXPECTED_WARNINGS = {"FailedGetResourceMetric", "FailedComputeMetricsReplicas"}
 
 
-def wait_for(check: Callable[[], Any], *, what: str, timeout: float = 300) -> Any:
-    """Polls until `check` returns something truthy; fails naming `what`."""
+def wait_for(
+    check: Callable[[], Any],
+    *,
+    what: str,
+    timeout: float = 300,
+    explain: Callable[[], object] = lambda: "",
+) -> Any:
+    """Polls until `check` returns something truthy; fails naming `what` and `explain()`."""
     deadline = time.monotonic() + timeout
     delay = 0.2
     while True:
@@ -40,7 +47,7 @@ def wait_for(check: Callable[[], Any], *, what: str, timeout: float = 300) -> An
         if result:
             return result
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}: {explain()}")
         time.sleep(delay)
         delay = min(delay * 2, 2)
 
@@ -199,18 +206,34 @@ class Release:
         return found
 
 
-@pytest.fixture(scope="module")
-def namespace(kube_api: client.ApiClient, crds_applied: list[str]) -> str:
-    name = "gozon-install"
+# The defaults (Strimzi, bundled PostgreSQL: the migrations are Jobs of the release) and the
+# external mode (the migrations are pre-install/pre-upgrade hook Jobs with their own Secret and
+# ServiceAccount). Nothing connects to the external addresses: kwok runs no container.
+SCENARIOS = {"defaults": None, "external": "external-values.yaml"}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    namespace: str
+    values: list[str]
+
+
+@pytest.fixture(scope="class", params=list(SCENARIOS), ids=list(SCENARIOS))
+def scenario(
+    request: pytest.FixtureRequest, kube_api: client.ApiClient, chart: Path, crds_applied: list[str]
+) -> Scenario:
+    name = f"gozon-{request.param}"
+    values_file = SCENARIOS[request.param]
     client.CoreV1Api(kube_api).create_namespace(
         client.V1Namespace(metadata=client.V1ObjectMeta(name=name))
     )
-    return name
+    values = ["-f", str(chart / "ci" / values_file)] if values_file else []
+    return Scenario(namespace=name, values=values)
 
 
-@pytest.fixture(scope="module")
-def release(kube_api: client.ApiClient, namespace: str) -> Release:
-    return Release(kube_api, namespace)
+@pytest.fixture(scope="class")
+def release(kube_api: client.ApiClient, scenario: Scenario) -> Release:
+    return Release(kube_api, scenario.namespace)
 
 
 @pytest.fixture(scope="module")
@@ -218,8 +241,11 @@ def kube_helm(helm: Helm, cluster: Any) -> Helm:
     return Helm(env={**helm.env, "KUBECONFIG": str(cluster.kubeconfig)}, binary=helm.binary)
 
 
-def helm_install_args(chart: Path, namespace: str) -> list[str]:
-    return [RELEASE, str(chart), "--namespace", namespace, "--wait", "--timeout", "10m"]
+def helm_install_args(chart: Path, scenario: Scenario) -> list[str]:
+    return [RELEASE, str(chart), "--namespace", scenario.namespace, *scenario.values]
+
+
+WAIT = ["--wait", "--timeout", "10m"]
 
 
 class TestInstallUpgradeUninstall:
@@ -229,17 +255,17 @@ class TestInstallUpgradeUninstall:
         self,
         kube_helm: Helm,
         chart: Path,
-        namespace: str,
+        scenario: Scenario,
         release: Release,
         diagnostics: list[str],
     ) -> None:
-        diagnostics.append(namespace)
-        kube_helm("install", *helm_install_args(chart, namespace))
+        diagnostics.append(scenario.namespace)
+        kube_helm("install", *helm_install_args(chart, scenario), *WAIT)
         assert not release.rolled_out(), release.rolled_out()
         assert release.deployments(), "the release has no Deployment"
         hook_jobs = release.completed_jobs()
         assert hook_jobs, "no hook Job completed"
-        status = kube_helm("status", RELEASE, "--namespace", namespace, "-o", "json").stdout
+        status = kube_helm("status", RELEASE, "-n", scenario.namespace, "-o", "json").stdout
         assert '"status":"deployed"' in status.replace(" ", "")
         assert not release.warnings(), release.warnings()
 
@@ -247,53 +273,54 @@ class TestInstallUpgradeUninstall:
         self,
         kube_helm: Helm,
         chart: Path,
-        namespace: str,
+        scenario: Scenario,
         release: Release,
         diagnostics: list[str],
     ) -> None:
-        diagnostics.append(namespace)
+        diagnostics.append(scenario.namespace)
         before = {d.metadata.name: d.metadata.generation for d in release.deployments()}
         assert before, "install left no Deployment to upgrade"
         jobs_before = release.completed_jobs()
         kube_helm(
             "upgrade",
-            *helm_install_args(chart, namespace),
+            *helm_install_args(chart, scenario),
+            *WAIT,
             "--reuse-values",
             "--set-string",
             "common.podAnnotations.gozon\\.dev/upgrade-check=2",
         )
-        wait_for(lambda: not release.rolled_out(), what="the rollout after the upgrade")
+        wait_for(
+            lambda: not release.rolled_out(),
+            what="the rollout after the upgrade",
+            explain=release.rolled_out,
+        )
         after = {d.metadata.name: d.metadata.generation for d in release.deployments()}
         assert after.keys() == before.keys()
         assert all(after[name] > before[name] for name in before), (before, after)
         for d in release.deployments():
             annotations = d.spec.template.metadata.annotations or {}
             assert annotations.get("gozon.dev/upgrade-check") == "2", d.metadata.name
-        # the pre-upgrade hooks ran again: more Job completions than after the install
+        # the migrations ran again for the new revision: Jobs with new uids completed
         wait_for(
-            lambda: (
-                len(release.completed_jobs()) > len(jobs_before)
-                or release.completed_jobs() - jobs_before
-            ),
-            what="the pre-upgrade hook Jobs",
-            timeout=60,
+            lambda: release.completed_jobs() - jobs_before, what="the upgrade's migration Jobs"
         )
-        history = kube_helm("history", RELEASE, "--namespace", namespace, "-o", "json").stdout
+        history = kube_helm("history", RELEASE, "-n", scenario.namespace, "-o", "json").stdout
         assert '"revision":2' in history.replace(" ", "")
         assert not release.warnings(), release.warnings()
 
     def test_uninstall_leaves_nothing(
         self,
         kube_helm: Helm,
-        namespace: str,
+        scenario: Scenario,
         release: Release,
         diagnostics: list[str],
     ) -> None:
-        diagnostics.append(namespace)
-        kube_helm("uninstall", RELEASE, "--namespace", namespace, "--wait", "--timeout", "5m")
+        diagnostics.append(scenario.namespace)
+        kube_helm("uninstall", RELEASE, "-n", scenario.namespace, "--wait", "--timeout", "5m")
         wait_for(
             lambda: not release.leftovers(),
-            what=f"the release's objects to go: {release.leftovers()}",
+            what="the release's objects to go",
+            explain=release.leftovers,
         )
-        listed = kube_helm("list", "--namespace", namespace, "-q").stdout.split()
+        listed = kube_helm("list", "-n", scenario.namespace, "-q").stdout.split()
         assert RELEASE not in listed
