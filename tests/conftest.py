@@ -33,6 +33,26 @@ from scripts.stack import Kafka, Postgres, StackConfig
 E = TypeVar("E", bound=BaseModel)
 
 
+# The APIs' own deadlines (4 s budget, 3 s statements, 2 s pool wait) are production values,
+# tested by tests/integration/test_deadlines.py with values of its own. Elsewhere they would
+# only turn a busy machine's slowness into 503s: the functional tests lift them (the e2e
+# platform's processes inherit this environment; the gateway's deadline header still applies).
+# The fault suite keeps the production values (tests/faults/conftest.py).
+FUNCTIONAL_TEST_LIMITS = {
+    "GOZON_API_TIMEOUT_S": "60",
+    "GOZON_DB_STATEMENT_TIMEOUT_S": "60",
+    "GOZON_DB_POOL_TIMEOUT_S": "30",
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def api_limits() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in FUNCTIONAL_TEST_LIMITS.items():
+            patch.setenv(name, value)
+        yield
+
+
 @pytest.fixture(scope="session")
 def servers_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="gozon-test-"))
