@@ -1,6 +1,7 @@
 # The two commands: `make up` runs the platform, `make test` runs the tests.
 # Ports and folders come from GOZON_* variables (see README, "Changing ports").
-.PHONY: up down status logs test test-faults lock bootstrap image images compose-up compose-down test-compose
+.PHONY: up down status logs test test-chart test-faults lock bootstrap image images compose-up \
+	compose-down test-compose
 
 PY := .venv/bin/python
 
@@ -21,6 +22,14 @@ logs:
 
 test:
 	@scripts/check
+
+# The Helm chart: lint, kubeconform for every charts/gozon/ci/*.yaml, helm-unittest, and
+# install/upgrade/uninstall on a local Kubernetes control plane. The tools (helm, kubeconform,
+# Kubernetes, etcd, kwok) are built once into ${GOZON_TOOLS_CACHE:-~/.cache/gozon} by
+# scripts/k8s-tools; see docs/kubernetes.md. Extra pytest arguments: CHART_ARGS="-k lint".
+test-chart: bootstrap
+	@scripts/k8s-tools
+	@.venv/bin/pytest tests/charts -p no:cacheprovider $(CHART_ARGS)
 
 # The fault suite (tests/faults, docs/reliability.md): kills, restarts and overloads the
 # platform under load and checks that nothing is lost. About 6-10 minutes.
