@@ -1,6 +1,7 @@
 # The two commands: `make up` runs the platform, `make test` runs the tests.
 # Ports and folders come from GOZON_* variables (see README, "Changing ports").
-.PHONY: up down status logs test test-faults lock bootstrap
+.PHONY: up down status logs test test-chart test-faults lock bootstrap image images compose-up \
+	compose-down test-compose
 
 PY := .venv/bin/python
 
@@ -22,14 +23,59 @@ logs:
 test:
 	@scripts/check
 
+# The Helm chart: lint, kubeconform for every charts/gozon/ci/*.yaml, helm-unittest, and
+# install/upgrade/uninstall on a local Kubernetes control plane. The tools (helm, kubeconform,
+# Kubernetes, etcd, kwok) are built once into ${GOZON_TOOLS_CACHE:-~/.cache/gozon} by
+# scripts/k8s-tools; see docs/kubernetes.md. Extra pytest arguments: CHART_ARGS="-k lint".
+test-chart: bootstrap
+	@scripts/k8s-tools
+	@.venv/bin/pytest tests/charts -p no:cacheprovider $(CHART_ARGS)
+
 # The fault suite (tests/faults, docs/reliability.md): kills, restarts and overloads the
 # platform under load and checks that nothing is lost. About 6-10 minutes.
 test-faults: bootstrap
 	@scripts/install-vegeta >/dev/null
 	@.venv/bin/pytest tests/faults -p no:cacheprovider $(ARGS)
 
-# Re-resolves requirements/lock.txt from pyproject.toml (then commit both).
+# Re-resolves requirements/lock.txt from pyproject.toml, then the image's runtime.txt and
+# build.txt within it (commit all of them).
 lock: bootstrap
 	@UV_PYTHON_DOWNLOADS=never $(PY) -m uv pip compile pyproject.toml --extra dev \
 	  --python-version 3.11 --generate-hashes --quiet --no-header \
 	  --custom-compile-command "make lock" -o requirements/lock.txt
+	@UV_PYTHON_DOWNLOADS=never $(PY) -m uv pip compile pyproject.toml -c requirements/lock.txt \
+	  --python-version 3.11 --generate-hashes --quiet --no-header -o requirements/runtime.txt
+	@UV_PYTHON_DOWNLOADS=never $(PY) -m uv pip compile requirements/build.in \
+	  -c requirements/lock.txt --python-version 3.11 --generate-hashes --quiet --no-header \
+	  -o requirements/build.txt
+
+# ---------------------------------------------------------------- Docker (docs/containers.md)
+# The Gozon image, built hermetically: gozon:<version> and gozon:latest.
+image: bootstrap
+	@docker/build-image
+
+# Stand-ins for the public images (no registry needed) and the Gozon image on them; prints
+# the variables to use: eval "$$(make -s images)"
+images: bootstrap
+	@docker/offline/build
+
+# The compose stack, waited for until healthy. TRACES=1 adds the collector and Jaeger and makes
+# the processes export to them. OFFLINE=1 (no registry) runs on the stand-ins from `make images`,
+# without Grafana, the collector and Jaeger, which have none.
+compose-up:
+ifeq ($(OFFLINE),1)
+	@vars=$$(docker/offline/build) && eval "$$vars" && \
+	  docker compose up --detach --wait --no-build $$(docker compose config --services | grep -vx grafana)
+else
+	@$(if $(TRACES),GOZON_OTLP_ENDPOINT=http://otel-collector:4318) \
+	  docker compose $(if $(TRACES),--profile observability) up --detach --wait
+endif
+
+# Stops the stack and keeps its data; VOLUMES=1 removes the data too.
+compose-down:
+	@docker compose --profile observability down $(if $(VOLUMES),--volumes) --remove-orphans
+
+# Installs what is missing (engine, compose v2, base image), builds, runs the stack, tests it
+# (the spec's scenario, e2e, Prometheus, crashes under load), then removes it.
+test-compose:
+	@scripts/test-compose

@@ -3,10 +3,16 @@ Kafka of the end-to-end tests' own, driven over HTTP through the gateway.
 
 Started once per session. Tests use their own user ids, so they share it safely; a test that
 kills a process restarts it before it ends.
+
+With `GOZON_E2E_COMPOSE_PROJECT` set (by `scripts/test-compose`), the same tests run against
+that docker-compose stack instead: the processes are its containers, reached where compose
+publishes them; a killed one is brought back by compose's restart policy, and its log is the
+container's.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,17 +21,21 @@ import port_for
 import pytest
 
 from gozon.processes import PROCESSES, process
+from scripts.compose import ComposeProcess, ComposeStack
 from scripts.processes import GozonProcess
 from scripts.stack import Kafka, Postgres, StackConfig
 from tests.conftest import fresh_database
+
+COMPOSE_PROJECT = os.environ.get("GOZON_E2E_COMPOSE_PROJECT", "")
 
 
 @dataclass
 class Platform:
     env: dict[str, str]
     logs: Path
-    processes: dict[str, GozonProcess] = field(default_factory=dict)
+    processes: dict[str, GozonProcess | ComposeProcess] = field(default_factory=dict)
     restarts: int = 0
+    compose: ComposeStack | None = None
 
     def url(self, name: str) -> str:
         return self.processes[name].health_url
@@ -44,13 +54,45 @@ class Platform:
             health_url=f"http://127.0.0.1:{self.env[entry.port_setting]}",
         )
 
-    def start(self, name: str) -> GozonProcess:
+    def start(self, name: str) -> GozonProcess | ComposeProcess:
+        """Starts the process again after a kill (under compose: waits for its restart)."""
+        current = self.processes.get(name)
+        if isinstance(current, ComposeProcess):
+            self.restarts += 1
+            return current.wait_restarted()
         process = self.new_process(name).start(ready=True, timeout=60)
         self.processes[name] = process
         return process
 
+    def log_of(self, name: str) -> str:
+        return self.processes[name].logs()
+
     def log_text(self) -> str:
+        if self.compose is not None:
+            return "".join(self.log_of(p.name) for p in PROCESSES)
         return "".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("*.log")))
+
+
+def compose_platform(stack: ComposeStack, logs: Path) -> Platform:
+    """The compose stack's processes, databases and broker, as this machine reaches them."""
+    password = os.environ.get("GOZON_PG_PASSWORD", "postgres")
+    env = {
+        "GOZON_ORDERS_DATABASE_URL": (
+            f"postgresql+asyncpg://postgres:{password}@{stack.published('orders-db', 5432)}"
+            "/order_db"
+        ),
+        "GOZON_PAYMENTS_DATABASE_URL": (
+            f"postgresql+asyncpg://postgres:{password}@{stack.published('payments-db', 5432)}"
+            "/account_db"
+        ),
+        "GOZON_KAFKA_BOOTSTRAP_SERVERS": stack.published("kafka", 9092),
+    }
+    platform = Platform(env=env, logs=logs, compose=stack)
+    for entry in PROCESSES:
+        address = stack.published(entry.name, entry.default_port)
+        env[entry.port_setting] = address.rpartition(":")[2]
+        platform.processes[entry.name] = ComposeProcess(stack, entry.name, f"http://{address}")
+    return platform
 
 
 @pytest.fixture(scope="session")
@@ -69,13 +111,15 @@ def e2e_kafka(servers_dir: Path) -> Iterator[Kafka]:
 
 
 @pytest.fixture(scope="session")
-def platform(
-    postgres: Postgres,
-    orders_template: str,
-    payments_template: str,
-    e2e_kafka: Kafka,
-    servers_dir: Path,
-) -> Iterator[Platform]:
+def platform(request: pytest.FixtureRequest, servers_dir: Path) -> Iterator[Platform]:
+    if COMPOSE_PROJECT:
+        yield compose_platform(ComposeStack(COMPOSE_PROJECT), servers_dir / "e2e-logs")
+        return
+    # the session's own servers, only when the tests start the processes themselves
+    postgres: Postgres = request.getfixturevalue("postgres")
+    orders_template: str = request.getfixturevalue("orders_template")
+    payments_template: str = request.getfixturevalue("payments_template")
+    e2e_kafka: Kafka = request.getfixturevalue("e2e_kafka")
     orders_dbs = fresh_database(postgres, orders_template)
     payments_dbs = fresh_database(postgres, payments_template)
     ports: list[int] = []

@@ -16,6 +16,11 @@ pytestmark = pytest.mark.e2e
 async def test_a_dead_payments_api_answers_503_fast_while_orders_work_and_recovers(
     platform: Platform,
 ) -> None:
+    if platform.compose is not None:
+        pytest.skip(
+            "under compose the restart policy brings a killed API back at once, so it cannot "
+            "be held down; tests/compose/test_crashes.py covers crashes there"
+        )
     headers = {"X-User-Id": "gw-e2e"}
     async with httpx.AsyncClient(base_url=platform.gateway, timeout=10) as client:
         assert (await client.get("/api/payments/balance", headers=headers)).status_code in (

@@ -25,7 +25,7 @@ HOPS = [
 
 def lines_with(platform: Platform, name: str, trace_id: str) -> list[dict[str, object]]:
     found = []
-    for line in (platform.logs / f"{name}.log").read_text(errors="replace").splitlines():
+    for line in platform.log_of(name).splitlines():
         if trace_id not in line:
             continue
         record = json.loads(line)

@@ -1,6 +1,6 @@
 """The process table is the one list of what runs: everything that starts the platform agrees.
 
-Compose and the Helm chart get their own agreement tests when they arrive.
+docker-compose.yml's agreement test is tests/unit/test_compose.py.
 """
 
 from __future__ import annotations

@@ -1,0 +1,192 @@
+"""docker-compose.yml, its Prometheus and Grafana files and the image agree with the process
+table (services/gozon/processes.py) and with each other. `make test-compose` runs the stack
+for real; these checks need no Docker.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gozon.processes import MIGRATIONS, PROCESSES, READINESS_PATH, Migration, Process
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_TEXT = (ROOT / "docker-compose.yml").read_text()
+COMPOSE: dict[str, Any] = yaml.safe_load(COMPOSE_TEXT)
+SERVICES: dict[str, Any] = COMPOSE["services"]
+GOZON_IMAGE = "${GOZON_IMAGE:-gozon:latest}"
+DATABASES = {"orders": ("orders-db", "order_db"), "payments": ("payments-db", "account_db")}
+
+
+def env(service: dict[str, Any]) -> dict[str, str]:
+    return {k: str(v) for k, v in service.get("environment", {}).items()}
+
+
+def test_the_gozon_services_are_exactly_the_processes_and_the_migrations() -> None:
+    gozon = {name for name, service in SERVICES.items() if service.get("image") == GOZON_IMAGE}
+    assert gozon == {p.name for p in PROCESSES} | {m.name for m in MIGRATIONS}
+
+
+@pytest.mark.parametrize("process", PROCESSES, ids=lambda p: p.name)
+def test_each_process_runs_its_command_waits_for_its_migration_and_is_probed_ready(
+    process: Process,
+) -> None:
+    service = SERVICES[process.name]
+    assert service["command"] == list(process.args)
+    assert service["restart"] == "unless-stopped"
+    assert service["healthcheck"]["test"][-1] == (
+        f"http://127.0.0.1:{process.default_port}{READINESS_PATH}"
+    )
+    depends = service["depends_on"]
+    if process.service is not None:
+        migration = next(m for m in MIGRATIONS if m.service == process.service)
+        assert depends[migration.name] == {"condition": "service_completed_successfully"}
+    if process.kind in ("relay", "consumer"):
+        assert depends["kafka"] == {"condition": "service_started"}
+    if process.kind == "gateway":
+        assert depends == {
+            p.name: {"condition": "service_started"} for p in PROCESSES if p.kind == "api"
+        }
+    # the container listens on the table's port; only the gateway is published beyond loopback
+    (published,) = service["ports"]
+    assert published.endswith(f":{process.default_port}")
+    assert published.startswith("127.0.0.1:") != (process.kind == "gateway")
+
+
+@pytest.mark.parametrize("migration", MIGRATIONS, ids=lambda m: m.name)
+def test_each_migration_is_one_shot_after_its_database(migration: Migration) -> None:
+    service = SERVICES[migration.name]
+    assert service["command"] == list(migration.args)
+    assert service["restart"] == "no"
+    database, _ = DATABASES[migration.service]
+    assert service["depends_on"] == {database: {"condition": "service_healthy"}}
+
+
+def test_the_processes_reach_the_spec_databases_and_the_internal_listener() -> None:
+    settings = env(SERVICES["gateway"])
+    for service, (host, name) in DATABASES.items():
+        url = settings[f"GOZON_{service.upper()}_DATABASE_URL"]
+        assert re.fullmatch(rf"postgresql\+asyncpg://postgres:.+@{host}:5432/{name}", url)
+        assert env(SERVICES[host])["POSTGRES_DB"] == name
+    assert settings["GOZON_KAFKA_BOOTSTRAP_SERVERS"] == "kafka:29092"
+    assert "INTERNAL://kafka:29092" in env(SERVICES["kafka"])["KAFKA_ADVERTISED_LISTENERS"]
+    assert settings["GOZON_GATEWAY_ORDERS_URL"] == "http://orders-api:8081"
+    assert settings["GOZON_GATEWAY_PAYMENTS_URL"] == "http://payments-api:8082"
+
+
+def test_the_spec_ports_are_published() -> None:
+    assert SERVICES["orders-db"]["ports"] == ["127.0.0.1:${GOZON_ORDERS_DB_PUBLISH:-5433}:5432"]
+    assert SERVICES["payments-db"]["ports"] == ["127.0.0.1:${GOZON_PAYMENTS_DB_PUBLISH:-5432}:5432"]
+    assert SERVICES["gateway"]["ports"] == ["${GOZON_GATEWAY_PUBLISH:-8080}:8080"]
+
+
+def test_every_image_is_a_variable_with_a_public_default() -> None:
+    for name, service in SERVICES.items():
+        image = service["image"]
+        match = re.fullmatch(r"\$\{(GOZON_[A-Z_]*IMAGE):-([a-z0-9./_-]+:[\w.-]+)\}", image)
+        assert match, f"{name}: {image}"
+        assert match.group(2) != "latest" or name in {p.name for p in PROCESSES}
+
+
+def test_traces_are_behind_the_observability_profile_and_nothing_else_is() -> None:
+    profiled = {name: s["profiles"] for name, s in SERVICES.items() if "profiles" in s}
+    assert profiled == {"otel-collector": ["observability"], "jaeger": ["observability"]}
+    assert env(SERVICES["gateway"])["OTEL_EXPORTER_OTLP_ENDPOINT"] == "${GOZON_OTLP_ENDPOINT:-}"
+    collector = yaml.safe_load((ROOT / "docker" / "otel-collector.yaml").read_text())
+    assert collector["exporters"]["otlp/jaeger"]["endpoint"] == "jaeger:4317"
+
+
+def test_every_volume_is_named_so_down_v_removes_it() -> None:
+    declared = set(COMPOSE["volumes"])
+    used = set()
+    for service in SERVICES.values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if not source.startswith("./"):
+                used.add(source)
+            else:
+                assert volume.endswith(":ro"), f"bind mounts are read-only: {volume}"
+                assert (ROOT / source).exists(), volume
+    assert used == declared
+
+
+def mounted(service: str, source: str) -> str:
+    for volume in SERVICES[service]["volumes"]:
+        if volume.split(":")[0] == source:
+            target: str = volume.split(":")[1]
+            return target
+    raise AssertionError(f"{service} does not mount {source}")
+
+
+def test_prometheus_scrapes_every_process_by_name_and_loads_the_shipped_rules() -> None:
+    config = yaml.safe_load((ROOT / "docker" / "prometheus" / "prometheus.yml").read_text())
+    jobs = {
+        job["job_name"]: [t for c in job["static_configs"] for t in c["targets"]]
+        for job in config["scrape_configs"]
+    }
+    assert {name: targets for name, targets in jobs.items() if name != "prometheus"} == {
+        p.name: [f"{p.name}:{p.default_port}"] for p in PROCESSES
+    }
+    rules = mounted("prometheus", "./charts/gozon/dashboards/alerts.yaml")
+    (pattern,) = config["rule_files"]
+    assert Path(rules).match(pattern)
+    assert mounted("prometheus", "./docker/prometheus/prometheus.yml") == (
+        "/etc/prometheus/prometheus.yml"
+    )
+
+
+def test_grafana_provisions_the_mounted_dashboards_folder_and_prometheus() -> None:
+    provisioning = ROOT / "docker" / "grafana" / "provisioning"
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "gozon.yaml").read_text())[
+        "providers"
+    ]
+    assert provider["options"]["path"] == mounted("grafana", "./charts/gozon/dashboards")
+    assert mounted("grafana", "./docker/grafana/provisioning") == "/etc/grafana/provisioning"
+    (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())[
+        "datasources"
+    ]
+    assert source["url"] == "http://prometheus:9090"
+    assert source["isDefault"] is True
+
+
+def pins(path: Path) -> dict[str, tuple[str, frozenset[str]]]:
+    """name → (version, hashes) of a hashed requirements file."""
+    found: dict[str, tuple[str, frozenset[str]]] = {}
+    for block in re.split(r"\n(?=\S)", path.read_text()):
+        match = re.match(r"([A-Za-z0-9_.-]+)==(\S+)", block)
+        if match:
+            hashes = frozenset(re.findall(r"--hash=(sha256:[0-9a-f]+)", block))
+            found[match.group(1).lower()] = (match.group(2), hashes)
+    return found
+
+
+@pytest.mark.parametrize("name", ["runtime.txt", "build.txt"])
+def test_the_image_locks_are_hashed_and_agree_with_the_project_lock(name: str) -> None:
+    lock = pins(ROOT / "requirements" / "lock.txt")
+    image = pins(ROOT / "requirements" / name)
+    assert image
+    for package, (version, hashes) in image.items():
+        assert hashes, f"{package} has no hash"
+        if package in lock:
+            assert lock[package] == (version, hashes), f"{package} differs from lock.txt"
+    if name == "runtime.txt":
+        assert set(image) <= set(lock)
+
+
+def test_the_image_is_non_root_on_the_public_base_and_installs_only_the_hashed_lock() -> None:
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert "ARG BASE_IMAGE=python:3.11-slim-bookworm" in dockerfile
+    assert re.search(r"^USER 10001:10001$", dockerfile, re.M)
+    assert "--require-hashes" in dockerfile
+    assert "-r /src/requirements/runtime.txt" in dockerfile
+    assert "HEALTHCHECK" not in dockerfile
+    assert 'ENTRYPOINT ["gozon"]' in dockerfile
+    patterns = [
+        line for line in (ROOT / ".dockerignore").read_text().splitlines() if line[:1] not in "#"
+    ]
+    assert patterns[0] == "*", "the build context is an allow-list"
+    assert {"!services/", "!requirements/runtime.txt", "!docker/wheels/"} <= set(patterns)
