@@ -202,3 +202,48 @@ def test_the_config_checksum_holds_no_random_password(tmp_path: Path) -> None:
         ).values()
     }
     assert changed.isdisjoint(first)
+
+
+def env_of(deployment: Manifest) -> dict[str, Manifest]:
+    return {item["name"]: item for item in container(deployment).get("env", [])}
+
+
+def test_header_identity_by_default_and_only_the_gateway_gets_it(tmp_path: Path) -> None:
+    deployments = of_kind(render(tmp_path), "Deployment")
+    for name, deployment in deployments.items():
+        env = env_of(deployment)
+        if name == f"{FULLNAME}-gateway":
+            assert env["GOZON_GATEWAY_IDENTITY"]["value"] == "header"
+            assert "GOZON_GATEWAY_JWT_SECRET" not in env
+        else:
+            assert "GOZON_GATEWAY_IDENTITY" not in env, name
+
+
+@pytest.mark.parametrize("source", ["secretName", "jwksConfigMap"])
+def test_jwt_identity_takes_its_key_from_a_secret_or_a_mounted_jwks(
+    tmp_path: Path, source: str
+) -> None:
+    sets = (
+        "identity.mode=jwt",
+        "identity.jwt.audience=shop",
+        "identity.jwt.issuer=https://id.example",
+        f"identity.jwt.{source}=shop-jwt",
+    )
+    gateway = of_kind(render(tmp_path, sets=sets), "Deployment")[f"{FULLNAME}-gateway"]
+    env = env_of(gateway)
+    assert env["GOZON_GATEWAY_IDENTITY"]["value"] == "jwt"
+    assert env["GOZON_GATEWAY_JWT_AUDIENCE"]["value"] == "shop"
+    assert env["GOZON_GATEWAY_JWT_ISSUER"]["value"] == "https://id.example"
+    volumes = {v["name"]: v for v in gateway["spec"]["template"]["spec"]["volumes"]}
+    if source == "secretName":
+        assert env["GOZON_GATEWAY_JWT_SECRET"]["valueFrom"]["secretKeyRef"] == {
+            "name": "shop-jwt",
+            "key": "GOZON_GATEWAY_JWT_SECRET",
+        }
+        assert "jwks" not in volumes
+    else:
+        assert env["GOZON_GATEWAY_JWT_JWKS_FILE"]["value"] == "/etc/gozon/jwks/jwks.json"
+        assert volumes["jwks"]["configMap"]["name"] == "shop-jwt"
+        mounts = {m["name"]: m for m in container(gateway)["volumeMounts"]}
+        assert mounts["jwks"]["mountPath"] == "/etc/gozon/jwks"
+        assert "GOZON_GATEWAY_JWT_SECRET" not in env

@@ -49,6 +49,13 @@ CHART_SETS = {
     "GOZON_KAFKA_REPLICATION_FACTOR",
     "GOZON_ORDERS_DATABASE_URL",
     "GOZON_PAYMENTS_DATABASE_URL",
+    # from `identity` (gozon.identityEnv), on the gateway only
+    "GOZON_GATEWAY_IDENTITY",
+    "GOZON_GATEWAY_JWT_AUDIENCE",
+    "GOZON_GATEWAY_JWT_ISSUER",
+    "GOZON_GATEWAY_JWT_LEEWAY_S",
+    "GOZON_GATEWAY_JWT_SECRET",
+    "GOZON_GATEWAY_JWT_JWKS_FILE",
 }
 
 # (id, values, what the error must say): each refused by the schema before anything renders.
@@ -163,6 +170,7 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
         {"metrics": {"serviceMonitor": {"enabled": "yes"}}},
         "at '/metrics/serviceMonitor/enabled'",
     ),
+    ("identity mode misspelt", {"identity": {"mode": "oauth"}}, "at '/identity/mode'"),
     ("service type misspelt", {"service": {"type": "Ingress"}}, "at '/service/type'"),
     (
         "network peer misspelt",
@@ -197,6 +205,26 @@ BAD_COMBINATIONS: list[tuple[str, dict[str, Any], str]] = [
             }
         },
         "postgresql.external.orders.password is required",
+    ),
+    (
+        "jwt identity without an issuer",
+        {"identity": {"mode": "jwt", "jwt": {"audience": "shop", "secretName": "jwt"}}},
+        "identity.mode jwt needs identity.jwt.audience and identity.jwt.issuer",
+    ),
+    (
+        "jwt identity with both key sources",
+        {
+            "identity": {
+                "mode": "jwt",
+                "jwt": {
+                    "audience": "shop",
+                    "issuer": "https://id.example",
+                    "secretName": "jwt",
+                    "jwksConfigMap": "jwks",
+                },
+            }
+        },
+        "exactly one of identity.jwt.secretName and identity.jwt.jwksConfigMap",
     ),
 ]
 

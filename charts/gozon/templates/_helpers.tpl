@@ -485,3 +485,37 @@ Usage: checksum/config: {{ include "gozon.configChecksum" . }}
 {{- end }}
 {{- print (include "gozon.config" .) $secret (toYaml .Values.otel) (toYaml .Values.common.extraEnv) | sha256sum }}
 {{- end }}
+
+{{/*
+gozon.identityEnv -- the gateway's identity settings (docs/gateway.md): the mode, and in `jwt`
+mode the token checks, the HS256 key from a Secret or the JWKS file from a mounted ConfigMap.
+Fails the render when `jwt` mode lacks an audience, an issuer, or exactly one key source.
+Usage: {{- include "gozon.identityEnv" $ | nindent 12 }}
+*/}}
+{{- define "gozon.identityEnv" -}}
+{{- $id := .Values.identity -}}
+- name: GOZON_GATEWAY_IDENTITY
+  value: {{ $id.mode | quote }}
+{{- if eq $id.mode "jwt" }}
+{{- if not (and $id.jwt.audience $id.jwt.issuer) }}
+{{- fail "identity.mode jwt needs identity.jwt.audience and identity.jwt.issuer" }}
+{{- end }}
+{{- if eq (empty $id.jwt.secretName) (empty $id.jwt.jwksConfigMap) }}
+{{- fail "identity.mode jwt needs exactly one of identity.jwt.secretName and identity.jwt.jwksConfigMap" }}
+{{- end }}
+- name: GOZON_GATEWAY_JWT_AUDIENCE
+  value: {{ $id.jwt.audience | quote }}
+- name: GOZON_GATEWAY_JWT_ISSUER
+  value: {{ $id.jwt.issuer | quote }}
+- name: GOZON_GATEWAY_JWT_LEEWAY_S
+  value: {{ $id.jwt.leewaySeconds | quote }}
+{{- if $id.jwt.secretName }}
+- name: GOZON_GATEWAY_JWT_SECRET
+  valueFrom:
+    secretKeyRef: {name: {{ $id.jwt.secretName }}, key: GOZON_GATEWAY_JWT_SECRET}
+{{- else }}
+- name: GOZON_GATEWAY_JWT_JWKS_FILE
+  value: /etc/gozon/jwks/jwks.json
+{{- end }}
+{{- end }}
+{{- end }}
