@@ -37,6 +37,7 @@ from opentelemetry.trace import SpanKind
 from pydantic import BaseModel, ValidationError
 
 from gozon.core.db import is_database_outage
+from gozon.core.errors import RetryLater
 from gozon.core.runtime import sleep_unless
 from gozon.core.telemetry import context_from_headers
 from gozon.messaging.kafka import dlq_topic, is_transient
@@ -56,11 +57,6 @@ DLQ_REASON = "x-dlq-reason"
 class RejectMessage(Exception):
     """Raised by a handler for a well-formed message that can never be handled (it refers to
     something that does not exist, say): the message goes to the dead-letter topic at once."""
-
-
-class RetryLater(Exception):
-    """Raised by a handler for a passing condition (a contended row, say): retried like a
-    database outage, for as long as it lasts, never dead-lettered."""
 
 
 class _Stopping(Exception):

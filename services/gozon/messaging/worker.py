@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -18,14 +18,13 @@ import structlog
 from aiokafka import AIOKafkaConsumer
 from pydantic import BaseModel
 from sqlalchemy import Table
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gozon.core.db import create_engine, database_answers, session_factory
 from gozon.core.health import Readiness
 from gozon.core.runtime import sleep_unless, stop_on_signals
 from gozon.core.settings import MessagingSettings
 from gozon.core.sideport import side_port
-from gozon.messaging.consumer import ConsumerRunner, Handler
+from gozon.messaging.consumer import ConsumerRunner
 from gozon.messaging.kafka import (
     broker_answers,
     ensure_topics,
@@ -34,6 +33,7 @@ from gozon.messaging.kafka import (
     new_producer,
 )
 from gozon.messaging.relay import OutboxRelay, RelayConfig
+from gozon.messaging.subscription import Subscription, no_notify
 from gozon.messaging.wakeup import OutboxListener, OutboxNotifier
 
 log = structlog.get_logger(__name__)
@@ -121,23 +121,10 @@ async def run_relay(
 
 
 async def run_consumer(
-    spec: WorkerSpec,
-    settings: MessagingSettings,
-    *,
-    topic: str,
-    group_id: str,
-    schema: type[E],
-    make_handler: Callable[..., Handler[E]],
-    outbox: str | None = None,
-    scrape_hooks: Sequence[Callable[[async_sessionmaker[AsyncSession]], Awaitable[object]]] = (),
+    spec: WorkerSpec, settings: MessagingSettings, subscription: Subscription[E], *, group_id: str
 ) -> None:
-    """Runs the consumer.
-
-    `make_handler(sessions)` builds the handler; when the handler writes to an `outbox`, it is
-    built as `make_handler(sessions, notify=…)` and calls `notify()` after each commit that
-    added outbox rows, to wake that outbox's relay. `scrape_hooks` refresh the service's
-    gauges at each scrape.
-    """
+    """Runs the service's subscription (see `gozon.messaging.subscription`) until SIGTERM."""
+    topic = subscription.topic
     stop = stop_on_signals()
     # One connection per partition handled side by side, one for the notifier, one spare.
     engine = create_engine(
@@ -156,22 +143,20 @@ async def run_consumer(
         topics=[topic],
     )
     sessions = session_factory(engine)
-    notifier = OutboxNotifier(engine, outbox) if outbox else None
+    notifier = OutboxNotifier(engine, subscription.outbox.name) if subscription.outbox else None
     runner = ConsumerRunner(
         consumer=consumer,
         producer=producer,
         topic=topic,
-        schema=schema,
-        handler=(
-            make_handler(sessions, notify=notifier.notify) if notifier else make_handler(sessions)
-        ),
+        schema=subscription.schema,
+        handler=subscription.handler(sessions, notifier.notify if notifier else no_notify),
         max_handler_attempts=settings.consumer_max_handler_attempts,
     )
     readiness = Readiness()
     readiness.add("database", lambda: database_answers(engine))
     readiness.add("kafka", lambda: broker_answers(producer))
     try:
-        hooks = [partial(hook, sessions) for hook in scrape_hooks]
+        hooks = [partial(hook, sessions) for hook in subscription.scrape_hooks]
         async with side_port(spec.metrics_host, spec.metrics_port, readiness, hooks):
             if (
                 await _until_started("producer", producer.start, stop)
