@@ -91,8 +91,20 @@ class ConsumerRunner(Generic[E]):
         CONSUMER_LAG.labels(topic)
 
     async def run(self, stop: asyncio.Event) -> None:
+        delay = 0.1
         while not stop.is_set():
-            batches = await self.consumer.getmany(timeout_ms=200)
+            try:
+                batches = await self.consumer.getmany(timeout_ms=200)
+            except Exception as exc:
+                # aiokafka reconnects by itself; a fetch error that says "the broker is not
+                # there" is waited out, never a reason to end the process.
+                if not is_transient(exc):
+                    raise
+                log.warning("kafka unavailable, fetching again", topic=self.topic, error=repr(exc))
+                await sleep_unless(stop, delay)
+                delay = min(delay * 2, self.retry_backoff_max)
+                continue
+            delay = 0.1
             # Partitions are independent (a key lives on one), so they are handled side by
             # side; within one, strictly in offset order.
             results = await asyncio.gather(

@@ -16,6 +16,7 @@ from typing import TypeVar
 
 import structlog
 from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
 from pydantic import BaseModel
 from sqlalchemy import Table
 
@@ -62,17 +63,34 @@ def relay_config(settings: MessagingSettings) -> RelayConfig:
     )
 
 
+def _flag(readiness: Readiness, name: str) -> asyncio.Event:
+    """An event that readiness reports as the check `name`."""
+    flag = asyncio.Event()
+
+    async def check() -> bool:
+        return flag.is_set()
+
+    readiness.add(name, check)
+    return flag
+
+
 async def _until_started(
     what: str, start: Callable[[], Awaitable[object]], stop: asyncio.Event
 ) -> bool:
-    """Retries a start-up step that needs Kafka until it works; False if stopped first."""
+    """Retries a start-up step that needs Kafka until it works; False if stopped first.
+
+    Any Kafka error is waited out (a broker that is starting answers with errors that are
+    not marked retriable, such as an unknown API version): the process stays live and not
+    ready, and carries on once the broker answers. Only an error that is not Kafka's (a bug)
+    ends the process.
+    """
     delay = 0.2
     while not stop.is_set():
         try:
             await start()
             return True
         except Exception as exc:
-            if not is_transient(exc):
+            if not (is_transient(exc) or isinstance(exc, KafkaError)):
                 raise
             log.warning("waiting for kafka", step=what, error=repr(exc))
             await sleep_unless(stop, delay)
@@ -95,13 +113,13 @@ async def run_relay(
     readiness = Readiness()
     readiness.add("database", lambda: database_answers(engine))
     readiness.add("kafka", lambda: broker_answers(producer))
+    started = _flag(readiness, "started")  # its start-up steps done (they wait for Kafka)
     try:
         async with side_port(
             spec.metrics_host, spec.metrics_port, readiness, before_scrape=[relay.refresh_gauges]
         ):
             listener = OutboxListener(spec.database_url, table.name, relay.wake)
-            started = await _until_started("producer", producer.start, stop)
-            if started and await _until_started(
+            if await _until_started("producer", producer.start, stop) and await _until_started(
                 "topics",
                 lambda: ensure_topics(
                     settings.kafka_bootstrap_servers,
@@ -112,6 +130,7 @@ async def run_relay(
                 stop,
             ):
                 log.info("relay started", outbox=table.name, topics=topics)
+                started.set()
                 async with listener.running():
                     await relay.run(stop)
     finally:
@@ -143,7 +162,11 @@ async def run_consumer(
         topics=[topic],
     )
     sessions = session_factory(engine)
-    notifier = OutboxNotifier(engine, subscription.outbox.name) if subscription.outbox else None
+    notifier = (
+        OutboxNotifier(engine, subscription.outbox.name)
+        if subscription.outbox is not None
+        else None
+    )
     runner = ConsumerRunner(
         consumer=consumer,
         producer=producer,
@@ -155,6 +178,7 @@ async def run_consumer(
     readiness = Readiness()
     readiness.add("database", lambda: database_answers(engine))
     readiness.add("kafka", lambda: broker_answers(producer))
+    started = _flag(readiness, "started")  # its start-up steps done (they wait for Kafka)
     try:
         hooks = [partial(hook, sessions) for hook in subscription.scrape_hooks]
         async with side_port(spec.metrics_host, spec.metrics_port, readiness, hooks):
@@ -173,6 +197,7 @@ async def run_consumer(
                 and await _until_started("consumer", consumer.start, stop)
             ):
                 log.info("consumer started", topic=topic, group_id=group_id)
+                started.set()
                 async with contextlib.AsyncExitStack() as stack:
                     if notifier:
                         await stack.enter_async_context(notifier.running())
