@@ -74,7 +74,7 @@ def platform(
     orders_template: str,
     payments_template: str,
     e2e_kafka: Kafka,
-    servers_dir: Path,
+    logs_dir: Path,
 ) -> Iterator[Platform]:
     orders_dbs = fresh_database(postgres, orders_template)
     payments_dbs = fresh_database(postgres, payments_template)
@@ -91,7 +91,7 @@ def platform(
         "GOZON_LOG_LEVEL": "INFO",
         "GOZON_GATEWAY_BREAKER_RESET_S": "1",
     }
-    logs = servers_dir / "e2e-logs"
+    logs = logs_dir / "e2e"
     platform = Platform(env=env, logs=logs)
     try:
         # the gateway last, once its upstreams answer

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def launched(
-    tmp_path_factory: pytest.TempPathFactory,
+    logs_dir: Path,
     postgres: Postgres,
     orders_template: str,
     payments_template: str,
@@ -41,7 +41,7 @@ def launched(
     """The platform under the launcher, once for this module (its start is the slow part)."""
     with pytest.MonkeyPatch.context() as monkeypatch:
         yield from _launch(
-            tmp_path_factory.mktemp("launched"),
+            logs_dir / "supervision",
             postgres,
             orders_template,
             payments_template,

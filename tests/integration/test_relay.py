@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -158,6 +159,15 @@ async def running_relay(
         await producer.stop()
 
 
+def transient_errors(relay: GozonProcess) -> float:
+    """The relay's count of publish attempts that found the broker unreachable."""
+    metrics = urllib.request.urlopen(relay.health_url + "/metrics", timeout=5).read().decode()  # noqa: S310
+    for line in metrics.splitlines():
+        if line.startswith("gozon_outbox_publish_errors_total{") and 'kind="transient"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def relay_process(orders_db: str, bootstrap: str, log: Path) -> GozonProcess:
     port = port_for.select_random()
     return GozonProcess(
@@ -259,7 +269,13 @@ async def test_relay_keeps_rows_pending_while_kafka_is_down_and_loses_none(
                 )
                 assert response.status_code == 201
                 created.add(response.json()["id"])
-        await asyncio.sleep(1.5)
+        # The relay has tried them (and found the broker down), not merely not got to them.
+        await asyncio.to_thread(
+            wait_for,
+            lambda: transient_errors(relay) >= 2,
+            timeout=30,
+            what="the relay to try the rows against the stopped broker",
+        )
         assert await statuses(engine) == {"PENDING": 30}
         async with engine.connect() as conn:
             attempts = await conn.scalar(select(func.max(order_outbox.c.attempts)))
@@ -434,25 +450,30 @@ async def test_a_committed_order_wakes_the_relay_at_once_not_at_the_fallback_pol
     orders_db: str, engine: AsyncEngine, kafka: Kafka
 ) -> None:
     await create_topics_async(kafka.bootstrap, ORDER_CREATED_TOPIC)
-    config = RelayConfig(fallback_poll=60)  # only a notification can wake it in time
-    async with (
-        running_relay(engine, kafka.bootstrap, config) as relay,
-        OutboxListener(orders_db, order_outbox.name, relay.wake).running(),
-    ):
-        await asyncio.sleep(0.5)  # the relay has polled once and is waiting now
-        async with serve(build_app(OrdersSettings(orders_database_url=orders_db))) as client:
-            loop = asyncio.get_running_loop()
-            started = loop.time()
-            for n in range(3):
-                response = await client.post(
-                    "/api/orders",
-                    headers={"X-User-Id": "wake"},
-                    json={"amount": n + 1, "description": "wake"},
-                )
-                assert response.status_code == 201
-                await until(lambda: _all_sent(engine), 5, f"order {n} to be SENT")
-            elapsed = loop.time() - started
-    assert elapsed < 5  # three wake-ups; the fallback poll alone would take minutes
+    # Only a notification can wake it within the test's patience (`until`'s 30 s).
+    config = RelayConfig(fallback_poll=600)
+    listener = OutboxListener(orders_db, order_outbox.name, asyncio.Event())
+    async with running_relay(engine, kafka.bootstrap, config) as relay:
+        listener.wake = relay.wake
+        async with listener.running():
+
+            async def listening() -> bool:
+                return listener.listening
+
+            await until(listening, 30, "the listener to listen")
+            await _wake_up_orders(orders_db, engine)
+
+
+async def _wake_up_orders(orders_db: str, engine: AsyncEngine) -> None:
+    async with serve(build_app(OrdersSettings(orders_database_url=orders_db))) as client:
+        for n in range(3):
+            response = await client.post(
+                "/api/orders",
+                headers={"X-User-Id": "wake"},
+                json={"amount": n + 1, "description": "wake"},
+            )
+            assert response.status_code == 201
+            await until(lambda: _all_sent(engine), 30, f"order {n} to be SENT")
 
 
 async def test_the_relay_is_not_ready_while_its_database_is_down_and_recovers(
