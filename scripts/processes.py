@@ -54,7 +54,7 @@ class GozonProcess:
         self.health_url = health_url
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, *, ready: bool = False, timeout: float = 30) -> GozonProcess:
+    def start(self, *, ready: bool = False, timeout: float = 120) -> GozonProcess:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -47,6 +48,7 @@ def pytest_configure(config: pytest.Config) -> None:
     from gozon.core.logging import configure_logging
 
     configure_logging("tests", level="INFO", json=False)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request drowns the rest
     base = Path(os.environ.get("GOZON_TEST_LOGS", ROOT / ".gozon" / "test-logs"))
     run = base / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     config.stash[_run_logs] = run

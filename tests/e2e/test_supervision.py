@@ -78,7 +78,7 @@ def _launch(
     }
     platform = Platform(StackConfig.from_env())
     try:
-        platform.start(env, timeout=120)
+        platform.start(env, timeout=180)
         yield platform
     finally:
         platform.stop()
@@ -103,7 +103,7 @@ def test_a_killed_process_is_restarted_while_the_others_keep_answering(
     others = [p.name for p in PROCESSES if p.name != victim]
     wait_for(
         lambda: launched.states()[victim].pid != before[victim].pid,
-        timeout=60,
+        timeout=180,
         what=f"{victim} restarted",
     )
     # The six others never stopped: same pids, and they answer.
@@ -112,7 +112,7 @@ def test_a_killed_process_is_restarted_while_the_others_keep_answering(
         assert http_status(_url(name) + "/health/live") == 200, name
     wait_for(
         lambda: http_status(_url(victim) + "/health/ready") == 200,
-        timeout=90,
+        timeout=180,
         what=f"{victim} ready again",
     )
     after = launched.states()

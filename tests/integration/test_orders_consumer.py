@@ -204,10 +204,10 @@ async def test_a_database_outage_is_retried_until_it_ends_and_the_message_is_not
         async def retried() -> bool:
             return not runner.database_ok and attempts[0] >= 3
 
-        await until(retried, 30, "the runner to retry the message through the outage")
+        await until(retried, 120, "the runner to retry the message through the outage")
         assert await committed(kafka, topic, group) is None  # not skipped, not committed
         await asyncio.to_thread(private_postgres.start)
-        await until_committed(kafka, topic, group, 1, within=30)
+        await until_committed(kafka, topic, group, 1, within=120)
     engine = create_async_engine(url)
     try:
         assert await order_state(engine, order_id) == ("FINISHED", None)

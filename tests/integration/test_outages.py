@@ -72,7 +72,7 @@ def ready_checks(process: GozonProcess) -> dict[str, bool]:
 
 async def wait_status(process: GozonProcess, endpoint: str, status: int, what: str) -> None:
     await asyncio.to_thread(
-        wait_for, lambda: process.status(endpoint) == status, timeout=60, what=what
+        wait_for, lambda: process.status(endpoint) == status, timeout=120, what=what
     )
 
 
@@ -110,15 +110,15 @@ async def test_a_prune_that_loses_its_connection_leaves_the_relay_running(
     async with running_relay(engine, kafka.bootstrap, config) as relay:
         task = next(t for t in asyncio.all_tasks() if "OutboxRelay.run" in repr(t.get_coro()))
         await insert_events(engine, topic, 5)
-        await until(lambda: _statuses_are(engine, {"SENT": 5}), 30, "the rows to be SENT")
-        await until(lambda: _at_least(prunes_killed, 3), 30, "three prunes to lose their line")
+        await until(lambda: _statuses_are(engine, {"SENT": 5}), 120, "the rows to be SENT")
+        await until(lambda: _at_least(prunes_killed, 3), 120, "three prunes to lose their line")
         assert not task.done()  # the relay lived through every one of them
 
         async with engine.begin() as conn:
             await conn.execute(text("DROP TRIGGER kill_prune ON order_outbox"))
         await insert_events(engine, topic, 2)
         # It goes on publishing, and its next prune (the database answering again) works.
-        await until(lambda: _statuses_are(engine, {}), 30, "every row published and pruned")
+        await until(lambda: _statuses_are(engine, {}), 120, "every row published and pruned")
         assert relay.database_ok
         assert not task.done()
 
@@ -145,15 +145,15 @@ async def test_the_listener_reconnects_after_a_database_restart_and_wakes_the_re
 
     try:
         async with listener.running():
-            await until(_true(lambda: listener.listening), 30, "the listener to listen")
+            await until(_true(lambda: listener.listening), 120, "the listener to listen")
             await asyncio.to_thread(private_postgres.stop)
-            await until(_true(lambda: not listener.listening), 30, "the listener to notice")
+            await until(_true(lambda: not listener.listening), 120, "the listener to notice")
             await asyncio.to_thread(private_postgres.start)
             await engine.dispose()  # the pool's connections died with the server
             await until(_true(lambda: listener.listening), 60, "the listener to reconnect")
             wake.clear()
             await notify()
-            await until(_true(wake.is_set), 30, "a notification to wake the relay")
+            await until(_true(wake.is_set), 120, "a notification to wake the relay")
     finally:
         await engine.dispose()
 
@@ -171,7 +171,7 @@ async def test_a_consumer_rides_out_a_database_outage_and_its_metrics_keep_answe
     consumer = worker(
         "consumer", private_postgres.url("order_db"), kafka.bootstrap, tmp_path / "c.log"
     )
-    consumer.start(ready=True, timeout=60)
+    consumer.start(ready=True, timeout=120)
     try:
         await asyncio.to_thread(private_postgres.stop)
         await wait_status(consumer, "/health/ready", 503, "the consumer to report not ready")
@@ -198,7 +198,7 @@ async def test_workers_started_before_kafka_wait_create_their_topics_and_outlive
     ]
     try:
         for process in workers:
-            process.start(ready=False, timeout=60)  # live, though Kafka is not there
+            process.start(ready=False, timeout=120)  # live, though Kafka is not there
             assert process.status("/health/ready") == 503
             assert ready_checks(process)["started"] is False
 

@@ -203,7 +203,7 @@ async def test_a_created_order_reaches_kafka_with_envelope_key_and_traceparent(
         stored_headers = (await conn.execute(select(order_outbox.c.headers))).scalar_one()
 
     async with running_relay(engine, kafka.bootstrap):
-        await until(lambda: _all_sent(engine), 10, "the row to be SENT")
+        await until(lambda: _all_sent(engine), 120, "the row to be SENT")
     records = [
         r
         for r in await consume(kafka.bootstrap, ORDER_CREATED_TOPIC, at_least=1)
@@ -255,7 +255,7 @@ async def test_relay_keeps_rows_pending_while_kafka_is_down_and_loses_none(
         await asyncio.to_thread(
             wait_for,
             lambda: relay.status() == 503,
-            timeout=20,
+            timeout=120,
             what="the relay to report not ready",
         )
 
@@ -273,7 +273,7 @@ async def test_relay_keeps_rows_pending_while_kafka_is_down_and_loses_none(
         await asyncio.to_thread(
             wait_for,
             lambda: transient_errors(relay) >= 2,
-            timeout=30,
+            timeout=120,
             what="the relay to try the rows against the stopped broker",
         )
         assert await statuses(engine) == {"PENDING": 30}
@@ -286,10 +286,10 @@ async def test_relay_keeps_rows_pending_while_kafka_is_down_and_loses_none(
         await asyncio.to_thread(
             wait_for,
             lambda: relay.status() == 200,
-            timeout=30,
+            timeout=120,
             what="the relay to report ready again",
         )
-        await until(lambda: _all_sent(engine), 30, "every row to be SENT")
+        await until(lambda: _all_sent(engine), 120, "every row to be SENT")
         records = await consume(private_kafka.bootstrap, ORDER_CREATED_TOPIC, at_least=30)
         published = {json.loads(r.value)["aggregate_id"] for r in records}
         assert published == created
@@ -357,7 +357,7 @@ async def test_a_relay_killed_after_publishing_and_before_committing_publishes_a
 
     second = relay_process(orders_db, kafka.bootstrap, tmp_path / "relay-2.log").start()
     try:
-        await until(lambda: _all_sent(engine), 20, "the row to be SENT")
+        await until(lambda: _all_sent(engine), 120, "the row to be SENT")
     finally:
         second.stop()
     records = await consume(kafka.bootstrap, topic, at_least=2)
@@ -402,7 +402,7 @@ async def test_a_message_the_broker_refuses_is_retried_then_failed_and_can_be_re
         )
     assert await requeue_failed(engine, order_outbox) == 1
     async with running_relay(engine, kafka.bootstrap, config):
-        await until(lambda: _all_sent(engine), 20, "the requeued row to be SENT")
+        await until(lambda: _all_sent(engine), 120, "the requeued row to be SENT")
     records = await consume(kafka.bootstrap, topic, at_least=3)
     assert "requeued" in event_ids(records)
 
@@ -416,7 +416,7 @@ async def test_sent_rows_are_pruned_after_the_retention_period(
 ) -> None:
     await insert_events(engine, topic, 5)
     async with running_relay(engine, kafka.bootstrap):
-        await until(lambda: _all_sent(engine), 10, "the rows to be SENT")
+        await until(lambda: _all_sent(engine), 120, "the rows to be SENT")
     await insert_events(engine, topic, 2)  # pending: never pruned
     sessions = session_factory(engine)
     assert await prune_sent(sessions, order_outbox, timedelta(hours=1)) == 0
@@ -460,7 +460,7 @@ async def test_a_committed_order_wakes_the_relay_at_once_not_at_the_fallback_pol
             async def listening() -> bool:
                 return listener.listening
 
-            await until(listening, 30, "the listener to listen")
+            await until(listening, 120, "the listener to listen")
             await _wake_up_orders(orders_db, engine)
 
 
@@ -473,7 +473,7 @@ async def _wake_up_orders(orders_db: str, engine: AsyncEngine) -> None:
                 json={"amount": n + 1, "description": "wake"},
             )
             assert response.status_code == 201
-            await until(lambda: _all_sent(engine), 30, f"order {n} to be SENT")
+            await until(lambda: _all_sent(engine), 120, f"order {n} to be SENT")
 
 
 async def test_the_relay_is_not_ready_while_its_database_is_down_and_recovers(
@@ -486,7 +486,7 @@ async def test_the_relay_is_not_ready_while_its_database_is_down_and_recovers(
         await asyncio.to_thread(
             wait_for,
             lambda: relay.status() == 503,
-            timeout=20,
+            timeout=120,
             what="the relay to report not ready",
         )
         assert relay.status("/health/live") == 200  # alive: an orchestrator must not kill it
@@ -494,13 +494,13 @@ async def test_the_relay_is_not_ready_while_its_database_is_down_and_recovers(
         await asyncio.to_thread(
             wait_for,
             lambda: relay.status() == 200,
-            timeout=30,
+            timeout=120,
             what="the relay to report ready again",
         )
         engine = create_async_engine(private_postgres.url("order_db"))
         try:
             ids = await insert_events(engine, ORDER_CREATED_TOPIC, 3)
-            await until(lambda: _all_sent(engine), 20, "the rows to be SENT after the outage")
+            await until(lambda: _all_sent(engine), 120, "the rows to be SENT after the outage")
         finally:
             await engine.dispose()
         assert len(ids) == 3
