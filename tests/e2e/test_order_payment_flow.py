@@ -28,7 +28,9 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture
 async def gateway(platform: Platform) -> AsyncIterator[httpx.AsyncClient]:
-    limits = httpx.Limits(max_connections=100)
+    # Idle connections are dropped well before the server's 5 s keep-alive ends: a request
+    # sent on a connection the server is closing at that moment fails with a ReadError.
+    limits = httpx.Limits(max_connections=100, keepalive_expiry=1)
     async with httpx.AsyncClient(base_url=platform.gateway, timeout=120, limits=limits) as client:
         yield client
 

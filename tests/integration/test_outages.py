@@ -166,10 +166,10 @@ def _true(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
 
 
 async def test_a_consumer_rides_out_a_database_outage_and_its_metrics_keep_answering(
-    private_postgres: Postgres, kafka: Kafka, tmp_path: Path
+    private_postgres: Postgres, kafka: Kafka, process_logs: Path
 ) -> None:
     consumer = worker(
-        "consumer", private_postgres.url("order_db"), kafka.bootstrap, tmp_path / "c.log"
+        "consumer", private_postgres.url("order_db"), kafka.bootstrap, process_logs / "c.log"
     )
     consumer.start(ready=True, timeout=120)
     try:
@@ -189,11 +189,11 @@ async def test_a_consumer_rides_out_a_database_outage_and_its_metrics_keep_answe
 
 
 async def test_workers_started_before_kafka_wait_create_their_topics_and_outlive_its_loss(
-    orders_db: str, private_kafka: Kafka, tmp_path: Path
+    orders_db: str, private_kafka: Kafka, process_logs: Path
 ) -> None:
     await asyncio.to_thread(private_kafka.stop)
     workers = [
-        worker(kind, orders_db, private_kafka.bootstrap, tmp_path / f"{kind}.log")
+        worker(kind, orders_db, private_kafka.bootstrap, process_logs / f"{kind}.log")
         for kind in ("relay", "consumer")
     ]
     try:

@@ -246,9 +246,9 @@ async def _all_sent(engine: AsyncEngine) -> bool:
 
 
 async def test_relay_keeps_rows_pending_while_kafka_is_down_and_loses_none(
-    orders_db: str, engine: AsyncEngine, private_kafka: Kafka, tmp_path: Path
+    orders_db: str, engine: AsyncEngine, private_kafka: Kafka, process_logs: Path
 ) -> None:
-    relay = relay_process(orders_db, private_kafka.bootstrap, tmp_path / "relay.log")
+    relay = relay_process(orders_db, private_kafka.bootstrap, process_logs / "relay.log")
     relay.start(ready=True)
     try:
         await asyncio.to_thread(private_kafka.stop)
@@ -299,11 +299,11 @@ async def test_relay_keeps_rows_pending_while_kafka_is_down_and_loses_none(
 
 
 async def test_two_relay_processes_publish_every_row_and_none_twice(
-    orders_db: str, engine: AsyncEngine, kafka: Kafka, topic: str, tmp_path: Path
+    orders_db: str, engine: AsyncEngine, kafka: Kafka, topic: str, process_logs: Path
 ) -> None:
     expected = await insert_events(engine, topic, 3000, keys=25)
     relays = [
-        relay_process(orders_db, kafka.bootstrap, tmp_path / f"relay-{n}.log") for n in range(2)
+        relay_process(orders_db, kafka.bootstrap, process_logs / f"relay-{n}.log") for n in range(2)
     ]
     try:
         for relay in relays:
@@ -321,7 +321,7 @@ async def test_two_relay_processes_publish_every_row_and_none_twice(
 
 
 async def test_a_relay_killed_after_publishing_and_before_committing_publishes_again(
-    orders_db: str, engine: AsyncEngine, kafka: Kafka, topic: str, tmp_path: Path
+    orders_db: str, engine: AsyncEngine, kafka: Kafka, topic: str, process_logs: Path
 ) -> None:
     (event_id,) = await insert_events(engine, topic, 1)
     # Hold the relay between the broker's ack and its commit: marking the row SENT blocks.
@@ -338,7 +338,7 @@ async def test_a_relay_killed_after_publishing_and_before_committing_publishes_a
                 "WHEN (NEW.status = 'SENT') EXECUTE FUNCTION hold()"
             )
         )
-    first = relay_process(orders_db, kafka.bootstrap, tmp_path / "relay-1.log").start()
+    first = relay_process(orders_db, kafka.bootstrap, process_logs / "relay-1.log").start()
     try:
         records = await consume(kafka.bootstrap, topic, at_least=1, settle=0)
         assert event_ids(records) == [event_id]
@@ -355,7 +355,7 @@ async def test_a_relay_killed_after_publishing_and_before_committing_publishes_a
         await conn.execute(text("DROP TRIGGER hold ON order_outbox"))
     assert await statuses(engine) == {"PENDING": 1}
 
-    second = relay_process(orders_db, kafka.bootstrap, tmp_path / "relay-2.log").start()
+    second = relay_process(orders_db, kafka.bootstrap, process_logs / "relay-2.log").start()
     try:
         await until(lambda: _all_sent(engine), 120, "the row to be SENT")
     finally:
@@ -477,9 +477,11 @@ async def _wake_up_orders(orders_db: str, engine: AsyncEngine) -> None:
 
 
 async def test_the_relay_is_not_ready_while_its_database_is_down_and_recovers(
-    private_postgres: Postgres, kafka: Kafka, tmp_path: Path
+    private_postgres: Postgres, kafka: Kafka, process_logs: Path
 ) -> None:
-    relay = relay_process(private_postgres.url("order_db"), kafka.bootstrap, tmp_path / "relay.log")
+    relay = relay_process(
+        private_postgres.url("order_db"), kafka.bootstrap, process_logs / "relay.log"
+    )
     relay.start(ready=True)
     try:
         await asyncio.to_thread(private_postgres.stop)
