@@ -1,6 +1,6 @@
 # The two commands: `make up` runs the platform, `make test` runs the tests.
 # Ports and folders come from GOZON_* variables (see README, "Changing ports").
-.PHONY: up down status logs test lock bootstrap
+.PHONY: up down status logs test test-faults lock bootstrap
 
 PY := .venv/bin/python
 
@@ -21,6 +21,12 @@ logs:
 
 test:
 	@scripts/check
+
+# The fault suite (tests/faults, docs/reliability.md): kills, restarts and overloads the
+# platform under load and checks that nothing is lost. About 6-10 minutes.
+test-faults: bootstrap
+	@scripts/install-vegeta >/dev/null
+	@.venv/bin/pytest tests/faults -p no:cacheprovider $(ARGS)
 
 # Re-resolves requirements/lock.txt from pyproject.toml (then commit both).
 lock: bootstrap

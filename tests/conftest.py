@@ -63,6 +63,30 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(f"logs of the processes the tests started: {run}")
 
 
+# The APIs' own deadlines (4 s budget, 3 s statements, 2 s pool wait) are production values,
+# tested by tests/integration/test_deadlines.py with values of its own. Elsewhere they would
+# only turn a busy machine's slowness into 503s: the functional tests lift them (the e2e
+# platform's processes inherit this environment; the gateway's deadline header still applies).
+# The fault suite keeps the production values (tests/faults/conftest.py).
+FUNCTIONAL_TEST_LIMITS = {
+    "GOZON_API_TIMEOUT_S": "60",
+    "GOZON_DB_STATEMENT_TIMEOUT_S": "60",
+    "GOZON_DB_POOL_TIMEOUT_S": "30",
+    # Outcome tests, not speed tests: on a busy machine an answer may take longer than the
+    # gateway's default 5 s, and a 504 would fail a test about money, not time. The gateway's
+    # timeout itself is tested with its own settings in tests/integration/test_gateway.py.
+    "GOZON_GATEWAY_UPSTREAM_TIMEOUT_S": "60",
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def api_limits() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in FUNCTIONAL_TEST_LIMITS.items():
+            patch.setenv(name, value)
+        yield
+
+
 @pytest.fixture(scope="session")
 def logs_dir(request: pytest.FixtureRequest) -> Path:
     """This run's log folder, kept after the run (see the module's docstring)."""

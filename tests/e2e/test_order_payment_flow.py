@@ -111,11 +111,23 @@ async def balance(client: httpx.AsyncClient, user: str) -> Decimal:
     return Decimal(str(response.json()["balance"]))
 
 
+async def post_as_a_client_does(
+    client: httpx.AsyncClient, url: str, user: str, **kwargs: Any
+) -> httpx.Response:
+    """POSTs with an Idempotency-Key and, as the API's contract asks, retries a 503 ("not
+    processed": the API sheds what it cannot take) after its Retry-After, with the same key."""
+    headers = {"X-User-Id": user, "Idempotency-Key": uuid.uuid4().hex}
+    while True:
+        response = await client.post(url, headers=headers, **kwargs)
+        if response.status_code != 503:
+            return response
+        assert response.json()["outcome"] == "not_processed", response.text
+        await asyncio.sleep(float(response.headers["retry-after"]))
+
+
 async def order(client: httpx.AsyncClient, user: str, amount: str) -> str:
-    response = await client.post(
-        "/api/orders",
-        headers={"X-User-Id": user},
-        json={"amount": float(amount), "description": "e2e"},
+    response = await post_as_a_client_does(
+        client, "/api/orders", user, json={"amount": float(amount), "description": "e2e"}
     )
     assert response.status_code == 201, response.text
     order_id: str = response.json()["id"]
@@ -123,9 +135,7 @@ async def order(client: httpx.AsyncClient, user: str, amount: str) -> str:
 
 
 async def deposit(client: httpx.AsyncClient, user: str, amount: str) -> None:
-    response = await client.post(
-        f"/api/payments/deposit?amount={amount}", headers={"X-User-Id": user}
-    )
+    response = await post_as_a_client_does(client, f"/api/payments/deposit?amount={amount}", user)
     assert response.status_code in (200, 201), response.text
 
 

@@ -25,7 +25,7 @@ from fastapi import FastAPI
 
 from gozon.core.settings import GatewaySettings
 from gozon.gateway.app import build_app
-from tests.conftest import serve
+from tests.conftest import serve, until
 
 pytestmark = pytest.mark.integration
 
@@ -166,6 +166,7 @@ async def test_slow_upstream_gets_504_at_the_configured_timeout_without_a_retry(
     elapsed = time.perf_counter() - started
     assert response.status_code == 504
     assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["outcome"] == "unknown"
     assert elapsed >= TIMEOUT_S * 0.95  # it waited the timeout (how fast it then answers: bench/)
     assert orders.hits == 1  # and did not retry
 
@@ -257,12 +258,40 @@ async def dropping() -> AsyncIterator[list[int]]:
 async def test_dropped_connections_are_retried_once_for_get_and_never_for_post(
     orders: Upstream, payments: Upstream, dropping: list[int]
 ) -> None:
+    """A connection lost after the request was sent: the outcome is unknown, and says so."""
     dropped = settings(orders, payments, gateway_payments_url=f"http://127.0.0.1:{dropping[1]}")
     async with serve(build_app(dropped)) as client:
-        assert (await client.get("/api/payments/x", headers=USER)).status_code == 503
+        assert (await client.get("/api/payments/x", headers=USER)).status_code == 502
         assert dropping[0] == 2
-        assert (await client.post("/api/payments/x", headers=USER)).status_code == 503
+        response = await client.post("/api/payments/x", headers=USER)
+        assert response.status_code == 502
         assert dropping[0] == 3
+    problem = response.json()
+    assert problem["outcome"] == "unknown"
+    assert "may or may not" in problem["detail"]
+    assert "Idempotency-Key" in problem["detail"]
+
+
+async def test_refused_connection_is_503_not_processed_with_retry_after(
+    orders: Upstream, payments: Upstream
+) -> None:
+    await payments.stop()
+    async with serve(build_app(settings(orders, payments))) as client:
+        response = await client.post("/api/payments/deposit?amount=1", headers=USER)
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.json()["outcome"] == "not_processed"
+    assert "not processed" in response.json()["detail"]
+
+
+async def test_upstream_gets_the_time_left_and_a_clients_own_value_is_replaced(
+    gateway: httpx.AsyncClient, orders: Upstream
+) -> None:
+    await gateway.get("/api/orders/1", headers={**USER, "X-Request-Timeout-Ms": "999999"})
+    sent = orders.last["headers"].getall("X-Request-Timeout-Ms")
+    assert len(sent) == 1
+    # less than the gateway's timeout, less the margin for the answer's way back
+    assert 0 < int(sent[0]) <= TIMEOUT_S * 800
 
 
 async def test_request_id_is_echoed_and_passed_upstream_or_generated(
@@ -431,3 +460,19 @@ async def test_over_a_real_socket_bodies_stream_and_the_answer_is_the_gateways(
         async with client.get(f"{url}/api/payments/balance") as response:
             assert response.status == 503
             assert response.content_type == "application/problem+json"
+
+
+async def test_past_its_in_flight_limit_the_gateway_sheds_503_without_calling_the_upstream(
+    orders: Upstream, payments: Upstream
+) -> None:
+    orders.delay_s = TIMEOUT_S / 2
+    one_at_a_time = settings(orders, payments, gateway_upstream_max_in_flight=1)
+    async with serve(build_app(one_at_a_time)) as client:
+        first = asyncio.create_task(client.get("/api/orders/1", headers=USER))
+        await until(lambda: asyncio.sleep(0, result=orders.hits == 1), 10, "the first request")
+        shed = await client.post("/api/orders", headers=USER, json={})
+        assert (await first).status_code == 200
+    assert shed.status_code == 503
+    assert shed.headers["retry-after"] == "1"
+    assert shed.json()["outcome"] == "not_processed"
+    assert orders.hits == 1

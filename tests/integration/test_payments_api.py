@@ -23,7 +23,11 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 async def client(payments_db: str) -> AsyncIterator[httpx.AsyncClient]:
-    settings = PaymentsSettings(payments_database_url=payments_db, db_pool_size=20)
+    # Room for the 40 concurrent deposits below: these tests are about the account's
+    # compare-and-swap, not about shedding (tests/integration/test_deadlines.py).
+    settings = PaymentsSettings(
+        payments_database_url=payments_db, db_pool_size=20, api_max_queued=64
+    )
     async with serve(build_app(settings)) as client:
         yield client
 

@@ -26,21 +26,28 @@ def new_metadata() -> MetaData:
 
 
 def create_engine(
-    url: str, *, pool_size: int = 10, application_name: str = "gozon", pre_ping: bool = True
+    url: str,
+    *,
+    pool_size: int = 10,
+    application_name: str = "gozon",
+    pre_ping: bool = True,
+    pool_timeout_s: float = 10,
+    command_timeout_s: float = 30,
 ) -> AsyncEngine:
     """The engine. `pre_ping` tests each pooled connection before use (a round trip): the APIs
     want it, so that a database restart costs no request an error; the workers retry a
-    failed transaction anyway and save the round trip on every message."""
+    failed transaction anyway and save the round trip on every message. The APIs pass pool
+    and statement timeouts that nest under the gateway's (see `gozon.core.deadline`)."""
     return create_async_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=pre_ping,
-        pool_timeout=10,
+        pool_timeout=pool_timeout_s,
         connect_args={
             "server_settings": {"application_name": application_name},
             "timeout": 5,
-            "command_timeout": 30,
+            "command_timeout": command_timeout_s,
         },
     )
 
@@ -59,10 +66,28 @@ async def database_answers(engine: AsyncEngine) -> bool:
     return True
 
 
+# SQLSTATE classes of a server going away or refusing work: 08 connection exception, 53
+# insufficient resources (too many connections), 57 operator intervention (admin shutdown,
+# "the database system is shutting down / starting up", a statement cancelled by its timeout).
+# asyncpg's errors of these classes reach SQLAlchemy as plain DBAPIErrors.
+OUTAGE_SQLSTATE_CLASSES = frozenset({"08", "53", "57"})
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a DBAPIError from asyncpg (SQLAlchemy copies it onto `orig`)."""
+    code = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    return code if isinstance(code, str) else None
+
+
 def is_database_outage(exc: BaseException) -> bool:
     """A lost, refused or timed-out database connection: retry later, never skip the work."""
     if isinstance(exc, OSError | TimeoutError | ConnectionError):
         return True
     if isinstance(exc, OperationalError | InterfaceError):
         return True
-    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+    if not isinstance(exc, DBAPIError):
+        return False
+    code = sqlstate(exc)
+    return bool(exc.connection_invalidated) or (
+        code is not None and code[:2] in OUTAGE_SQLSTATE_CLASSES
+    )

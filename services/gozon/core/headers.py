@@ -1,4 +1,5 @@
-"""The request headers every API reads: `X-User-Id` and `Idempotency-Key`.
+"""The request headers every API reads: `X-User-Id`, `Idempotency-Key`, and the deadline
+the gateway sets, `X-Request-Timeout-Ms` (read by `gozon.core.deadline`).
 
 The gateway checks `X-User-Id` at the edge too; the services check it again because they must
 be safe to call directly (and are, in tests and inside the cluster).
@@ -15,6 +16,8 @@ from gozon.core.problems import Problem
 
 USER_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+# Milliseconds the caller will still wait for the answer (whole, positive); set by the gateway.
+DEADLINE_HEADER = "X-Request-Timeout-Ms"
 
 
 def user_id(x_user_id: Annotated[str | None, Header(include_in_schema=True)] = None) -> str:

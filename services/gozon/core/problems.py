@@ -2,7 +2,8 @@
 
 Raise `Problem` from a route or a service call; FastAPI's own validation errors and HTTP
 exceptions are translated too, and an unexpected exception becomes a 500 that names nothing
-internal (the details go to the log, with the trace id).
+internal (the details go to the log, with the trace id). Every 503 says `"outcome":
+"not_processed"`: nothing was done, a retry is safe (see gozon.core.deadline).
 """
 
 from __future__ import annotations
@@ -18,6 +19,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 PROBLEM_JSON = "application/problem+json"
+# The failure contract, as the OpenAPI documents state it (README, docs/reliability.md).
+FAILURE_CONTRACT = (
+    "Errors are RFC 9457 problem+json. A 503 (with Retry-After) means the request was not "
+    'processed: retrying it is safe. A 502 or 504 whose body says "outcome": "unknown" '
+    "means the request may or may not have been processed: retry it with the same "
+    "Idempotency-Key, which the APIs process once. A 429 means the per-user rate limit was "
+    "reached (not processed; see Retry-After)."
+)
 log = structlog.get_logger(__name__)
 
 
@@ -62,6 +71,10 @@ def problem_response(
         body["detail"] = detail
     if instance:
         body["instance"] = instance
+    if status == 503:
+        # The platform's contract (docs/reliability.md): a 503 always means "not processed,
+        # safe to retry"; an answer whose outcome is unknown is a 502 or 504 and says so.
+        body["outcome"] = "not_processed"
     body.update(extensions)
     return JSONResponse(
         jsonable_encoder(body), status_code=status, media_type=PROBLEM_JSON, headers=headers

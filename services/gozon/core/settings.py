@@ -43,9 +43,29 @@ class MessagingSettings(CommonSettings):
 
 
 class _ServiceSettings(MessagingSettings):
-    """What both services have, under their own prefixed names (`GOZON_ORDERS_…`)."""
+    """What both services have, under their own prefixed names (`GOZON_ORDERS_…`).
+
+    The API's limits nest under the gateway's 5 s timeout (docs/reliability.md): a request's
+    budget is the gateway's `X-Request-Timeout-Ms`, at most `api_timeout_s`; a transaction's
+    statements stop after `db_statement_timeout_s` and a pooled connection is waited for at
+    most `db_pool_timeout_s`. Past `api_max_in_flight` running and `api_max_queued` waiting,
+    a request is answered 503 at once.
+    """
 
     service: ClassVar[str]
+    api_timeout_s: float = Field(default=4.0, gt=0)
+    api_max_in_flight: int = Field(default=16, ge=1)
+    api_max_queued: int = Field(default=16, ge=0)
+    db_pool_timeout_s: float = Field(default=2.0, gt=0)
+    db_statement_timeout_s: float = Field(default=3.0, gt=0)
+
+    @model_validator(mode="after")
+    def _limits_nest(self) -> Self:
+        if self.db_pool_timeout_s >= self.api_timeout_s:
+            raise ValueError("db_pool_timeout_s must be under api_timeout_s")
+        if self.db_statement_timeout_s > self.api_timeout_s:
+            raise ValueError("db_statement_timeout_s must not exceed api_timeout_s")
+        return self
 
     def _own(self, name: str) -> object:
         return getattr(self, f"{self.service}_{name}")
@@ -125,6 +145,9 @@ class GatewaySettings(CommonSettings):
     gateway_upstream_timeout_s: float = Field(default=5.0, gt=0)
     gateway_upstream_retries: int = Field(default=2, ge=0, le=5)
     gateway_upstream_pool_size: int = Field(default=100, ge=1)
+    # Requests outstanding per upstream; past it, 503 at once. The APIs' own limit is 16
+    # running + 16 queued: more sent would only wait (or be shed there, at a higher cost).
+    gateway_upstream_max_in_flight: int = Field(default=32, ge=1)
     gateway_max_body_bytes: int = Field(default=1024 * 1024, ge=0)
     gateway_breaker_failures: int = Field(default=5, ge=1)
     gateway_breaker_reset_s: float = Field(default=5.0, gt=0)

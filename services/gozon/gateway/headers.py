@@ -3,8 +3,9 @@
 Towards the upstream: hop-by-hop headers (the fixed list and any the `Connection` header names)
 are dropped; `Host` becomes the upstream's own; `X-Forwarded-For` gets the client's address
 appended, `X-Forwarded-Proto` and `X-Forwarded-Host` say what the client used (set by the
-gateway, never trusted from the client: the gateway is the edge); `X-Request-Id` and the W3C
-trace headers are replaced by the gateway's. Towards the client: hop-by-hop headers are dropped
+gateway, never trusted from the client: the gateway is the edge); `X-Request-Id`, the W3C
+trace headers and `X-Request-Timeout-Ms` (the deadline) are replaced by the gateway's.
+Towards the client: hop-by-hop headers are dropped
 too, `Date` and `Server` are the gateway's own, `X-Request-Id` appears exactly once (the
 request's), and the rest (several `Set-Cookie` included) passes unchanged, names lower-cased.
 
@@ -41,6 +42,7 @@ _REPLACED_UPSTREAM = frozenset(
         b"x-request-id",
         b"traceparent",
         b"tracestate",
+        b"x-request-timeout-ms",  # the gateway's deadline, core.deadline.DEADLINE_HEADER
     }
 )
 # The gateway's server writes its own (as nginx does not pass a proxied server's either).

@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import structlog
 
+from gozon.core.problems import FAILURE_CONTRACT
 from gozon.gateway.proxy import Upstream
 
 log = structlog.get_logger(__name__)
@@ -75,7 +76,7 @@ def merge(
                 paths[path] = item
         for tag in document.get("tags", []):
             tags.setdefault(tag["name"], tag)
-    description = "Both Gozon services' APIs, as the gateway serves them."
+    description = f"Both Gozon services' APIs, as the gateway serves them. {FAILURE_CONTRACT}"
     if missing:
         description += f" Not available right now: {', '.join(missing)}."
     merged: Document = {

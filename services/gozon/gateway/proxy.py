@@ -6,16 +6,30 @@ answer that never reaches the upstream:
     X-User-Id missing or malformed      400
     Content-Length over the limit       413 (a body without one is counted while it streams)
     per-user rate limit exceeded        429 + Retry-After (only when configured)
+    upstream's in-flight limit reached  503 + Retry-After, at once (load shedding)
     upstream's breaker open             503 + Retry-After, at once
 
 Then the request goes upstream on that upstream's pooled aiohttp session, its body streamed
 (or, when it is small and its length known, read first so that a retry can resend it), and the
-answer comes back streamed, headers filtered as `gateway.headers` says. Failures map to:
+answer comes back streamed, headers filtered as `gateway.headers` says. The request carries
+`X-Request-Timeout-Ms`, the time the gateway will still wait (its timeout, less what has
+passed and a margin for the answer's way back): the API refuses work it cannot finish in time
+and never commits after it (`gozon.core.deadline`).
 
-    refused, reset, unreachable          503 (idempotent ones retried first, see below)
-    no response headers within the
-    configured timeout                   504
-    malformed response                   502
+Failures are told apart by whether the upstream may have acted on the request; every problem
+body says which in its `outcome` member:
+
+    nothing sent: connection refused or
+    unreachable, breaker open            503 + Retry-After, "outcome": "not_processed"
+                                         (idempotent ones retried first, see below)
+    sent, no answer headers within the
+    configured timeout                   504, "outcome": "unknown"
+    sent, connection lost before the
+    answer, or a malformed answer        502, "outcome": "unknown"
+
+An upstream's own answers (its 503 when it sheds load, say) pass through unchanged. An unknown
+outcome tells the client that a retry with the same `Idempotency-Key` is safe (the APIs
+process a key once).
 
 Retries happen only for idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE), only on
 connection errors, never on a timeout (the upstream may still be working on it), and at once.
@@ -38,7 +52,7 @@ from prometheus_client import Counter, Gauge
 from starlette.types import Receive, Scope, Send
 from yarl import URL
 
-from gozon.core.headers import user_id
+from gozon.core.headers import DEADLINE_HEADER, user_id
 from gozon.core.problems import Problem, problem_response
 from gozon.core.settings import GatewaySettings
 from gozon.core.telemetry import current_trace_headers
@@ -48,8 +62,8 @@ from gozon.gateway.ratelimit import RateLimiter, retry_after
 
 UPSTREAM_REQUESTS = Counter(
     "gozon_gateway_upstream_requests_total",
-    "Requests for an upstream, by outcome: answered, unavailable, timeout, bad_response, "
-    "breaker_open.",
+    "Requests for an upstream, by outcome: answered, unavailable (not sent), timeout, lost "
+    "(sent, connection lost), bad_response, breaker_open, shed (at the in-flight limit).",
     ["upstream", "outcome"],
 )
 BREAKER_STATE = Gauge(
@@ -66,6 +80,11 @@ BUFFERED_BYTES = 64 * 1024
 # the upstream closes it, so a request rarely meets a connection closing under it.
 POOL_KEEPALIVE_S = 4.0
 REQUEST_ID_KEY = "gozon.request_id"
+# The budget sent upstream is the gateway's time left less this share of its timeout: the
+# answer's way back (and a busy event loop) must fit in it too.
+DEADLINE_MARGIN = 0.2
+NOT_PROCESSED = "not_processed"
+UNKNOWN = "unknown"
 
 log = structlog.get_logger(__name__)
 
@@ -164,6 +183,8 @@ class Gateway:
         self.timeout_s = settings.gateway_upstream_timeout_s
         self.retries = settings.gateway_upstream_retries
         self.max_body = settings.gateway_max_body_bytes
+        self.max_in_flight = settings.gateway_upstream_max_in_flight
+        self._in_flight = dict.fromkeys(upstreams, 0)
         self.limiter = (
             RateLimiter(
                 rate_per_s=settings.gateway_rate_limit_per_s,
@@ -184,19 +205,29 @@ class Gateway:
         except Problem as problem:
             await _refuse(problem, scope, receive, send)
             return
+        self._in_flight[name] += 1
+        try:
+            await self._forward(upstream, length, scope, receive, send)
+        finally:
+            self._in_flight[name] -= 1
+
+    async def _forward(
+        self, upstream: Upstream, length: int | None, scope: Scope, receive: Receive, send: Send
+    ) -> None:
         body = _Body(receive, self.max_body)
         data: bytes | None = None
         try:
             if length is not None and length <= BUFFERED_BYTES:
                 data = await body.read() if length else None
-            async with asyncio.timeout(self.timeout_s):
-                response = await self._exchange(upstream, scope, body, data, length)
+            deadline = asyncio.get_running_loop().time() + self.timeout_s
+            async with asyncio.timeout_at(deadline):
+                response = await self._exchange(upstream, scope, body, data, length, deadline)
         except Exception as exc:
             answer = self._failure(upstream, body, exc)
             if answer is not None:
                 await _refuse(answer, scope, receive, send)
             return
-        UPSTREAM_REQUESTS.labels(name, "answered").inc()
+        UPSTREAM_REQUESTS.labels(upstream.name, "answered").inc()
         upstream.breaker.success()
         try:
             await _relay(response, send)
@@ -226,12 +257,25 @@ class Gateway:
                 "Too many requests for this user; retry after the time in Retry-After.",
                 headers={"Retry-After": str(retry_after(wait))},
             )
+        if self._in_flight[upstream.name] >= self.max_in_flight:
+            # Shed here, before the breaker (whose half-open probe slot it must not take):
+            # the upstream's own queue is full or nearly, and a request sent now would wait.
+            UPSTREAM_REQUESTS.labels(upstream.name, "shed").inc()
+            raise Problem(
+                503,
+                f"The {upstream.name} service is at capacity; the request was not processed. "
+                "Retry after the time in Retry-After.",
+                headers={"Retry-After": "1"},
+                outcome=NOT_PROCESSED,
+            )
         if not upstream.breaker.allow():
             UPSTREAM_REQUESTS.labels(upstream.name, "breaker_open").inc()
             raise Problem(
                 503,
-                f"The {upstream.name} service is unavailable; retry after the time in Retry-After.",
+                f"The {upstream.name} service is unavailable; the request was not processed. "
+                "Retry after the time in Retry-After.",
                 headers={"Retry-After": str(upstream.breaker.retry_after())},
+                outcome=NOT_PROCESSED,
             )
         return length
 
@@ -242,6 +286,7 @@ class Gateway:
         body: _Body,
         data: bytes | None,
         length: int | None,
+        deadline: float,
     ) -> aiohttp.ClientResponse:
         method: str = scope["method"]
         query: bytes = scope["query_string"]
@@ -259,8 +304,14 @@ class Gateway:
             trace=current_trace_headers(),
         )
         streamed = data is None and _has_body(scope, length)
+        loop = asyncio.get_running_loop()
         attempt = 0
         while True:
+            budget_s = deadline - loop.time() - DEADLINE_MARGIN * self.timeout_s
+            headers = [
+                *(pair for pair in headers if pair[0] != DEADLINE_HEADER),
+                (DEADLINE_HEADER, str(max(1, int(budget_s * 1000)))),
+            ]
             try:
                 return await upstream.session.request(
                     method,
@@ -281,18 +332,41 @@ class Gateway:
             return None
         if body.too_large:
             return _too_large(self.max_body)
-        # aiohttp's connect timeout is a TimeoutError too, but it means "unreachable".
-        if isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ConnectionTimeoutError):
+        retry = (
+            f"The {upstream.name} service may or may not have processed the request. "
+            "Retrying with the same Idempotency-Key is safe: a key is processed once."
+        )
+        # Connector errors (the connect timeout included) mean no connection: nothing was sent.
+        if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+            outcome = "unavailable"
+            problem = Problem(
+                503,
+                f"The {upstream.name} service is unavailable; the request was not processed. "
+                "Retry after the time in Retry-After.",
+                headers={"Retry-After": "1"},
+                outcome=NOT_PROCESSED,
+            )
+        elif isinstance(exc, TimeoutError):
             outcome = "timeout"
             problem = Problem(
-                504, f"The {upstream.name} service did not answer within {self.timeout_s:g} s."
+                504,
+                f"No answer within {self.timeout_s:g} s. {retry}",
+                title="Outcome unknown",
+                outcome=UNKNOWN,
             )
-        elif isinstance(exc, aiohttp.ClientConnectionError):
-            outcome = "unavailable"
-            problem = Problem(503, f"The {upstream.name} service is unavailable.")
         elif isinstance(exc, aiohttp.ClientError):
-            outcome = "bad_response"
-            problem = Problem(502, f"The {upstream.name} service sent a malformed answer.")
+            # Sent, then the connection was lost or the answer was malformed.
+            outcome = (
+                "bad_response"
+                if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError)
+                else "lost"
+            )
+            problem = Problem(
+                502,
+                f"The connection was lost before the answer. {retry}",
+                title="Outcome unknown",
+                outcome=UNKNOWN,
+            )
         else:  # a bug of the gateway's, not the upstream's: the breaker is not told
             log.error("proxy failed", upstream=upstream.name, exc_info=exc)
             return Problem(500, "The gateway failed to answer; the error was logged.")
@@ -324,6 +398,7 @@ async def _refuse(problem: Problem, scope: Scope, receive: Receive, send: Send) 
         instance=scope["path"],
         title=problem.title,
         headers=problem.headers,
+        **problem.extensions,
     )
     await response(scope, receive, send)
 

@@ -10,8 +10,9 @@ import structlog
 from fastapi import APIRouter, FastAPI, Query, Response, status
 
 from gozon.contracts import Amount
-from gozon.core.app import create_app
-from gozon.core.db import create_engine, database_answers, session_factory
+from gozon.core.app import ApiLimits, create_app
+from gozon.core.db import create_engine, database_answers
+from gozon.core.deadline import api_session_factory
 from gozon.core.deps import SessionsDep
 from gozon.core.headers import IdempotencyKeyDep, UserIdDep
 from gozon.core.health import Readiness
@@ -120,11 +121,14 @@ def build_app(settings: PaymentsSettings) -> FastAPI:
             settings.payments_database_url,
             pool_size=settings.db_pool_size,
             application_name="payments-api",
+            pool_timeout_s=settings.db_pool_timeout_s,
+            command_timeout_s=settings.db_statement_timeout_s + 1,
         )
+        sessions = api_session_factory(engine, statement_timeout_s=settings.db_statement_timeout_s)
         readiness = Readiness()
         readiness.add("database", lambda: database_answers(engine))
         try:
-            yield {"sessions": session_factory(engine), "readiness": readiness}
+            yield {"sessions": sessions, "readiness": readiness}
         finally:
             await engine.dispose()
 
@@ -134,4 +138,9 @@ def build_app(settings: PaymentsSettings) -> FastAPI:
         description="Open an account, deposit money, read the balance.",
         lifespan=lifespan,
         routers=[router],
+        limits=ApiLimits(
+            max_in_flight=settings.api_max_in_flight,
+            max_queued=settings.api_max_queued,
+            timeout_s=settings.api_timeout_s,
+        ),
     )

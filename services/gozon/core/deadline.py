@@ -1,0 +1,319 @@
+"""Deadlines and load shedding for the APIs: work is refused early rather than done late.
+
+Owns the contract between the gateway and the APIs:
+
+- `X-Request-Timeout-Ms` (the gateway sets it; a client's own value never gets past the
+  gateway): how many milliseconds the caller will still wait for the answer. An API caps it at
+  its own `api_timeout_s` (the budget of a request without the header).
+- `Admission`, an ASGI middleware in front of every API route (not health, not metrics):
+  at most `max_in_flight` requests run at once and `max_queued` more wait for a slot; past
+  that, or when a queued request's budget runs out before it gets a slot, or when the budget
+  is too small to start, the answer is **503 with `Retry-After` at once, before the database
+  is touched**. Its problem body says `"outcome": "not_processed"`.
+- `DeadlineSession`, the API's database session: each transaction gets `SET LOCAL
+  statement_timeout` = the time left (capped by the engine's own statement timeout), a
+  transaction does not begin once the deadline has passed, and **nothing is committed after
+  it**: the commit is refused and the transaction rolled back. The pool wait is bounded by the
+  engine's `pool_timeout`, set well under the gateway's timeout (the defaults nest: gateway
+  5 s > API budget 4 s > statement 3 s > pool wait 2 s).
+- `install_outage_handlers`: a lost, refused or timed-out database connection, a statement
+  cancelled by its timeout, an exhausted pool or a passed deadline is answered 503 with
+  `Retry-After` ("not processed", true because the transaction was rolled back), never 500.
+  The one exception: a connection lost *during COMMIT* may or may not have committed, so it
+  is answered 504 with `"outcome": "unknown"` (a retry with the same `Idempotency-Key` is
+  safe). The pool drops broken connections itself (pre-ping, invalidation), so it recovers
+  without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Final
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from prometheus_client import Counter, Gauge
+from sqlalchemy import event
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session, SessionTransaction
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gozon.core.db import is_database_outage, sqlstate
+from gozon.core.headers import DEADLINE_HEADER
+from gozon.core.problems import problem_response
+
+_DEADLINE_HEADER_RAW = DEADLINE_HEADER.lower().encode()
+RETRY_AFTER_S: Final = 1
+# Less than this left: the request is refused rather than started (it could not finish).
+MIN_BUDGET_S: Final = 0.05
+NOT_PROCESSED: Final = "not_processed"
+UNKNOWN: Final = "unknown"
+# SQLSTATE 57014: the statement was cancelled (here: by statement_timeout).
+QUERY_CANCELED: Final = "57014"
+
+SHED = Counter(
+    "gozon_api_shed_total",
+    "Requests answered 503 before any work, by reason: queue_full, queue_timeout, no_budget.",
+    ["service", "reason"],
+)
+IN_FLIGHT = Gauge("gozon_api_in_flight", "API requests running now.", ["service"])
+QUEUED = Gauge("gozon_api_queued", "API requests waiting for a slot.", ["service"])
+OUTAGES = Counter(
+    "gozon_api_database_unavailable_total",
+    "Requests answered 503/504 because the database failed them or their deadline passed, by "
+    "outcome: not_processed, unknown (COMMIT cut), deadline.",
+    ["outcome"],
+)
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class RequestBudget:
+    """The running request's deadline (time.monotonic) and whether it is committing."""
+
+    deadline: float
+    committing: bool = False
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+_budget: ContextVar[RequestBudget | None] = ContextVar("gozon_request_budget", default=None)
+
+
+def current_budget() -> RequestBudget | None:
+    return _budget.get()
+
+
+@contextlib.contextmanager
+def request_budget(seconds: float) -> Iterator[RequestBudget]:
+    """Runs the block under a deadline `seconds` from now (as `Admission` runs a request)."""
+    budget = RequestBudget(time.monotonic() + seconds)
+    token = _budget.set(budget)
+    try:
+        yield budget
+    finally:
+        _budget.reset(token)
+
+
+class DeadlineExceeded(Exception):
+    """The caller's deadline passed before the work could start or commit: nothing written."""
+
+
+def parse_budget(value: bytes | None, cap_s: float) -> float:
+    """The budget in seconds from the header's value (whole milliseconds), capped at `cap_s`.
+
+    A missing or malformed value means "no caller deadline": the API's own cap applies.
+    """
+    if value is None or not value.isdigit() or len(value) > 9:
+        return cap_s
+    return min(int(value) / 1000, cap_s)
+
+
+def not_processed(detail: str, *, instance: str | None = None) -> JSONResponse:
+    return problem_response(
+        503,
+        f"{detail} The request was not processed; retry after the time in Retry-After.",
+        instance=instance,
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+        outcome=NOT_PROCESSED,
+    )
+
+
+@dataclass
+class Admission:
+    """Bounds the API's in-flight work and sets each request's deadline (see module docstring).
+
+    A slot freed by a finishing request goes straight to the oldest waiter, so a waiter never
+    loses its place to a newcomer.
+    """
+
+    app: ASGIApp
+    service: str
+    max_in_flight: int
+    max_queued: int
+    timeout_s: float
+    exempt: tuple[str, ...] = ("/health/", "/metrics", "/openapi.json", "/docs")
+    _running: int = 0
+    _waiters: collections.deque[asyncio.Future[None]] = field(default_factory=collections.deque)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith(self.exempt):
+            await self.app(scope, receive, send)
+            return
+        raw = next((v for k, v in scope["headers"] if k == _DEADLINE_HEADER_RAW), None)
+        budget = RequestBudget(time.monotonic() + parse_budget(raw, self.timeout_s))
+        if budget.left() < MIN_BUDGET_S:
+            await self._shed(
+                "no_budget", "Too little time was left to do it.", scope, receive, send
+            )
+            return
+        if not await self._acquire(budget, scope, receive, send):
+            return
+        token = _budget.set(budget)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _budget.reset(token)
+            self._release()
+
+    async def _acquire(
+        self, budget: RequestBudget, scope: Scope, receive: Receive, send: Send
+    ) -> bool:
+        if self._running < self.max_in_flight and not self._waiters:
+            self._running += 1
+            IN_FLIGHT.labels(self.service).set(self._running)
+            return True
+        if len(self._waiters) >= self.max_queued:
+            await self._shed("queue_full", "The service is at capacity.", scope, receive, send)
+            return False
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        QUEUED.labels(self.service).set(len(self._waiters))
+        try:
+            async with asyncio.timeout(max(0.0, budget.left() - MIN_BUDGET_S)):
+                await waiter
+        except TimeoutError:
+            pass
+        except BaseException:  # cancelled (the client left): a slot handed over goes on
+            if waiter.done() and not waiter.cancelled():
+                self._release()
+            raise
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            QUEUED.labels(self.service).set(len(self._waiters))
+        if waiter.cancelled():
+            await self._shed("queue_timeout", "The service is at capacity.", scope, receive, send)
+            return False
+        return True  # the slot was handed over by `_release`
+
+    def _release(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes on; the running count stays
+                QUEUED.labels(self.service).set(len(self._waiters))
+                return
+        self._running -= 1
+        IN_FLIGHT.labels(self.service).set(self._running)
+
+    async def _shed(
+        self, reason: str, detail: str, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        SHED.labels(self.service, reason).inc()
+        await not_processed(detail, instance=scope["path"])(scope, receive, send)
+
+
+# --------------------------------------------------------------------------- the database
+
+
+class DeadlineSession(Session):
+    """The APIs' session class: each transaction bounded by the request's deadline."""
+
+
+@event.listens_for(DeadlineSession, "after_begin")
+def _bound_transaction(
+    session: Session, transaction: SessionTransaction, connection: Connection
+) -> None:
+    budget = _budget.get()
+    if budget is None:
+        return
+    left = budget.left()
+    if left < MIN_BUDGET_S:  # the pool wait took it: do not start
+        raise DeadlineExceeded
+    cap = session.info.get("statement_timeout_s")
+    ms = int(1000 * (min(left, cap) if cap else left))
+    connection.exec_driver_sql(f"SET LOCAL statement_timeout = {ms}")
+
+
+@event.listens_for(DeadlineSession, "before_commit")
+def _commit_in_time(session: Session) -> None:
+    budget = _budget.get()
+    if budget is None:
+        return
+    if budget.left() <= 0:
+        raise DeadlineExceeded
+    budget.committing = True
+
+
+@event.listens_for(DeadlineSession, "after_commit")
+def _committed(session: Session) -> None:
+    if (budget := _budget.get()) is not None:
+        budget.committing = False
+
+
+def _is_cancelled_statement(exc: DBAPIError) -> bool:
+    return sqlstate(exc) == QUERY_CANCELED
+
+
+def _unknown_outcome(request: Request) -> JSONResponse:
+    OUTAGES.labels(UNKNOWN).inc()
+    return problem_response(
+        504,
+        "The database connection was lost while the request was being committed: it may or "
+        "may not have been processed. Retrying with the same Idempotency-Key is safe.",
+        instance=request.url.path,
+        title="Outcome unknown",
+        outcome=UNKNOWN,
+    )
+
+
+def _unavailable(request: Request, reason: str) -> JSONResponse:
+    OUTAGES.labels(NOT_PROCESSED).inc()
+    log.warning("database unavailable", path=request.url.path, reason=reason)
+    return not_processed("The database is unavailable or too slow.", instance=request.url.path)
+
+
+async def _on_database_error(request: Request, exc: Exception) -> JSONResponse:
+    # A failed COMMIT leaves `committing` set (after_commit never ran): the outcome is unknown.
+    budget = _budget.get()
+    if budget is not None and budget.committing:
+        log.warning("database failed during commit", path=request.url.path, error=repr(exc))
+        return _unknown_outcome(request)
+    if isinstance(exc, DeadlineExceeded):
+        OUTAGES.labels("deadline").inc()
+        return not_processed("The request's deadline passed.", instance=request.url.path)
+    if isinstance(exc, PoolTimeout):
+        return _unavailable(request, "pool exhausted")
+    if isinstance(exc, DBAPIError) and _is_cancelled_statement(exc):
+        return _unavailable(request, "statement timeout")
+    if is_database_outage(exc):
+        return _unavailable(request, repr(exc))
+    # Anything else is a bug, not an outage: the generic 500 (logged with its traceback).
+    log.error("unhandled error", path=request.url.path, exc_info=exc)
+    return problem_response(
+        500, "The server failed to answer; the error was logged.", instance=request.url.path
+    )
+
+
+def install_outage_handlers(app: FastAPI) -> None:
+    """503 (or 504 when a COMMIT was cut) for database failures, instead of a 500."""
+    for exc_class in (DBAPIError, PoolTimeout, OSError, DeadlineExceeded):
+        app.add_exception_handler(exc_class, _on_database_error)
+
+
+def api_session_factory(
+    engine: AsyncEngine, *, statement_timeout_s: float
+) -> async_sessionmaker[AsyncSession]:
+    """The APIs' sessions: each transaction bounded by the request's deadline, its statement
+    timeout capped at `statement_timeout_s`."""
+    return async_sessionmaker(
+        engine,
+        expire_on_commit=False,
+        sync_session_class=DeadlineSession,
+        info={"statement_timeout_s": statement_timeout_s},
+    )

@@ -1,0 +1,258 @@
+"""The fault suite: under a steady load through the gateway, one fault at a time, then every
+invariant (tests/faults/invariants.py) over both databases and what the clients saw.
+
+Faults, in order: SIGKILL of each of the seven processes (restarted at once, as a supervisor
+would), SIGSTOP of Kafka for 15 s, SIGKILL and restart of Kafka, a PostgreSQL restart, and 3×
+the platform's capacity for 10 s (vegeta, open loop). After each, the test waits until every
+order is final and the outboxes are empty (a deadline, not a timing assertion), checks the
+invariants, and records what the clients saw: answers by status, how long after the fault the
+last failed answer was sent (recovery), the unknown outcomes, how long the backlog took to
+drain. Run it with `make test-faults`; the figures are in docs/reliability.md ("Fault suite").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import statistics
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gozon.processes import PROCESSES
+from scripts.stack import Kafka, Postgres
+from tests.conftest import until
+from tests.e2e.conftest import Platform
+from tests.faults.conftest import Users, record
+from tests.faults.invariants import ClientRecord, Report, check, wait_until_settled
+from tests.faults.load import SteadyLoad, overload
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
+
+STEADY_RATE = float(os.environ.get("GOZON_FAULTS_RATE", "30"))
+# Orders a second the platform sustains on a busy 2-core machine (docs/reliability.md); the
+# overload test offers three times that on top of the steady load.
+CAPACITY = int(os.environ.get("GOZON_FAULTS_CAPACITY", "40"))
+BEFORE_S = 3.0  # steady load before the fault
+AFTER_S = 4.0  # and after the platform is back
+SETTLE_WITHIN_S = 120.0  # every order final and every outbox row sent within this
+
+
+@dataclass
+class Window:
+    """When the fault began and when the platform was whole again (time.time())."""
+
+    start: float
+    end: float
+
+
+def _reason(detail: str | None) -> str:
+    """A 503's cause, from its detail: the gateway's and the APIs' texts say it first."""
+    text = detail or ""
+    for needle, reason in (
+        ("at capacity", "capacity"),
+        ("database", "database"),
+        ("deadline", "deadline"),
+        ("Too little time", "deadline"),
+        ("is unavailable", "upstream down"),
+    ):
+        if needle in text:
+            return reason
+    return "other"
+
+
+def _figures(
+    fault: str, log: list[ClientRecord], window: Window, drain_s: float, report: Report
+) -> dict[str, Any]:
+    failures = [r for r in log if r.status != 201]
+    after = [r for r in failures if r.sent_at >= window.start]
+    recovery = max((r.sent_at - window.start for r in after), default=0.0)
+    no_answer = Counter(r.outcome for r in log if r.status == 0)
+    why_503 = Counter(_reason(r.detail) for r in log if r.status == 503)
+    return {
+        "fault": fault,
+        "requests": len(log),
+        "statuses": {str(k): v for k, v in sorted(report.statuses.items())},
+        "failed_before_fault": len(failures) - len(after),
+        "failed_after_back": sum(1 for r in after if r.sent_at > window.end),
+        "sent_after_back": sum(1 for r in log if r.sent_at > window.end),
+        "no_answer": dict(no_answer),
+        "why_503": dict(why_503),
+        "fault_s": round(window.end - window.start, 1),
+        "errors_until_s": round(recovery, 1),
+        "unknown": report.unknown_outcomes,
+        "unknown_created": report.unknown_that_exist,
+        "drain_s": round(drain_s, 1),
+        "orders": report.by_status,
+    }
+
+
+async def under_load(
+    platform: Platform,
+    users: Users,
+    fault: str,
+    inject: Callable[[], Awaitable[Window]],
+) -> tuple[list[ClientRecord], Window, Report]:
+    async with SteadyLoad(platform.gateway, users.all, rate_per_s=STEADY_RATE) as load:
+        await asyncio.sleep(BEFORE_S)  # the load runs: this is its duration, not a wait
+        window = await inject()
+        await asyncio.sleep(AFTER_S)
+    orders_url = platform.env["GOZON_ORDERS_DATABASE_URL"]
+    payments_url = platform.env["GOZON_PAYMENTS_DATABASE_URL"]
+    drain_s = await wait_until_settled(orders_url, payments_url, within=SETTLE_WITHIN_S)
+    report = await check(orders_url, payments_url, load.log)
+    record(_figures(fault, load.log, window, drain_s, report))
+    return load.log, window, report
+
+
+def assert_sound(report: Report, log: list[ClientRecord]) -> None:
+    assert report.ok, "\n".join(report.violations[:20])
+    assert not [r for r in log if r.status == 500], "a 500 answered a client"
+    assert any(r.status == 201 for r in log), "no order went through at all"
+
+
+@pytest.mark.parametrize("name", [p.name for p in PROCESSES])
+async def test_sigkill_of_a_process_loses_nothing(
+    platform: Platform, users: Users, name: str
+) -> None:
+    async def kill_and_restart() -> Window:
+        start = time.time()
+        platform.processes[name].kill()
+        await asyncio.to_thread(platform.start, name)  # as the supervisor does
+        return Window(start, time.time())
+
+    log, _, report = await under_load(platform, users, f"SIGKILL {name}", kill_and_restart)
+    assert_sound(report, log)
+
+
+async def test_kafka_stopped_for_15_s_loses_nothing(
+    platform: Platform, users: Users, e2e_kafka: Kafka
+) -> None:
+    async def freeze() -> Window:
+        pid = e2e_kafka.running_pid()
+        assert pid is not None
+        start = time.time()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(15)  # the fault's length
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        return Window(start, time.time())
+
+    log, _, report = await under_load(platform, users, "SIGSTOP Kafka 15 s", freeze)
+    assert_sound(report, log)
+
+
+async def test_kafka_killed_and_restarted_loses_nothing(
+    platform: Platform, users: Users, e2e_kafka: Kafka
+) -> None:
+    async def kill_and_restart() -> Window:
+        pid = e2e_kafka.running_pid()
+        assert pid is not None
+        start = time.time()
+        os.kill(pid, signal.SIGKILL)
+        # Reap it through its Popen (the test session started it), or Popen warns later.
+        child = e2e_kafka.pidfile._child
+        if child is not None and child.pid == pid:
+            await asyncio.to_thread(child.wait)
+        await until(
+            lambda: asyncio.to_thread(lambda: e2e_kafka.running_pid() is None), 30, "Kafka gone"
+        )
+        await asyncio.to_thread(e2e_kafka.start)
+        return Window(start, time.time())
+
+    log, _, report = await under_load(platform, users, "SIGKILL + restart Kafka", kill_and_restart)
+    assert_sound(report, log)
+
+
+async def test_postgres_restart_answers_503_only_while_it_is_down_and_never_500(
+    platform: Platform, users: Users, postgres: Postgres
+) -> None:
+    apis = [platform.processes[name] for name in ("orders-api", "payments-api")]
+
+    async def restart() -> Window:
+        start = time.time()
+        await asyncio.to_thread(postgres.stop)
+        await asyncio.to_thread(postgres.start)
+        await until(  # ready: their database answers
+            lambda: asyncio.to_thread(lambda: all(api.status() == 200 for api in apis)),
+            60,
+            "the APIs ready again",
+        )
+        return Window(start, time.time())
+
+    log, window, report = await under_load(platform, users, "PostgreSQL restart", restart)
+    assert_sound(report, log)
+    # The database's 503s fall inside the outage. (A busy machine may shed load at any time:
+    # those 503s say "at capacity" and are counted in the figures, not here.)
+    late = [
+        (round(r.sent_at - window.start, 2), r.detail)
+        for r in log
+        if r.status == 503
+        and "database" in (r.detail or "")
+        and not (window.start <= r.sent_at + r.latency_s and r.sent_at <= window.end)
+    ]
+    assert not late, (
+        f"{len(late)} database 503s outside the outage (0 to {window.end - window.start:.1f} s), "
+        f"e.g. {late[:5]}"
+    )
+
+
+async def test_three_times_capacity_is_shed_fast_and_nothing_is_lost(
+    platform: Platform, users: Users, tmp_path: Path
+) -> None:
+    rate = 3 * CAPACITY
+    excess: list[ClientRecord] = []
+
+    async def flood() -> Window:
+        start = time.time()
+        excess.extend(
+            await asyncio.to_thread(
+                overload,
+                platform.gateway,
+                users.all,
+                rate_per_s=rate,
+                duration_s=10,
+                workdir=tmp_path,
+            )
+        )
+        return Window(start, time.time())
+
+    log, _, _ = await under_load(platform, users, f"overload {rate}/s for 10 s", flood)
+    everything = log + excess
+    report = await check(
+        platform.env["GOZON_ORDERS_DATABASE_URL"],
+        platform.env["GOZON_PAYMENTS_DATABASE_URL"],
+        everything,
+    )
+    shed = [r.latency_s for r in excess if r.status in (503, 429)]
+    figures = {
+        "fault": f"overload: vegeta {rate}/s for 10 s (+ steady {STEADY_RATE:g}/s)",
+        "vegeta_requests": len(excess),
+        "vegeta_statuses": {
+            str(s): sum(1 for r in excess if r.status == s)
+            for s in sorted({r.status for r in excess})
+        },
+        "shed_median_ms": round(1000 * statistics.median(shed), 1) if shed else None,
+        "shed_p99_ms": round(1000 * statistics.quantiles(shed, n=100)[98], 1)
+        if len(shed) > 1
+        else None,
+        "created_median_ms": round(
+            1000 * statistics.median([r.latency_s for r in excess if r.status == 201] or [0]), 1
+        ),
+        "unknown": report.unknown_outcomes,
+        "unknown_share": round(report.unknown_outcomes / len(everything), 4),
+    }
+    record(figures)
+    assert_sound(report, everything)
+    assert shed, "nothing was shed: the overload did not overload"
+    # Answers of unknown outcome are rare (issue 9: under 0.5 %), and each says so (checked
+    # by the invariants).
+    assert report.unknown_outcomes <= 0.005 * len(everything), figures
+    assert all(r.status in (201, 429, 503, 502, 504) for r in excess), figures

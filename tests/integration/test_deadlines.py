@@ -1,0 +1,201 @@
+"""Deadlines, load shedding and database outages in the APIs (gozon.core.deadline), against the
+real PostgreSQL.
+
+A request is held in flight by a lock another connection takes on the `orders` table (the
+INSERT waits on it): no sleeps stand for "busy". Every refusal is checked to have written
+nothing once the lock is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from sqlalchemy import func, select, text
+
+from gozon.core.db import create_engine
+from gozon.core.deadline import DeadlineExceeded, api_session_factory, request_budget
+from gozon.core.settings import OrdersSettings
+from gozon.orders.api import build_app
+from gozon.orders.models import Order
+from tests.conftest import serve, until
+
+pytestmark = pytest.mark.integration
+
+
+# Long enough that a busy machine's test never meets them by accident.
+PATIENT: dict[str, Any] = {"api_timeout_s": 60, "db_statement_timeout_s": 60}
+
+
+def order(key: str, **headers: str) -> dict[str, Any]:
+    return {
+        "json": {"amount": 10, "description": key},
+        "headers": {"X-User-Id": "deadline-user", "Idempotency-Key": key, **headers},
+    }
+
+
+def raw_url(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://")
+
+
+@contextlib.asynccontextmanager
+async def orders_locked(url: str) -> AsyncIterator[asyncpg.Connection]:
+    """The `orders` table locked against writes until the block ends."""
+    conn = await asyncpg.connect(raw_url(url))
+    try:
+        transaction = conn.transaction()
+        await transaction.start()
+        await conn.execute("LOCK TABLE orders IN SHARE MODE")
+        try:
+            yield conn
+        finally:
+            await transaction.rollback()
+    finally:
+        await conn.close()
+
+
+async def orders_with(url: str, key: str) -> int:
+    conn = await asyncpg.connect(raw_url(url))
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM orders WHERE description = $1", key))
+    finally:
+        await conn.close()
+
+
+async def waiting_on_lock(url: str, count: int) -> bool:
+    conn = await asyncpg.connect(raw_url(url))
+    try:
+        waiting = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND application_name = 'orders-api'"
+        )
+        return int(waiting) >= count
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def tight(orders_db: str) -> AsyncIterator[httpx.AsyncClient]:
+    """An orders API that runs one request at a time and queues one more."""
+    settings = OrdersSettings(
+        orders_database_url=orders_db, api_max_in_flight=1, api_max_queued=1, **PATIENT
+    )
+    async with serve(build_app(settings)) as client:
+        yield client
+
+
+async def test_past_capacity_the_api_answers_503_at_once_and_writes_nothing(
+    tight: httpx.AsyncClient, orders_db: str
+) -> None:
+    async with orders_locked(orders_db):
+        first = asyncio.create_task(tight.post("/api/orders", **order("first")))
+        await until(lambda: waiting_on_lock(orders_db, 1), 30, "the first INSERT to wait")
+        queued = asyncio.create_task(tight.post("/api/orders", **order("queued")))
+
+        async def one_queued() -> bool:
+            metrics = (await tight.get("/metrics")).text
+            return 'gozon_api_queued{service="orders"} 1.0' in metrics
+
+        await until(one_queued, 30, "the second request to be queued")
+        shed = await tight.post("/api/orders", **order("shed"))
+        assert shed.status_code == 503
+        assert shed.headers["retry-after"] == "1"
+        assert shed.json()["outcome"] == "not_processed"
+        metrics = (await tight.get("/metrics")).text
+        assert 'gozon_api_shed_total{reason="queue_full",service="orders"} 1.0' in metrics
+        assert (await tight.get("/health/live")).status_code == 200  # never shed
+    assert (await first).status_code == 201
+    assert (await queued).status_code == 201
+    assert await orders_with(orders_db, "shed") == 0
+
+
+async def test_a_statement_past_the_callers_deadline_is_cancelled_and_answered_503(
+    orders_db: str,
+) -> None:
+    async with serve(build_app(OrdersSettings(orders_database_url=orders_db))) as client:
+        async with orders_locked(orders_db):
+            response = await client.post(
+                "/api/orders", **order("late", **{"X-Request-Timeout-Ms": "300"})
+            )
+        assert response.status_code == 503
+        assert response.json()["outcome"] == "not_processed"
+        assert await orders_with(orders_db, "late") == 0
+        # The same key goes through once the database is free: nothing was half-written.
+        assert (await client.post("/api/orders", **order("late"))).status_code == 201
+
+
+async def test_too_small_a_budget_is_refused_before_any_work(orders_db: str) -> None:
+    async with serve(build_app(OrdersSettings(orders_database_url=orders_db))) as client:
+        response = await client.post(
+            "/api/orders",
+            json={"amount": 10, "description": "tiny"},
+            headers={"X-User-Id": "deadline-user", "X-Request-Timeout-Ms": "10"},
+        )
+    assert response.status_code == 503
+    assert response.json()["outcome"] == "not_processed"
+    assert await orders_with(orders_db, "tiny") == 0
+
+
+async def test_nothing_is_committed_once_the_deadline_has_passed(orders_db: str) -> None:
+    engine = create_engine(orders_db, pool_size=1)
+    sessions = api_session_factory(engine, statement_timeout_s=3)
+
+    async def insert_then_wait_for_the_deadline() -> None:
+        with request_budget(0.5) as budget:
+            async with sessions() as session, session.begin():
+                await session.execute(
+                    text(
+                        "INSERT INTO orders (id, user_id, amount, description, status, "
+                        "created_at, updated_at) VALUES (:id, 'u', 1, 'after', 'NEW', now(), now())"
+                    ),
+                    {"id": uuid.uuid4()},
+                )
+                await until(lambda: asyncio.sleep(0, result=budget.left() <= 0), 5, "the deadline")
+
+    try:
+        with pytest.raises(DeadlineExceeded):
+            await insert_then_wait_for_the_deadline()
+        async with sessions() as session:
+            count = await session.scalar(
+                select(func.count()).select_from(Order).where(Order.description == "after")
+            )
+        assert count == 0
+    finally:
+        await engine.dispose()
+
+
+async def test_a_connection_killed_mid_request_is_503_and_the_pool_recovers(
+    orders_db: str,
+) -> None:
+    settings = OrdersSettings(orders_database_url=orders_db, **PATIENT)
+    async with serve(build_app(settings)) as client:
+        async with orders_locked(orders_db) as admin:
+            pending = asyncio.create_task(client.post("/api/orders", **order("killed")))
+            await until(lambda: waiting_on_lock(orders_db, 1), 30, "the INSERT to wait")
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'orders-api' AND wait_event_type = 'Lock'"
+            )
+            response = await pending
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"] == "1"
+        assert response.json()["outcome"] == "not_processed"
+        assert await orders_with(orders_db, "killed") == 0
+        # Every pooled connection killed (as a PostgreSQL restart does): the next request
+        # still succeeds, on a new connection.
+        admin2 = await asyncpg.connect(raw_url(orders_db))
+        try:
+            await admin2.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'orders-api'"
+            )
+        finally:
+            await admin2.close()
+        again = await client.post("/api/orders", **order("killed"))
+        assert again.status_code == 201, again.text

@@ -1,0 +1,120 @@
+"""Admission control and the deadline header (gozon.core.deadline), on a stand-in ASGI app."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError
+from starlette.types import Message, Receive, Scope, Send
+
+from gozon.core.db import is_database_outage
+from gozon.core.deadline import Admission, current_budget, parse_budget
+from tests.conftest import until
+
+
+async def now(value: bool) -> bool:
+    return value
+
+
+def test_the_budget_header_is_capped_and_a_bad_value_means_no_caller_deadline() -> None:
+    assert parse_budget(b"1500", 4.0) == 1.5
+    assert parse_budget(b"999999", 4.0) == 4.0
+    assert parse_budget(None, 4.0) == 4.0
+    assert parse_budget(b"-5", 4.0) == 4.0
+    assert parse_budget(b"soon", 4.0) == 4.0
+
+
+class Held:
+    """An app whose requests run until released, recording their budgets."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.budgets: list[float] = []
+        self.release = asyncio.Event()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.started.append(scope["path"])
+        budget = current_budget()  # None for the exempt paths
+        if budget is not None:
+            self.budgets.append(budget.left())
+        await self.release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def call(app: Admission, path: str, headers: list[tuple[bytes, bytes]] | None = None) -> Any:
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "path": path, "headers": headers or [], "method": "GET"}
+    await app(scope, receive, send)
+    status = sent[0]["status"]
+    headers_out = dict(sent[0]["headers"])
+    body = json.loads(sent[1]["body"]) if sent[1]["body"] else None
+    return status, headers_out, body
+
+
+async def test_past_limit_and_queue_it_answers_503_at_once_and_queued_ones_run_in_order() -> None:
+    held = Held()
+    app = Admission(held, service="t", max_in_flight=1, max_queued=1, timeout_s=30)
+    first = asyncio.create_task(call(app, "/a"))
+    second = asyncio.create_task(call(app, "/b"))
+    await until(lambda: now(held.started == ["/a"] and bool(app._waiters)), 10, "one queued")
+    status, headers, body = await call(app, "/c")
+    assert status == 503
+    assert headers[b"retry-after"] == b"1"
+    assert body["outcome"] == "not_processed"
+    assert held.started == ["/a"]
+    health = asyncio.create_task(call(app, "/health/live"))  # never queued
+    await until(lambda: now("/health/live" in held.started), 10, "health to run")
+    held.release.set()
+    assert [(await t)[0] for t in (first, second, health)] == [200, 200, 200]
+    assert held.started == ["/a", "/health/live", "/b"]
+    assert app._running == 0
+
+
+async def test_a_queued_request_whose_budget_runs_out_is_shed() -> None:
+    held = Held()
+    app = Admission(held, service="t", max_in_flight=1, max_queued=5, timeout_s=30)
+    first = asyncio.create_task(call(app, "/a"))
+    await until(lambda: now(bool(held.started)), 10, "the first to run")
+    status, _, body = await call(app, "/b", [(b"x-request-timeout-ms", b"100")])
+    assert status == 503
+    assert body["outcome"] == "not_processed"
+    held.release.set()
+    assert (await first)[0] == 200
+    assert held.started == ["/a"]
+    assert 29 < held.budgets[0] <= 30
+
+
+async def test_too_small_a_budget_is_refused_before_the_app_runs() -> None:
+    held = Held()
+    app = Admission(held, service="t", max_in_flight=1, max_queued=1, timeout_s=30)
+    status, _, _ = await call(app, "/a", [(b"x-request-timeout-ms", b"20")])
+    assert status == 503
+    assert held.started == []
+
+
+class _DriverError(Exception):
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.sqlstate = code
+
+
+def test_a_server_shutting_down_or_refusing_is_an_outage_and_a_bug_is_not() -> None:
+    def error(code: str) -> DBAPIError:
+        return DBAPIError("SELECT 1", {}, _DriverError(code))
+
+    # admin shutdown, "the database system is shutting down", connection failure, too many
+    # connections, statement timeout
+    for code in ("57P01", "57P03", "08006", "53300", "57014"):
+        assert is_database_outage(error(code)), code
+    for code in ("23505", "42P01", "22003"):  # a constraint, a missing table, a bad number
+        assert not is_database_outage(error(code)), code
