@@ -95,9 +95,14 @@ def _url(name: str) -> str:
 def test_a_killed_process_is_restarted_while_the_others_keep_answering(
     launched: Platform, victim: str
 ) -> None:
+    # RUNNING: up for supervisord's `startsecs` (a process may answer before that).
+    wait_for(
+        lambda: {state.state for state in launched.states().values()} == {"RUNNING"},
+        timeout=60,
+        what="every process RUNNING",
+    )
     before = launched.states()
     restarts = {name: state.restarts for name, state in before.items()}
-    assert {state.state for state in before.values()} == {"RUNNING"}
     os.kill(before[victim].pid, signal.SIGKILL)
 
     others = [p.name for p in PROCESSES if p.name != victim]
@@ -114,6 +119,9 @@ def test_a_killed_process_is_restarted_while_the_others_keep_answering(
         lambda: http_status(_url(victim) + "/health/ready") == 200,
         timeout=180,
         what=f"{victim} ready again",
+    )
+    wait_for(
+        lambda: launched.states()[victim].state == "RUNNING", timeout=60, what=f"{victim} RUNNING"
     )
     after = launched.states()
     assert after[victim].restarts == restarts[victim] + 1
