@@ -54,7 +54,7 @@ class GozonProcess:
         self.health_url = health_url
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, *, ready: bool = False, timeout: float = 30) -> GozonProcess:
+    def start(self, *, ready: bool = False, timeout: float = 120) -> GozonProcess:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
@@ -76,7 +76,8 @@ class GozonProcess:
         return True
 
     def status(self, endpoint: str = "/health/ready") -> int | None:
-        return http_status(self.health_url + endpoint)
+        # A busy machine may take seconds to answer: a slow answer is not "no answer".
+        return http_status(self.health_url + endpoint, timeout=10)
 
     def stop(self, timeout: float = 20) -> int | None:
         """SIGTERM, as an orchestrator does; returns the exit code."""

@@ -23,26 +23,36 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import hashlib
+import http.client
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 import uuid
+import xmlrpc.client
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "services") not in sys.path:  # `make down` may run before the virtualenv exists
     sys.path.append(str(ROOT / "services"))
-from gozon.processes import PROCESSES  # noqa: E402 (the process table: standard library only)
+from gozon.processes import (  # noqa: E402 (the process table: standard library only)
+    MIGRATIONS,
+    PROCESSES,
+    Process,
+)
 
 KAFKA_POM = ROOT / "scripts" / "kafka" / "pom.xml"
 DEFAULT_KAFKA_VERSION = "4.4.0"
@@ -178,6 +188,9 @@ class PidFile:
         pid = self.pid()
         if pid is None:
             self.path.unlink(missing_ok=True)
+            if self._child is not None:  # it died on its own: reap it
+                self._child.wait()
+                self._child = None
             return False
         kill = os.killpg if group else os.kill
         with contextlib.suppress(ProcessLookupError):
@@ -792,24 +805,158 @@ class StackConfig:
         }
 
 
-PROCFILE = ROOT / "Procfile"
-# Each platform process, with the setting that names its HTTP port and the default: from the
-# process table, the one list that the Procfile, the tests, compose and the chart follow.
-HEALTH_PORTS: dict[str, tuple[str, int]] = {
-    p.name: (p.port_setting, p.default_port) for p in PROCESSES
-}
+# --------------------------------------------------------------------------- supervision
+
+# Every process supervisord starts carries this variable (the config's path), so that `down`
+# can find, and stop, a process of ours that outlived a killed supervisord, and nothing else.
+SUPERVISED_MARKER = "GOZON_SUPERVISOR_CONF"
+# A process that exits sooner than this after its start counts as a failed start: it is tried
+# again after 1 s, 2 s, 3 s, … (supervisord's backoff) and given up (FATAL, shown by `make
+# status`) after START_RETRIES failed starts in a row, about 7 minutes. One that ran longer and
+# then died is restarted at once.
+START_SECS = 3
+START_RETRIES = 30
+STOP_WAIT_SECS = 30
 
 
-def procfile_entries(path: Path = PROCFILE) -> dict[str, str]:
-    entries: dict[str, str] = {}
-    if not path.exists():
-        return entries
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and ":" in line:
-            name, command = line.split(":", 1)
-            entries[name.strip()] = command.strip()
-    return entries
+def _conf_value(text: str) -> str:
+    """supervisord expands `%(name)s` in values: a literal % is written %%."""
+    return text.replace("%", "%%")
+
+
+def supervisor_socket(data_dir: Path) -> Path:
+    """The control socket; a path too long for a Unix socket moves to the temp folder."""
+    path = data_dir / "supervisor.sock"
+    if len(str(path)) < 100:
+        return path
+    digest = hashlib.sha1(str(data_dir).encode(), usedforsecurity=False).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"gozon-supervisor-{digest}.sock"
+
+
+def process_log(data_dir: Path, name: str) -> Path:
+    return data_dir / "logs" / f"{name}.log"
+
+
+def supervisor_config(data_dir: Path, processes: Sequence[Process] = PROCESSES) -> str:
+    """supervisord's configuration, generated from the process table (never hand-written).
+
+    Each process writes its output straight to its own file in the data folder (the shell
+    `exec`s the process with its output redirected), so no supervisor reads and copies every
+    log line through a pipe; supervisord's own log records each start, exit and restart.
+    """
+    logs = data_dir / "logs"
+    socket_path = supervisor_socket(data_dir)
+    sections: dict[str, dict[str, str]] = {
+        "supervisord": {
+            "logfile": str(logs / "supervisord.log"),
+            "logfile_maxbytes": "10MB",
+            "logfile_backups": "3",
+            "loglevel": "info",
+            "pidfile": str(data_dir / "supervisord.pid"),
+            "nodaemon": "true",  # the launcher runs it in the background and keeps its pid
+            "silent": "true",
+            "directory": str(ROOT),
+        },
+        "unix_http_server": {"file": str(socket_path), "chmod": "0700"},
+        "rpcinterface:supervisor": {
+            "supervisor.rpcinterface_factory": "supervisor.rpcinterface:make_main_rpcinterface"
+        },
+        "supervisorctl": {"serverurl": f"unix://{socket_path}"},
+    }
+    for entry in processes:
+        log = shlex.quote(str(process_log(data_dir, entry.name)))
+        sections[f"program:{entry.name}"] = {
+            "command": f"/bin/sh -c {shlex.quote(f'exec {entry.command} >>{log} 2>&1')}",
+            "directory": str(ROOT),
+            # the gateway starts after its upstreams (a lower priority starts first)
+            "priority": "200" if entry.kind == "gateway" else "100",
+            "autostart": "true",
+            "autorestart": "true",
+            "startsecs": str(START_SECS),
+            "startretries": str(START_RETRIES),
+            "stopsignal": "TERM",
+            "stopwaitsecs": str(STOP_WAIT_SECS),
+            "stopasgroup": "true",
+            "killasgroup": "true",
+            "redirect_stderr": "true",
+            "stdout_logfile": "NONE",  # the process writes its own file (see above)
+        }
+    lines = ["; generated by scripts/stack.py from gozon.processes: do not edit"]
+    for section, values in sections.items():
+        lines += ["", f"[{section}]"]
+        lines += [f"{key}={_conf_value(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(str(self._path))
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class _UnixTransport(xmlrpc.client.Transport):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__()
+        self._path = path
+        self._timeout = timeout
+
+        self._opened: list[http.client.HTTPConnection] = []
+
+    def make_connection(self, host: object) -> http.client.HTTPConnection:
+        connection = _UnixHTTPConnection(self._path, self._timeout)
+        self._opened.append(connection)
+        return connection
+
+    def close(self) -> None:
+        super().close()
+        while self._opened:
+            self._opened.pop().close()
+
+
+@dataclass(frozen=True)
+class ProcessState:
+    """One supervised process as supervisord reports it."""
+
+    name: str
+    state: str  # RUNNING, STARTING, BACKOFF, EXITED, FATAL, STOPPED, …
+    pid: int
+    uptime: float  # seconds since its last start; 0 when not running
+    restarts: int  # starts since supervisord started, the first one not counted
+
+
+_SPAWNED = re.compile(r"spawned: '([^']+)' with pid")
+_STARTED = "supervisord started with pid"
+
+
+def restart_counts(supervisor_log: Path) -> dict[str, int]:
+    """Restarts per process, from supervisord's log: its spawns since its own last start."""
+    if not supervisor_log.exists():
+        return {}
+    lines = supervisor_log.read_text(errors="replace").splitlines()
+    first = max((i for i, line in enumerate(lines) if _STARTED in line), default=0)
+    spawns: dict[str, int] = {}
+    for line in lines[first:]:
+        match = _SPAWNED.search(line)
+        if match:
+            spawns[match.group(1)] = spawns.get(match.group(1), 0) + 1
+    return {name: count - 1 for name, count in spawns.items()}
+
+
+def _health_urls(env: Mapping[str, str]) -> dict[str, str]:
+    """Each process's base URL (its API port or its side port), from the process table."""
+    return {
+        p.name: f"http://127.0.0.1:{env.get(p.port_setting, p.default_port)}" for p in PROCESSES
+    }
 
 
 def _http_ok(url: str) -> bool:
@@ -820,72 +967,133 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def _health_urls(env: Mapping[str, str]) -> dict[str, str]:
-    urls = {}
-    for name in procfile_entries():
-        if name in HEALTH_PORTS:
-            setting, default = HEALTH_PORTS[name]
-            urls[name] = f"http://127.0.0.1:{env.get(setting, default)}"
-    return urls
+def _processes_marked(marker: str) -> list[int]:
+    """Pids of the processes whose environment carries `SUPERVISED_MARKER=marker`."""
+    needle = f"{SUPERVISED_MARKER}={marker}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if needle in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+    return found
 
 
 @dataclass
 class Platform:
-    """The platform's processes, run by honcho from the Procfile, logs in the data folder."""
+    """The platform's processes under supervisord, configured from the process table.
+
+    A process that dies is restarted (with backoff when it keeps dying at start-up) while the
+    others keep running. Each process logs to `logs/<name>.log` in the data folder.
+    """
 
     config: StackConfig
 
     def __post_init__(self) -> None:
-        self.pidfile = PidFile(self.config.data_dir / "platform.pid", marker=str(PROCFILE))
+        self.conf = self.config.data_dir / "supervisord.conf"
+        self.pidfile = PidFile(self.config.data_dir / "platform.pid", marker=str(self.conf))
+
+    @property
+    def logs(self) -> Path:
+        return self.config.data_dir / "logs"
 
     @property
     def log(self) -> Path:
-        return self.config.data_dir / "logs" / "platform.log"
+        """supervisord's own log: every start, exit and restart of every process."""
+        return self.logs / "supervisord.log"
 
-    def start(self, env: Mapping[str, str]) -> dict[str, str]:
-        entries = procfile_entries()
-        if not entries:
+    @contextlib.contextmanager
+    def rpc(self, timeout: float = 5.0) -> Iterator[Any]:
+        """supervisord's XML-RPC interface (`supervisor.*`) over its Unix socket."""
+        transport = _UnixTransport(supervisor_socket(self.config.data_dir), timeout)
+        with xmlrpc.client.ServerProxy("http://localhost", transport=transport) as proxy:
+            yield proxy.supervisor
+
+    def states(self) -> dict[str, ProcessState]:
+        """What supervisord reports for each process; empty when it does not run."""
+        if self.pidfile.pid() is None:
             return {}
+        try:
+            with self.rpc() as supervisor:
+                infos = supervisor.getAllProcessInfo()
+        except (OSError, xmlrpc.client.Error, http.client.HTTPException):
+            return {}
+        restarts = restart_counts(self.log)
+        return {
+            info["name"]: ProcessState(
+                name=info["name"],
+                state=info["statename"],
+                pid=int(info["pid"]),
+                uptime=float(info["now"] - info["start"]) if info["pid"] else 0.0,
+                restarts=restarts.get(info["name"], 0),
+            )
+            for info in infos
+        }
+
+    def start(self, env: Mapping[str, str], timeout: float = 90) -> dict[str, str]:
         urls = _health_urls({**os.environ, **env})
         if self.pidfile.pid() is None:
             for name, url in urls.items():
-                port = int(url.rsplit(":", 1)[1])
-                require_free_port(port, name)
-            honcho = Path(sys.executable).with_name("honcho")
+                require_free_port(int(url.rsplit(":", 1)[1]), name)
+            self.logs.mkdir(parents=True, exist_ok=True)
+            self.conf.write_text(supervisor_config(self.config.data_dir))
+            supervisord = Path(sys.executable).with_name("supervisord")
             self.pidfile.spawn(
-                [str(honcho), "start", "-f", str(PROCFILE), "-d", str(ROOT)],
-                log=self.log,
+                [str(supervisord), "-c", str(self.conf)],
+                log=self.logs / "supervisord.out",
                 env={
                     **os.environ,
                     **env,
                     "PYTHONUNBUFFERED": "1",
-                    # the Procfile's `gozon …` is the one installed beside this interpreter
+                    SUPERVISED_MARKER: str(self.conf),
+                    # the table's `gozon …` is the one installed beside this interpreter
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                 },
                 cwd=ROOT,
             )
         pid = self.pidfile.pid()
         for name, url in urls.items():
+
+            def alive(name: str = name) -> bool:
+                state = self.states().get(name)
+                return self.pidfile.pid() == pid and (state is None or state.state != "FATAL")
+
             wait_until(
                 partial(_http_ok, f"{url}/health/ready"),
-                timeout=60,
+                timeout=timeout,
                 what=f"the {name} process",
-                alive=lambda: self.pidfile.pid() == pid,
-                log=self.log,
+                alive=alive,
+                log=process_log(self.config.data_dir, name),
             )
         return urls
 
     def stop(self) -> bool:
-        return self.pidfile.stop(timeout=30, group=True)
+        """Stops supervisord (which stops its processes), then any process of ours it left."""
+        stopped = self.pidfile.stop(timeout=STOP_WAIT_SECS + 30)
+        for pid in _processes_marked(str(self.conf)):
+            stopped = True
+            _terminate(pid, timeout=STOP_WAIT_SECS)
+        return stopped
+
+
+def _terminate(pid: int, *, timeout: float) -> None:
+    """SIGTERM, then SIGKILL after `timeout`."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _pid_alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _migrate_and_create_topics(env: Mapping[str, str], kafka: Kafka) -> None:
     gozon = Path(sys.executable).with_name("gozon")
-    entries = procfile_entries()
     full_env = {**os.environ, **env}
-    for service in ("orders", "payments"):
-        if any(cmd.startswith(f"gozon {service} ") for cmd in entries.values()):
-            _run([str(gozon), service, "migrate"], what=f"migrating {service}", env=full_env)
+    for migration in MIGRATIONS:
+        _run([str(gozon), *migration.args], what=migration.name, env=full_env)
     from_topics = [
         "order.created.event",
         "order.created.event.dlq",
@@ -916,11 +1124,17 @@ def up(config: StackConfig) -> None:
 
 def down(config: StackConfig) -> None:
     for what, stop in (
-        ("platform", Platform(config).stop),
+        ("supervisord and the platform", Platform(config).stop),
         ("Kafka", config.kafka().stop),
         ("PostgreSQL", config.postgres().stop),
     ):
         print(f"{what}: {'stopped' if stop() else 'was not running'}")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
 
 
 def status(config: StackConfig) -> int:
@@ -928,18 +1142,38 @@ def status(config: StackConfig) -> int:
     rows = [
         ("PostgreSQL", pg.running_pid(), f"127.0.0.1:{pg.port}"),
         ("Kafka", kafka.running_pid(), kafka.bootstrap),
-        ("platform", platform.pidfile.pid(), str(PROCFILE.name)),
+        ("supervisord", platform.pidfile.pid(), str(platform.conf)),
     ]
     for name, pid, where in rows:
         print(f"{name:<12} {'running, pid ' + str(pid) if pid else 'stopped':<22} {where}")
+    states = platform.states()
     env = {**os.environ, **config.platform_env(pg, kafka)}
+    healthy = True
     for name, url in _health_urls(env).items():
-        print(f"  {name:<18} {'ready' if _http_ok(url + '/health/ready') else 'not ready'}  {url}")
-    return 0 if all(pid for _, pid, _ in rows[:2]) else 3
+        state = states.get(name)
+        if state is None:
+            print(f"  {name:<18} {'not supervised':<10}")
+            healthy = False
+            continue
+        ready = _http_ok(url + "/health/ready")
+        healthy = healthy and state.state == "RUNNING" and ready
+        print(
+            f"  {name:<18} {state.state:<9} pid {state.pid or '-':<8} "
+            f"up {_duration(state.uptime):>8}  restarts {state.restarts:<3} "
+            f"{'ready' if ready else 'not ready':<9}  {url}"
+        )
+    return 0 if all(pid for _, pid, _ in rows) and healthy else 3
 
 
 def _log_files(config: StackConfig) -> Iterator[Path]:
-    for path in (config.postgres().log, config.kafka().log, Platform(config).log):
+    platform = Platform(config)
+    paths = [
+        config.postgres().log,
+        config.kafka().log,
+        platform.log,
+        *(process_log(config.data_dir, p.name) for p in PROCESSES),
+    ]
+    for path in paths:
         if path.exists():
             yield path
 

@@ -3,14 +3,22 @@
 Each starts once per session, on free ports, in a throwaway folder, through the same launcher
 as `make up` (scripts/stack.py), and stops at the end. A test run never touches the `make up`
 stack. Fixtures start lazily: a unit-test run starts no server.
+
+Logging is configured once, here, as plain text (no colours, plain tracebacks). The logs of the
+processes the tests start go to a folder that outlives the run (`.gozon/test-logs/<run>/`, or
+`GOZON_TEST_LOGS`); when a test failed, the servers' logs are copied there too. The run prints
+where it is.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -31,6 +39,28 @@ from gozon.messaging.kafka import new_consumer, new_producer
 from scripts.stack import Kafka, Postgres, StackConfig
 
 E = TypeVar("E", bound=BaseModel)
+ROOT = Path(__file__).resolve().parent.parent
+KEEP_RUNS = 5
+_run_logs = pytest.StashKey[Path]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from gozon.core.logging import configure_logging
+
+    configure_logging("tests", level="INFO", json=False)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request drowns the rest
+    base = Path(os.environ.get("GOZON_TEST_LOGS", ROOT / ".gozon" / "test-logs"))
+    run = base / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    config.stash[_run_logs] = run
+    if base.is_dir():  # keep the last few runs' logs, not every run's forever
+        for old in sorted(p for p in base.iterdir() if p.is_dir())[:-KEEP_RUNS]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    run = terminalreporter.config.stash.get(_run_logs, None)
+    if run is not None and run.exists():
+        terminalreporter.write_line(f"logs of the processes the tests started: {run}")
 
 
 # The APIs' own deadlines (4 s budget, 3 s statements, 2 s pool wait) are production values,
@@ -42,6 +72,10 @@ FUNCTIONAL_TEST_LIMITS = {
     "GOZON_API_TIMEOUT_S": "60",
     "GOZON_DB_STATEMENT_TIMEOUT_S": "60",
     "GOZON_DB_POOL_TIMEOUT_S": "30",
+    # Outcome tests, not speed tests: on a busy machine an answer may take longer than the
+    # gateway's default 5 s, and a 504 would fail a test about money, not time. The gateway's
+    # timeout itself is tested with its own settings in tests/integration/test_gateway.py.
+    "GOZON_GATEWAY_UPSTREAM_TIMEOUT_S": "60",
 }
 
 
@@ -54,11 +88,26 @@ def api_limits() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def servers_dir() -> Iterator[Path]:
+def logs_dir(request: pytest.FixtureRequest) -> Path:
+    """This run's log folder, kept after the run (see the module's docstring)."""
+    path = request.config.stash[_run_logs]
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def servers_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="gozon-test-"))
     # PostgreSQL runs as the postgres user when the session runs as root: it must reach in.
     path.chmod(0o755)
     yield path
+    if request.session.testsfailed:
+        kept = request.config.stash[_run_logs] / "servers"
+        for log in path.rglob("*.log"):
+            target = kept / log.relative_to(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):
+                shutil.copy2(log, target)
     shutil.rmtree(path, ignore_errors=True)
 
 

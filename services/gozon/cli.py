@@ -13,26 +13,35 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
-from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from gozon import __version__
-from gozon.core.settings import OrdersSettings, PaymentsSettings
+from gozon.contracts import (
+    ORDER_CREATED_TOPIC,
+    PAYMENT_PROCESSED_TOPIC,
+    OrderCreated,
+    PaymentProcessed,
+)
+from gozon.core.settings import CommonSettings, OrdersSettings, PaymentsSettings
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
     from sqlalchemy import Table
 
+    from gozon.messaging.subscription import Subscription
+
 Command = Callable[[argparse.Namespace], int]
+T = TypeVar("T", bound=CommonSettings)
+S = TypeVar("S", OrdersSettings, PaymentsSettings)
+E = TypeVar("E", bound=BaseModel)
 
 
-def _start(service: str, settings_class: type) -> object:
+def _start(process: str, settings_class: type[T]) -> T:
     """Reads the settings (failing fast with the variable's name) and sets up the process."""
     from gozon.core.logging import configure_logging
     from gozon.core.telemetry import configure_tracing
@@ -41,8 +50,8 @@ def _start(service: str, settings_class: type) -> object:
         settings = settings_class()
     except ValidationError as exc:
         raise SystemExit(f"gozon: invalid settings:\n{exc}") from exc
-    configure_logging(service, level=settings.log_level, json=settings.log_json)
-    configure_tracing(service)
+    configure_logging(process, level=settings.log_level, json=settings.log_json)
+    configure_tracing(process)
     return settings
 
 
@@ -50,75 +59,69 @@ def _start(service: str, settings_class: type) -> object:
 
 
 @dataclass(frozen=True)
-class _Service:
-    """What differs between the orders and the payments service's processes."""
+class _Service(Generic[S, E]):
+    """What differs between the orders and the payments service's processes: its settings,
+    its API, the outbox its relay publishes, and the subscription its consumer declares."""
 
     name: str
-    settings: type[OrdersSettings] | type[PaymentsSettings]
-    build_app: Callable[[Any], FastAPI]
+    settings: type[S]
+    build_app: Callable[[S], FastAPI]
     outbox: Table
     publishes: str
-    consumes: str
-    schema: type[BaseModel]
-    make_handler: Callable[..., Any]
-    handler_writes_outbox: bool
-    scrape_hooks: Callable[[Any], list[Callable[..., Awaitable[object]]]]
+    subscription: Callable[[S], Subscription[E]]
+
+    def start(self, process: str) -> S:
+        return _start(f"{self.name}-{process}", self.settings)
 
 
-def _service(name: str) -> _Service:
-    """Imports only the service asked for."""
-    from gozon import contracts
+class _Job(Protocol):
+    """A command that runs for either service."""
 
-    if name == "orders":
-        from gozon.orders import api as orders_api
-        from gozon.orders import consumer as orders_consumer
-        from gozon.orders.models import order_outbox
+    def __call__(self, service: _Service[S, E], /) -> int: ...
 
-        def stuck(settings: OrdersSettings) -> list[Callable[..., Awaitable[object]]]:
-            after = timedelta(seconds=settings.orders_stuck_after_s)
-            return [partial(orders_consumer.count_stuck_orders, after=after)]
 
-        return _Service(
-            name,
-            OrdersSettings,
-            orders_api.build_app,
-            order_outbox,
-            publishes=contracts.ORDER_CREATED_TOPIC,
-            consumes=contracts.PAYMENT_PROCESSED_TOPIC,
-            schema=contracts.PaymentProcessed,
-            make_handler=orders_consumer.make_handler,
-            handler_writes_outbox=False,
-            scrape_hooks=stuck,
-        )
-    from gozon.payments import api as payments_api
-    from gozon.payments import consumer as payments_consumer
-    from gozon.payments.models import payment_outbox
+def _orders() -> _Service[OrdersSettings, PaymentProcessed]:
+    from gozon.orders import api, consumer
+    from gozon.orders.models import order_outbox
 
     return _Service(
-        name,
-        PaymentsSettings,
-        payments_api.build_app,
-        payment_outbox,
-        publishes=contracts.PAYMENT_PROCESSED_TOPIC,
-        consumes=contracts.ORDER_CREATED_TOPIC,
-        schema=contracts.OrderCreated,
-        make_handler=payments_consumer.make_handler,
-        handler_writes_outbox=True,
-        scrape_hooks=lambda _: [],
+        "orders",
+        OrdersSettings,
+        api.build_app,
+        order_outbox,
+        ORDER_CREATED_TOPIC,
+        consumer.subscription,
     )
 
 
-def _settings(service: _Service, process: str) -> OrdersSettings | PaymentsSettings:
-    settings = _start(f"{service.name}-{process}", service.settings)
-    assert isinstance(settings, OrdersSettings | PaymentsSettings)
-    return settings
+def _payments() -> _Service[PaymentsSettings, OrderCreated]:
+    from gozon.payments import api, consumer
+    from gozon.payments.models import payment_outbox
+
+    return _Service(
+        "payments",
+        PaymentsSettings,
+        api.build_app,
+        payment_outbox,
+        PAYMENT_PROCESSED_TOPIC,
+        consumer.subscription,
+    )
 
 
-def run_api(args: argparse.Namespace) -> int:
+def _for_service(job: _Job) -> Command:
+    """The command that runs `job` for the service named on the command line (importing only
+    that service)."""
+
+    def run(args: argparse.Namespace) -> int:
+        return job(_orders()) if args.service == "orders" else job(_payments())
+
+    return run
+
+
+def _api(service: _Service[S, E]) -> int:
     import uvicorn
 
-    service = _service(args.service)
-    settings = _settings(service, "api")
+    settings = service.start("api")
     uvicorn.run(
         service.build_app(settings),
         host=settings.api_host,
@@ -129,11 +132,10 @@ def run_api(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_relay(args: argparse.Namespace) -> int:
+def _relay(service: _Service[S, E]) -> int:
     from gozon.messaging.worker import WorkerSpec, run_relay
 
-    service = _service(args.service)
-    settings = _settings(service, "relay")
+    settings = service.start("relay")
     spec = WorkerSpec(
         service.name, settings.database_url, settings.api_host, settings.relay_metrics_port
     )
@@ -141,44 +143,31 @@ def run_relay(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_consumer(args: argparse.Namespace) -> int:
+def _consumer(service: _Service[S, E]) -> int:
     from gozon.messaging.worker import WorkerSpec, run_consumer
 
-    service = _service(args.service)
-    settings = _settings(service, "consumer")
+    settings = service.start("consumer")
     spec = WorkerSpec(
         service.name, settings.database_url, settings.api_host, settings.consumer_metrics_port
     )
-    asyncio.run(
-        run_consumer(
-            spec,
-            settings,
-            topic=service.consumes,
-            group_id=settings.group_id,
-            schema=service.schema,
-            make_handler=service.make_handler,
-            outbox=service.outbox.name if service.handler_writes_outbox else None,
-            scrape_hooks=service.scrape_hooks(settings),
-        )
-    )
+    subscription = service.subscription(settings)
+    asyncio.run(run_consumer(spec, settings, subscription, group_id=settings.group_id))
     return 0
 
 
-def run_migrate(args: argparse.Namespace) -> int:
+def _migrate(service: _Service[S, E]) -> int:
     from gozon.core.migrations import upgrade
 
-    service = _service(args.service)
-    settings = _settings(service, "migrate")
+    settings = service.start("migrate")
     upgrade(Path(__file__).parent / service.name / "migrations", settings.database_url)
     return 0
 
 
-def run_requeue_failed(args: argparse.Namespace) -> int:
+def _requeue_failed(service: _Service[S, E]) -> int:
     from gozon.core.db import create_engine
     from gozon.messaging.relay import requeue_failed
 
-    service = _service(args.service)
-    settings = _settings(service, "outbox")
+    settings = service.start("outbox")
 
     async def run() -> int:
         engine = create_engine(settings.database_url, pool_size=1)
@@ -189,6 +178,13 @@ def run_requeue_failed(args: argparse.Namespace) -> int:
 
     print(f"requeued {asyncio.run(run())} FAILED {service.outbox.name} rows")
     return 0
+
+
+run_api = _for_service(_api)
+run_relay = _for_service(_relay)
+run_consumer = _for_service(_consumer)
+run_migrate = _for_service(_migrate)
+run_requeue_failed = _for_service(_requeue_failed)
 
 
 # --------------------------------------------------------------------------- gateway
@@ -202,7 +198,6 @@ def gateway(_: argparse.Namespace) -> int:
     from gozon.gateway.server import uvicorn_config
 
     settings = _start("gateway", GatewaySettings)
-    assert isinstance(settings, GatewaySettings)
     uvicorn.Server(uvicorn_config(build_app(settings), settings)).run()
     return 0
 

@@ -60,7 +60,7 @@ class Platform:
         if isinstance(current, ComposeProcess):
             self.restarts += 1
             return current.wait_restarted()
-        process = self.new_process(name).start(ready=True, timeout=60)
+        process = self.new_process(name).start(ready=True, timeout=180)
         self.processes[name] = process
         return process
 
@@ -111,9 +111,9 @@ def e2e_kafka(servers_dir: Path) -> Iterator[Kafka]:
 
 
 @pytest.fixture(scope="session")
-def platform(request: pytest.FixtureRequest, servers_dir: Path) -> Iterator[Platform]:
+def platform(request: pytest.FixtureRequest, logs_dir: Path) -> Iterator[Platform]:
     if COMPOSE_PROJECT:
-        yield compose_platform(ComposeStack(COMPOSE_PROJECT), servers_dir / "e2e-logs")
+        yield compose_platform(ComposeStack(COMPOSE_PROJECT), logs_dir / "e2e")
         return
     # the session's own servers, only when the tests start the processes themselves
     postgres: Postgres = request.getfixturevalue("postgres")
@@ -138,7 +138,7 @@ def platform(request: pytest.FixtureRequest, servers_dir: Path) -> Iterator[Plat
         "GOZON_GATEWAY_HEADER_TIMEOUT_S": "5",
         "GOZON_GATEWAY_BODY_TIMEOUT_S": "5",
     }
-    logs = servers_dir / "e2e-logs"
+    logs = logs_dir / "e2e"
     platform = Platform(env=env, logs=logs)
     try:
         # the gateway last, once its upstreams answer

@@ -86,7 +86,7 @@ def deltas(before: Mapping[str, Scrape], after: Mapping[str, Scrape]) -> dict[st
 
 
 async def the_spec_scenario(platform: Platform) -> dict[str, Any]:
-    async with httpx.AsyncClient(base_url=platform.gateway, timeout=30) as gateway:
+    async with httpx.AsyncClient(base_url=platform.gateway, timeout=120) as gateway:
         user = new_user()
         await deposit(gateway, user, "5000")
         response = await gateway.post(

@@ -3,6 +3,7 @@ so that stopping it disturbs no other test."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,14 @@ import pytest
 from gozon.core.migrations import upgrade
 from scripts.stack import Kafka, Postgres, StackConfig
 from tests.conftest import MIGRATIONS
+
+
+@pytest.fixture
+def process_logs(logs_dir: Path, request: pytest.FixtureRequest) -> Path:
+    """Where this test's `gozon …` processes log: kept after the run (see tests/conftest.py)."""
+    path = logs_dir / re.sub(r"[^\w.-]+", "_", request.node.name)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @pytest.fixture

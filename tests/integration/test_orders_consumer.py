@@ -12,10 +12,15 @@ from typing import Literal
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 from sqlalchemy import insert, select
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 
 from gozon.contracts import PaymentProcessed, PaymentProcessedPayload, utc_now
-from gozon.messaging.consumer import DLQ_REASON
+from gozon.messaging.consumer import DLQ_REASON, Handler, Record
 from gozon.messaging.kafka import dlq_topic, new_producer
 from gozon.orders.consumer import make_handler
 from gozon.orders.models import Order
@@ -181,18 +186,28 @@ async def test_a_database_outage_is_retried_until_it_ends_and_the_message_is_not
     finally:
         await engine.dispose()
     group = f"g-{uuid.uuid4().hex[:8]}"
-    async with running_consumer(url, kafka, topic, group, PaymentProcessed, make_handler) as runner:
+    attempts = [0]
+
+    def counting(sessions: async_sessionmaker[AsyncSession]) -> Handler[PaymentProcessed]:
+        handle = make_handler(sessions)
+
+        async def counted(event: PaymentProcessed, record: Record) -> str:
+            attempts[0] += 1
+            return await handle(event, record)
+
+        return counted
+
+    async with running_consumer(url, kafka, topic, group, PaymentProcessed, counting) as runner:
         await asyncio.to_thread(private_postgres.stop)
         await producer.send_and_wait(topic, value=result(order_id, "PAID"), key=b"u-1")
 
-        async def outage_seen() -> bool:
-            return not runner.database_ok
+        async def retried() -> bool:
+            return not runner.database_ok and attempts[0] >= 3
 
-        await until(outage_seen, 20, "the runner to see the outage")
-        await asyncio.sleep(1)
+        await until(retried, 120, "the runner to retry the message through the outage")
         assert await committed(kafka, topic, group) is None  # not skipped, not committed
         await asyncio.to_thread(private_postgres.start)
-        await until_committed(kafka, topic, group, 1, within=30)
+        await until_committed(kafka, topic, group, 1, within=120)
     engine = create_async_engine(url)
     try:
         assert await order_state(engine, order_id) == ("FINISHED", None)

@@ -28,7 +28,7 @@ from gozon.contracts import (
     PaymentProcessed,
     utc_now,
 )
-from gozon.core.db import create_engine, session_factory
+from gozon.core.db import session_factory
 from gozon.messaging.consumer import Record
 from gozon.payments import service
 from gozon.payments.consumer import make_handler
@@ -48,8 +48,16 @@ Sessions = async_sessionmaker[AsyncSession]
 
 @pytest.fixture
 async def engine(payments_db: str) -> AsyncIterator[AsyncEngine]:
-    # Room for many transactions at once, so that the concurrency tests really race.
-    engine = create_engine(payments_db, pool_size=20)
+    # Room for many transactions at once, so that the concurrency tests really race; the
+    # handlers are called directly (no runner retries a slow connect), so connecting and
+    # waiting for a pooled connection get the patience of a busy machine.
+    engine = create_async_engine(
+        payments_db,
+        pool_size=20,
+        max_overflow=20,
+        pool_timeout=120,
+        connect_args={"timeout": 60, "command_timeout": 120},
+    )
     yield engine
     await engine.dispose()
 

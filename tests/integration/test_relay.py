@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -158,6 +159,15 @@ async def running_relay(
         await producer.stop()
 
 
+def transient_errors(relay: GozonProcess) -> float:
+    """The relay's count of publish attempts that found the broker unreachable."""
+    metrics = urllib.request.urlopen(relay.health_url + "/metrics", timeout=5).read().decode()  # noqa: S310
+    for line in metrics.splitlines():
+        if line.startswith("gozon_outbox_publish_errors_total{") and 'kind="transient"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def relay_process(orders_db: str, bootstrap: str, log: Path) -> GozonProcess:
     port = port_for.select_random()
     return GozonProcess(
@@ -193,7 +203,7 @@ async def test_a_created_order_reaches_kafka_with_envelope_key_and_traceparent(
         stored_headers = (await conn.execute(select(order_outbox.c.headers))).scalar_one()
 
     async with running_relay(engine, kafka.bootstrap):
-        await until(lambda: _all_sent(engine), 10, "the row to be SENT")
+        await until(lambda: _all_sent(engine), 120, "the row to be SENT")
     records = [
         r
         for r in await consume(kafka.bootstrap, ORDER_CREATED_TOPIC, at_least=1)
@@ -236,16 +246,16 @@ async def _all_sent(engine: AsyncEngine) -> bool:
 
 
 async def test_relay_keeps_rows_pending_while_kafka_is_down_and_loses_none(
-    orders_db: str, engine: AsyncEngine, private_kafka: Kafka, tmp_path: Path
+    orders_db: str, engine: AsyncEngine, private_kafka: Kafka, process_logs: Path
 ) -> None:
-    relay = relay_process(orders_db, private_kafka.bootstrap, tmp_path / "relay.log")
+    relay = relay_process(orders_db, private_kafka.bootstrap, process_logs / "relay.log")
     relay.start(ready=True)
     try:
         await asyncio.to_thread(private_kafka.stop)
         await asyncio.to_thread(
             wait_for,
             lambda: relay.status() == 503,
-            timeout=20,
+            timeout=120,
             what="the relay to report not ready",
         )
 
@@ -259,7 +269,13 @@ async def test_relay_keeps_rows_pending_while_kafka_is_down_and_loses_none(
                 )
                 assert response.status_code == 201
                 created.add(response.json()["id"])
-        await asyncio.sleep(1.5)
+        # The relay has tried them (and found the broker down), not merely not got to them.
+        await asyncio.to_thread(
+            wait_for,
+            lambda: transient_errors(relay) >= 2,
+            timeout=120,
+            what="the relay to try the rows against the stopped broker",
+        )
         assert await statuses(engine) == {"PENDING": 30}
         async with engine.connect() as conn:
             attempts = await conn.scalar(select(func.max(order_outbox.c.attempts)))
@@ -270,10 +286,10 @@ async def test_relay_keeps_rows_pending_while_kafka_is_down_and_loses_none(
         await asyncio.to_thread(
             wait_for,
             lambda: relay.status() == 200,
-            timeout=30,
+            timeout=120,
             what="the relay to report ready again",
         )
-        await until(lambda: _all_sent(engine), 30, "every row to be SENT")
+        await until(lambda: _all_sent(engine), 120, "every row to be SENT")
         records = await consume(private_kafka.bootstrap, ORDER_CREATED_TOPIC, at_least=30)
         published = {json.loads(r.value)["aggregate_id"] for r in records}
         assert published == created
@@ -283,11 +299,11 @@ async def test_relay_keeps_rows_pending_while_kafka_is_down_and_loses_none(
 
 
 async def test_two_relay_processes_publish_every_row_and_none_twice(
-    orders_db: str, engine: AsyncEngine, kafka: Kafka, topic: str, tmp_path: Path
+    orders_db: str, engine: AsyncEngine, kafka: Kafka, topic: str, process_logs: Path
 ) -> None:
     expected = await insert_events(engine, topic, 3000, keys=25)
     relays = [
-        relay_process(orders_db, kafka.bootstrap, tmp_path / f"relay-{n}.log") for n in range(2)
+        relay_process(orders_db, kafka.bootstrap, process_logs / f"relay-{n}.log") for n in range(2)
     ]
     try:
         for relay in relays:
@@ -305,7 +321,7 @@ async def test_two_relay_processes_publish_every_row_and_none_twice(
 
 
 async def test_a_relay_killed_after_publishing_and_before_committing_publishes_again(
-    orders_db: str, engine: AsyncEngine, kafka: Kafka, topic: str, tmp_path: Path
+    orders_db: str, engine: AsyncEngine, kafka: Kafka, topic: str, process_logs: Path
 ) -> None:
     (event_id,) = await insert_events(engine, topic, 1)
     # Hold the relay between the broker's ack and its commit: marking the row SENT blocks.
@@ -322,7 +338,7 @@ async def test_a_relay_killed_after_publishing_and_before_committing_publishes_a
                 "WHEN (NEW.status = 'SENT') EXECUTE FUNCTION hold()"
             )
         )
-    first = relay_process(orders_db, kafka.bootstrap, tmp_path / "relay-1.log").start()
+    first = relay_process(orders_db, kafka.bootstrap, process_logs / "relay-1.log").start()
     try:
         records = await consume(kafka.bootstrap, topic, at_least=1, settle=0)
         assert event_ids(records) == [event_id]
@@ -339,9 +355,9 @@ async def test_a_relay_killed_after_publishing_and_before_committing_publishes_a
         await conn.execute(text("DROP TRIGGER hold ON order_outbox"))
     assert await statuses(engine) == {"PENDING": 1}
 
-    second = relay_process(orders_db, kafka.bootstrap, tmp_path / "relay-2.log").start()
+    second = relay_process(orders_db, kafka.bootstrap, process_logs / "relay-2.log").start()
     try:
-        await until(lambda: _all_sent(engine), 20, "the row to be SENT")
+        await until(lambda: _all_sent(engine), 120, "the row to be SENT")
     finally:
         second.stop()
     records = await consume(kafka.bootstrap, topic, at_least=2)
@@ -386,7 +402,7 @@ async def test_a_message_the_broker_refuses_is_retried_then_failed_and_can_be_re
         )
     assert await requeue_failed(engine, order_outbox) == 1
     async with running_relay(engine, kafka.bootstrap, config):
-        await until(lambda: _all_sent(engine), 20, "the requeued row to be SENT")
+        await until(lambda: _all_sent(engine), 120, "the requeued row to be SENT")
     records = await consume(kafka.bootstrap, topic, at_least=3)
     assert "requeued" in event_ids(records)
 
@@ -400,7 +416,7 @@ async def test_sent_rows_are_pruned_after_the_retention_period(
 ) -> None:
     await insert_events(engine, topic, 5)
     async with running_relay(engine, kafka.bootstrap):
-        await until(lambda: _all_sent(engine), 10, "the rows to be SENT")
+        await until(lambda: _all_sent(engine), 120, "the rows to be SENT")
     await insert_events(engine, topic, 2)  # pending: never pruned
     sessions = session_factory(engine)
     assert await prune_sent(sessions, order_outbox, timedelta(hours=1)) == 0
@@ -434,38 +450,45 @@ async def test_a_committed_order_wakes_the_relay_at_once_not_at_the_fallback_pol
     orders_db: str, engine: AsyncEngine, kafka: Kafka
 ) -> None:
     await create_topics_async(kafka.bootstrap, ORDER_CREATED_TOPIC)
-    config = RelayConfig(fallback_poll=60)  # only a notification can wake it in time
-    async with (
-        running_relay(engine, kafka.bootstrap, config) as relay,
-        OutboxListener(orders_db, order_outbox.name, relay.wake).running(),
-    ):
-        await asyncio.sleep(0.5)  # the relay has polled once and is waiting now
-        async with serve(build_app(OrdersSettings(orders_database_url=orders_db))) as client:
-            loop = asyncio.get_running_loop()
-            started = loop.time()
-            for n in range(3):
-                response = await client.post(
-                    "/api/orders",
-                    headers={"X-User-Id": "wake"},
-                    json={"amount": n + 1, "description": "wake"},
-                )
-                assert response.status_code == 201
-                await until(lambda: _all_sent(engine), 5, f"order {n} to be SENT")
-            elapsed = loop.time() - started
-    assert elapsed < 5  # three wake-ups; the fallback poll alone would take minutes
+    # Only a notification can wake it within the test's patience (`until`'s 30 s).
+    config = RelayConfig(fallback_poll=600)
+    listener = OutboxListener(orders_db, order_outbox.name, asyncio.Event())
+    async with running_relay(engine, kafka.bootstrap, config) as relay:
+        listener.wake = relay.wake
+        async with listener.running():
+
+            async def listening() -> bool:
+                return listener.listening
+
+            await until(listening, 120, "the listener to listen")
+            await _wake_up_orders(orders_db, engine)
+
+
+async def _wake_up_orders(orders_db: str, engine: AsyncEngine) -> None:
+    async with serve(build_app(OrdersSettings(orders_database_url=orders_db))) as client:
+        for n in range(3):
+            response = await client.post(
+                "/api/orders",
+                headers={"X-User-Id": "wake"},
+                json={"amount": n + 1, "description": "wake"},
+            )
+            assert response.status_code == 201
+            await until(lambda: _all_sent(engine), 120, f"order {n} to be SENT")
 
 
 async def test_the_relay_is_not_ready_while_its_database_is_down_and_recovers(
-    private_postgres: Postgres, kafka: Kafka, tmp_path: Path
+    private_postgres: Postgres, kafka: Kafka, process_logs: Path
 ) -> None:
-    relay = relay_process(private_postgres.url("order_db"), kafka.bootstrap, tmp_path / "relay.log")
+    relay = relay_process(
+        private_postgres.url("order_db"), kafka.bootstrap, process_logs / "relay.log"
+    )
     relay.start(ready=True)
     try:
         await asyncio.to_thread(private_postgres.stop)
         await asyncio.to_thread(
             wait_for,
             lambda: relay.status() == 503,
-            timeout=20,
+            timeout=120,
             what="the relay to report not ready",
         )
         assert relay.status("/health/live") == 200  # alive: an orchestrator must not kill it
@@ -473,13 +496,13 @@ async def test_the_relay_is_not_ready_while_its_database_is_down_and_recovers(
         await asyncio.to_thread(
             wait_for,
             lambda: relay.status() == 200,
-            timeout=30,
+            timeout=120,
             what="the relay to report ready again",
         )
         engine = create_async_engine(private_postgres.url("order_db"))
         try:
             ids = await insert_events(engine, ORDER_CREATED_TOPIC, 3)
-            await until(lambda: _all_sent(engine), 20, "the rows to be SENT after the outage")
+            await until(lambda: _all_sent(engine), 120, "the rows to be SENT after the outage")
         finally:
             await engine.dispose()
         assert len(ids) == 3

@@ -1,15 +1,21 @@
 """The process table is the one list of what runs: everything that starts the platform agrees.
 
-docker-compose.yml's agreement test is tests/unit/test_compose.py.
+The supervisor's configuration is generated from it; this checks the generated file itself.
+docker-compose.yml's agreement test is tests/unit/test_compose.py, the Helm chart's
+tests/charts/test_process_table_chart.py.
 """
 
 from __future__ import annotations
+
+import configparser
+import shlex
+from pathlib import Path
 
 import pytest
 
 from gozon.cli import build_parser
 from gozon.processes import MIGRATIONS, PROCESSES, Migration, Process, process
-from scripts.stack import procfile_entries
+from scripts.stack import START_RETRIES, process_log, supervisor_config
 
 
 def test_names_ports_and_settings_are_unique() -> None:
@@ -25,8 +31,46 @@ def test_every_command_is_one_the_cli_runs(entry: Process | Migration) -> None:
     assert callable(getattr(args, "run", None))
 
 
-def test_the_procfile_runs_exactly_the_table() -> None:
-    assert procfile_entries() == {p.name: p.command for p in PROCESSES}
+def _programs(data_dir: Path) -> dict[str, configparser.SectionProxy]:
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read_string(supervisor_config(data_dir))
+    return {
+        section.removeprefix("program:"): parser[section]
+        for section in parser.sections()
+        if section.startswith("program:")
+    }
+
+
+def test_the_supervisor_runs_exactly_the_table(tmp_path: Path) -> None:
+    programs = _programs(tmp_path)
+    assert set(programs) == {p.name for p in PROCESSES}
+    for entry in PROCESSES:
+        shell, flag, script = shlex.split(programs[entry.name]["command"])
+        assert (shell, flag) == ("/bin/sh", "-c")
+        # the shell becomes the process (exec), its output going straight to its own file
+        log = process_log(tmp_path, entry.name)
+        assert shlex.split(script) == ["exec", *entry.command.split(), f">>{log}", "2>&1"]
+
+
+def test_every_process_is_restarted_with_backoff_and_stopped_as_a_group(tmp_path: Path) -> None:
+    for program in _programs(tmp_path).values():
+        assert program["autorestart"] == "true"
+        assert int(program["startsecs"]) > 0  # a quick exit is a failed start: backoff
+        assert int(program["startretries"]) == START_RETRIES
+        assert program["stopsignal"] == "TERM"
+        assert program["stopasgroup"] == program["killasgroup"] == "true"
+
+
+def test_the_gateway_starts_after_its_upstreams(tmp_path: Path) -> None:
+    programs = _programs(tmp_path)
+    gateway = int(programs["gateway"]["priority"])
+    assert all(int(p["priority"]) < gateway for name, p in programs.items() if name != "gateway")
+
+
+def test_a_percent_sign_in_the_data_folder_is_escaped(tmp_path: Path) -> None:
+    folder = tmp_path / "100%"
+    assert "100%%" in supervisor_config(folder)
+    assert "100%/" not in supervisor_config(folder)
 
 
 def test_an_unknown_process_is_named_with_the_known_ones() -> None:

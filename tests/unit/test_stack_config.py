@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.stack import StackConfig, StackError, port_is_free, procfile_entries
+from scripts.stack import StackConfig, StackError, port_is_free, restart_counts
 
 
 def test_ports_and_folders_come_from_gozon_variables(tmp_path: Path) -> None:
@@ -32,10 +32,17 @@ def test_a_listening_port_is_not_free() -> None:
     assert port_is_free(port)
 
 
-def test_procfile_entries_skip_comments_and_blank_lines(tmp_path: Path) -> None:
-    procfile = tmp_path / "Procfile"
-    procfile.write_text("# comment\n\norders-api: gozon orders api\nrelay:gozon orders relay\n")
-    assert procfile_entries(procfile) == {
-        "orders-api": "gozon orders api",
-        "relay": "gozon orders relay",
-    }
+def test_restarts_are_counted_from_supervisords_last_start(tmp_path: Path) -> None:
+    log = tmp_path / "supervisord.log"
+    log.write_text(
+        "INFO supervisord started with pid 10\n"
+        "INFO spawned: 'orders-api' with pid 11\n"
+        "INFO spawned: 'orders-api' with pid 12\n"
+        "INFO supervisord started with pid 20\n"  # a later `make up`: counting starts again
+        "INFO spawned: 'orders-api' with pid 21\n"
+        "INFO spawned: 'gateway' with pid 22\n"
+        "INFO exited: orders-api (terminated by SIGKILL; not expected)\n"
+        "INFO spawned: 'orders-api' with pid 23\n"
+    )
+    assert restart_counts(log) == {"orders-api": 1, "gateway": 0}
+    assert restart_counts(tmp_path / "missing.log") == {}

@@ -43,7 +43,12 @@ def configure_logging(service: str, *, level: str = "INFO", json: bool = True) -
         _bind_service(service),
     ]
     renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer()
+        if json
+        # plain text, plain tracebacks: readable in a file or a CI log, not only a terminal
+        else structlog.dev.ConsoleRenderer(
+            colors=False, exception_formatter=structlog.dev.plain_traceback
+        )
     )
     structlog.configure(
         processors=[

@@ -1,6 +1,6 @@
 """Settings, read once from `GOZON_*` environment variables and passed in (never global).
 
-One class per process family. The names are the same in `make up`'s Procfile environment,
+One class per process family. The names are the same under `make up` (supervisord's environment),
 docker-compose and the Helm chart. A bad value fails the process at start-up with pydantic's
 message naming the variable; production refuses the development database password.
 """

@@ -37,6 +37,7 @@ from opentelemetry.trace import SpanKind
 from pydantic import BaseModel, ValidationError
 
 from gozon.core.db import is_database_outage
+from gozon.core.errors import RetryLater
 from gozon.core.runtime import sleep_unless
 from gozon.core.telemetry import context_from_headers
 from gozon.messaging.kafka import dlq_topic, is_transient
@@ -56,11 +57,6 @@ DLQ_REASON = "x-dlq-reason"
 class RejectMessage(Exception):
     """Raised by a handler for a well-formed message that can never be handled (it refers to
     something that does not exist, say): the message goes to the dead-letter topic at once."""
-
-
-class RetryLater(Exception):
-    """Raised by a handler for a passing condition (a contended row, say): retried like a
-    database outage, for as long as it lasts, never dead-lettered."""
 
 
 class _Stopping(Exception):
@@ -95,8 +91,20 @@ class ConsumerRunner(Generic[E]):
         CONSUMER_LAG.labels(topic)
 
     async def run(self, stop: asyncio.Event) -> None:
+        delay = 0.1
         while not stop.is_set():
-            batches = await self.consumer.getmany(timeout_ms=200)
+            try:
+                batches = await self.consumer.getmany(timeout_ms=200)
+            except Exception as exc:
+                # aiokafka reconnects by itself; a fetch error that says "the broker is not
+                # there" is waited out, never a reason to end the process.
+                if not is_transient(exc):
+                    raise
+                log.warning("kafka unavailable, fetching again", topic=self.topic, error=repr(exc))
+                await sleep_unless(stop, delay)
+                delay = min(delay * 2, self.retry_backoff_max)
+                continue
+            delay = 0.1
             # Partitions are independent (a key lives on one), so they are handled side by
             # side; within one, strictly in offset order.
             results = await asyncio.gather(

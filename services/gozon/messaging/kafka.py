@@ -12,6 +12,7 @@ aiokafka's defaults suit none of this platform's jobs (`acks=1`, no idempotence,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -87,8 +88,8 @@ async def ensure_topics(
     if with_dlq:
         wanted |= {dlq_topic(topic) for topic in wanted if not topic.endswith(DLQ_SUFFIX)}
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=10_000)
-    await admin.start()
     try:
+        await admin.start()
         missing = sorted(wanted - set(await admin.list_topics()))
         if missing:
             await admin.create_topics(
@@ -96,4 +97,5 @@ async def ensure_topics(
             )
         return missing
     finally:
-        await admin.close()
+        with contextlib.suppress(Exception):  # a client that never started has nothing open
+            await admin.close()

@@ -21,6 +21,8 @@ Guarantees:
   (`gozon.messaging.wakeup`), which sets `wake`; the relay re-polls at once while batches
   come back full, and otherwise waits for `wake` or the slow `fallback_poll` (1 s), so a
   lost notification delays a row, never loses it.
+- No dependency's outage ends the relay: claiming, publishing and the hourly prune all
+  treat a lost database or broker as "not ready, back off, try again".
 - SIGTERM: the batch in hand is finished and committed, then the relay exits.
 """
 
@@ -313,7 +315,7 @@ class OutboxRelay:
             if claimed:
                 self.kafka_ok = True
             outage_delay = 0.1
-            await self._maybe_prune()
+            await self._maybe_prune(stop)
             if claimed < self.config.batch_size:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), self.config.fallback_poll)
@@ -325,12 +327,25 @@ class OutboxRelay:
 
     # -- housekeeping
 
-    async def _maybe_prune(self) -> None:
+    async def _maybe_prune(self, stop: asyncio.Event) -> None:
+        """Deletes old SENT rows once per `prune_interval` (the first time at start-up).
+
+        Housekeeping never takes the relay down: a database lost meanwhile marks it not
+        ready (the next claim finds out when it is back); any other failure is logged, and
+        the prune is tried again at the next interval.
+        """
         now = time.monotonic()
-        if now - self._last_prune < self.config.prune_interval:
+        if stop.is_set() or now - self._last_prune < self.config.prune_interval:
             return
         self._last_prune = now
-        pruned = await prune_sent(self.sessions, self.table, self.config.retention)
+        try:
+            pruned = await prune_sent(self.sessions, self.table, self.config.retention)
+        except Exception as exc:
+            if is_database_outage(exc):
+                self._database_down(exc)
+            else:
+                log.error("pruning sent outbox rows failed", outbox=self.name, exc_info=exc)
+            return
         if pruned:
             log.info("pruned sent outbox rows", outbox=self.name, rows=pruned)
 

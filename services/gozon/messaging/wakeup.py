@@ -86,16 +86,22 @@ class OutboxListener:
         self.dsn = url.render_as_string(hide_password=False)
         self.channel = channel_for(outbox)
         self.wake = wake
+        self.listening = False
 
     def _on_notify(self, *_: object) -> None:
         self.wake.set()
 
     async def _run(self) -> None:
+        """Listens, and reconnects (with capped backoff) whenever the connection is lost.
+
+        Any failure is survivable here (only cancellation ends the loop): the fallback poll
+        covers the time without a listener, and the relay is woken after each reconnect.
+        """
         delay = 0.1
         while True:
             try:
                 conn = await asyncpg.connect(self.dsn, timeout=5)
-            except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            except Exception as exc:
                 log.debug("outbox listener cannot connect", error=repr(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -106,10 +112,13 @@ class OutboxListener:
             try:
                 await conn.add_listener(self.channel, self._on_notify)
                 self.wake.set()  # rows may have been committed while nobody listened
+                self.listening = True
                 await lost.wait()
-            except (OSError, asyncpg.PostgresError) as exc:
-                log.debug("outbox listener lost", error=repr(exc))
+                log.info("outbox listener lost its connection", channel=self.channel)
+            except Exception as exc:
+                log.info("outbox listener lost", channel=self.channel, error=repr(exc))
             finally:
+                self.listening = False
                 with contextlib.suppress(Exception):
                     await conn.close(timeout=1)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -16,16 +16,16 @@ from typing import TypeVar
 
 import structlog
 from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
 from pydantic import BaseModel
 from sqlalchemy import Table
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gozon.core.db import create_engine, database_answers, session_factory
 from gozon.core.health import Readiness
 from gozon.core.runtime import sleep_unless, stop_on_signals
 from gozon.core.settings import MessagingSettings
 from gozon.core.sideport import side_port
-from gozon.messaging.consumer import ConsumerRunner, Handler
+from gozon.messaging.consumer import ConsumerRunner
 from gozon.messaging.kafka import (
     broker_answers,
     ensure_topics,
@@ -34,6 +34,7 @@ from gozon.messaging.kafka import (
     new_producer,
 )
 from gozon.messaging.relay import OutboxRelay, RelayConfig
+from gozon.messaging.subscription import Subscription, no_notify
 from gozon.messaging.wakeup import OutboxListener, OutboxNotifier
 
 log = structlog.get_logger(__name__)
@@ -62,17 +63,34 @@ def relay_config(settings: MessagingSettings) -> RelayConfig:
     )
 
 
+def _flag(readiness: Readiness, name: str) -> asyncio.Event:
+    """An event that readiness reports as the check `name`."""
+    flag = asyncio.Event()
+
+    async def check() -> bool:
+        return flag.is_set()
+
+    readiness.add(name, check)
+    return flag
+
+
 async def _until_started(
     what: str, start: Callable[[], Awaitable[object]], stop: asyncio.Event
 ) -> bool:
-    """Retries a start-up step that needs Kafka until it works; False if stopped first."""
+    """Retries a start-up step that needs Kafka until it works; False if stopped first.
+
+    Any Kafka error is waited out (a broker that is starting answers with errors that are
+    not marked retriable, such as an unknown API version): the process stays live and not
+    ready, and carries on once the broker answers. Only an error that is not Kafka's (a bug)
+    ends the process.
+    """
     delay = 0.2
     while not stop.is_set():
         try:
             await start()
             return True
         except Exception as exc:
-            if not is_transient(exc):
+            if not (is_transient(exc) or isinstance(exc, KafkaError)):
                 raise
             log.warning("waiting for kafka", step=what, error=repr(exc))
             await sleep_unless(stop, delay)
@@ -95,13 +113,13 @@ async def run_relay(
     readiness = Readiness()
     readiness.add("database", lambda: database_answers(engine))
     readiness.add("kafka", lambda: broker_answers(producer))
+    started = _flag(readiness, "started")  # its start-up steps done (they wait for Kafka)
     try:
         async with side_port(
             spec.metrics_host, spec.metrics_port, readiness, before_scrape=[relay.refresh_gauges]
         ):
             listener = OutboxListener(spec.database_url, table.name, relay.wake)
-            started = await _until_started("producer", producer.start, stop)
-            if started and await _until_started(
+            if await _until_started("producer", producer.start, stop) and await _until_started(
                 "topics",
                 lambda: ensure_topics(
                     settings.kafka_bootstrap_servers,
@@ -112,6 +130,7 @@ async def run_relay(
                 stop,
             ):
                 log.info("relay started", outbox=table.name, topics=topics)
+                started.set()
                 async with listener.running():
                     await relay.run(stop)
     finally:
@@ -121,23 +140,10 @@ async def run_relay(
 
 
 async def run_consumer(
-    spec: WorkerSpec,
-    settings: MessagingSettings,
-    *,
-    topic: str,
-    group_id: str,
-    schema: type[E],
-    make_handler: Callable[..., Handler[E]],
-    outbox: str | None = None,
-    scrape_hooks: Sequence[Callable[[async_sessionmaker[AsyncSession]], Awaitable[object]]] = (),
+    spec: WorkerSpec, settings: MessagingSettings, subscription: Subscription[E], *, group_id: str
 ) -> None:
-    """Runs the consumer.
-
-    `make_handler(sessions)` builds the handler; when the handler writes to an `outbox`, it is
-    built as `make_handler(sessions, notify=…)` and calls `notify()` after each commit that
-    added outbox rows, to wake that outbox's relay. `scrape_hooks` refresh the service's
-    gauges at each scrape.
-    """
+    """Runs the service's subscription (see `gozon.messaging.subscription`) until SIGTERM."""
+    topic = subscription.topic
     stop = stop_on_signals()
     # One connection per partition handled side by side, one for the notifier, one spare.
     engine = create_engine(
@@ -156,22 +162,25 @@ async def run_consumer(
         topics=[topic],
     )
     sessions = session_factory(engine)
-    notifier = OutboxNotifier(engine, outbox) if outbox else None
+    notifier = (
+        OutboxNotifier(engine, subscription.outbox.name)
+        if subscription.outbox is not None
+        else None
+    )
     runner = ConsumerRunner(
         consumer=consumer,
         producer=producer,
         topic=topic,
-        schema=schema,
-        handler=(
-            make_handler(sessions, notify=notifier.notify) if notifier else make_handler(sessions)
-        ),
+        schema=subscription.schema,
+        handler=subscription.handler(sessions, notifier.notify if notifier else no_notify),
         max_handler_attempts=settings.consumer_max_handler_attempts,
     )
     readiness = Readiness()
     readiness.add("database", lambda: database_answers(engine))
     readiness.add("kafka", lambda: broker_answers(producer))
+    started = _flag(readiness, "started")  # its start-up steps done (they wait for Kafka)
     try:
-        hooks = [partial(hook, sessions) for hook in scrape_hooks]
+        hooks = [partial(hook, sessions) for hook in subscription.scrape_hooks]
         async with side_port(spec.metrics_host, spec.metrics_port, readiness, hooks):
             if (
                 await _until_started("producer", producer.start, stop)
@@ -188,6 +197,7 @@ async def run_consumer(
                 and await _until_started("consumer", consumer.start, stop)
             ):
                 log.info("consumer started", topic=topic, group_id=group_id)
+                started.set()
                 async with contextlib.AsyncExitStack() as stack:
                     if notifier:
                         await stack.enter_async_context(notifier.running())

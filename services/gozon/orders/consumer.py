@@ -9,14 +9,17 @@ commits the offset after it.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy import exists, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from gozon.contracts import PaymentProcessed
+from gozon.contracts import PAYMENT_PROCESSED_TOPIC, PaymentProcessed
+from gozon.core.settings import OrdersSettings
 from gozon.messaging.consumer import Handler, Record, RejectMessage
+from gozon.messaging.subscription import Notify, Sessions, Subscription
 from gozon.orders.models import CANCELLED, FINISHED, NEW, Order
 
 log = structlog.get_logger(__name__)
@@ -89,3 +92,18 @@ async def count_stuck_orders(sessions: async_sessionmaker[AsyncSession], after: 
         )
     ORDERS_STUCK.set(stuck or 0)
     return int(stuck or 0)
+
+
+def subscription(settings: OrdersSettings) -> Subscription[PaymentProcessed]:
+    """The orders consumer reads payment results; it writes no outbox."""
+
+    def handler(sessions: Sessions, _: Notify) -> Handler[PaymentProcessed]:
+        return make_handler(sessions)
+
+    stuck_after = timedelta(seconds=settings.orders_stuck_after_s)
+    return Subscription(
+        topic=PAYMENT_PROCESSED_TOPIC,
+        schema=PaymentProcessed,
+        handler=handler,
+        scrape_hooks=(partial(count_stuck_orders, after=stuck_after),),
+    )

@@ -25,14 +25,17 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gozon.contracts import (
+    ORDER_CREATED_TOPIC,
     PAYMENT_PROCESSED_TOPIC,
     OrderCreated,
     PaymentProcessed,
     PaymentProcessedPayload,
     utc_now,
 )
+from gozon.core.settings import PaymentsSettings
 from gozon.messaging.consumer import Handler, Record
 from gozon.messaging.outbox import add_to_outbox
+from gozon.messaging.subscription import Notify, Sessions, Subscription
 from gozon.payments import service
 from gozon.payments.metrics import PAYMENT_AMOUNT, PAYMENT_OUTCOMES
 from gozon.payments.models import InboxEntry, payment_outbox
@@ -120,3 +123,14 @@ def make_handler(
             structlog.contextvars.unbind_contextvars("order_id", "user_id")
 
     return handle
+
+
+def subscription(_: PaymentsSettings) -> Subscription[OrderCreated]:
+    """The payments consumer reads created orders and answers each through payment_outbox."""
+
+    def handler(sessions: Sessions, notify: Notify) -> Handler[OrderCreated]:
+        return make_handler(sessions, notify=notify)
+
+    return Subscription(
+        topic=ORDER_CREATED_TOPIC, schema=OrderCreated, handler=handler, outbox=payment_outbox
+    )

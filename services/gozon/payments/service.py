@@ -36,7 +36,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gozon.contracts import PaymentStatus
-from gozon.messaging.consumer import RetryLater
+from gozon.core.errors import RetryLater
 from gozon.payments.metrics import CAS_CONFLICTS
 from gozon.payments.models import (
     ACCOUNT_NOT_FOUND,

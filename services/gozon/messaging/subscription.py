@@ -1,0 +1,43 @@
+"""A service's subscription: what its consumer process reads and how it handles it.
+
+Each service declares its own in its `consumer.py` (as eShop's services declare theirs), and
+`gozon … consumer` only picks which one to run:
+- `topic` and `schema`: the one topic it reads, and the event type every message there must
+  validate against (anything else is dead-lettered);
+- `handler`: builds the per-message handler from a session factory and a `notify` callback;
+- `outbox`: the outbox table the handler writes, if any. The handler then calls `notify()`
+  after each commit that added rows, which wakes that outbox's relay at once;
+- `scrape_hooks`: refresh the service's own gauges at each `/metrics` scrape (a hook that
+  fails leaves its gauge stale and never fails the scrape).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, TypeAlias, TypeVar
+
+from pydantic import BaseModel
+from sqlalchemy import Table
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from gozon.messaging.consumer import Handler
+
+E = TypeVar("E", bound=BaseModel)
+
+Sessions: TypeAlias = async_sessionmaker[AsyncSession]
+Notify: TypeAlias = Callable[[], None]
+ScrapeHook: TypeAlias = Callable[[Sessions], Awaitable[object]]
+
+
+def no_notify() -> None:
+    """The `notify` of a handler that writes no outbox."""
+
+
+@dataclass(frozen=True)
+class Subscription(Generic[E]):
+    topic: str
+    schema: type[E]
+    handler: Callable[[Sessions, Notify], Handler[E]]
+    outbox: Table | None = None
+    scrape_hooks: tuple[ScrapeHook, ...] = ()
