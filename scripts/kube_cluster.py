@@ -26,6 +26,7 @@ the chart's PersistentVolumeClaims bind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -64,11 +65,16 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("GOZON_DATA_DIR", ROOT / ".gozon")).resolve() / "kube"
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: every socket stays bound until all are chosen (a port
+    released at once may be handed out again by the next bind)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s.bind(("127.0.0.1", 0))
+            ports.append(int(s.getsockname()[1]))
+        return ports
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -114,7 +120,7 @@ class LocalCluster:
             ports: dict[str, int] = json.loads(state.read_text())["ports"]
             return ports
         names = ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok")
-        chosen = {name: _free_port() for name in names}
+        chosen = dict(zip(names, _free_ports(len(names)), strict=True))
         if "GOZON_KUBE_APISERVER_PORT" in os.environ:
             chosen["apiserver"] = int(os.environ["GOZON_KUBE_APISERVER_PORT"])
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -175,6 +175,10 @@ class PidFile:
             pid = int(self.path.read_text().strip())
         except (OSError, ValueError):
             return None
+        if self._child is not None and self._child.pid == pid:
+            # Our own unreaped child: its pid cannot have been recycled. (Just after exec its
+            # /proc cmdline can still read empty, so the marker test would call it gone.)
+            return pid if self._child.poll() is None else None
         if _pid_alive(pid) and self.marker in _cmdline(pid):
             return pid
         return None
@@ -188,9 +192,15 @@ class PidFile:
         pid = self.pid()
         if pid is None:
             self.path.unlink(missing_ok=True)
-            if self._child is not None:  # it died on its own: reap it
+            if self._child is not None:
+                # Our own child, yet its pid file is gone: stop it all the same (never wait on
+                # a live child), then reap it; one that died on its own is only reaped.
+                running = self._child.poll() is None
+                if running:
+                    self._child.kill()
                 self._child.wait()
                 self._child = None
+                return running
             return False
         kill = os.killpg if group else os.kill
         with contextlib.suppress(ProcessLookupError):

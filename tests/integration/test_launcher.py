@@ -65,3 +65,27 @@ def test_stop_never_signals_a_process_that_is_not_ours(tmp_path: Path) -> None:
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_a_child_we_spawned_is_ours_before_its_command_line_is_readable(tmp_path: Path) -> None:
+    """Just after exec a process's /proc cmdline can read empty (seen with kube-scheduler and
+    kwok): the marker test alone called such a child gone and its start "exited". A child we
+    spawned and have not reaped is ours whatever its command line says."""
+    pidfile = PidFile(tmp_path / "child.pid", marker=str(tmp_path / "not-on-its-command-line"))
+    child = pidfile.spawn(
+        [sys.executable, "-c", "import time; time.sleep(30)"], log=tmp_path / "child.log"
+    )
+    assert pidfile.pid() == child.pid
+    assert pidfile.stop(timeout=5) is True
+    assert child.poll() is not None
+    assert pidfile.pid() is None
+
+
+def test_stop_stops_our_child_even_when_its_pid_file_is_gone(tmp_path: Path) -> None:
+    pidfile = PidFile(tmp_path / "child.pid", marker=str(tmp_path))
+    child = pidfile.spawn(
+        [sys.executable, "-c", "import time; time.sleep(30)"], log=tmp_path / "child.log"
+    )
+    pidfile.path.unlink()
+    assert pidfile.stop(timeout=5) is True  # returns at once: never waits on a live child
+    assert child.poll() is not None
