@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import port_for
@@ -14,6 +14,7 @@ import pytest
 from gozon.core.migrations import upgrade
 from scripts.stack import Kafka, Postgres, StackConfig
 from tests.conftest import MIGRATIONS
+from tests.integration.upstream import Upstream
 
 
 @pytest.fixture
@@ -53,3 +54,19 @@ def private_kafka(servers_dir: Path) -> Iterator[Kafka]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+async def orders() -> AsyncIterator[Upstream]:
+    upstream = Upstream("orders")
+    await upstream.start()
+    yield upstream
+    await upstream.stop()
+
+
+@pytest.fixture
+async def payments() -> AsyncIterator[Upstream]:
+    upstream = Upstream("payments")
+    await upstream.start()
+    yield upstream
+    await upstream.stop()

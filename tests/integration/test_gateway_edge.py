@@ -20,7 +20,8 @@ from prometheus_client import REGISTRY
 
 from gozon.gateway.app import build_app
 from gozon.gateway.server import uvicorn_config
-from tests.integration.test_gateway import Upstream, settings
+from tests.integration.test_gateway import settings
+from tests.integration.upstream import Upstream
 
 pytestmark = pytest.mark.integration
 
@@ -28,22 +29,6 @@ HEADER_TIMEOUT_S = 0.5
 BODY_TIMEOUT_S = 0.5
 MAX_CONNECTIONS = 3
 GET = b"GET /api/orders/x HTTP/1.1\r\nHost: gw\r\nX-User-Id: u1\r\n"
-
-
-@pytest.fixture
-async def orders() -> AsyncIterator[Upstream]:
-    upstream = Upstream("orders")
-    await upstream.start()
-    yield upstream
-    await upstream.stop()
-
-
-@pytest.fixture
-async def payments() -> AsyncIterator[Upstream]:
-    upstream = Upstream("payments")
-    await upstream.start()
-    yield upstream
-    await upstream.stop()
 
 
 @contextlib.asynccontextmanager

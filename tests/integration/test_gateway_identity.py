@@ -17,28 +17,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gozon.gateway.app import build_app
 from tests.conftest import serve
-from tests.integration.test_gateway import Upstream, settings
+from tests.integration.test_gateway import settings
+from tests.integration.upstream import Upstream
 
 pytestmark = pytest.mark.integration
 
 SECRET = "a-test-secret-that-is-32-bytes-or-longer"
 AUDIENCE, ISSUER = "gozon-api", "https://id.gozon.test"
-
-
-@pytest.fixture
-async def orders() -> AsyncIterator[Upstream]:
-    upstream = Upstream("orders")
-    await upstream.start()
-    yield upstream
-    await upstream.stop()
-
-
-@pytest.fixture
-async def payments() -> AsyncIterator[Upstream]:
-    upstream = Upstream("payments")
-    await upstream.start()
-    yield upstream
-    await upstream.stop()
 
 
 def claims(**overrides: Any) -> dict[str, Any]:
