@@ -214,7 +214,10 @@ class LocalCluster:
             ],
             "current-context": "gozon-local",
         }
-        path.write_text(json.dumps(config, indent=2) + "\n")  # JSON is YAML
+        text = json.dumps(config, indent=2) + "\n"  # JSON is YAML
+        # unchanged files are left alone: a running component may watch its file
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
 
     # ------------------------------------------------------------------ probes
     def _tls(self, client: bool = True) -> ssl.SSLContext:

@@ -90,6 +90,13 @@ def _run(*cmd: str, stdin: bytes | None = None, check: bool = True) -> str:
     return done.stdout.decode(errors="replace")
 
 
+def _write(path: Path, text: str) -> None:
+    """Writes a file only when its content changes: kube-proxy exits when its configuration
+    file is written to, even with the same content."""
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
 def one_file_image(binary: Path, name: str, entrypoint: Sequence[str]) -> bytes:
     """A `docker save` archive of an image holding one static binary at /<its name>.
 
@@ -249,10 +256,11 @@ class NodeCluster(LocalCluster):
                 {"type": "portmap", "capabilities": {"portMappings": True}},
             ],
         }
-        (cni / "net.d" / "10-gozon.conflist").write_text(json.dumps(conflist, indent=2) + "\n")
+        _write(cni / "net.d" / "10-gozon.conflist", json.dumps(conflist, indent=2) + "\n")
         cri = 'plugins."io.containerd.grpc.v1.cri"'
         (d / "containerd").mkdir(parents=True, exist_ok=True)
-        (d / "containerd" / "config.toml").write_text(
+        _write(
+            d / "containerd" / "config.toml",
             f"""# Written by scripts/kube_node.py.
 version = 2
 root = "{d / "containerd" / "root"}"
@@ -287,7 +295,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   [{cri}.cni]
     bin_dir = "{self._cni_bin_dir()}"
     conf_dir = "{cni / "net.d"}"
-"""
+""",
         )
         self._write_kubeconfig(d / "kubelet.kubeconfig", "kubelet")
         self._write_kubeconfig(d / "kube-proxy.kubeconfig", "kube-proxy")
@@ -329,7 +337,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             "tlsCertFile": str(pki / "serving.crt"),
             "tlsPrivateKeyFile": str(pki / "serving.key"),
         }
-        (d / "kubelet.yaml").write_text(json.dumps(kubelet, indent=2) + "\n")
+        _write(d / "kubelet.yaml", json.dumps(kubelet, indent=2) + "\n")
         proxy = {
             "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
             "kind": "KubeProxyConfiguration",
@@ -344,7 +352,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             # leave the host's conntrack table sizes alone
             "conntrack": {"maxPerCore": 0},
         }
-        (d / "kube-proxy.yaml").write_text(json.dumps(proxy, indent=2) + "\n")
+        _write(d / "kube-proxy.yaml", json.dumps(proxy, indent=2) + "\n")
 
     def _resolv_conf(self) -> Path:
         """The host's resolv.conf without loopback name servers (they do not answer in a pod,
@@ -359,7 +367,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                     continue
                 lines.append(line)
         path = self.data_dir / "resolv.conf"
-        path.write_text("\n".join(lines) + "\n")
+        _write(path, "\n".join(lines) + "\n")
         return path
 
     def _commands(self) -> dict[str, list[str]]:
