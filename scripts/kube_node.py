@@ -20,6 +20,8 @@ What it guarantees:
 - The kubelet: cgroupfs driver, cgroup v1 allowed, no QoS cgroups (the VM does not delegate
   them), x509 + webhook authentication and authorization; the API server reaches it with a
   client certificate of `system:masters`.
+- The CNI chain: bridge (with host-local IPAM), firewall (the pods' traffic accepted in FORWARD,
+  whatever the policy: the Docker engine's is DROP), portmap.
 - kube-proxy in iptables mode masquerading everything (a pod reaching a Service backed by a
   pod on the same bridge gets the answer back through the host).
 - Starting is idempotent and each component is waited for: etcd, the API server, the
@@ -253,6 +255,10 @@ class NodeCluster(LocalCluster):
                         "dataDir": str(cni / "ipam"),
                     },
                 },
+                # accepts the pods' traffic in the FORWARD chain: with the bridge's traffic
+                # going through iptables, the Docker engine's `FORWARD DROP` policy would
+                # otherwise drop pod-to-pod packets (Services worked, being masqueraded)
+                {"type": "firewall", "backend": "iptables"},
                 {"type": "portmap", "capabilities": {"portMappings": True}},
             ],
         }
