@@ -30,6 +30,8 @@ RICH = tuple(f"k8s-rich-{n}" for n in range(10))
 POOR = ("k8s-poor-0",)
 LOAD_RATE_PER_S = 8.0  # the whole platform, Kafka and two databases share two cores
 SETTLE_S = 240.0
+# kafka-consumer-groups.sh's class (the broker image has its jars, not the script)
+GROUP_COMMAND = "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand"
 # consumer -> (its Kafka group, the topic it consumes)
 CONSUMERS = {
     "orders-consumer": ("orders", "payment.processed.event"),
@@ -104,15 +106,8 @@ def test_logs_and_exec_reach_the_node(cluster: Cluster) -> None:
     pod = cluster.pods("app.kubernetes.io/component=gateway")[0]
     text = cluster.core.read_namespaced_pod_log(pod.metadata.name, cluster.namespace)
     assert str(text).strip(), "the gateway's log is empty"
-    out = stream(
-        cluster.core.connect_get_namespaced_pod_exec,
-        pod.metadata.name,
-        cluster.namespace,
-        command=["python3", "-c", "import socket; print(socket.gethostname())"],
-        stderr=True,
-        stdin=False,
-        stdout=True,
-        tty=False,
+    out = _exec(
+        cluster, pod.metadata.name, ["python3", "-c", "import socket; print(socket.gethostname())"]
     )
     assert pod.metadata.name in out
 
@@ -184,6 +179,26 @@ async def _until(predicate: Any, within: float, what: str) -> None:
         await asyncio.sleep(1)
 
 
+def _exec(cluster: Cluster, pod: str, command: list[str]) -> str:
+    """`kubectl exec` through the API server and the kubelet; what the command printed."""
+    ws = stream(
+        cluster.core.connect_get_namespaced_pod_exec,
+        pod,
+        cluster.namespace,
+        command=command,
+        stderr=True,
+        stdin=False,
+        stdout=True,
+        tty=False,
+        _preload_content=False,
+    )
+    try:
+        ws.run_forever(timeout=120)
+        return str(ws.read_stdout()) + str(ws.read_stderr())
+    finally:
+        ws.close()
+
+
 def _replaced(cluster: Cluster, selector: str, old: str) -> bool:
     pods = [p for p in cluster.pods(selector) if p.metadata.deletion_timestamp is None]
     return any(
@@ -199,24 +214,14 @@ def _one_replica_per_partition(cluster: Cluster, group: str, topic: str, ips: se
     pod through exec): every partition of `topic` has exactly one owner, and the owners are the
     three replicas, one partition each."""
     (broker,) = cluster.pods("app.kubernetes.io/name=kafka")
-    out = stream(
-        cluster.core.connect_get_namespaced_pod_exec,
+    out = _exec(
+        cluster,
         broker.metadata.name,
-        cluster.namespace,
-        command=[
-            "/opt/kafka/bin/java-main",
-            "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand",
-            "--bootstrap-server",
-            "localhost:9092",
-            "--describe",
-            "--group",
-            group,
+        [
+            "/opt/kafka/bin/java-main", GROUP_COMMAND,
+            "--bootstrap-server", "localhost:9092", "--describe", "--group", group,
         ],
-        stderr=True,
-        stdin=False,
-        stdout=True,
-        tty=False,
-    )
+    )  # fmt: skip
     owners: dict[int, list[tuple[str, str]]] = {}
     for line in str(out).splitlines():
         words = line.split()
