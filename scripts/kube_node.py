@@ -22,8 +22,8 @@ What it guarantees:
   client certificate of `system:masters`.
 - The CNI chain: bridge (with host-local IPAM), firewall (the pods' traffic accepted in FORWARD,
   whatever the policy: the Docker engine's is DROP), portmap.
-- kube-proxy in iptables mode masquerading everything (a pod reaching a Service backed by a
-  pod on the same bridge gets the answer back through the host).
+- kube-proxy in iptables mode; `net.bridge.bridge-nf-call-iptables` is set, so traffic
+  between pods on the bridge goes through its rules (a Service's answer is un-NATed).
 - Starting is idempotent and each component is waited for: etcd, the API server, the
   controllers as in the control plane, containerd (`ctr version`), the kubelet's /healthz,
   kube-proxy's /healthz, the Node Ready, CoreDNS's Deployment Available, the `default`
@@ -92,11 +92,13 @@ def _run(*cmd: str, stdin: bytes | None = None, check: bool = True) -> str:
     return done.stdout.decode(errors="replace")
 
 
-def _write(path: Path, text: str) -> None:
-    """Writes a file only when its content changes: kube-proxy exits when its configuration
-    file is written to, even with the same content."""
+def _write(path: Path, text: str) -> bool:
+    """Writes a file only when its content changes (kube-proxy exits when its configuration
+    file is written to, even with the same content); True when it did."""
     if not path.exists() or path.read_text() != text:
         path.write_text(text)
+        return True
+    return False
 
 
 def one_file_image(binary: Path, name: str, entrypoint: Sequence[str]) -> bytes:
@@ -148,6 +150,8 @@ class NodeCluster(LocalCluster):
 
     components: tuple[str, ...] = field(default=NODE_COMPONENTS, init=False)
     api_host: str = field(default=NODE_IP, init=False)
+    # components whose configuration file _prepare changed (restarted by a start that reuses)
+    _changed: set[str] = field(default_factory=set, init=False, repr=False)
 
     # ------------------------------------------------------------------ layout
     @property
@@ -257,7 +261,7 @@ class NodeCluster(LocalCluster):
                 },
                 # accepts the pods' traffic in the FORWARD chain: with the bridge's traffic
                 # going through iptables, the Docker engine's `FORWARD DROP` policy would
-                # otherwise drop pod-to-pod packets (Services worked, being masqueraded)
+                # otherwise drop new pod-to-pod connections
                 {"type": "firewall", "backend": "iptables"},
                 {"type": "portmap", "capabilities": {"portMappings": True}},
             ],
@@ -265,7 +269,7 @@ class NodeCluster(LocalCluster):
         _write(cni / "net.d" / "10-gozon.conflist", json.dumps(conflist, indent=2) + "\n")
         cri = 'plugins."io.containerd.grpc.v1.cri"'
         (d / "containerd").mkdir(parents=True, exist_ok=True)
-        _write(
+        if _write(
             d / "containerd" / "config.toml",
             f"""# Written by scripts/kube_node.py.
 version = 2
@@ -302,7 +306,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     bin_dir = "{self._cni_bin_dir()}"
     conf_dir = "{cni / "net.d"}"
 """,
-        )
+        ):
+            self._changed.add("containerd")
         self._write_kubeconfig(d / "kubelet.kubeconfig", "kubelet")
         self._write_kubeconfig(d / "kube-proxy.kubeconfig", "kube-proxy")
         p = self.node_ports
@@ -343,7 +348,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             "tlsCertFile": str(pki / "serving.crt"),
             "tlsPrivateKeyFile": str(pki / "serving.key"),
         }
-        _write(d / "kubelet.yaml", json.dumps(kubelet, indent=2) + "\n")
+        if _write(d / "kubelet.yaml", json.dumps(kubelet, indent=2) + "\n"):
+            self._changed.add("kubelet")
         proxy = {
             "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
             "kind": "KubeProxyConfiguration",
@@ -354,11 +360,15 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             "healthzBindAddress": f"127.0.0.1:{p['proxy-healthz']}",
             "metricsBindAddress": f"127.0.0.1:{p['proxy-metrics']}",
             "nodePortAddresses": [f"{NODE_IP}/32"],
-            "iptables": {"masqueradeAll": True},
+            # no masqueradeAll: the bridge's traffic goes through iptables
+            # (bridge-nf-call-iptables), so replies between pods on the bridge are un-NATed,
+            # and a server sees its clients' pod addresses
+            "iptables": {"masqueradeAll": False},
             # leave the host's conntrack table sizes alone
             "conntrack": {"maxPerCore": 0},
         }
-        _write(d / "kube-proxy.yaml", json.dumps(proxy, indent=2) + "\n")
+        if _write(d / "kube-proxy.yaml", json.dumps(proxy, indent=2) + "\n"):
+            self._changed.add("kube-proxy")
 
     def _resolv_conf(self) -> Path:
         """The host's resolv.conf without loopback name servers (they do not answer in a pod,
@@ -373,7 +383,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                     continue
                 lines.append(line)
         path = self.data_dir / "resolv.conf"
-        _write(path, "\n".join(lines) + "\n")
+        if _write(path, "\n".join(lines) + "\n"):
+            self._changed.add("kubelet")
         return path
 
     def _commands(self) -> dict[str, list[str]]:
@@ -449,8 +460,15 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
     # ------------------------------------------------------------------ cluster add-ons
     def _reuse(self) -> None:
+        self._changed.clear()
         self._prepare()  # the bridge device may be gone (a reboot keeps no link)
-        self._seed()
+        if self._changed:
+            # a component whose configuration changed is restarted with it
+            for component in self._changed:
+                self._pidfile(component).stop(timeout=20)
+            self.start()
+        else:
+            self._seed()
 
     def _seed(self) -> None:
         """Waits for the node, then runs CoreDNS (the `kube-dns` Service at CLUSTER_DNS)."""

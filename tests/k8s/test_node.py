@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import subprocess
 import time
 from typing import Any
 
 import httpx
 import pytest
-from kubernetes.stream import stream
 
+from tests.charts.support import tool
 from tests.faults.invariants import ClientRecord, check, wait_until_settled
 from tests.faults.load import SteadyLoad
 from tests.k8s.conftest import DEPLOYMENTS, RELEASE, Cluster
@@ -180,23 +181,21 @@ async def _until(predicate: Any, within: float, what: str) -> None:
 
 
 def _exec(cluster: Cluster, pod: str, command: list[str]) -> str:
-    """`kubectl exec` through the API server and the kubelet; what the command printed."""
-    ws = stream(
-        cluster.core.connect_get_namespaced_pod_exec,
-        pod,
-        cluster.namespace,
-        command=command,
-        stderr=True,
-        stdin=False,
-        stdout=True,
-        tty=False,
-        _preload_content=False,
-    )
-    try:
-        ws.run_forever(timeout=120)
-        return str(ws.read_stdout()) + str(ws.read_stderr())
-    finally:
-        ws.close()
+    """`kubectl exec`: through the API server and the kubelet; what the command printed.
+
+    (kubectl rather than the client's websocket stream, which leaves its socket open.)"""
+    done = subprocess.run(
+        [
+            tool("kubectl"), "--kubeconfig", str(cluster.node.kubeconfig),
+            "--namespace", cluster.namespace, "exec", pod, "--", *command,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, f"kubectl exec {pod} -- {command}: {done.stderr}"
+    return done.stdout
 
 
 def _replaced(cluster: Cluster, selector: str, old: str) -> bool:
