@@ -13,6 +13,7 @@ import asyncio
 import base64
 import subprocess
 import time
+from collections import Counter
 from typing import Any
 
 import httpx
@@ -71,7 +72,15 @@ async def _settled_and_checked(cluster: Cluster, log: list[ClientRecord]) -> dic
     report = await check(orders_url, payments_url, log)
     assert not report.violations, "\n".join(report.violations)
     assert report.statuses.get(201, 0) > 0, report.statuses
-    return {"settled_s": round(waited, 1), "statuses": report.statuses}
+    # what the clients were told besides 201, most frequent first (for the report)
+    others = Counter(
+        f"{r.status} {r.detail or r.outcome or ''}"[:120] for r in log if r.status != 201
+    )
+    return {
+        "settled_s": round(waited, 1),
+        "statuses": report.statuses,
+        "other_answers": others.most_common(4),
+    }
 
 
 def test_every_deployment_available_with_real_containers(cluster: Cluster) -> None:
