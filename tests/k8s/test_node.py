@@ -208,13 +208,17 @@ def _exec(cluster: Cluster, pod: str, command: list[str]) -> str:
 
 
 def _replaced(cluster: Cluster, selector: str, old: str) -> bool:
-    pods = [p for p in cluster.pods(selector) if p.metadata.deletion_timestamp is None]
-    return any(
-        p.metadata.name != old
-        and all(s.ready for s in p.status.container_statuses or [False])
-        and p.status.container_statuses
-        for p in pods
-    ) and cluster.deployment_available(f"{RELEASE}-payments-consumer")
+    """A pod other than `old` is ready and the Deployment is Available again."""
+    for pod in cluster.pods(selector):
+        statuses = pod.status.container_statuses or []
+        if (
+            pod.metadata.name != old
+            and pod.metadata.deletion_timestamp is None
+            and statuses
+            and all(s.ready for s in statuses)
+        ):
+            return cluster.deployment_available(f"{RELEASE}-payments-consumer")
+    return False
 
 
 def _one_replica_per_partition(cluster: Cluster, group: str, topic: str, ips: set[str]) -> bool:
