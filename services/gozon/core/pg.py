@@ -196,7 +196,9 @@ class Database:
             conn = await self._acquire(left)
             broken = True  # unless the server answered: then the connection is as good as new
             try:
-                return await run(conn, left - (time.monotonic() - started))
+                result = await run(conn, left - (time.monotonic() - started))
+                broken = False
+                return result
             except asyncpg.ConnectionDoesNotExistError as exc:  # lost mid-statement
                 said = _server_said(exc)
                 if said is not None:  # the server rolled back and closed: nothing committed
