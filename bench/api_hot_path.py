@@ -109,7 +109,7 @@ def main() -> int:
     base = {
         "GOZON_ORDERS_DATABASE_URL": pg.url("order_db"),
         "GOZON_ORDERS_API_PORT": str(api_port),
-        "GOZON_LOG_LEVEL": "WARNING",
+        "GOZON_LOG_LEVEL": "INFO",  # as deployed: one line per order
     }
     trees = {
         "old": {**base, "PYTHONPATH": str(old_tree / "services")},
