@@ -21,7 +21,8 @@ Owns the contract between the gateway and the APIs:
   `Retry-After` ("not processed", true because the transaction was rolled back), never 500.
   The one exception: a connection lost *during COMMIT* may or may not have committed, so it
   is answered 504 with `"outcome": "unknown"` (a retry with the same `Idempotency-Key` is
-  safe). The pool drops broken connections itself (pre-ping, invalidation), so it recovers
+  safe). The pools drop broken connections themselves (asyncpg on the server's close,
+  SQLAlchemy by invalidation; `gozon.core.pg` retries once where that is safe), so they recover
   without a restart.
 """
 
