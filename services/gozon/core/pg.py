@@ -228,7 +228,11 @@ class Database:
                 if attempt == 2:
                     raise NotProcessed(repr(exc)) from exc
                 log.info("pooled connection unusable; retrying", error=repr(exc))
-            except (OSError, TimeoutError) as exc:  # the socket failed, or no answer in time
+            except TimeoutError as exc:  # no answer in time (asyncpg cancelled the statement)
+                if write:
+                    raise OutcomeUnknown(repr(exc)) from exc
+                raise NotProcessed(f"no answer in time: {exc!r}") from exc  # not worth a retry
+            except OSError as exc:  # the socket failed
                 if write:
                     raise OutcomeUnknown(repr(exc)) from exc
                 if attempt == 2:
