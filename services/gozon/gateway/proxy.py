@@ -18,7 +18,9 @@ Then the request goes upstream on that upstream's pooled aiohttp session, its bo
 answer comes back streamed, headers filtered as `gateway.headers` says. The request carries
 `X-Request-Timeout-Ms`, the time the gateway will still wait (its timeout, less what has
 passed and a margin for the answer's way back): the API refuses work it cannot finish in time
-and never commits after it (`gozon.core.deadline`).
+and never commits after it (`gozon.core.deadline`). Each attempt is a CLIENT span (HTTP client
+conventions: method, `url.full`, `server.address`/`.port`, the status) whose context, with the
+caller's `tracestate`, is the `traceparent` the upstream gets.
 
 Failures are told apart by whether the upstream may have acted on the request; every problem
 body says which in its `outcome` member:
