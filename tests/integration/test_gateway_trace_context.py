@@ -128,3 +128,13 @@ async def test_tracestate_is_carried_upstream_with_the_continued_trace(
     assert trace_of(parent) == TRACE
     # Several tracestate headers are one list: carried whole, in order.
     assert states == ["congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"]
+
+
+async def test_probes_and_scrapes_are_not_traced(
+    gateway: httpx.AsyncClient, spans: InMemorySpanExporter
+) -> None:
+    for path in ("/health/live", "/health/ready", "/metrics"):
+        assert (await gateway.get(path)).status_code == 200, path
+    assert list(spans.get_finished_spans()) == []
+    await gateway.get("/api/orders/1", headers=USER)
+    assert {s.kind for s in spans.get_finished_spans()} == {SpanKind.SERVER, SpanKind.CLIENT}

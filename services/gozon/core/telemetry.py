@@ -281,6 +281,11 @@ def http_method(method: str) -> str:
     return method if method in KNOWN_METHODS else "_OTHER"
 
 
+# Probes and scrapes (every few seconds from the kubelet and Prometheus) are not the work
+# anyone traces: no span, so an idle platform exports nothing. Their metrics still count them.
+UNTRACED_PATHS = frozenset({"/health/live", "/health/ready", "/metrics"})
+
+
 class ServerSpanMiddleware:
     """A SERVER span per HTTP request, continuing the caller's `traceparent` if it sent one.
 
@@ -290,7 +295,8 @@ class ServerSpanMiddleware:
     `user_agent.original`, and `error.type` (the status) on a 5xx answer.
 
     At the edge (the gateway) it also tells the client its trace id (`X-Trace-Id`) and writes
-    one access-log line per request, inside the span, so the line carries the trace id.
+    one access-log line per request, inside the span, so the line carries the trace id. The
+    health probes and `/metrics` get neither (`UNTRACED_PATHS`).
     """
 
     def __init__(self, app: ASGIApp, service: str, *, edge: bool = False) -> None:
@@ -299,7 +305,7 @@ class ServerSpanMiddleware:
         self.edge = edge
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in UNTRACED_PATHS:
             await self.app(scope, receive, send)
             return
         method = http_method(scope["method"])
