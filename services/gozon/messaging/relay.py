@@ -40,7 +40,6 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaProducer
 from opentelemetry import propagate, trace
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from sqlalchemy import Table, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -58,6 +57,7 @@ from gozon.messaging.metrics import (
     OUTBOX_PUBLISHED,
 )
 from gozon.messaging.outbox import FAILED, PENDING, SENT
+from gozon.messaging.spans import end_send_span, relay_batch_span, start_send_span
 
 log = structlog.get_logger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -132,19 +132,23 @@ class OutboxRelay:
 
     async def publish_batch(self) -> int:
         """Claims, publishes and marks one batch; returns how many rows it claimed."""
-        async with self.sessions() as session, session.begin():
+        # The poll's span holds the claim, the marking and the commit; background work, so
+        # exported only when asked for (gozon.messaging.spans).
+        async with (
+            relay_batch_span(self.name) as batch,
+            self.sessions() as session,
+            session.begin(),
+        ):
             rows = (await session.execute(self._claim())).all()
             if not rows:
                 return 0
             # One batch publishes rows of many traces: its span links to each of them.
-            links = [
-                Link(trace.get_current_span(context_from_headers(row.headers)).get_span_context())
-                for row in rows
-            ]
-            with tracer.start_as_current_span(
-                f"{self.name} relay batch", links=links, attributes={"gozon.batch.rows": len(rows)}
-            ):
-                sent, outage = await self._publish(session, rows)
+            for row in rows:
+                batch.add_link(
+                    trace.get_current_span(context_from_headers(row.headers)).get_span_context()
+                )
+            batch.set_attribute("gozon.batch.rows", len(rows))
+            sent, outage = await self._publish(session, rows)
         # Committed: only now are the rows SENT.
         now = datetime.now(UTC)
         for row in sent:
@@ -220,16 +224,12 @@ class OutboxRelay:
         The span's own context goes out as the Kafka headers, so the consumer's span is its
         child; it ends when the broker acknowledges (or refuses) the message.
         """
-        span = tracer.start_span(
-            f"{row.topic} publish",
+        span = start_send_span(
+            row.topic,
+            key=row.message_key,
+            message_id=str(row.payload.get("event_id", "")),
             context=context_from_headers(row.headers),
-            kind=SpanKind.PRODUCER,
-            attributes={
-                "messaging.system": "kafka",
-                "messaging.destination.name": row.topic,
-                "messaging.message.id": str(row.payload.get("event_id", "")),
-                "gozon.outbox.row_id": row.id,
-            },
+            attributes={"gozon.outbox.row_id": row.id},
         )
         headers = dict(row.headers)
         propagate.inject(headers, context=trace.set_span_in_context(span))
@@ -241,9 +241,9 @@ class OutboxRelay:
                 headers=[(name, str(value).encode()) for name, value in headers.items()],
             )
         except BaseException as exc:
-            _end_span(span, exc)
+            end_send_span(span, exc)
             raise
-        future.add_done_callback(lambda done: _end_span(span, done.exception()))
+        future.add_done_callback(lambda done: end_send_span(span, done))
         return future
 
     async def _count_attempt(self, session: AsyncSession, row: Any, exc: BaseException) -> None:
@@ -397,13 +397,6 @@ async def requeue_failed(engine: AsyncEngine, table: Table) -> int:
             .values(status=PENDING, attempts=0, next_attempt_at=func.now())
         )
     return int(getattr(result, "rowcount", 0) or 0)
-
-
-def _end_span(span: trace.Span, error: BaseException | None) -> None:
-    if error is not None:
-        span.record_exception(error)
-        span.set_status(Status(StatusCode.ERROR, repr(error)))
-    span.end()
 
 
 def _trace_ids(headers: dict[str, str]) -> dict[str, str]:
