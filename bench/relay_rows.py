@@ -8,7 +8,7 @@ SQL, publishing, spans, logs, metrics), PostgreSQL's CPU per row (all its proces
 /proc), and the statements the relay sent per batch (counted with SQLAlchemy's events,
 BEGIN and COMMIT included).
 
-`--compare FILE` loads a second relay module from FILE (e.g. the previous version:
+`--compare FILE` (repeatable) loads another relay module from FILE (e.g. the previous version:
 `git show HEAD~1:services/gozon/messaging/relay.py > /tmp/relay_old.py`) and alternates the
 two in the same run (A, B, A, B, …), so the machine's load hits both alike.
 
@@ -59,6 +59,7 @@ def load_relay(path: str) -> ModuleType:
     if spec is None or spec.loader is None:
         raise SystemExit(f"cannot load a relay module from {path}")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -127,13 +128,14 @@ async def drain(
         await relay.publish_batch()  # warm: the connection, prepared statements, metadata
         statements = 0
         rows = batches = 0
-        cpu, pg_before = time.process_time(), pg.snapshot()
+        times, pg_before = os.times(), pg.snapshot()
         started = time.perf_counter()
         while claimed := await relay.publish_batch():
             rows += claimed
             batches += 1
         elapsed = time.perf_counter() - started
-        cpu = time.process_time() - cpu
+        after = os.times()
+        user, system = after.user - times.user, after.system - times.system
         pg_cpu = sum(pg.snapshot().values()) - sum(pg_before.values())
     finally:
         await producer.stop()
@@ -141,7 +143,8 @@ async def drain(
     return {
         "rows": rows,
         "rows_per_s": rows / elapsed,
-        "relay_us_per_row": 1e6 * cpu / rows,
+        "relay_us_per_row": 1e6 * (user + system) / rows,
+        "relay_sys_share": system / (user + system) if user + system else 0.0,
         "pg_us_per_row": 1e6 * pg_cpu / rows,
         "statements_per_batch": statements / batches,
     }
@@ -153,8 +156,8 @@ async def run(args: argparse.Namespace, pg: Postgres, kafka: Kafka) -> None:
     await create_topics(kafka.bootstrap, [TOPIC], partitions=3)
     watched = Watched({"postgresql": (pg.running_pid() or 0, False)})
     variants: dict[str, ModuleType] = {"installed": installed_relay}
-    if args.compare:
-        variants[f"from {args.compare}"] = load_relay(args.compare)
+    for path in args.compare:
+        variants[f"from {path}"] = load_relay(path)
     figures: dict[tuple[str, int], list[dict[str, float]]] = {}
     for batch_size in args.batch_sizes:
         rows = args.rows if batch_size > 1 else min(args.rows, args.rows_single)
@@ -169,8 +172,8 @@ async def run(args: argparse.Namespace, pg: Postgres, kafka: Kafka) -> None:
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}\n"
     )
     print(
-        "| relay | batch size | rows/s | relay CPU µs/row | PostgreSQL CPU µs/row "
-        "| statements per batch |"
+        "| relay | batch size | rows/s | relay CPU µs/row (system share) "
+        "| PostgreSQL CPU µs/row | statements per batch |"
     )
     print("| --- | --- | --- | --- | --- | --- |")
     for (name, batch_size), results in figures.items():
@@ -180,7 +183,8 @@ async def run(args: argparse.Namespace, pg: Postgres, kafka: Kafka) -> None:
 
         print(
             f"| {name} | {batch_size} | {median('rows_per_s'):,.0f} "
-            f"| {median('relay_us_per_row'):,.0f} | {median('pg_us_per_row'):,.0f} "
+            f"| {median('relay_us_per_row'):,.0f} ({median('relay_sys_share'):.0%}) "
+            f"| {median('pg_us_per_row'):,.0f} "
             f"| {median('statements_per_batch'):.1f} |"
         )
 
@@ -193,7 +197,12 @@ def main() -> int:
         "--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 20, 200]
     )
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--compare", help="a second relay module's file, alternated with ours")
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        help="another relay module's file, alternated with ours (repeatable)",
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     # The processes' own logging (JSON lines at INFO): part of the cost, written to /dev/null.

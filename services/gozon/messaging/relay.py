@@ -1,30 +1,26 @@
 """The outbox relay: publishes committed outbox rows to Kafka, at least once, per key in order.
 
 Guarantees:
-- At least once. A batch is claimed by one statement that leases its rows (moves their
-  `next_attempt_at` `claim_lease` into the future and returns them), and marked SENT by one
-  statement, only after the broker acknowledged every row marked (`acks=all`, idempotent
-  producer). A relay that dies between the claim and the mark leaves its rows PENDING: they
-  are claimed again when the lease runs out, and published again; consumers deduplicate by
-  `event_id`.
-- Several relays on one outbox are safe: the claim selects with `FOR UPDATE SKIP LOCKED` and
-  the lease keeps a claimed row out of every other claim, so no two relays hold the same row
-  (unless a publish outlasts the lease: then the row may go out twice, which at least once
-  allows).
-- Two round trips per batch, both autocommit: the claim (UPDATE … FROM the locked selection …
-  RETURNING) and the mark (`UPDATE … WHERE id = ANY(:ids)`, one statement shape whatever the
-  batch's size, so its prepared statement is reused). No transaction stays open while the
-  relay waits for the broker.
+- At least once. A row is marked SENT in the same transaction that claimed it, and only
+  after the broker acknowledged it (`acks=all`, idempotent producer). A relay that dies
+  between the ack and the commit publishes the row again after restart; consumers
+  deduplicate by `event_id`.
+- Four round trips per batch whatever its size: BEGIN, the claim (one SELECT), the mark (one
+  `UPDATE … WHERE id = ANY(:ids)`, the same statement shape for every batch, so its prepared
+  statement is reused), COMMIT. A leased claim (one autocommit UPDATE … RETURNING, then the
+  mark, no transaction held) was measured and not kept: it writes each row twice, which cost
+  PostgreSQL more than the two round trips saved the relay (docs/benchmarks.md).
+- Several relays on one outbox are safe: a batch is claimed with
+  `SELECT … FOR UPDATE SKIP LOCKED`, so no two relays hold the same row.
 - Within one relay, rows go out in id order (enqueued one after another, then every ack
   awaited), so the events of one key keep their order on their partition. Two relays, or a
   row that waits for a retry, can let a later event of the same key overtake an earlier one;
   the consumers are written so that order between different orders does not matter.
 - A broker outage does not burn attempts: a transient error while the broker does not answer
-  hands the unsent rows back at once (their lease ends now), leaves them PENDING, and the
-  relay backs off (its readiness probe fails meanwhile). An error about the message itself
-  (too large, its topic missing while the broker answers) counts an attempt, with
-  exponential backoff, and does not hold up the rows behind it; after the limit the row is
-  FAILED (counted, and requeued by `requeue_failed`).
+  leaves the rows PENDING and the relay backs off (its readiness probe fails meanwhile). An
+  error about the message itself (too large, its topic missing while the broker answers)
+  counts an attempt, with exponential backoff, and does not hold up the rows behind it; after
+  the limit the row is FAILED (counted, and requeued by `requeue_failed`).
 - Wake-up without taxing the writers: no NOTIFY in the writers' transactions (it takes a
   database-wide lock at commit). Writers send a coalesced notification after their commit
   (`gozon.messaging.wakeup`), which sets `wake`; the relay re-polls at once while batches
@@ -32,7 +28,7 @@ Guarantees:
   lost notification delays a row, never loses it.
 - No dependency's outage ends the relay: claiming, publishing and the hourly prune all
   treat a lost database or broker as "not ready, back off, try again".
-- SIGTERM: the batch in hand is finished and marked, then the relay exits.
+- SIGTERM: the batch in hand is finished and committed, then the relay exits.
 """
 
 from __future__ import annotations
@@ -87,10 +83,6 @@ class RelayConfig:
     retention: timedelta = timedelta(hours=72)
     prune_interval: float = 60.0
     outage_backoff_max: float = 5.0
-    # How long a claimed row stays out of other claims. A crashed relay's rows wait this long
-    # before another claim takes them; a publish that outlasts it may go out twice. Well above
-    # the producer's request timeout (10 s).
-    claim_lease: timedelta = timedelta(seconds=30)
 
 
 def retry_delay(attempts: int, base: float, cap: float) -> float:
@@ -123,26 +115,21 @@ class OutboxRelay:
         OUTBOX_PRUNED.labels(self.name)
         for kind in ("transient", "permanent"):
             OUTBOX_PUBLISH_ERRORS.labels(self.name, kind)
+        # One statement for the whole batch, whatever its size (`ids`: an array).
+        # clock_timestamp(): the moment of marking, after the acks (now() would be the start of
+        # the claiming transaction, before the publish).
+        self._mark_sent = (
+            update(table)
+            .where(table.c.id == any_(bindparam("ids", type_=ARRAY(BigInteger))))
+            .values(status=SENT, sent_at=func.clock_timestamp())
+        )
 
     # -- one batch
 
     def _claim(self) -> Any:
-        """One statement: lock the due rows (skipping rows another claim holds), lease them,
-        return them. RETURNING gives no order: the caller sorts by id."""
         t = self.table
-        due = (
-            select(t.c.id)
-            .where(t.c.status == PENDING, t.c.next_attempt_at <= func.now())
-            .order_by(t.c.id)
-            .limit(self.config.batch_size)
-            .with_for_update(skip_locked=True)
-            .cte("due")
-        )
         return (
-            update(t)
-            .where(t.c.id == due.c.id)
-            .values(next_attempt_at=func.now() + self.config.claim_lease)
-            .returning(
+            select(
                 t.c.id,
                 t.c.topic,
                 t.c.message_key,
@@ -151,35 +138,19 @@ class OutboxRelay:
                 t.c.attempts,
                 t.c.created_at,
             )
-        )
-
-    def _mark_sent(self) -> Any:
-        """One statement for the whole batch, whatever its size (`ids`: an array)."""
-        t = self.table
-        return (
-            update(t)
-            .where(t.c.id == any_(bindparam("ids", type_=ARRAY(BigInteger))))
-            # clock_timestamp(): the moment of marking, after the acks.
-            .values(status=SENT, sent_at=func.clock_timestamp())
-        )
-
-    def _release(self) -> Any:
-        """Ends the lease of rows that were claimed but neither sent nor counted (an outage)."""
-        t = self.table
-        return (
-            update(t)
-            .where(t.c.id == any_(bindparam("ids", type_=ARRAY(BigInteger))))
-            .where(t.c.status == PENDING)
-            .values(next_attempt_at=func.now())
+            .where(t.c.status == PENDING, t.c.next_attempt_at <= func.now())
+            .order_by(t.c.id)
+            .limit(self.config.batch_size)
+            .with_for_update(skip_locked=True)
         )
 
     async def publish_batch(self) -> int:
         """Claims, publishes and marks one batch; returns how many rows it claimed."""
-        async with self.sessions() as session:
-            # Autocommit: each statement commits on its own, no BEGIN/COMMIT round trips and no
-            # transaction open while the broker is awaited (the lease does the holding).
-            conn = await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-            rows = sorted((await conn.execute(self._claim())).all(), key=lambda row: row.id)
+        async with self.sessions() as session, session.begin():
+            # Core statements on the session's connection: the ORM's execution path adds
+            # nothing these statements need.
+            conn = await session.connection()
+            rows = (await conn.execute(self._claim())).all()
             if not rows:
                 return 0
             # One batch publishes rows of many traces: its span links to each of them.
@@ -191,7 +162,7 @@ class OutboxRelay:
                 f"{self.name} relay batch", links=links, attributes={"gozon.batch.rows": len(rows)}
             ):
                 sent, outage = await self._publish(conn, rows)
-        # Marked: only now are the rows SENT.
+        # Committed: only now are the rows SENT.
         now = datetime.now(UTC)
         for row in sent:
             OUTBOX_COMMIT_TO_ACK.labels(self.name).observe(
@@ -206,8 +177,7 @@ class OutboxRelay:
     async def _publish(
         self, conn: AsyncConnection, rows: Sequence[Any]
     ) -> tuple[list[Any], BaseException | None]:
-        """Publishes the claimed rows, then marks the sent ones (one statement), counts an
-        attempt for each row the broker refused, and releases the rest (an outage).
+        """Publishes the claimed rows and marks them, inside the claiming transaction.
 
         Returns the rows marked SENT, and the error if the broker turned out to be down.
         """
@@ -248,18 +218,11 @@ class OutboxRelay:
         outage = next((error for _, error in failed if is_transient(error)), None)
         if outage is not None and await broker_answers(self.producer):
             outage = None
-        if sent:
-            await conn.execute(self._mark_sent(), {"ids": [row.id for row in sent]})
-        counted = set()
         for row, error in failed:
             if outage is None or not is_transient(error):
                 await self._count_attempt(conn, row, error)
-                counted.add(row.id)
-        done = counted | {row.id for row in sent}
-        if unsent := [row.id for row in rows if row.id not in done]:
-            # The rows not reached (behind a transient error) or not counted (an outage): back
-            # in the queue now rather than at the lease's end.
-            await conn.execute(self._release(), {"ids": unsent})
+        if sent:
+            await conn.execute(self._mark_sent, {"ids": [row.id for row in sent]})
         return sent, outage
 
     async def _send(self, row: Any) -> asyncio.Future[Any]:
