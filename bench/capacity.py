@@ -178,11 +178,17 @@ def start_stack(args: argparse.Namespace) -> Stack:
     platform = Platform(config)
     if args.stack == "own":
         print(f"starting a stack in {config.data_dir} …", file=sys.stderr)
-        pg.start()
-        kafka.start()
-        env = config.platform_env(pg, kafka)
-        _migrate_and_create_topics(env, kafka)
-        platform.start(env)
+        try:
+            pg.start()
+            kafka.start()
+            env = config.platform_env(pg, kafka)
+            _migrate_and_create_topics(env, kafka)
+            platform.start(env)
+        except BaseException:
+            platform.stop()
+            kafka.stop()
+            pg.stop()
+            raise
     states = platform.states()
     missing = [p.name for p in PROCESSES if states.get(p.name) is None or not states[p.name].pid]
     if missing or pg.running_pid() is None or kafka.running_pid() is None:
@@ -579,8 +585,8 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="leave the own stack running")
     parser.add_argument("--json", help="also write every figure to this file")
     args = parser.parse_args()
-    if args.warmup >= args.duration:
-        parser.error("--warmup must be shorter than --duration")
+    if not 0 < args.warmup < args.duration - 1:
+        parser.error("--warmup must be at least 1 s and 2 s shorter than --duration")
     # SIGTERM (a timeout, a runner's stop) still runs the clean-up.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     return run(args)
