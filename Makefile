@@ -1,7 +1,7 @@
 # The two commands: `make up` runs the platform, `make test` runs the tests.
 # Ports and folders come from GOZON_* variables (see README, "Changing ports").
 .PHONY: up down status logs test test-chart test-k8s test-faults lock bootstrap image images compose-up \
-	compose-down test-compose
+	compose-down test-compose bench-capacity
 
 PY := .venv/bin/python
 
@@ -43,6 +43,13 @@ test-k8s: bootstrap
 test-faults: bootstrap
 	@scripts/install-vegeta >/dev/null
 	@.venv/bin/pytest tests/faults -p no:cacheprovider $(ARGS)
+
+# The capacity bench (docs/benchmarks.md, "Capacity"): vegeta through the gateway at fixed rates
+# against a throwaway stack on free ports; prints markdown tables. Run by hand, never in CI.
+# Other rates or lengths: BENCH_ARGS="--rates 50,100 --duration 30".
+bench-capacity: bootstrap
+	@scripts/install-vegeta >/dev/null
+	@$(PY) -m bench.capacity $(BENCH_ARGS)
 
 # Re-resolves requirements/lock.txt from pyproject.toml, then the image's runtime.txt and
 # build.txt within it (commit all of them).

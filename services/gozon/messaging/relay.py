@@ -5,6 +5,11 @@ Guarantees:
   after the broker acknowledged it (`acks=all`, idempotent producer). A relay that dies
   between the ack and the commit publishes the row again after restart; consumers
   deduplicate by `event_id`.
+- Four round trips per batch whatever its size: BEGIN, the claim (one SELECT), the mark (one
+  `UPDATE … WHERE id = ANY(:ids)`, the same statement shape for every batch, so its prepared
+  statement is reused), COMMIT. A leased claim (one autocommit UPDATE … RETURNING, then the
+  mark, no transaction held) was measured and not kept: it writes each row twice, which cost
+  PostgreSQL more than the two round trips saved the relay (docs/benchmarks.md).
 - Several relays on one outbox are safe: a batch is claimed with
   `SELECT … FOR UPDATE SKIP LOCKED`, so no two relays hold the same row.
 - Within one relay, rows go out in id order (enqueued one after another, then every ack
@@ -40,8 +45,9 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaProducer
 from opentelemetry import propagate, trace
-from sqlalchemy import Table, delete, func, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy import BigInteger, Table, any_, bindparam, delete, func, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from gozon.core.db import is_database_outage
 from gozon.core.runtime import sleep_unless
@@ -60,7 +66,6 @@ from gozon.messaging.outbox import FAILED, PENDING, SENT
 from gozon.messaging.spans import end_send_span, relay_batch_span, start_send_span
 
 log = structlog.get_logger(__name__)
-tracer = trace.get_tracer(__name__)
 
 
 class BrokerUnavailable(Exception):
@@ -109,10 +114,21 @@ class OutboxRelay:
         OUTBOX_PRUNED.labels(self.name)
         for kind in ("transient", "permanent"):
             OUTBOX_PUBLISH_ERRORS.labels(self.name, kind)
+        # One statement for the whole batch, whatever its size (`ids`: an array).
+        # clock_timestamp(): the moment of marking, after the acks (now() would be the start of
+        # the claiming transaction, before the publish).
+        self._mark_sent = (
+            update(table)
+            .where(table.c.id == any_(bindparam("ids", type_=ARRAY(BigInteger))))
+            .values(status=SENT, sent_at=func.clock_timestamp())
+        )
+
+        # Built once: composing the statement anew cost about as much as running it.
+        self._claim = self._claim_statement()
 
     # -- one batch
 
-    def _claim(self) -> Any:
+    def _claim_statement(self) -> Any:
         t = self.table
         return (
             select(
@@ -139,7 +155,10 @@ class OutboxRelay:
             self.sessions() as session,
             session.begin(),
         ):
-            rows = (await session.execute(self._claim())).all()
+            # Core statements on the session's connection: the ORM's execution path adds
+            # nothing these statements need.
+            conn = await session.connection()
+            rows = (await conn.execute(self._claim)).all()
             if not rows:
                 return 0
             # One batch publishes rows of many traces: its span links to each of them.
@@ -148,7 +167,7 @@ class OutboxRelay:
                     trace.get_current_span(context_from_headers(row.headers)).get_span_context()
                 )
             batch.set_attribute("gozon.batch.rows", len(rows))
-            sent, outage = await self._publish(session, rows)
+            sent, outage = await self._publish(conn, rows)
         # Committed: only now are the rows SENT.
         now = datetime.now(UTC)
         for row in sent:
@@ -162,7 +181,7 @@ class OutboxRelay:
         return len(rows)
 
     async def _publish(
-        self, session: AsyncSession, rows: Sequence[Any]
+        self, conn: AsyncConnection, rows: Sequence[Any]
     ) -> tuple[list[Any], BaseException | None]:
         """Publishes the claimed rows and marks them, inside the claiming transaction.
 
@@ -207,15 +226,9 @@ class OutboxRelay:
             outage = None
         for row, error in failed:
             if outage is None or not is_transient(error):
-                await self._count_attempt(session, row, error)
+                await self._count_attempt(conn, row, error)
         if sent:
-            await session.execute(
-                update(self.table)
-                .where(self.table.c.id.in_([row.id for row in sent]))
-                # clock_timestamp(): the moment of marking, after the acks (now() would be the
-                # start of this transaction, before the publish).
-                .values(status=SENT, sent_at=func.clock_timestamp())
-            )
+            await conn.execute(self._mark_sent, {"ids": [row.id for row in sent]})
         return sent, outage
 
     async def _send(self, row: Any) -> asyncio.Future[Any]:
@@ -246,7 +259,7 @@ class OutboxRelay:
         future.add_done_callback(lambda done: end_send_span(span, done))
         return future
 
-    async def _count_attempt(self, session: AsyncSession, row: Any, exc: BaseException) -> None:
+    async def _count_attempt(self, conn: AsyncConnection, row: Any, exc: BaseException) -> None:
         attempts = row.attempts + 1
         final = attempts >= self.config.max_attempts
         delay = retry_delay(attempts, self.config.backoff_base, self.config.backoff_max)
@@ -261,7 +274,7 @@ class OutboxRelay:
             final=final,
             error=repr(exc),
         )
-        await session.execute(
+        await conn.execute(
             update(self.table)
             .where(self.table.c.id == row.id)
             .values(
