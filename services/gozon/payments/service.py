@@ -368,10 +368,13 @@ async def decide_order_payments(session: AsyncSession, orders: Sequence[OrderToP
         for order in to_pay
     }
     decisions: list[Decision] = []
-    deciding = {order.event_id: order.order_id for order in to_pay}
+    deciding = {(order.event_id, order.order_id) for order in to_pay}
     for order in orders:
         decision = made.get(order.order_id) or stored[order.order_id]
-        if decision.replayed or deciding.pop(order.event_id, None) is None:
+        key = (order.event_id, order.order_id)
+        if key in deciding:
+            deciding.discard(key)  # the deciding event; a redelivery of it later is a replay
+        else:
             decision = replace(decision, replayed=True)
         decisions.append(decision)
     return Decided(decisions=decisions, made=list(made.values()), debits=debits)
