@@ -13,6 +13,7 @@ from typing import Literal, TypeVar
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.structs import ConsumerRecord
 from prometheus_client import REGISTRY
 from pydantic import BaseModel
 from sqlalchemy import insert, select, text
@@ -31,7 +32,7 @@ from gozon.contracts import (
     utc_now,
 )
 from gozon.core.db import session_factory
-from gozon.messaging.consumer import DLQ_REASON, BatchHandler, Delivery, Outcome
+from gozon.messaging.consumer import DLQ_REASON, BatchHandler, Delivery, Outcome, Record
 from gozon.messaging.kafka import dlq_topic, new_producer
 from gozon.orders.consumer import make_handler as orders_handler
 from gozon.orders.models import Order
@@ -514,3 +515,75 @@ async def test_orders_one_batch_first_result_wins_duplicates_counted_unknown_dea
     dead = await consume(kafka.bootstrap, dlq_topic(topic), at_least=1)
     assert [dict(record.headers)["x-dlq-original-offset"] for record in dead] == [b"3"]
     assert dict(dead[0].headers)[DLQ_REASON].decode() == f"rejected: no order {unknown}"
+
+
+@pytest.fixture
+async def roomy(payments_db: str) -> AsyncIterator[AsyncEngine]:
+    """An engine with a connection for every racer, patient on a busy machine."""
+    engine = create_async_engine(
+        payments_db, pool_size=30, pool_timeout=120, connect_args={"timeout": 60}
+    )
+    yield engine
+    await engine.dispose()
+
+
+async def test_concurrent_batches_and_deposits_on_one_account_neither_create_nor_lose_money(
+    roomy: AsyncEngine,
+) -> None:
+    """Batches racing each other and deposits for one balance (as two consumers do while a
+    partition moves, with the API taking deposits): lost swaps are re-decided, never doubled."""
+    payments = roomy
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    await deposit(payments, user, "300")
+    handle = payments_handler(session_factory(payments))
+    orders = [order_created(user, f"{(n % 7 + 1) * 3}.25") for n in range(120)]
+    batches = [orders[n : n + 20] for n in range(0, len(orders), 20)]
+    deposits = [f"{n + 10}.50" for n in range(20)]
+    conflicts = REGISTRY.get_sample_value(
+        "gozon_payments_cas_conflicts_total", {"operation": "debit"}
+    )
+
+    await asyncio.gather(
+        *(handle([Delivery(e, record_of(e)) for e in batch]) for batch in batches),
+        *(deposit(payments, user, amount) for amount in deposits),
+    )
+
+    answered = {a.payload.order_id: a.payload.status for a, _ in await answers(payments)}
+    assert set(answered) == {e.payload.order_id for e in orders}
+    paid = [e.payload.amount for e in orders if answered[e.payload.order_id] == "PAID"]
+    assert 0 < len(paid) < len(orders)
+    balance = await balance_of(payments, user)
+    assert balance == Decimal("300") + sum(Decimal(d) for d in deposits) - sum(paid)
+    async with payments.connect() as conn:
+        ledger = (
+            await conn.execute(
+                select(LedgerEntry.kind, LedgerEntry.amount, LedgerEntry.balance_after).order_by(
+                    LedgerEntry.id
+                )
+            )
+        ).all()
+    running = Decimal(0)
+    for kind, amount, balance_after in ledger:  # the ledger replays the balance, never below 0
+        running += amount if kind == "DEPOSIT" else -amount
+        assert balance_after == running >= 0
+    assert running == balance
+    assert (
+        REGISTRY.get_sample_value("gozon_payments_cas_conflicts_total", {"operation": "debit"}) or 0
+    ) > (conflicts or 0), "the batches were meant to race"
+
+
+def record_of(event: OrderCreated) -> Record:
+    data = value(event)
+    return ConsumerRecord(
+        topic="order.created.event",
+        partition=0,
+        offset=0,
+        timestamp=0,
+        timestamp_type=0,
+        key=b"k",
+        value=data,
+        checksum=None,
+        serialized_key_size=1,
+        serialized_value_size=len(data),
+        headers=[],
+    )
