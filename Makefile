@@ -1,6 +1,6 @@
 # The two commands: `make up` runs the platform, `make test` runs the tests.
 # Ports and folders come from GOZON_* variables (see README, "Changing ports").
-.PHONY: up down status logs test test-chart test-faults lock bootstrap image images compose-up \
+.PHONY: up down status logs test test-chart test-k8s test-faults lock bootstrap image images compose-up \
 	compose-down test-compose
 
 PY := .venv/bin/python
@@ -30,6 +30,13 @@ test:
 test-chart: bootstrap
 	@scripts/k8s-tools
 	@.venv/bin/pytest tests/charts -p no:cacheprovider $(CHART_ARGS)
+
+# The chart on a real one-node Kubernetes on this machine (k8s/node-cluster: containerd, kubelet,
+# kube-proxy, CoreDNS): images built and imported, helm install --wait, helm test, a consumer pod
+# deleted under load, consumers scaled to 3; the node is stopped at the end. Root only; see
+# docs/kubernetes.md, "Verified on a real node". Extra pytest arguments: K8S_ARGS="-k saga".
+test-k8s: bootstrap
+	@scripts/test-k8s
 
 # The fault suite (tests/faults, docs/reliability.md): kills, restarts and overloads the
 # platform under load and checks that nothing is lost. About 6-10 minutes.
