@@ -34,7 +34,7 @@ from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gozon.core.db import create_engine, session_factory
-from gozon.messaging.consumer import ConsumerRunner, Handler
+from gozon.messaging.consumer import BatchHandler, ConsumerRunner
 from gozon.messaging.kafka import new_consumer, new_producer
 from scripts.stack import Kafka, Postgres, StackConfig
 
@@ -255,7 +255,7 @@ async def running_consumer(
     topic: str,
     group: str,
     schema: type[E],
-    make_handler: Callable[[async_sessionmaker[AsyncSession]], Handler[E]],
+    make_handler: Callable[[async_sessionmaker[AsyncSession]], BatchHandler[E]],
 ) -> AsyncIterator[ConsumerRunner[E]]:
     """A consumer runner on `topic` in this process, as `gozon … consumer` runs one."""
     engine = create_engine(database_url, pool_size=4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from decimal import Decimal
 from typing import Literal
 
@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from gozon.contracts import PaymentProcessed, PaymentProcessedPayload, utc_now
-from gozon.messaging.consumer import DLQ_REASON, Handler, Record
+from gozon.messaging.consumer import DLQ_REASON, BatchHandler, Delivery, Outcome
 from gozon.messaging.kafka import dlq_topic, new_producer
 from gozon.orders.consumer import make_handler
 from gozon.orders.models import Order
@@ -188,12 +188,12 @@ async def test_a_database_outage_is_retried_until_it_ends_and_the_message_is_not
     group = f"g-{uuid.uuid4().hex[:8]}"
     attempts = [0]
 
-    def counting(sessions: async_sessionmaker[AsyncSession]) -> Handler[PaymentProcessed]:
+    def counting(sessions: async_sessionmaker[AsyncSession]) -> BatchHandler[PaymentProcessed]:
         handle = make_handler(sessions)
 
-        async def counted(event: PaymentProcessed, record: Record) -> str:
+        async def counted(batch: Sequence[Delivery[PaymentProcessed]]) -> Sequence[Outcome]:
             attempts[0] += 1
-            return await handle(event, record)
+            return await handle(batch)
 
         return counted
 

@@ -1,12 +1,13 @@
 """The payments consumer's handler against the real PostgreSQL: each `OrderCreated` is paid at
-most once, answered exactly once, and no concurrency creates or loses a cent."""
+most once, answered exactly once, and no concurrency creates or loses a cent. Here each call
+handles one message (a batch of one); mixed batches are in test_batched_consumers.py."""
 
 from __future__ import annotations
 
 import asyncio
 import random
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 
 import pytest
@@ -29,9 +30,9 @@ from gozon.contracts import (
     utc_now,
 )
 from gozon.core.db import session_factory
-from gozon.messaging.consumer import Record
+from gozon.messaging.consumer import Delivery, Record
 from gozon.payments import service
-from gozon.payments.consumer import make_handler
+from gozon.payments.consumer import make_handler as batch_handler
 from gozon.payments.models import (
     DEBIT,
     DEPOSIT,
@@ -65,6 +66,19 @@ async def engine(payments_db: str) -> AsyncIterator[AsyncEngine]:
 @pytest.fixture
 def sessions(engine: AsyncEngine) -> Sessions:
     return session_factory(engine)
+
+
+def make_handler(sessions: Sessions) -> Callable[[OrderCreated, Record], Awaitable[str]]:
+    """The batch handler, given one message per call (a batch of one, its own transaction):
+    concurrent calls race as concurrent consumers' transactions do."""
+    handler = batch_handler(sessions)
+
+    async def handle(event: OrderCreated, record: Record) -> str:
+        (outcome,) = await handler([Delivery(event, record)])
+        assert isinstance(outcome, str), outcome
+        return outcome
+
+    return handle
 
 
 def user() -> str:

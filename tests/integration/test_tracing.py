@@ -224,11 +224,18 @@ async def test_an_orders_trace_holds_its_hops_and_statements_with_current_conven
     assert api.attributes["http.route"] == "/api/orders"
     assert api.attributes["http.request.method"] == "POST"
 
-    # Every statement sits under a hop (a server or consumer span), in the current names.
+    # Every statement sits under a hop, in the current names: a server span, or a consumer's
+    # batch span (the batch's one transaction), itself a child of the message's CONSUMER span.
     statements = [s for s in exported if is_statement(s)]
     assert statements
     for statement in statements:
-        assert parent_of(statement, exported).kind in (SpanKind.SERVER, SpanKind.CONSUMER)
+        hop = parent_of(statement, exported)
+        if hop.kind == SpanKind.INTERNAL:
+            assert hop.name.endswith(" process batch"), hop.name
+            message = parent_of(hop, exported)
+            assert any(link.context.span_id == message.context.span_id for link in hop.links)
+            hop = message
+        assert hop.kind in (SpanKind.SERVER, SpanKind.CONSUMER)
         attributes = statement.attributes or {}
         assert attributes["db.system.name"] == "postgresql"
         assert attributes["db.query.text"]
@@ -246,6 +253,8 @@ async def test_an_orders_trace_holds_its_hops_and_statements_with_current_conven
             f"process {ORDER_CREATED_TOPIC}",
             f"send {PAYMENT_PROCESSED_TOPIC}",
             f"process {PAYMENT_PROCESSED_TOPIC}",
+            f"{ORDER_CREATED_TOPIC} process batch",
+            f"{PAYMENT_PROCESSED_TOPIC} process batch",
         ]
     )
 
@@ -253,7 +262,9 @@ async def test_an_orders_trace_holds_its_hops_and_statements_with_current_conven
         send = one(exported, f"send {topic}", SpanKind.PRODUCER)
         process = one(exported, f"process {topic}", SpanKind.CONSUMER)
         assert parent_of(process, exported) is send  # the Kafka headers carried it
-        assert any(is_statement(s) and parent_of(s, exported) is process for s in exported)
+        batch = one(exported, f"{topic} process batch", SpanKind.INTERNAL)
+        assert parent_of(batch, exported) is process  # a batch of one: this message's
+        assert any(is_statement(s) and parent_of(s, exported) is batch for s in exported)
         sent, got = dict(send.attributes or {}), dict(process.attributes or {})
         for attributes, operation in ((sent, "send"), (got, "process")):
             assert attributes["messaging.system"] == "kafka"

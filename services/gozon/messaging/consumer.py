@@ -1,66 +1,119 @@
-"""The consumer runner: record, effect, then commit the offset.
+"""The consumer runner: record, effect, then commit the offset — a partition's batch at a time.
 
 Guarantees:
-- An offset is committed only after the handler's database transaction has committed (the
-  handler commits; the runner commits the offset after it returns). A crash in between
-  redelivers the message, and the handler's idempotency (an inbox row, a guarded status
-  change) turns the redelivery into a counted duplicate.
-- A message that cannot be parsed or validated is published to `<topic>.dlq`, with the reason
-  and its origin in headers, and only then is its offset committed: it is never lost, and it
-  never blocks the partition. A handler that finds a well-formed message impossible to handle
-  raises `RejectMessage`, with the same effect.
-- A transient failure (the database unreachable, or a handler's `RetryLater`) is retried with
-  capped backoff, for as long as it lasts: never skipped. Any other handler error is retried
-  a few times and then dead-lettered with its reason, so one poison message cannot stall
-  every order behind it.
-- Messages of one partition are handled one at a time, in offset order; the partitions of a
-  fetched batch are handled side by side. Offsets are committed per partition after the
-  records of the batch that were handled.
-- A stop request (SIGTERM) is honoured between messages; an uncommitted message is simply
-  delivered again to whoever owns the partition next.
+- Each fetched batch is handled per partition: the partition's records (in offset order) go to
+  the service's batch handler together, which records all their effects in ONE database
+  transaction, and the runner commits the partition's offset once, after that transaction
+  has committed (and after any dead letters of the batch are acknowledged). A crash in
+  between redelivers the batch, and the handler's idempotency (an inbox row, a decision per
+  order, a guarded status change) turns each redelivery into a counted duplicate.
+- A message that cannot be parsed or validated, or that the handler rejects (`Rejected`: it
+  refers to something that does not exist, say), is published to `<topic>.dlq` with the
+  reason and its origin in headers; the rest of its batch commits. It is never lost and never
+  blocks the partition.
+- A transient failure (the database unreachable, a deadlock or serialization failure, or a
+  handler's `RetryLater`) retries the whole batch with capped backoff, for as long as it
+  lasts: the batch's transaction was rolled back, so nothing is done twice and nothing is
+  skipped. Any other handler error retries the batch a few times; then its messages are
+  handled one at a time, so that only the message that fails on its own is dead-lettered
+  with its reason ("handler failed: …") and the others commit.
+- Each message keeps its own trace: its CONSUMER span continues the `traceparent` it came
+  with, the batch's span links to every message's span, and what a handler writes for a
+  message (an outbox row's headers) carries that message's context (`Delivery.trace_headers`).
+- Partitions of a fetch are handled side by side (a key lives on one partition; each has its
+  own transaction). A stop request (SIGTERM) is honoured between batches; an uncommitted batch
+  is simply delivered again to whoever owns the partition next.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Generic, TypeAlias, TypeVar
+from typing import Generic, Literal, TypeAlias, TypeVar
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import ConsumerRecord
-from opentelemetry import trace
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Link, Span
 from pydantic import BaseModel, ValidationError
 
-from gozon.core.db import is_database_outage
+from gozon.core.db import is_database_outage, sqlstate
 from gozon.core.errors import RetryLater
 from gozon.core.runtime import sleep_unless
-from gozon.core.telemetry import context_from_headers
+from gozon.core.telemetry import TRACE_HEADERS, context_from_headers
 from gozon.messaging.kafka import dlq_topic, is_transient
 from gozon.messaging.metrics import CONSUMER_HANDLE_SECONDS, CONSUMER_LAG, CONSUMER_MESSAGES
-from gozon.messaging.spans import consumer_group, process_span
+from gozon.messaging.spans import consumer_group, start_process_span
 
 log = structlog.get_logger(__name__)
 tracer = trace.get_tracer(__name__)
 
 E = TypeVar("E", bound=BaseModel)
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
-Handler = Callable[[E, Record], Awaitable[str]]
-"""Handles one event in its own database transaction; returns "processed" or "duplicate"."""
 
 DLQ_REASON = "x-dlq-reason"
+# A deadlock or a serialization failure rolls the whole transaction back: retry the batch.
+CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})
 
 
-class RejectMessage(Exception):
-    """Raised by a handler for a well-formed message that can never be handled (it refers to
-    something that does not exist, say): the message goes to the dead-letter topic at once."""
+@dataclass(frozen=True)
+class Rejected:
+    """A handler's answer for a well-formed message that can never be handled (it refers to
+    something that does not exist, say): it goes to the dead-letter topic with `reason`."""
+
+    reason: str
+
+
+Outcome: TypeAlias = Literal["processed", "duplicate"] | Rejected
+
+
+@dataclass(frozen=True)
+class Delivery(Generic[E]):
+    """One valid message of a batch: its event, its record and its own processing span."""
+
+    event: E
+    record: Record
+    span: Span = field(default_factory=trace.get_current_span)
+
+    def trace_headers(self) -> dict[str, str]:
+        """This message's trace context as W3C headers, for what the handler writes for it."""
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=trace.set_span_in_context(self.span))
+        return {key: value for key, value in carrier.items() if key in TRACE_HEADERS}
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Makes this message's span current (its log lines carry its trace id)."""
+        with trace.use_span(self.span, end_on_exit=False):
+            yield
+
+
+BatchHandler = Callable[[Sequence[Delivery[E]]], Awaitable[Sequence[Outcome]]]
+"""Handles a partition's valid messages (offset order) in ONE database transaction and returns
+one outcome per delivery, in the same order. It raises only when nothing was committed."""
+
+
+class _HandlerFailed(Rejected):
+    """The runner's own rejection: the handler kept failing on this message alone."""
 
 
 class _Stopping(Exception):
     """Raised inside the runner when a stop request interrupts a retry."""
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """A failure that says "try the whole batch again", never "this message is bad"."""
+    return (
+        is_database_outage(exc)
+        or isinstance(exc, RetryLater)
+        or sqlstate(exc) in CONFLICT_SQLSTATES
+    )
 
 
 class ConsumerRunner(Generic[E]):
@@ -71,7 +124,7 @@ class ConsumerRunner(Generic[E]):
         producer: AIOKafkaProducer,
         topic: str,
         schema: type[E],
-        handler: Handler[E],
+        handler: BatchHandler[E],
         max_handler_attempts: int = 5,
         retry_backoff_max: float = 5.0,
     ) -> None:
@@ -106,7 +159,7 @@ class ConsumerRunner(Generic[E]):
                 continue
             delay = 0.1
             # Partitions are independent (a key lives on one), so they are handled side by
-            # side; within one, strictly in offset order.
+            # side, each in its own transaction; within one, the batch keeps offset order.
             results = await asyncio.gather(
                 *(self._partition(tp, records, stop) for tp, records in batches.items()),
                 return_exceptions=True,
@@ -121,22 +174,15 @@ class ConsumerRunner(Generic[E]):
     async def _partition(
         self, tp: TopicPartition, records: list[Record], stop: asyncio.Event
     ) -> None:
-        """Handles one partition's records in order, then commits how far it got.
+        """Handles one partition's records as one batch, then commits the offset past them.
 
-        Each handler has committed its transaction before the next record starts, so the
-        offset committed at the end never runs ahead of the database. A crash before it
-        redelivers records whose effects are already recorded: they count as duplicates.
+        The handler's transaction has committed and every dead letter of the batch has been
+        acknowledged before the offset is committed, so it never runs ahead of the database.
         """
-        done: int | None = None
-        try:
-            for record in records:
-                if stop.is_set():
-                    return
-                await self.handle(record, stop)
-                done = record.offset + 1
-        finally:
-            if done is not None:
-                await self._commit(tp, done)
+        if not records or stop.is_set():
+            return
+        await self.handle_batch(records, stop)
+        await self._commit(tp, records[-1].offset + 1)
 
     async def _commit(self, tp: TopicPartition, offset: int) -> None:
         try:
@@ -154,25 +200,52 @@ class ConsumerRunner(Generic[E]):
             return
         self._next_offsets[tp] = offset
 
-    async def handle(self, record: Record, stop: asyncio.Event) -> str:
-        """Handles one record to its end: processed, duplicate or dead-lettered."""
+    async def handle_batch(self, records: Sequence[Record], stop: asyncio.Event) -> list[str]:
+        """Handles records of one partition to their end; returns each one's outcome:
+        processed, duplicate or dead_lettered (in the records' order)."""
+        deliveries: list[Delivery[E]] = []
+        positions: list[int] = []  # each delivery's index in `records`
+        dead: dict[int, str] = {}  # index in `records` -> reason
+        for index, record in enumerate(records):
+            try:
+                event = self.parse(record)
+            except ValueError as exc:
+                dead[index] = f"invalid message: {_one_line(exc)}"
+                continue
+            deliveries.append(Delivery(event, record, self._start_span(record, event)))
+            positions.append(index)
+        outcomes: dict[int, str] = {}
         try:
-            event = self.parse(record)
-        except ValueError as exc:
-            await self.dead_letter(record, f"invalid message: {_one_line(exc)}", stop)
-            return "dead_lettered"
-        context = context_from_headers(record.headers)
-        with process_span(
+            if deliveries:
+                handled = await self._handle_with_retries(deliveries, stop)
+                for index, outcome in zip(positions, handled, strict=True):
+                    if isinstance(outcome, _HandlerFailed):
+                        dead[index] = outcome.reason
+                    elif isinstance(outcome, Rejected):
+                        dead[index] = f"rejected: {outcome.reason}"
+                    else:
+                        outcomes[index] = outcome
+                        CONSUMER_MESSAGES.labels(self.topic, outcome).inc()
+            for index in sorted(dead):
+                await self.dead_letter(records[index], dead[index], stop)
+                outcomes[index] = "dead_lettered"
+        finally:
+            for delivery in deliveries:
+                delivery.span.end()
+        return [outcomes[index] for index in range(len(records))]
+
+    async def handle(self, record: Record, stop: asyncio.Event) -> str:
+        """Handles one record to its end (a batch of one)."""
+        return (await self.handle_batch([record], stop))[0]
+
+    def _start_span(self, record: Record, event: E) -> Span:
+        """The message's own CONSUMER span, continuing the trace its headers carry."""
+        return start_process_span(
             record,
-            context=context,
+            context=context_from_headers(record.headers),
             group=consumer_group(self.consumer),
             message_id=str(getattr(event, "event_id", "")),
-        ):
-            structlog.contextvars.bind_contextvars(event_id=str(getattr(event, "event_id", "")))
-            try:
-                return await self._handle_with_retries(event, record, stop)
-            finally:
-                structlog.contextvars.unbind_contextvars("event_id")
+        )
 
     def parse(self, record: Record) -> E:
         if not record.value:
@@ -182,45 +255,70 @@ class ConsumerRunner(Generic[E]):
         except ValidationError as exc:
             raise ValueError(str(exc)) from exc
 
-    async def _handle_with_retries(self, event: E, record: Record, stop: asyncio.Event) -> str:
+    async def _handle_with_retries(
+        self, deliveries: list[Delivery[E]], stop: asyncio.Event
+    ) -> list[Outcome]:
+        """The handler's outcomes for the batch, retrying it whole while that makes sense."""
         attempts = 0
         delay = 0.1
         while True:
             started = time.perf_counter()
             try:
-                outcome = await self.handler(event, record)
-            except RejectMessage as exc:
-                await self.dead_letter(record, f"rejected: {_one_line(exc)}", stop)
-                return "dead_lettered"
+                # The batch's statements sit in the first message's trace (alone in its batch
+                # at a low rate, every order's trace holds its statements); the batch's span
+                # links to every message's span.
+                with tracer.start_as_current_span(
+                    f"{self.topic} process batch",
+                    context=trace.set_span_in_context(deliveries[0].span),
+                    links=[Link(d.span.get_span_context()) for d in deliveries],
+                    attributes={"messaging.batch.message_count": len(deliveries)},
+                ):
+                    outcomes = list(await self.handler(deliveries))
+                if len(outcomes) != len(deliveries):
+                    raise RuntimeError(
+                        f"handler answered {len(outcomes)} outcomes for {len(deliveries)} messages"
+                    )
             except Exception as exc:
-                if is_database_outage(exc) or isinstance(exc, RetryLater):
+                if is_retryable(exc):
                     if self.database_ok:
                         log.warning(
-                            "database unavailable, retrying", topic=self.topic, error=repr(exc)
+                            "database unavailable or busy, retrying the batch",
+                            topic=self.topic,
+                            messages=len(deliveries),
+                            error=repr(exc),
                         )
-                    self.database_ok = False
+                    self.database_ok = not (is_database_outage(exc) or isinstance(exc, RetryLater))
                 else:
                     attempts += 1
-                    CONSUMER_MESSAGES.labels(self.topic, "failed").inc()
+                    CONSUMER_MESSAGES.labels(self.topic, "failed").inc(len(deliveries))
                     log.error(
                         "handler failed",
                         topic=self.topic,
                         attempt=attempts,
-                        offset=record.offset,
+                        first_offset=deliveries[0].record.offset,
+                        messages=len(deliveries),
                         exc_info=exc,
                     )
                     if attempts >= self.max_handler_attempts:
-                        await self.dead_letter(record, f"handler failed: {_one_line(exc)}", stop)
-                        return "dead_lettered"
+                        if len(deliveries) == 1:
+                            return [_HandlerFailed(f"handler failed: {_one_line(exc)}")]
+                        # One message of the batch may be what fails: one at a time, only it
+                        # is dead-lettered and the others commit.
+                        singles: list[Outcome] = []
+                        for delivery in deliveries:
+                            singles += await self._handle_with_retries([delivery], stop)
+                        return singles
                 if stop.is_set():
                     raise _Stopping from exc
                 await sleep_unless(stop, delay)
                 delay = min(delay * 2, self.retry_backoff_max)
                 continue
             self.database_ok = True
-            CONSUMER_HANDLE_SECONDS.labels(self.topic).observe(time.perf_counter() - started)
-            CONSUMER_MESSAGES.labels(self.topic, outcome).inc()
-            return outcome
+            elapsed = time.perf_counter() - started
+            histogram = CONSUMER_HANDLE_SECONDS.labels(self.topic)
+            for _ in deliveries:  # each message waited for the whole batch's transaction
+                histogram.observe(elapsed)
+            return outcomes
 
     async def dead_letter(self, record: Record, reason: str, stop: asyncio.Event) -> None:
         """Publishes the record unchanged to `<topic>.dlq` with why and whence in headers."""

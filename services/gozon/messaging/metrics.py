@@ -47,7 +47,7 @@ CONSUMER_LAG = Gauge(
 )
 CONSUMER_HANDLE_SECONDS = Histogram(
     "gozon_consumer_handle_seconds",
-    "Time to handle one message (its database transaction included).",
+    "Time to handle one message: its partition's batch, whose one transaction it shares.",
     ["topic"],
     buckets=LATENCY_BUCKETS,
 )

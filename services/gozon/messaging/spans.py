@@ -20,8 +20,8 @@ continues the context stored in its row, and the batch span links to those conte
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
@@ -122,22 +122,21 @@ def process_attributes(
     return attributes
 
 
-@contextmanager
-def process_span(
+def start_process_span(
     record: ConsumerRecord[bytes, bytes],
     *,
     context: Context,
     group: str | None,
     message_id: str,
-) -> Iterator[Span]:
-    """The current CONSUMER span while one message is handled, a child of its producer's."""
-    with tracer.start_as_current_span(
+) -> Span:
+    """A CONSUMER span for one message, a child of its producer's; the caller ends it (a
+    batch's messages are handled together, each keeping its own span)."""
+    return tracer.start_span(
         process_name(record.topic),
         context=context,
         kind=SpanKind.CONSUMER,
         attributes=process_attributes(record, group=group, message_id=message_id),
-    ) as span:
-        yield span
+    )
 
 
 @asynccontextmanager

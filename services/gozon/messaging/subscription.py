@@ -4,9 +4,10 @@ Each service declares its own in its `consumer.py` (as eShop's services declare 
 `gozon … consumer` only picks which one to run:
 - `topic` and `schema`: the one topic it reads, and the event type every message there must
   validate against (anything else is dead-lettered);
-- `handler`: builds the per-message handler from a session factory and a `notify` callback;
+- `handler`: builds the batch handler (a partition's fetched messages in one transaction, see
+  `gozon.messaging.consumer`) from a session factory and a `notify` callback;
 - `outbox`: the outbox table the handler writes, if any. The handler then calls `notify()`
-  after each commit that added rows, which wakes that outbox's relay at once;
+  once after each commit that added rows, which wakes that outbox's relay at once;
 - `scrape_hooks`: refresh the service's own gauges at each `/metrics` scrape (a hook that
   fails leaves its gauge stale and never fails the scrape).
 """
@@ -21,7 +22,7 @@ from pydantic import BaseModel
 from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from gozon.messaging.consumer import Handler
+from gozon.messaging.consumer import BatchHandler
 
 E = TypeVar("E", bound=BaseModel)
 
@@ -38,6 +39,6 @@ def no_notify() -> None:
 class Subscription(Generic[E]):
     topic: str
     schema: type[E]
-    handler: Callable[[Sessions, Notify], Handler[E]]
+    handler: Callable[[Sessions, Notify], BatchHandler[E]]
     outbox: Table | None = None
     scrape_hooks: tuple[ScrapeHook, ...] = ()

@@ -1,25 +1,29 @@
-"""The orders consumer: moves an order to its final status when its payment result arrives.
+"""The orders consumer: moves orders to their final status as their payment results arrive.
 
-The change is guarded (`… WHERE status = 'NEW'`), so a duplicate or late result changes
-nothing and is counted as a duplicate; the first result wins. A result for an order that does
-not exist is rejected to the dead-letter topic. One transaction per message; the runner
-commits the offset after it.
+One transaction per partition's batch: one `UPDATE … FROM unnest(…)` guarded by
+`status = 'NEW'` (`queries.FINALIZE_ORDERS`), so a duplicate or late result changes nothing and
+is counted as a duplicate; the first result wins, in offset order within a batch too. A result
+for an order that does not exist is rejected to the dead-letter topic, and the rest of its
+batch commits. The runner commits the offsets after the transaction.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+import uuid
+from collections.abc import Sequence
+from datetime import timedelta
 from functools import partial
 
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gozon.contracts import PAYMENT_PROCESSED_TOPIC, PaymentProcessed
 from gozon.core.settings import OrdersSettings
-from gozon.messaging.consumer import Handler, Record, RejectMessage
+from gozon.messaging.consumer import BatchHandler, Delivery, Outcome, Rejected
 from gozon.messaging.subscription import Notify, Sessions, Subscription
+from gozon.orders import queries
 from gozon.orders.models import CANCELLED, FINISHED, NEW, Order
 
 log = structlog.get_logger(__name__)
@@ -47,37 +51,57 @@ def final_status(event: PaymentProcessed) -> tuple[str, str | None]:
     return CANCELLED, payload.reason or payload.status
 
 
-def make_handler(sessions: async_sessionmaker[AsyncSession]) -> Handler[PaymentProcessed]:
-    async def handle(event: PaymentProcessed, _: Record) -> str:
-        payload = event.payload
-        status, reason = final_status(event)
-        structlog.contextvars.bind_contextvars(
-            order_id=str(payload.order_id), user_id=payload.user_id
-        )
-        try:
-            async with sessions() as session, session.begin():
-                created_at = await session.scalar(
-                    update(Order)
-                    .where(Order.id == payload.order_id, Order.status == NEW)
-                    .values(status=status, cancel_reason=reason, updated_at=datetime.now(UTC))
-                    .returning(Order.created_at)
+def make_handler(sessions: async_sessionmaker[AsyncSession]) -> BatchHandler[PaymentProcessed]:
+    async def handle(batch: Sequence[Delivery[PaymentProcessed]]) -> list[Outcome]:
+        first: dict[uuid.UUID, tuple[str, str | None]] = {}
+        for delivery in batch:  # offset order: the first result of an order is the one applied
+            first.setdefault(delivery.event.payload.order_id, final_status(delivery.event))
+        async with sessions() as session, session.begin():
+            moved = {
+                row.id: row
+                for row in await session.execute(
+                    queries.FINALIZE_ORDERS,
+                    {
+                        "order_ids": list(first),
+                        "statuses": [status for status, _ in first.values()],
+                        "reasons": [reason for _, reason in first.values()],
+                    },
                 )
-                if created_at is None:
-                    known = await session.scalar(
-                        select(exists().where(Order.id == payload.order_id))
-                    )
-                    if not known:
-                        raise RejectMessage(f"no order {payload.order_id}")
-                    log.info("payment result ignored: order already final")
-                    return "duplicate"
-            ORDERS_FINAL.labels(status).inc()
-            ORDER_TO_FINAL.labels(status).observe(
-                max(0.0, (datetime.now(UTC) - created_at).total_seconds())
+            }
+            unmoved = {order_id for order_id in first if order_id not in moved}
+            known = (
+                set(await session.scalars(queries.KNOWN_ORDERS, {"order_ids": list(unmoved)}))
+                if unmoved
+                else set()
             )
-            log.info("order final", status=status, reason=reason)
-            return "processed"
-        finally:
-            structlog.contextvars.unbind_contextvars("order_id", "user_id")
+        outcomes: list[Outcome] = []
+        for delivery in batch:
+            payload = delivery.event.payload
+            row = moved.pop(payload.order_id, None)
+            with delivery.active():
+                if row is not None:
+                    ORDERS_FINAL.labels(row.status).inc()
+                    ORDER_TO_FINAL.labels(row.status).observe(
+                        max(0.0, (row.updated_at - row.created_at).total_seconds())
+                    )
+                    log.info(
+                        "order final",
+                        order_id=str(payload.order_id),
+                        user_id=payload.user_id,
+                        status=row.status,
+                        reason=first[payload.order_id][1],
+                    )
+                    outcomes.append("processed")
+                elif payload.order_id in known or payload.order_id not in unmoved:
+                    log.info(
+                        "payment result ignored: order already final",
+                        order_id=str(payload.order_id),
+                        user_id=payload.user_id,
+                    )
+                    outcomes.append("duplicate")
+                else:
+                    outcomes.append(Rejected(f"no order {payload.order_id}"))
+        return outcomes
 
     return handle
 
@@ -97,7 +121,7 @@ async def count_stuck_orders(sessions: async_sessionmaker[AsyncSession], after: 
 def subscription(settings: OrdersSettings) -> Subscription[PaymentProcessed]:
     """The orders consumer reads payment results; it writes no outbox."""
 
-    def handler(sessions: Sessions, _: Notify) -> Handler[PaymentProcessed]:
+    def handler(sessions: Sessions, _: Notify) -> BatchHandler[PaymentProcessed]:
         return make_handler(sessions)
 
     stuck_after = timedelta(seconds=settings.orders_stuck_after_s)

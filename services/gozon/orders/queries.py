@@ -2,14 +2,21 @@
 
 The schema is SQLAlchemy's (`gozon.orders.models`, migrations); these statements are written
 out because each does a request's whole unit of work in one round trip (PostgreSQL plans a
-data-modifying CTE as one statement, committed as one). They run on asyncpg
+data-modifying CTE as one statement, committed as one). The API's run on asyncpg
 (`gozon.core.pg`), which prepares each once per connection. Every one is exercised against
-the real database by `tests/integration/test_orders_queries.py`.
+the real database: the API's by `tests/integration/test_orders_queries.py`, the consumer's
+by `tests/integration/test_orders_consumer.py` and `test_batched_consumers.py`.
+
+The consumer's statements take arrays (`CAST(:x AS type[])` + `unnest`), so one round trip
+handles a whole batch whatever its size; they run on the consumer's SQLAlchemy session, as
+`text()` clauses.
 """
 
 from __future__ import annotations
 
 from typing import Final
+
+from sqlalchemy import text
 
 # --- API ---------------------------------------------------------------------------------
 
@@ -67,3 +74,31 @@ ORDER BY created_at DESC, id DESC LIMIT $4
 """
 """list_orders_after($1 user_id, $2 created_at, $3 id, $4 limit): the page after a position,
 in the same order (keyset pagination: stable under inserts, no OFFSET scan)."""
+
+# --- consumer ---
+# The batched `payment.processed.event` handler (gozon.orders.consumer): FINALIZE_ORDERS, then
+# KNOWN_ORDERS for the results that changed nothing; one transaction per partition's batch.
+
+FINALIZE_ORDERS = text(
+    """
+    UPDATE orders AS o
+    SET status = result.status, cancel_reason = result.reason, updated_at = clock_timestamp()
+    FROM unnest(
+        CAST(:order_ids AS uuid[]), CAST(:statuses AS text[]), CAST(:reasons AS text[])
+    ) AS result(order_id, status, reason)
+    WHERE o.id = result.order_id AND o.status = 'NEW'
+    RETURNING o.id, o.status, o.created_at, o.updated_at
+    """
+)
+"""Moves each order still NEW to its final status; returns the orders it moved. Guarded by
+`status = 'NEW'`: an order already final keeps its first result (a concurrent change of the
+same order waits for the other transaction, then re-checks the guard). Pass one row per
+order: with two, PostgreSQL would apply an unpredictable one."""
+
+KNOWN_ORDERS = text(
+    """
+    SELECT id FROM orders WHERE id = ANY(CAST(:order_ids AS uuid[]))
+    """
+)
+"""Which of these orders exist: a result for an order FINALIZE_ORDERS did not move is a
+duplicate if the order exists, and refers to no order otherwise."""

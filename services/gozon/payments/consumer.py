@@ -1,27 +1,31 @@
-"""The payments consumer's handler for `order.created.event`: inbox, debit, outbox, one commit.
+"""The payments consumer's batch handler for `order.created.event`: inbox, debits, outbox, one
+commit per partition's batch.
 
-Guarantees (the runner commits the offset only after this transaction has committed):
+Guarantees (the runner commits the offsets only after this transaction has committed):
 - An order is paid for at most once, whatever envelope it comes in: every event is recorded in
   the inbox by its event id, and the order's one payment decision (`service.
-  decide_order_payment`, keyed by the order id) is made by the first event about it. A later
-  event about the same order — a redelivery, or the producer's retry under a new event id —
-  debits nothing and gets the stored decision sent again ("duplicate"); a concurrent one waits
-  for the first transaction, then finds its decision.
-- The inbox row, the decision, the debit with its ledger row, and the `PaymentProcessed`
-  outbox row commit together or not at all; a crash before the commit leaves nothing, and the
-  redelivered event is decided then.
-- Every delivery gets an answer on `payment.processed.event`: the order's decision, PAID,
-  INSUFFICIENT_FUNDS (nothing debited) or ACCOUNT_NOT_FOUND. The orders consumer applies only
-  the first (its status change is guarded), so a repeated answer changes nothing.
+  decide_order_payments`, keyed by the order id) is made by the first event about it, in
+  offset order. A later event about the same order — in the same batch or a later one, a
+  redelivery or the producer's retry under a new event id — debits nothing and gets the
+  stored decision sent again ("duplicate"); a concurrent one waits for the first transaction,
+  then finds its decision.
+- The orders of one account in a batch are paid in offset order while the balance lasts; one
+  that the balance left by the earlier ones does not cover is cancelled for funds.
+- The batch's inbox rows, decisions, debits with their ledger rows, and `PaymentProcessed`
+  outbox rows commit together or not at all; a failure before the commit leaves nothing, and
+  the batch is retried whole. The relay is woken once per committed batch.
+- Every delivery gets an answer on `payment.processed.event`, carrying its own message's trace
+  context: the order's decision, PAID, INSUFFICIENT_FUNDS (nothing debited) or
+  ACCOUNT_NOT_FOUND. The orders consumer applies only the first (its status change is
+  guarded), so a repeated answer changes nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
 
 import structlog
-from sqlalchemy import update
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gozon.contracts import (
@@ -30,105 +34,119 @@ from gozon.contracts import (
     OrderCreated,
     PaymentProcessed,
     PaymentProcessedPayload,
-    utc_now,
 )
 from gozon.core.settings import PaymentsSettings
-from gozon.messaging.consumer import Handler, Record
-from gozon.messaging.outbox import add_to_outbox
+from gozon.messaging.consumer import BatchHandler, Delivery, Outcome
 from gozon.messaging.subscription import Notify, Sessions, Subscription
-from gozon.payments import service
+from gozon.payments import queries, service
 from gozon.payments.metrics import PAYMENT_AMOUNT, PAYMENT_OUTCOMES
-from gozon.payments.models import InboxEntry, payment_outbox
+from gozon.payments.models import payment_outbox
+from gozon.payments.service import Decided, Decision, OrderToPay
 
 log = structlog.get_logger(__name__)
 
 
 def make_handler(
     sessions: async_sessionmaker[AsyncSession], *, notify: Callable[[], None] = lambda: None
-) -> Handler[OrderCreated]:
-    """The handler; `notify` is called after each commit that added a payment_outbox row."""
+) -> BatchHandler[OrderCreated]:
+    """The batch handler; `notify` is called once after each commit (which always adds
+    payment_outbox rows: every delivery is answered)."""
 
-    async def handle(event: OrderCreated, _: Record) -> str:
-        order = event.payload
-        structlog.contextvars.bind_contextvars(order_id=str(order.order_id), user_id=order.user_id)
-        try:
-            async with sessions() as session, session.begin():
-                new_event = await session.scalar(
-                    insert(InboxEntry)
-                    .values(
-                        idempotency_key=event.event_id,
-                        order_id=order.order_id,
-                        user_id=order.user_id,
-                        amount=order.amount,
-                    )
-                    .on_conflict_do_nothing(index_elements=[InboxEntry.idempotency_key])
-                    .returning(InboxEntry.idempotency_key)
-                )
-                decision = await service.decide_order_payment(
-                    session,
-                    event_id=event.event_id,
-                    order_id=order.order_id,
-                    user_id=order.user_id,
-                    amount=order.amount,
-                )
-                if new_event is not None:
-                    await session.execute(
-                        update(InboxEntry)
-                        .where(InboxEntry.idempotency_key == event.event_id)
-                        .values(
-                            status=decision.status, reason=decision.reason, processed_at=utc_now()
-                        )
-                    )
-                result = PaymentProcessed(
-                    aggregate_id=str(order.order_id),
-                    payload=PaymentProcessedPayload(
-                        order_id=order.order_id,
-                        user_id=decision.user_id,
-                        amount=decision.amount,
-                        status=decision.status,
-                        reason=decision.reason,
-                        processed_at=decision.decided_at,
-                    ),
-                )
-                await add_to_outbox(
-                    session,
-                    payment_outbox,
-                    topic=PAYMENT_PROCESSED_TOPIC,
-                    key=decision.user_id,
-                    event=result,
-                    order_id=order.order_id,
-                    user_id=decision.user_id,
-                )
-            notify()
-            if decision.replayed:
-                if (decision.user_id, decision.amount) != (order.user_id, order.amount):
-                    log.warning(
-                        "order event disagrees with the order's payment decision",
-                        event_amount=str(order.amount),
-                        decided_amount=str(decision.amount),
-                        decided_user_id=decision.user_id,
-                    )
-                log.info(
-                    "order already decided; outcome sent again",
-                    outcome=decision.status,
-                    same_event=new_event is None,
-                )
-                return "duplicate"
-            outcome = decision.status.lower()
-            PAYMENT_OUTCOMES.labels(outcome).inc()
-            PAYMENT_AMOUNT.labels(outcome).observe(float(order.amount))
-            log.info("order payment processed", outcome=decision.status)
-            return "processed"
-        finally:
-            structlog.contextvars.unbind_contextvars("order_id", "user_id")
+    async def handle(batch: Sequence[Delivery[OrderCreated]]) -> list[Outcome]:
+        orders = [
+            OrderToPay(
+                event_id=d.event.event_id,
+                order_id=d.event.payload.order_id,
+                user_id=d.event.payload.user_id,
+                amount=d.event.payload.amount,
+            )
+            for d in batch
+        ]
+        async with sessions() as session, session.begin():
+            decided = await service.decide_order_payments(session, orders)
+            await session.execute(queries.RECORD_BATCH, _batch_rows(batch, decided))
+        notify()
+        return [_report(d, decision) for d, decision in zip(batch, decided.decisions, strict=True)]
 
     return handle
+
+
+def _batch_rows(batch: Sequence[Delivery[OrderCreated]], decided: Decided) -> dict[str, object]:
+    """RECORD_BATCH's parameters: ledger rows, decision outcomes, inbox rows, answers."""
+    answers = [
+        PaymentProcessed(
+            aggregate_id=str(decision.order_id),
+            payload=PaymentProcessedPayload(
+                order_id=decision.order_id,
+                user_id=decision.user_id,
+                amount=decision.amount,
+                status=decision.status,
+                reason=decision.reason,
+                processed_at=decision.decided_at,
+            ),
+        ).model_dump_json()
+        for decision in decided.decisions
+    ]
+    return {
+        "debit_account_ids": [d.account_id for d in decided.debits],
+        "debit_user_ids": [d.user_id for d in decided.debits],
+        "debit_amounts": [d.amount for d in decided.debits],
+        "debit_balances_after": [d.balance_after for d in decided.debits],
+        "debit_order_ids": [d.order_id for d in decided.debits],
+        "decided_order_ids": [d.order_id for d in decided.made],
+        "decided_statuses": [d.status for d in decided.made],
+        "decided_reasons": [d.reason for d in decided.made],
+        "inbox_event_ids": [d.event.event_id for d in batch],
+        "inbox_order_ids": [d.event.payload.order_id for d in batch],
+        "inbox_user_ids": [d.event.payload.user_id for d in batch],
+        "inbox_amounts": [d.event.payload.amount for d in batch],
+        "inbox_statuses": [decision.status for decision in decided.decisions],
+        "inbox_reasons": [decision.reason for decision in decided.decisions],
+        "topic": PAYMENT_PROCESSED_TOPIC,
+        "outbox_order_ids": [decision.order_id for decision in decided.decisions],
+        "outbox_user_ids": [decision.user_id for decision in decided.decisions],
+        "outbox_payloads": answers,
+        "outbox_headers": [json.dumps(d.trace_headers()) for d in batch],
+    }
+
+
+def _report(delivery: Delivery[OrderCreated], decision: Decision) -> Outcome:
+    """Metrics and the log line of one committed delivery, inside its own span."""
+    order = delivery.event.payload
+    with delivery.active():
+        if decision.replayed:
+            if (decision.user_id, decision.amount) != (order.user_id, order.amount):
+                log.warning(
+                    "order event disagrees with the order's payment decision",
+                    order_id=str(order.order_id),
+                    user_id=order.user_id,
+                    event_amount=str(order.amount),
+                    decided_amount=str(decision.amount),
+                    decided_user_id=decision.user_id,
+                )
+            log.info(
+                "order already decided; outcome sent again",
+                order_id=str(order.order_id),
+                user_id=order.user_id,
+                outcome=decision.status,
+            )
+            return "duplicate"
+        outcome = decision.status.lower()
+        PAYMENT_OUTCOMES.labels(outcome).inc()
+        PAYMENT_AMOUNT.labels(outcome).observe(float(order.amount))
+        log.info(
+            "order payment processed",
+            order_id=str(order.order_id),
+            user_id=order.user_id,
+            outcome=decision.status,
+        )
+        return "processed"
 
 
 def subscription(_: PaymentsSettings) -> Subscription[OrderCreated]:
     """The payments consumer reads created orders and answers each through payment_outbox."""
 
-    def handler(sessions: Sessions, notify: Notify) -> Handler[OrderCreated]:
+    def handler(sessions: Sessions, notify: Notify) -> BatchHandler[OrderCreated]:
         return make_handler(sessions, notify=notify)
 
     return Subscription(

@@ -11,15 +11,18 @@ Guarantees:
   database's CHECK whatever happens.
 - A deposit with an Idempotency-Key credits once: a retry with the same key and amount answers
   with the first deposit's result; the same key with another amount is refused.
-- One payment decision per order: `decide_order_payment` claims the order's
-  `payment_decisions` row first (`ON CONFLICT DO NOTHING` on the order id; a concurrent claim
+- One payment decision per order: `decide_order_payments` claims the orders'
+  `payment_decisions` rows first (`ON CONFLICT DO NOTHING` on the order id; a concurrent claim
   waits for the first transaction, then finds its row). Only the claim's winner debits; any
-  other event about the order, in the same or a new envelope, gets the stored decision and
-  debits nothing — a CANCELLED order stays unpaid after a top-up, a FINISHED one is not paid
-  twice.
-- `pay_for_order` and `decide_order_payment` work inside the caller's transaction (the
-  consumer's, which also holds the inbox and outbox rows) and write nothing when the order
-  cannot be paid.
+  other event about the order, in the same batch or a later one, in the same or a new
+  envelope, gets the stored decision and debits nothing — a CANCELLED order stays unpaid after
+  a top-up, a FINISHED one is not paid twice.
+- A batch of order events is decided per account in offset order: an order is paid when the
+  balance left by the ones before it covers it, else it is cancelled for funds; the account's
+  balance moves by one compare-and-swap for the whole batch (`queries.SWAP_BALANCES`).
+- `pay_for_order` and `decide_order_payments` work inside the caller's transaction (the
+  consumer's, which also holds the inbox and outbox rows) and write nothing when no order
+  can be paid.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 
@@ -37,6 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gozon.contracts import PaymentStatus
 from gozon.core.errors import RetryLater
+from gozon.payments import queries
 from gozon.payments.metrics import CAS_CONFLICTS
 from gozon.payments.models import (
     ACCOUNT_NOT_FOUND,
@@ -47,7 +52,6 @@ from gozon.payments.models import (
     PAID,
     Account,
     LedgerEntry,
-    PaymentDecision,
 )
 
 CAS_ATTEMPTS = 20
@@ -273,52 +277,176 @@ async def pay_for_order(
     return Payment(PAID)
 
 
-async def decide_order_payment(
-    session: AsyncSession,
-    *,
-    event_id: uuid.UUID,
-    order_id: uuid.UUID,
-    user_id: str,
-    amount: Decimal,
-) -> Decision:
-    """The order's one payment decision, in the caller's transaction.
+@dataclass(frozen=True)
+class OrderToPay:
+    """What an `OrderCreated` event asks: pay `amount` from `user_id`'s account for the order."""
 
-    The first event about an order claims its decision row and pays (or not); every later one
-    gets the stored decision back, with nothing debited.
+    event_id: uuid.UUID
+    order_id: uuid.UUID
+    user_id: str
+    amount: Decimal
+
+
+@dataclass(frozen=True)
+class Debit:
+    """A debit made by `decide_order_payments`, for its ledger row."""
+
+    account_id: uuid.UUID
+    user_id: str
+    order_id: uuid.UUID
+    amount: Decimal
+    balance_after: Decimal
+
+
+@dataclass(frozen=True)
+class Decided:
+    """What `decide_order_payments` did in the caller's transaction; it is recorded by the
+    caller in the same transaction (`queries.RECORD_BATCH`: ledger rows, decision outcomes)."""
+
+    decisions: list[Decision]
+    """One per order event, in the events' order; `replayed` for every event but the one that
+    decided its order here."""
+    made: list[Decision]
+    """The decisions made by this transaction, whose outcomes are still to be recorded."""
+    debits: list[Debit]
+    """The debits made, per account in the events' order."""
+
+
+async def decide_order_payments(session: AsyncSession, orders: Sequence[OrderToPay]) -> Decided:
+    """Each order's one payment decision, for a batch of order events in offset order, in the
+    caller's transaction.
+
+    The first event about an order claims its decision row and pays (or not); every later one,
+    in this batch or after it, gets the stored decision back with nothing debited. The orders
+    claimed here are debited per account in the events' order: each is paid if the balance
+    left by the ones before it covers it, else cancelled for funds (nothing debited). The
+    balances change by compare-and-swap; an account whose swap loses to a concurrent change is
+    read again and its orders decided again, at most `CAS_ATTEMPTS` times, then `AccountBusy`
+    (the caller's transaction rolls back and the batch is retried).
     """
-    claimed = await session.scalar(
-        insert(PaymentDecision)
-        .values(order_id=order_id, user_id=user_id, amount=amount, event_id=event_id)
-        .on_conflict_do_nothing(index_elements=[PaymentDecision.order_id])
-        .returning(PaymentDecision.decided_at)
-    )
-    if claimed is None:
-        stored = await session.scalar(
-            select(PaymentDecision).where(PaymentDecision.order_id == order_id)
+    first: dict[uuid.UUID, OrderToPay] = {}
+    for order in orders:
+        first.setdefault(order.order_id, order)
+    claims = sorted(first.values(), key=lambda order: order.order_id)
+    claimed: dict[uuid.UUID, datetime] = {
+        row.order_id: row.decided_at
+        for row in await session.execute(
+            queries.CLAIM_DECISIONS,
+            {
+                "order_ids": [c.order_id for c in claims],
+                "user_ids": [c.user_id for c in claims],
+                "amounts": [c.amount for c in claims],
+                "event_ids": [c.event_id for c in claims],
+            },
         )
-        assert stored is not None  # the conflicting claim has committed
-        assert stored.status is not None  # and set its outcome before committing
-        return Decision(
-            order_id=order_id,
-            user_id=stored.user_id,
-            amount=stored.amount,
-            status=stored.status,  # type: ignore[arg-type]  # the CHECK keeps it a PaymentStatus
-            reason=stored.reason,
-            decided_at=stored.decided_at,
-            replayed=True,
+    }
+    earlier = [order_id for order_id in first if order_id not in claimed]
+    stored: dict[uuid.UUID, Decision] = {}
+    if earlier:
+        for row in await session.execute(queries.STORED_DECISIONS, {"order_ids": earlier}):
+            stored[row.order_id] = Decision(
+                order_id=row.order_id,
+                user_id=row.user_id,
+                amount=row.amount,
+                status=row.status,
+                reason=row.reason,
+                decided_at=row.decided_at,
+                replayed=True,
+            )
+    to_pay = [order for order_id, order in first.items() if order_id in claimed]  # offset order
+    payments, debits = await _debit_in_order(session, to_pay)
+    made = {
+        order.order_id: Decision(
+            order_id=order.order_id,
+            user_id=order.user_id,
+            amount=order.amount,
+            status=payments[order.order_id].status,
+            reason=payments[order.order_id].reason,
+            decided_at=claimed[order.order_id],
+            replayed=False,
         )
-    payment = await pay_for_order(session, order_id=order_id, user_id=user_id, amount=amount)
-    await session.execute(
-        update(PaymentDecision)
-        .where(PaymentDecision.order_id == order_id)
-        .values(status=payment.status, reason=payment.reason)
-    )
-    return Decision(
-        order_id=order_id,
-        user_id=user_id,
-        amount=amount,
-        status=payment.status,
-        reason=payment.reason,
-        decided_at=claimed,
-        replayed=False,
-    )
+        for order in to_pay
+    }
+    decisions: list[Decision] = []
+    deciding = {(order.event_id, order.order_id) for order in to_pay}
+    for order in orders:
+        decision = made.get(order.order_id) or stored[order.order_id]
+        key = (order.event_id, order.order_id)
+        if key in deciding:
+            deciding.discard(key)  # the deciding event; a redelivery of it later is a replay
+        else:
+            decision = replace(decision, replayed=True)
+        decisions.append(decision)
+    return Decided(decisions=decisions, made=list(made.values()), debits=debits)
+
+
+async def _debit_in_order(
+    session: AsyncSession, orders: Sequence[OrderToPay]
+) -> tuple[dict[uuid.UUID, Payment], list[Debit]]:
+    """Decides and debits `orders` (one event per order, offset order) by compare-and-swap."""
+    by_user: dict[str, list[OrderToPay]] = {}
+    for order in orders:
+        by_user.setdefault(order.user_id, []).append(order)
+    payments: dict[uuid.UUID, Payment] = {}
+    debits: list[Debit] = []
+    pending = sorted(by_user)
+    for attempt in range(CAS_ATTEMPTS):
+        if not pending:
+            break
+        accounts = {
+            row.user_id: row
+            for row in await session.execute(queries.READ_ACCOUNTS, {"user_ids": pending})
+        }
+        planned: dict[str, tuple[dict[uuid.UUID, Payment], list[Debit]]] = {}
+        swaps: list[tuple[uuid.UUID, int, Decimal]] = []
+        for user_id in pending:
+            account = accounts.get(user_id)
+            outcome: dict[uuid.UUID, Payment] = {}
+            made: list[Debit] = []
+            if account is None:
+                for order in by_user[user_id]:
+                    outcome[order.order_id] = Payment(
+                        ACCOUNT_NOT_FOUND, "The user has no payment account."
+                    )
+            else:
+                balance: Decimal = account.balance
+                for order in by_user[user_id]:
+                    if balance - order.amount < 0:
+                        outcome[order.order_id] = Payment(
+                            INSUFFICIENT_FUNDS,
+                            "Insufficient funds: the balance is below the amount.",
+                        )
+                        continue
+                    balance -= order.amount
+                    outcome[order.order_id] = Payment(PAID)
+                    made.append(Debit(account.id, user_id, order.order_id, order.amount, balance))
+                if made:
+                    swaps.append((account.id, account.version, balance))
+            planned[user_id] = (outcome, made)
+        swapped: set[uuid.UUID] = set()
+        if swaps:
+            swapped = set(
+                await session.scalars(
+                    queries.SWAP_BALANCES,
+                    {
+                        "ids": [s[0] for s in swaps],
+                        "versions": [s[1] for s in swaps],
+                        "balances": [s[2] for s in swaps],
+                    },
+                )
+            )
+        lost: list[str] = []
+        for user_id in pending:
+            outcome, made = planned[user_id]
+            if made and made[0].account_id not in swapped:
+                lost.append(user_id)
+                continue
+            payments.update(outcome)
+            debits += made
+        if lost:
+            CAS_CONFLICTS.labels("debit").inc(len(lost))
+            await asyncio.sleep(cas_backoff(attempt))
+        pending = lost
+    if pending:
+        raise AccountBusy(f"the balances of {pending} changed under {CAS_ATTEMPTS} attempts")
+    return payments, debits
