@@ -183,20 +183,22 @@ class _Reader:
     async def __aenter__(self) -> _Reader:
         try:
             await self.consumer.start()
-            topics = await self.consumer.topics()
+            # `consumer.topics()` fetches the metadata but leaves the consumer's own copy
+            # stale (`partitions_for_topic` would answer None): ask the client for it.
+            cluster = await self.consumer._client.fetch_all_metadata()
         except KafkaError as exc:
             await self.consumer.stop()
             raise DeadLetterError(
                 f"Kafka at {self.bootstrap_servers} is unreachable ({exc}); check "
                 "GOZON_KAFKA_BOOTSTRAP_SERVERS and that the broker runs"
             ) from exc
-        if self.topic not in topics:
+        if self.topic not in cluster.topics():
             await self.consumer.stop()
             raise DeadLetterError(
                 f"no topic {self.topic} on {self.bootstrap_servers} (the consumer creates it "
                 "at start-up: has it run against this broker?)"
             )
-        numbers = self.consumer.partitions_for_topic(self.topic) or set()
+        numbers = cluster.partitions_for_topic(self.topic) or set()
         self.partitions = [TopicPartition(self.topic, n) for n in sorted(numbers)]
         self.consumer.assign(self.partitions)
         return self
