@@ -5,10 +5,14 @@ reconcile` finds the books clean after the spec's scenario."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.server
 import os
 import subprocess
+import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -37,6 +41,39 @@ def gozon(platform: Platform, *args: str) -> subprocess.CompletedProcess[str]:
         timeout=180,
         check=False,
     )
+
+
+@dataclass
+class Pushed:
+    url: str
+    paths: list[str] = field(default_factory=list)
+    body: str = ""
+
+
+@contextlib.contextmanager
+def pushgateway() -> Iterator[Pushed]:
+    """An HTTP server on a free port that takes a Pushgateway push (PUT) and keeps it."""
+    pushed = Pushed(url="")
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_PUT(self) -> None:
+            pushed.paths.append(self.path)
+            pushed.body += self.rfile.read(int(self.headers["Content-Length"])).decode()
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Receiver)
+    pushed.url = f"http://127.0.0.1:{server.server_port}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield pushed
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture
@@ -115,9 +152,15 @@ async def test_a_dead_letter_is_redriven_once_after_its_cause_is_fixed(
 
     await until(cancelled, 120, "the redriven result to reach the order")
 
-    second = await asyncio.to_thread(gozon, platform, "orders", "dlq", "redrive")
+    with pushgateway() as pushed:
+        second = await asyncio.to_thread(
+            gozon, platform, "orders", "dlq", "redrive", "--pushgateway", pushed.url
+        )
     assert second.returncode == 0, second.stderr
     assert "redriven 0;" in second.stdout, second.stdout
+    # The run's figures, as a Pushgateway receives them.
+    assert pushed.paths == ["/metrics/job/gozon-orders-dlq-redrive"]
+    assert 'gozon_dlq_redrive_last_redriven{topic="payment.processed.event"} 0.0' in pushed.body
     assert await order_status(orders_db, order_id) == "CANCELLED"
 
     clean = await asyncio.to_thread(gozon, platform, "reconcile", "--user", user)
