@@ -1,7 +1,7 @@
 # The two commands: `make up` runs the platform, `make test` runs the tests.
 # Ports and folders come from GOZON_* variables (see README, "Changing ports").
-.PHONY: up down status logs test test-chart test-faults lock bootstrap image images compose-up \
-	compose-down test-compose
+.PHONY: up down status logs test test-chart test-k8s test-faults lock bootstrap image images compose-up \
+	compose-down test-compose bench-capacity
 
 PY := .venv/bin/python
 
@@ -31,11 +31,25 @@ test-chart: bootstrap
 	@scripts/k8s-tools
 	@.venv/bin/pytest tests/charts -p no:cacheprovider $(CHART_ARGS)
 
+# The chart on a real one-node Kubernetes on this machine (k8s/node-cluster: containerd, kubelet,
+# kube-proxy, CoreDNS): images built and imported, helm install --wait, helm test, a consumer pod
+# deleted under load, consumers scaled to 3; the node is stopped at the end. Root only; see
+# docs/kubernetes.md, "Verified on a real node". Extra pytest arguments: K8S_ARGS="-k saga".
+test-k8s: bootstrap
+	@scripts/test-k8s
+
 # The fault suite (tests/faults, docs/reliability.md): kills, restarts and overloads the
 # platform under load and checks that nothing is lost. About 6-10 minutes.
 test-faults: bootstrap
 	@scripts/install-vegeta >/dev/null
 	@.venv/bin/pytest tests/faults -p no:cacheprovider $(ARGS)
+
+# The capacity bench (docs/benchmarks.md, "Capacity"): vegeta through the gateway at fixed rates
+# against a throwaway stack on free ports; prints markdown tables. Run by hand, never in CI.
+# Other rates or lengths: BENCH_ARGS="--rates 50,100 --duration 30".
+bench-capacity: bootstrap
+	@scripts/install-vegeta >/dev/null
+	@$(PY) -m bench.capacity $(BENCH_ARGS)
 
 # Re-resolves requirements/lock.txt from pyproject.toml, then the image's runtime.txt and
 # build.txt within it (commit all of them).

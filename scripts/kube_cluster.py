@@ -88,6 +88,10 @@ class LocalCluster:
     """One local control plane, owned by its data folder."""
 
     data_dir: Path
+    # the components in start order (a subclass runs others: scripts/kube_node.py)
+    components: tuple[str, ...] = field(default=COMPONENTS, init=False)
+    # the API server's address: loopback here; a real node needs one its pods can reach
+    api_host: str = field(default="127.0.0.1", init=False)
     # one PidFile per component, kept: a process started here is reaped by the stop here
     _pidfiles: dict[str, PidFile] = field(default_factory=dict, init=False, repr=False)
 
@@ -129,7 +133,7 @@ class LocalCluster:
 
     @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.ports['apiserver']}"
+        return f"https://{self.api_host}:{self.ports['apiserver']}"
 
     def _binary(self, name: str) -> str:
         path = tools_bin() / name
@@ -151,8 +155,9 @@ class LocalCluster:
         _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
         _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
         server_ext = (
-            "subjectAltName=IP:127.0.0.1,DNS:localhost,IP:10.96.0.1,DNS:kubernetes,"
-            "DNS:kubernetes.default,DNS:kubernetes.default.svc\n"
+            f"subjectAltName=IP:127.0.0.1,IP:{self.api_host},DNS:localhost,IP:10.96.0.1,"
+            "DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,"
+            "DNS:kubernetes.default.svc.cluster.local\n"
             "extendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n"
         )
         client_ext = "extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature,keyEncipherment\n"
@@ -162,6 +167,7 @@ class LocalCluster:
             "controller-manager": ("/CN=system:kube-controller-manager", client_ext),
             "scheduler": ("/CN=system:kube-scheduler", client_ext),
             "apiserver-etcd": ("/CN=kube-apiserver-etcd-client", client_ext),
+            **self._extra_certs(client_ext),
         }
         for name, (subject, ext) in certs.items():
             (pki / f"{name}.ext").write_text(ext)
@@ -175,6 +181,10 @@ class LocalCluster:
                 "-out", f"{name}.crt", cwd=pki,
             )  # fmt: skip
         (pki / "done").write_text("")
+
+    def _extra_certs(self, client_ext: str) -> dict[str, tuple[str, str]]:
+        """More client certificates (name: subject, extensions), for a subclass's components."""
+        return {}
 
     def _write_kubeconfig(self, path: Path, user: str) -> None:
         pki = self.pki
@@ -204,7 +214,10 @@ class LocalCluster:
             ],
             "current-context": "gozon-local",
         }
-        path.write_text(json.dumps(config, indent=2) + "\n")  # JSON is YAML
+        text = json.dumps(config, indent=2) + "\n"  # JSON is YAML
+        # unchanged files are left alone: a running component may watch its file
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
 
     # ------------------------------------------------------------------ probes
     def _tls(self, client: bool = True) -> ssl.SSLContext:
@@ -334,9 +347,17 @@ class LocalCluster:
         docs = [f.read_text().strip().removeprefix("---").strip() for f in files]
         (self.data_dir / "kwok.yaml").write_text("\n---\n".join(docs) + "\n")
 
+    def _prepare(self) -> None:
+        """Configuration files a subclass's components read (written before any starts)."""
+        self._write_kwok_config()
+
+    def _reuse(self) -> None:
+        """Runs when start() finds every component running (a subclass re-checks add-ons)."""
+
     def start(self) -> None:
         running = self.running()
-        if running == list(COMPONENTS):
+        if running == list(self.components):
+            self._reuse()
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
         state = self.data_dir / "cluster.json"
@@ -347,9 +368,9 @@ class LocalCluster:
         self._write_kubeconfig(self.kubeconfig, "admin")
         for component in ("controller-manager", "scheduler"):
             self._write_kubeconfig(self.data_dir / f"{component}.kubeconfig", component)
-        self._write_kwok_config()
+        self._prepare()
         commands = self._commands()
-        for component in COMPONENTS:
+        for component in self.components:
             pidfile = self._pidfile(component)
             if pidfile.pid() is None:
                 pidfile.spawn(commands[component], log=self._log(component))
@@ -434,11 +455,11 @@ class LocalCluster:
         )
 
     def running(self) -> list[str]:
-        return [c for c in COMPONENTS if self._pidfile(c).pid() is not None]
+        return [c for c in self.components if self._pidfile(c).pid() is not None]
 
     def stop(self) -> list[str]:
         stopped = []
-        for component in reversed(COMPONENTS):
+        for component in reversed(self.components):
             if self._pidfile(component).stop(timeout=15):
                 stopped.append(component)
         return stopped

@@ -217,20 +217,25 @@ async def serve(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 @pytest.fixture(scope="session", autouse=True)
 def tracing() -> InMemorySpanExporter:
-    """As every process's entry point does: real span ids, so trace context propagates; the
-    finished spans are kept in memory for the tests that look at them."""
-    from gozon.core.telemetry import configure_tracing
+    """As every process's entry point does when it exports: real span ids, so trace context
+    propagates, the default sampler (background work dropped), a span per database statement;
+    the finished spans are kept in memory for the tests that look at them."""
+    from gozon.core.telemetry import configure_tracing, instrument_database
 
     exporter = InMemorySpanExporter()
-    configure_tracing("tests", env={}).add_span_processor(SimpleSpanProcessor(exporter))
+    provider = configure_tracing("tests", env={})
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    instrument_database(provider, env={})
     return exporter
 
 
-@pytest.fixture
-def spans(tracing: InMemorySpanExporter) -> InMemorySpanExporter:
-    """The spans finished during this test."""
+@pytest.fixture(autouse=True)
+def spans(tracing: InMemorySpanExporter) -> Iterator[InMemorySpanExporter]:
+    """The spans finished during this test (forgotten after every test, so the session's
+    in-process requests do not pile up in memory)."""
     tracing.clear()
-    return tracing
+    yield tracing
+    tracing.clear()
 
 
 async def until(predicate: Callable[[], Awaitable[bool]], within: float, what: str) -> None:

@@ -170,18 +170,46 @@ async def test_nothing_is_committed_once_the_deadline_has_passed(orders_db: str)
         await engine.dispose()
 
 
-async def test_a_connection_killed_mid_request_is_503_and_the_pool_recovers(
+async def lock_waiter(url: str, spare: int) -> int | None:
+    """The orders API's backend waiting on the lock, other than `spare` (a connection of its
+    own: pg_stat_activity is a snapshot per transaction)."""
+    conn = await asyncpg.connect(raw_url(url))
+    try:
+        pid = await conn.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'orders-api' "
+            "AND wait_event_type = 'Lock' AND pid <> $1",
+            spare,
+        )
+        return None if pid is None else int(pid)
+    finally:
+        await conn.close()
+
+
+async def kill_lock_waiter(admin: asyncpg.Connection, orders_db: str, spare: int = 0) -> int:
+    """Terminates the orders API's connection waiting on the lock (not `spare`); its pid."""
+
+    async def waiting() -> bool:
+        return await lock_waiter(orders_db, spare) is not None
+
+    await until(waiting, 30, "the INSERT to wait")
+    pid = await lock_waiter(orders_db, spare)
+    assert pid is not None
+    await admin.execute("SELECT pg_terminate_backend($1)", pid)
+    return pid
+
+
+async def test_a_connection_killed_mid_request_is_retried_once_then_503_and_the_pool_recovers(
     orders_db: str,
 ) -> None:
+    """The server terminates the connection (as a restart does) while the INSERT runs: the
+    statement is rolled back, so the API sends it once more on a fresh connection; killed
+    again, the answer is 503 and nothing was written."""
     settings = OrdersSettings(orders_database_url=orders_db, **PATIENT)
     async with serve(build_app(settings)) as client:
         async with orders_locked(orders_db) as admin:
             pending = asyncio.create_task(client.post("/api/orders", **order("killed")))
-            await until(lambda: waiting_on_lock(orders_db, 1), 30, "the INSERT to wait")
-            await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE application_name = 'orders-api' AND wait_event_type = 'Lock'"
-            )
+            first = await kill_lock_waiter(admin, orders_db)
+            await kill_lock_waiter(admin, orders_db, spare=first)  # the retry's connection
             response = await pending
         assert response.status_code == 503, response.text
         assert response.headers["retry-after"] == "1"

@@ -1,22 +1,129 @@
+"""The sampling rules and the W3C carrier (pure functions; the real hops are in
+tests/integration/test_tracing.py and test_gateway_trace_context.py)."""
+
 from __future__ import annotations
 
 import pytest
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace.sampling import Decision, ParentBased, TraceIdRatioBased
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
+from opentelemetry.util.types import Attributes
 
-from gozon.core.telemetry import exporting
+from gozon.core.telemetry import (
+    BACKGROUND,
+    QuietBackground,
+    flag,
+    http_method,
+    sampler_from,
+    w3c_carrier,
+)
+
+PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+OTHER = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+DB: Attributes = {"db.system.name": "postgresql", "db.query.text": "SELECT 1"}
+
+
+def inside_a_span(sampled: bool = True) -> Context:
+    parent = SpanContext(
+        trace_id=0x0AF7651916CD43DD8448EB211C80319C,
+        span_id=0xB7AD6B7169203331,
+        is_remote=False,
+        trace_flags=TraceFlags(TraceFlags.SAMPLED if sampled else 0),
+    )
+    return trace.set_span_in_context(NonRecordingSpan(parent))
+
+
+def decide(
+    sampler: QuietBackground,
+    kind: SpanKind,
+    attributes: Attributes,
+    parent: Context | None = None,
+) -> Decision:
+    return sampler.should_sample(parent, 1, "span", kind, attributes).decision
+
+
+def test_a_statement_outside_any_span_is_dropped_and_inside_one_is_kept() -> None:
+    quiet = QuietBackground(sampler_from({}))
+    assert decide(quiet, SpanKind.CLIENT, DB) == Decision.DROP
+    assert decide(quiet, SpanKind.CLIENT, {"db.system": "postgresql"}) == Decision.DROP
+    assert decide(quiet, SpanKind.CLIENT, DB, inside_a_span()) == Decision.RECORD_AND_SAMPLE
+
+
+def test_a_span_marked_background_is_dropped_as_a_root_only() -> None:
+    quiet = QuietBackground(sampler_from({}))
+    assert decide(quiet, SpanKind.INTERNAL, {BACKGROUND: True}) == Decision.DROP
+    assert decide(quiet, SpanKind.INTERNAL, {BACKGROUND: True}, inside_a_span()) == (
+        Decision.RECORD_AND_SAMPLE
+    )
+
+
+def test_requests_and_messages_start_traces_as_the_delegate_says() -> None:
+    quiet = QuietBackground(sampler_from({}))
+    assert decide(quiet, SpanKind.SERVER, {"http.request.method": "GET"}) == (
+        Decision.RECORD_AND_SAMPLE
+    )
+    assert decide(quiet, SpanKind.CLIENT, {"http.request.method": "GET"}) == (
+        Decision.RECORD_AND_SAMPLE
+    )
+    # Parent-based: the caller's decision (an outbox row's, a Kafka header's) is followed.
+    assert decide(quiet, SpanKind.CONSUMER, {}, inside_a_span(sampled=False)) == Decision.DROP
+
+
+def test_background_tracing_on_keeps_background_roots() -> None:
+    loud = QuietBackground(sampler_from({}), trace_background=True)
+    assert decide(loud, SpanKind.CLIENT, DB) == Decision.RECORD_AND_SAMPLE
+    assert decide(loud, SpanKind.INTERNAL, {BACKGROUND: True}) == Decision.RECORD_AND_SAMPLE
+
+
+def test_the_standard_sampler_variables_are_honoured() -> None:
+    default = sampler_from({})
+    assert isinstance(default, ParentBased)
+    assert "AlwaysOnSampler" in default.get_description()  # type: ignore[no-untyped-call]
+    ratio = sampler_from(
+        {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
+    )
+    assert isinstance(ratio, ParentBased)
+    assert "TraceIdRatioBased{0.1}" in ratio.get_description()  # type: ignore[no-untyped-call]
+    assert isinstance(sampler_from({"OTEL_TRACES_SAMPLER": "traceidratio"}), TraceIdRatioBased)
+    assert sampler_from({"OTEL_TRACES_SAMPLER": "always_off"}).get_description() == (
+        "AlwaysOffSampler"
+    )
 
 
 @pytest.mark.parametrize(
-    ("env", "expected"),
+    ("env", "message"),
     [
-        ({}, False),
-        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, True),
-        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"}, True),
-        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_TRACES_EXPORTER": "none"}, False),
-        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "true"}, False),
-        ({"OTEL_SERVICE_NAME": "gozon"}, False),
+        ({"OTEL_TRACES_SAMPLER": "jaeger_remote"}, "OTEL_TRACES_SAMPLER"),
+        ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "2"}, "SAMPLER_ARG"),
+        ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "x"}, "SAMPLER_ARG"),
     ],
 )
-def test_export_is_on_only_when_the_standard_variables_ask_for_it(
-    env: dict[str, str], expected: bool
-) -> None:
-    assert exporting(env) is expected
+def test_a_bad_sampler_setting_fails_with_its_name(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        sampler_from(env)
+
+
+def test_the_background_flag_reads_the_usual_spellings_and_refuses_others() -> None:
+    assert flag({"X": "true"}, "X") is True
+    assert flag({"X": "0"}, "X") is False
+    assert flag({}, "X") is False
+    with pytest.raises(ValueError, match="X must be true or false"):
+        flag({"X": "maybe"}, "X")
+
+
+def test_the_carrier_drops_conflicting_traceparents_and_joins_tracestates() -> None:
+    assert w3c_carrier([(b"traceparent", PARENT.encode())]) == {"traceparent": PARENT}
+    assert w3c_carrier([(b"traceparent", PARENT.encode()), (b"traceparent", OTHER.encode())]) == {}
+    assert w3c_carrier([(b"traceparent", PARENT.encode()), (b"traceparent", PARENT.encode())]) == {
+        "traceparent": PARENT
+    }
+    assert w3c_carrier(
+        [(b"tracestate", b"a=1"), (b"traceparent", PARENT.encode()), (b"tracestate", b"b=2")]
+    ) == {"traceparent": PARENT, "tracestate": "a=1,b=2"}
+    assert w3c_carrier([(b"tracestate", b"a=1")]) == {}
+
+
+def test_unknown_http_methods_are_reported_as_other() -> None:
+    assert http_method("POST") == "POST"
+    assert http_method("BREW") == "_OTHER"

@@ -306,13 +306,23 @@ Usage: {{ include "gozon.config" . | fromYaml }}
 {{- end }}
 
 {{/*
-gozon.otelEnv -- the OTEL_* variables of a process or Job (none while otel.endpoint is empty).
-Usage: {{ include "gozon.otelEnv" (dict "ctx" $) | nindent 12 }}
+gozon.otelEnv -- the OTEL_* variables of a process or Job (none while otel.endpoint is empty);
+the gateway samples new traces at otel.gatewaySampleRatio, the rest follow its decision.
+Usage: {{ include "gozon.otelEnv" (dict "ctx" $ "kind" $p.kind) | nindent 12 }}
 */}}
 {{- define "gozon.otelEnv" -}}
 {{- if .ctx.Values.otel.endpoint }}
 - name: OTEL_EXPORTER_OTLP_ENDPOINT
   value: {{ .ctx.Values.otel.endpoint | quote }}
+{{- if eq (.kind | default "") "gateway" }}
+- name: OTEL_TRACES_SAMPLER
+  value: parentbased_traceidratio
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ .ctx.Values.otel.gatewaySampleRatio | toString | quote }}
+{{- else }}
+- name: OTEL_TRACES_SAMPLER
+  value: parentbased_always_on
+{{- end }}
 - name: OTEL_RESOURCE_ATTRIBUTES
   value: {{ printf "service.instance.id=$(POD_NAME),k8s.namespace.name=%s,k8s.pod.name=$(POD_NAME)" .ctx.Release.Namespace | quote }}
 {{- end }}

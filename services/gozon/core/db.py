@@ -34,10 +34,11 @@ def create_engine(
     pool_timeout_s: float = 10,
     command_timeout_s: float = 30,
 ) -> AsyncEngine:
-    """The engine. `pre_ping` tests each pooled connection before use (a round trip): the APIs
-    want it, so that a database restart costs no request an error; the workers retry a
-    failed transaction anyway and save the round trip on every message. The APIs pass pool
-    and statement timeouts that nest under the gateway's (see `gozon.core.deadline`)."""
+    """The engine. `pre_ping` tests each pooled connection before use (three round trips); the
+    processes on their hot paths turn it off: the workers retry a failed transaction anyway,
+    and the payments API answers a dead connection 503 (the orders API uses `gozon.core.pg`).
+    The APIs pass pool and statement timeouts that nest under the gateway's (see
+    `gozon.core.deadline`)."""
     return create_async_engine(
         url,
         pool_size=pool_size,

@@ -21,7 +21,8 @@ Owns the contract between the gateway and the APIs:
   `Retry-After` ("not processed", true because the transaction was rolled back), never 500.
   The one exception: a connection lost *during COMMIT* may or may not have committed, so it
   is answered 504 with `"outcome": "unknown"` (a retry with the same `Idempotency-Key` is
-  safe). The pool drops broken connections itself (pre-ping, invalidation), so it recovers
+  safe). The pools drop broken connections themselves (asyncpg on the server's close,
+  SQLAlchemy by invalidation; `gozon.core.pg` retries once where that is safe), so they recover
   without a restart.
 """
 
@@ -109,6 +110,14 @@ def request_budget(seconds: float) -> Iterator[RequestBudget]:
 
 class DeadlineExceeded(Exception):
     """The caller's deadline passed before the work could start or commit: nothing written."""
+
+
+class NotProcessed(Exception):
+    """The database did not do the work (nothing was committed): answer 503, retry later."""
+
+
+class OutcomeUnknown(Exception):
+    """A write was in flight when the connection was lost: it may or may not have committed."""
 
 
 def parse_budget(value: bytes | None, cap_s: float) -> float:
@@ -284,6 +293,11 @@ async def _on_database_error(request: Request, exc: Exception) -> JSONResponse:
     if budget is not None and budget.committing:
         log.warning("database failed during commit", path=request.url.path, error=repr(exc))
         return _unknown_outcome(request)
+    if isinstance(exc, OutcomeUnknown):
+        log.warning("database lost during a write", path=request.url.path, error=repr(exc))
+        return _unknown_outcome(request)
+    if isinstance(exc, NotProcessed):
+        return _unavailable(request, str(exc))
     if isinstance(exc, DeadlineExceeded):
         OUTAGES.labels("deadline").inc()
         return not_processed("The request's deadline passed.", instance=request.url.path)
@@ -302,7 +316,14 @@ async def _on_database_error(request: Request, exc: Exception) -> JSONResponse:
 
 def install_outage_handlers(app: FastAPI) -> None:
     """503 (or 504 when a COMMIT was cut) for database failures, instead of a 500."""
-    for exc_class in (DBAPIError, PoolTimeout, OSError, DeadlineExceeded):
+    for exc_class in (
+        DBAPIError,
+        PoolTimeout,
+        OSError,
+        DeadlineExceeded,
+        NotProcessed,
+        OutcomeUnknown,
+    ):
         app.add_exception_handler(exc_class, _on_database_error)
 
 

@@ -1,4 +1,8 @@
-"""Dependency aliases the APIs share: routes read as one line of wiring, tests override one."""
+"""Dependency aliases the APIs share: routes read as one line of wiring, tests override one.
+
+Every dependency is `async def`: FastAPI runs a plain `def` dependency in its threadpool (a
+thread hop per request and dependency), an `async def` one inline on the event loop.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,18 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from gozon.core.pg import Database
 
-def get_sessions(request: Request) -> async_sessionmaker[AsyncSession]:
+
+async def get_sessions(request: Request) -> async_sessionmaker[AsyncSession]:
     sessions: async_sessionmaker[AsyncSession] = request.state.sessions
     return sessions
 
 
+async def get_db(request: Request) -> Database:
+    db: Database = request.state.db
+    return db
+
+
 SessionsDep = Annotated[async_sessionmaker[AsyncSession], Depends(get_sessions)]
+DbDep = Annotated[Database, Depends(get_db)]

@@ -1,5 +1,10 @@
 """structlog JSON logging on stdout, configured once by the process entry point.
 
+In JSON mode (the processes' default) structlog writes our own lines itself, rendered by
+orjson, and a level below the threshold costs a no-op call; the standard library's loggers
+(uvicorn, aiokafka, alembic) keep their handler with the same fields. Text mode (the tests)
+sends everything through the standard library, so pytest captures it.
+
 Libraries never call `configure_logging`; they only log. Every line carries the service name
 and, inside a span, its trace_id and span_id; ids bound with `structlog.contextvars` (order_id,
 user_id, event_id) ride along. The standard library's loggers (uvicorn, aiokafka, alembic) go
@@ -13,6 +18,7 @@ import sys
 from collections.abc import MutableMapping
 from typing import Any
 
+import orjson
 import structlog
 from opentelemetry import trace
 
@@ -33,6 +39,18 @@ def _bind_service(service: str) -> structlog.types.Processor:
     return add
 
 
+class _NamedBytesLogger(structlog.BytesLogger):
+    """structlog's own logger, writing bytes to stdout, with the name `add_logger_name` reads."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(sys.stdout.buffer)
+        self.name = name
+
+
+def _named_bytes_logger(*args: Any) -> _NamedBytesLogger:
+    return _NamedBytesLogger(str(args[0]) if args else "")
+
+
 def configure_logging(service: str, *, level: str = "INFO", json: bool = True) -> None:
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -50,16 +68,31 @@ def configure_logging(service: str, *, level: str = "INFO", json: bool = True) -
             colors=False, exception_formatter=structlog.dev.plain_traceback
         )
     )
-    structlog.configure(
-        processors=[
-            *shared,
-            structlog.processors.format_exc_info,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=True,
-    )
+    if json:
+        # The fast path, for every line our code logs: a level below the threshold is a no-op
+        # method (make_filtering_bound_logger), a line is rendered by orjson and written as
+        # bytes, without the standard library's LogRecord, handler and formatter.
+        structlog.configure(
+            processors=[
+                *shared,
+                structlog.processors.format_exc_info,
+                structlog.processors.JSONRenderer(serializer=orjson.dumps),
+            ],
+            logger_factory=_named_bytes_logger,
+            wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
+            cache_logger_on_first_use=True,
+        )
+    else:
+        structlog.configure(
+            processors=[
+                *shared,
+                structlog.processors.format_exc_info,
+                structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+            ],
+            logger_factory=structlog.stdlib.LoggerFactory(),
+            wrapper_class=structlog.stdlib.BoundLogger,
+            cache_logger_on_first_use=True,
+        )
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(

@@ -27,6 +27,9 @@ class CommonSettings(BaseSettings):
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_topic_partitions: int = Field(default=3, ge=1)
     kafka_replication_factor: int = Field(default=1, ge=1)
+    # Background work's traces (relay polls, wake-up notifications, pruning): off, so that an
+    # idle platform exports nothing (gozon.core.telemetry.QuietBackground).
+    trace_background_db: bool = False
 
 
 class MessagingSettings(CommonSettings):

@@ -4,13 +4,27 @@
 ids to propagate even when nothing exports them. The carriers are plain dicts of
 `traceparent` / `tracestate`: stored in the outbox row, sent as Kafka headers, read back by the
 consumer.
+
+Guarantees (docs/observability.md, "Traces"):
+- Every exported span belongs to a trace that means something. Background work (a relay's
+  poll, claim and commit, the wake-up notifications, pruning, the scrape-time gauge queries)
+  starts no trace of its own: `QuietBackground` drops a root span that is a database
+  statement or is marked `gozon.background`, and so everything under it, unless
+  `GOZON_TRACE_BACKGROUND_DB=true` asks for it. Statements run for a request or a message
+  are children of its span and are kept.
+- Sampling follows `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG` (default
+  `parentbased_always_on`); the decision travels with the context, through outbox rows and
+  Kafka headers, so an order's trace is kept or dropped whole.
+- A request with two different `traceparent` headers, or a malformed one, starts a fresh
+  trace (W3C Trace Context: the vendor must not guess); `tracestate` travels with a valid
+  `traceparent` only.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import structlog
 from opentelemetry import propagate, trace
@@ -18,12 +32,27 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.trace import SpanKind
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode, TraceState
+from opentelemetry.util.types import Attributes
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gozon.core.metrics import route_template
 
 TRACE_HEADERS = ("traceparent", "tracestate")
+BACKGROUND = "gozon.background"
+"""Set (True) on the root span of background work: dropped unless background tracing is on."""
+# The database semantic conventions the asyncpg instrumentation writes, unless the operator
+# chose otherwise: the stable names (db.query.text, db.system.name, server.address, …) only.
+DEFAULT_SEMCONV_OPT_IN = "database"
 access_log = structlog.get_logger("gozon.access")
 
 
@@ -38,26 +67,167 @@ def exporting(env: Mapping[str, str]) -> bool:
     )
 
 
-def configure_tracing(service: str, env: Mapping[str, str] = os.environ) -> TracerProvider:
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
+
+
+def flag(env: Mapping[str, str], name: str) -> bool:
+    """A boolean variable; anything but the usual spellings is an error naming the variable."""
+    value = env.get(name, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{name} must be true or false, not {env[name]!r}")
+
+
+def sampler_from(env: Mapping[str, str]) -> Sampler:
+    """The sampler the standard `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG` name.
+
+    The SDK's own choices: `always_on`, `always_off`, `traceidratio` and their `parentbased_`
+    forms; the default is `parentbased_always_on`. An unknown name or a ratio outside [0, 1]
+    fails the process at start-up rather than silently sampling everything.
+    """
+    name = env.get("OTEL_TRACES_SAMPLER", "").strip().lower() or "parentbased_always_on"
+    raw_ratio = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip() or "1.0"
+    try:
+        ratio = float(raw_ratio)
+    except ValueError:
+        ratio = -1.0
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"OTEL_TRACES_SAMPLER_ARG must be a ratio in [0, 1], not {raw_ratio!r}")
+    base = name.removeprefix("parentbased_")
+    root: Sampler
+    if base == "always_on":
+        root = ALWAYS_ON
+    elif base == "always_off":
+        root = ALWAYS_OFF
+    elif base == "traceidratio":
+        root = TraceIdRatioBased(ratio)
+    else:
+        raise ValueError(
+            f"OTEL_TRACES_SAMPLER={name!r} is not supported: use always_on, always_off, "
+            "traceidratio, or one of them prefixed with parentbased_"
+        )
+    return ParentBased(root) if name.startswith("parentbased_") else root
+
+
+def is_background(kind: SpanKind | None, attributes: Attributes) -> bool:
+    """Whether a span, were it a root, would be background work: a database statement run
+    outside any request or message, or a span its code marked `gozon.background`."""
+    if not attributes:
+        return False
+    if attributes.get(BACKGROUND) is True:
+        return True
+    return kind == SpanKind.CLIENT and ("db.system.name" in attributes or "db.system" in attributes)
+
+
+class QuietBackground(Sampler):
+    """Drops root spans of background work (see `is_background`); everything else, and every
+    span with a parent, is decided by `delegate`.
+
+    A child of a dropped span is dropped too by a parent-based delegate (the default), so a
+    relay's poll, with its claim and its commit, leaves no trace unless background tracing
+    is on; a statement run for a request or a message has that span as its parent and is
+    decided with it.
+    """
+
+    def __init__(self, delegate: Sampler, *, trace_background: bool = False) -> None:
+        self.delegate = delegate
+        self.trace_background = trace_background
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: TraceState | None = None,
+    ) -> SamplingResult:
+        if (
+            not self.trace_background
+            and not trace.get_current_span(parent_context).get_span_context().is_valid
+            and is_background(kind, attributes)
+        ):
+            return SamplingResult(Decision.DROP)
+        return self.delegate.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
+
+    def get_description(self) -> str:
+        return f"QuietBackground{{{self.delegate.get_description()}}}"
+
+
+def configure_tracing(
+    service: str,
+    env: Mapping[str, str] = os.environ,
+    *,
+    trace_background_db: bool | None = None,
+) -> TracerProvider:
     """Installs the SDK tracer provider (idempotent per process).
 
     Spans always get real ids, so the trace context propagates through HTTP, outbox rows and
     Kafka even when nothing is exported. With OTLP export configured by the standard
     variables (`OTEL_EXPORTER_OTLP_ENDPOINT`, …), spans are batched to the collector and the
     database driver is instrumented too (a span per query is worth its cost only then).
+    `trace_background_db` (default: `GOZON_TRACE_BACKGROUND_DB`, false) keeps background
+    work's traces (see `QuietBackground`).
     """
     current = trace.get_tracer_provider()
     if isinstance(current, TracerProvider):
         return current
-    provider = TracerProvider(resource=Resource.create({"service.name": f"gozon-{service}"}))
+    if trace_background_db is None:
+        trace_background_db = flag(env, "GOZON_TRACE_BACKGROUND_DB")
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": f"gozon-{service}"}),
+        sampler=QuietBackground(sampler_from(env), trace_background=trace_background_db),
+    )
     if exporting(env):
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-        AsyncPGInstrumentor().instrument(tracer_provider=provider)  # type: ignore[no-untyped-call]
+        instrument_database(provider, env)
     trace.set_tracer_provider(provider)
     return provider
+
+
+def instrument_database(provider: TracerProvider, env: Mapping[str, str] = os.environ) -> None:
+    """A CLIENT span per asyncpg statement, with the stable database conventions by default.
+
+    The instrumentation reads `OTEL_SEMCONV_STABILITY_OPT_IN` from the process environment
+    once; unless the operator set it (`database/dup` emits the old names too, for dashboards
+    in transition), it is set here to `database`.
+    """
+    from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+
+    key = "OTEL_SEMCONV_STABILITY_OPT_IN"
+    os.environ[key] = env.get(key) or os.environ.get(key) or DEFAULT_SEMCONV_OPT_IN
+    AsyncPGInstrumentor().instrument(tracer_provider=provider)  # type: ignore[no-untyped-call]
+    _untraced_pool_ping()
+
+
+def _untraced_pool_ping() -> None:
+    """The pool's connection check (`pool_pre_ping`: BEGIN; `;`; ROLLBACK on every checkout)
+    runs with instrumentation suppressed: three spans per request that say nothing about it.
+
+    SQLAlchemy offers no hook around its ping, so its asyncpg adapter's ping coroutine is
+    wrapped (once; it runs in the calling task's context, where the suppression is visible).
+    """
+    from opentelemetry.instrumentation.utils import suppress_instrumentation
+    from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection
+
+    ping = AsyncAdapt_asyncpg_connection._async_ping
+    if getattr(ping, "_gozon_untraced", False):
+        return
+
+    async def untraced(self: AsyncAdapt_asyncpg_connection) -> None:
+        with suppress_instrumentation():
+            await ping(self)  # type: ignore[no-untyped-call]
+
+    untraced._gozon_untraced = True  # type: ignore[attr-defined]
+    AsyncAdapt_asyncpg_connection._async_ping = untraced  # type: ignore[method-assign]
 
 
 def current_trace_headers() -> dict[str, str]:
@@ -75,11 +245,58 @@ def context_from_headers(headers: Mapping[str, str] | Iterable[tuple[str, bytes]
     return propagate.extract(carrier)
 
 
+def w3c_carrier(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The W3C trace headers of an HTTP request, as a carrier for `propagate.extract`.
+
+    Two different `traceparent` headers cannot both be the caller's parent: both are dropped,
+    and `tracestate` with them (it means nothing without its `traceparent`), so the request
+    starts a fresh trace. Several `tracestate` headers are one list, joined in order (RFC 9110
+    §5.3). A malformed `traceparent` is left to the propagator, which ignores it (and its
+    `tracestate`): a fresh trace too.
+    """
+    parents: list[str] = []
+    states: list[str] = []
+    for name, value in headers:
+        key = name.lower()
+        if key == b"traceparent":
+            parents.append(value.decode("latin-1").strip())
+        elif key == b"tracestate":
+            states.append(value.decode("latin-1").strip())
+    if len(set(parents)) != 1:
+        return {}
+    carrier = {"traceparent": parents[0]}
+    if any(states):
+        carrier["tracestate"] = ",".join(state for state in states if state)
+    return carrier
+
+
+# The methods HTTP defines (RFC 9110 §9, RFC 5789); anything else is reported as `_OTHER`, so
+# a client cannot blow up the attribute's cardinality.
+KNOWN_METHODS = frozenset(
+    {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"}
+)
+
+
+def http_method(method: str) -> str:
+    return method if method in KNOWN_METHODS else "_OTHER"
+
+
+# Probes and scrapes (every few seconds from the kubelet and Prometheus) are not the work
+# anyone traces: no span, so an idle platform exports nothing. Their metrics still count them.
+UNTRACED_PATHS = frozenset({"/health/live", "/health/ready", "/metrics"})
+
+
 class ServerSpanMiddleware:
     """A SERVER span per HTTP request, continuing the caller's `traceparent` if it sent one.
 
+    The span follows the HTTP server conventions: named `{method} {route}`, with
+    `http.request.method`, `http.route`, `url.path`, `url.scheme`,
+    `http.response.status_code`, `network.protocol.version`, `client.address`,
+    `user_agent.original`, and `error.type` (the status) on a 5xx answer.
+
     At the edge (the gateway) it also tells the client its trace id (`X-Trace-Id`) and writes
-    one access-log line per request, inside the span, so the line carries the trace id.
+    one access-log line per request, inside the span, so the line carries the trace id. The
+    health probes and `/metrics` get neither (`UNTRACED_PATHS`).
     """
 
     def __init__(self, app: ASGIApp, service: str, *, edge: bool = False) -> None:
@@ -88,20 +305,29 @@ class ServerSpanMiddleware:
         self.edge = edge
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in UNTRACED_PATHS:
             await self.app(scope, receive, send)
             return
-        carrier = {
-            key.decode("latin-1"): value.decode("latin-1")
-            for key, value in scope["headers"]
-            if key in (b"traceparent", b"tracestate")
+        method = http_method(scope["method"])
+        attributes: dict[str, str | int] = {
+            "http.request.method": method,
+            "url.path": scope["path"],
+            "url.scheme": scope.get("scheme", "http"),
+            "network.protocol.version": scope.get("http_version", "1.1"),
         }
+        client = scope.get("client")
+        if client:
+            attributes["client.address"] = client[0]
+        agent = next((v for k, v in scope["headers"] if k == b"user-agent"), None)
+        if agent is not None:
+            attributes["user_agent.original"] = agent.decode("latin-1")
         started = time.perf_counter()
         status = 500
         with self.tracer.start_as_current_span(
-            f"{scope['method']} {scope['path']}",
-            context=propagate.extract(carrier),
+            method,
+            context=propagate.extract(w3c_carrier(scope["headers"])),
             kind=SpanKind.SERVER,
+            attributes=attributes,
         ) as span:
             trace_id = format(span.get_span_context().trace_id, "032x").encode()
 
@@ -121,7 +347,12 @@ class ServerSpanMiddleware:
                 await self.app(scope, receive, send_wrapper)
             finally:
                 route = route_template(scope)
-                span.update_name(f"{scope['method']} {route}")
+                if route != "unmatched":  # no route: the name stays the method alone
+                    span.set_attribute("http.route", route)
+                    span.update_name(f"{method} {route}")
+                if status >= 500:
+                    span.set_attribute("error.type", str(status))
+                    span.set_status(Status(StatusCode.ERROR))
                 if self.edge:
                     access_log.info(
                         "request",

@@ -18,7 +18,9 @@ Then the request goes upstream on that upstream's pooled aiohttp session, its bo
 answer comes back streamed, headers filtered as `gateway.headers` says. The request carries
 `X-Request-Timeout-Ms`, the time the gateway will still wait (its timeout, less what has
 passed and a margin for the answer's way back): the API refuses work it cannot finish in time
-and never commits after it (`gozon.core.deadline`).
+and never commits after it (`gozon.core.deadline`). Each attempt is a CLIENT span (HTTP client
+conventions: method, `url.full`, `server.address`/`.port`, the status) whose context, with the
+caller's `tracestate`, is the `traceparent` the upstream gets.
 
 Failures are told apart by whether the upstream may have acted on the request; every problem
 body says which in its `outcome` member:
@@ -52,6 +54,8 @@ from dataclasses import dataclass
 
 import aiohttp
 import structlog
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from prometheus_client import Counter, Gauge
 from starlette.types import Receive, Scope, Send
 from yarl import URL
@@ -59,7 +63,7 @@ from yarl import URL
 from gozon.core.headers import DEADLINE_HEADER
 from gozon.core.problems import Problem, problem_response
 from gozon.core.settings import GatewaySettings
-from gozon.core.telemetry import current_trace_headers
+from gozon.core.telemetry import TRACE_HEADERS, http_method
 from gozon.gateway.breaker import CircuitBreaker, State
 from gozon.gateway.headers import downstream_headers, upstream_headers
 from gozon.gateway.identity import IDENTITY_HEADERS, identity_from
@@ -93,6 +97,7 @@ NOT_PROCESSED = "not_processed"
 UNKNOWN = "unknown"
 
 log = structlog.get_logger(__name__)
+tracer = trace.get_tracer("gozon.gateway")
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +234,7 @@ class Gateway:
                 data = await body.read() if length else None
             deadline = asyncio.get_running_loop().time() + self.timeout_s
             async with asyncio.timeout_at(deadline):
-                response = await self._exchange(upstream, scope, body, data, length, deadline)
+                response, span = await self._exchange(upstream, scope, body, data, length, deadline)
         except Exception as exc:
             answer = self._failure(upstream, body, exc)
             if answer is not None:
@@ -239,6 +244,11 @@ class Gateway:
         upstream.breaker.success()
         try:
             await _relay(response, send)
+        except BaseException as exc:
+            _end_client_span(span, exc)
+            raise
+        else:
+            span.end()
         finally:
             response.release()
 
@@ -293,7 +303,9 @@ class Gateway:
         data: bytes | None,
         length: int | None,
         deadline: float,
-    ) -> aiohttp.ClientResponse:
+    ) -> tuple[aiohttp.ClientResponse, Span]:
+        """Sends the request (again, on a connection error, if it may), each attempt in a
+        CLIENT span whose context goes upstream; answers the response and its open span."""
         method: str = scope["method"]
         query: bytes = scope["query_string"]
         path: bytes = scope.get("raw_path") or scope["path"].encode()
@@ -307,7 +319,7 @@ class Gateway:
             client_host=client[0] if client else None,
             scheme=scope["scheme"],
             request_id=scope[REQUEST_ID_KEY],
-            trace=current_trace_headers(),
+            trace={},  # each attempt's own CLIENT span, below
             user_id=scope[USER_KEY],
             dropped=self.dropped,
         )
@@ -316,23 +328,38 @@ class Gateway:
         attempt = 0
         while True:
             budget_s = deadline - loop.time() - DEADLINE_MARGIN * self.timeout_s
-            headers = [
-                *(pair for pair in headers if pair[0] != DEADLINE_HEADER),
+            span = _start_client_span(method, url, attempt)
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier, context=trace.set_span_in_context(span))
+            sent = [
+                *headers,
                 (DEADLINE_HEADER, str(max(1, int(budget_s * 1000)))),
+                *((name, value) for name, value in carrier.items() if name in TRACE_HEADERS),
             ]
             try:
-                return await upstream.session.request(
+                response = await upstream.session.request(
                     method,
                     url,
-                    headers=headers,
+                    headers=sent,
                     data=body.chunks() if streamed else data,
                     allow_redirects=False,
                 )
-            except aiohttp.ClientConnectorError as exc:
+            except BaseException as exc:
+                _end_client_span(span, exc)
                 # No connection, so not one byte of the request (nor of its body) was read.
-                if not retryable(method, exc) or attempt == self.retries:
+                if (
+                    not isinstance(exc, aiohttp.ClientConnectorError)
+                    or not retryable(method, exc)
+                    or attempt == self.retries
+                ):
                     raise
                 attempt += 1
+                continue
+            span.set_attribute("http.response.status_code", response.status)
+            if response.status >= 400:
+                span.set_attribute("error.type", str(response.status))
+                span.set_status(Status(StatusCode.ERROR))
+            return response, span
 
     def _failure(self, upstream: Upstream, body: _Body, exc: Exception) -> Problem | None:
         """The answer to a request that got no response (None: the client is gone)."""
@@ -382,6 +409,29 @@ class Gateway:
         upstream.breaker.failure()
         log.warning("upstream failed", upstream=upstream.name, outcome=outcome, error=repr(exc))
         return problem
+
+
+def _start_client_span(method: str, url: URL, attempt: int) -> Span:
+    """A CLIENT span for one attempt at the upstream (HTTP client conventions: a resend is a
+    span of its own with `http.request.resend_count`)."""
+    attributes: dict[str, str | int] = {
+        "http.request.method": http_method(method),
+        "url.full": str(url),
+        "server.address": url.host or "",
+    }
+    if url.port is not None:
+        attributes["server.port"] = url.port
+    if attempt:
+        attributes["http.request.resend_count"] = attempt
+    return tracer.start_span(http_method(method), kind=SpanKind.CLIENT, attributes=attributes)
+
+
+def _end_client_span(span: Span, exc: BaseException) -> None:
+    # The deadline cancels the awaited request: that is a timeout, not a cancellation.
+    kind = "timeout" if isinstance(exc, asyncio.CancelledError) else type(exc).__qualname__
+    span.set_attribute("error.type", kind)
+    span.set_status(Status(StatusCode.ERROR, repr(exc)))
+    span.end()
 
 
 def retryable(method: str, exc: BaseException) -> bool:

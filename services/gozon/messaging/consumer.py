@@ -33,7 +33,6 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import ConsumerRecord
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind
 from pydantic import BaseModel, ValidationError
 
 from gozon.core.db import is_database_outage
@@ -42,6 +41,7 @@ from gozon.core.runtime import sleep_unless
 from gozon.core.telemetry import context_from_headers
 from gozon.messaging.kafka import dlq_topic, is_transient
 from gozon.messaging.metrics import CONSUMER_HANDLE_SECONDS, CONSUMER_LAG, CONSUMER_MESSAGES
+from gozon.messaging.spans import consumer_group, process_span
 
 log = structlog.get_logger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -162,15 +162,11 @@ class ConsumerRunner(Generic[E]):
             await self.dead_letter(record, f"invalid message: {_one_line(exc)}", stop)
             return "dead_lettered"
         context = context_from_headers(record.headers)
-        with tracer.start_as_current_span(
-            f"{self.topic} process",
+        with process_span(
+            record,
             context=context,
-            kind=SpanKind.CONSUMER,
-            attributes={
-                "messaging.system": "kafka",
-                "messaging.destination.name": self.topic,
-                "messaging.kafka.offset": record.offset,
-            },
+            group=consumer_group(self.consumer),
+            message_id=str(getattr(event, "event_id", "")),
         ):
             structlog.contextvars.bind_contextvars(event_id=str(getattr(event, "event_id", "")))
             try:

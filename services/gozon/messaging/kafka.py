@@ -5,8 +5,11 @@ aiokafka's defaults suit none of this platform's jobs (`acks=1`, no idempotence,
 - producers are idempotent with `acks="all"`: an acknowledged send is on every in-sync replica
   and a retried send is never written twice;
 - consumers start from the earliest offset (a new group misses nothing), never auto-commit
-  (the runner commits after the database has), and fetch with a 10 ms maximum wait so that an
-  event is handed over as soon as it lands rather than after the default half second.
+  (the runner commits after the database has), and long-poll: `fetch_min_bytes=1` makes the
+  broker answer a fetch as soon as any record lands, so the 500 ms maximum wait adds no
+  latency and only bounds how often an idle consumer asks (measured by bench/fetch_wait.py:
+  same produce → consume latency as a 10 ms wait, a tenth of the idle CPU in the consumer
+  and a fifth in the broker; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -39,8 +42,17 @@ def new_producer(bootstrap_servers: str, *, client_id: str) -> AIOKafkaProducer:
     )
 
 
+# How long the broker may hold a fetch that finds no data (bench/fetch_wait.py measures it).
+FETCH_MAX_WAIT_MS = 500
+
+
 def new_consumer(
-    bootstrap_servers: str, *, group_id: str, client_id: str, topics: Iterable[str] = ()
+    bootstrap_servers: str,
+    *,
+    group_id: str,
+    client_id: str,
+    topics: Iterable[str] = (),
+    fetch_max_wait_ms: int = FETCH_MAX_WAIT_MS,
 ) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
         *topics,
@@ -50,7 +62,7 @@ def new_consumer(
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         isolation_level="read_committed",
-        fetch_max_wait_ms=10,
+        fetch_max_wait_ms=fetch_max_wait_ms,
         fetch_min_bytes=1,
         max_poll_records=100,
         session_timeout_ms=10_000,

@@ -5,6 +5,11 @@ Guarantees:
   after the broker acknowledged it (`acks=all`, idempotent producer). A relay that dies
   between the ack and the commit publishes the row again after restart; consumers
   deduplicate by `event_id`.
+- Four round trips per batch whatever its size: BEGIN, the claim (one SELECT), the mark (one
+  `UPDATE … WHERE id = ANY(:ids)`, the same statement shape for every batch, so its prepared
+  statement is reused), COMMIT. A leased claim (one autocommit UPDATE … RETURNING, then the
+  mark, no transaction held) was measured and not kept: it writes each row twice, which cost
+  PostgreSQL more than the two round trips saved the relay (docs/benchmarks.md).
 - Several relays on one outbox are safe: a batch is claimed with
   `SELECT … FOR UPDATE SKIP LOCKED`, so no two relays hold the same row.
 - Within one relay, rows go out in id order (enqueued one after another, then every ack
@@ -40,9 +45,9 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaProducer
 from opentelemetry import propagate, trace
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode
-from sqlalchemy import Table, delete, func, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy import BigInteger, Table, any_, bindparam, delete, func, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from gozon.core.db import is_database_outage
 from gozon.core.runtime import sleep_unless
@@ -58,9 +63,9 @@ from gozon.messaging.metrics import (
     OUTBOX_PUBLISHED,
 )
 from gozon.messaging.outbox import FAILED, PENDING, SENT
+from gozon.messaging.spans import end_send_span, relay_batch_span, start_send_span
 
 log = structlog.get_logger(__name__)
-tracer = trace.get_tracer(__name__)
 
 
 class BrokerUnavailable(Exception):
@@ -109,10 +114,21 @@ class OutboxRelay:
         OUTBOX_PRUNED.labels(self.name)
         for kind in ("transient", "permanent"):
             OUTBOX_PUBLISH_ERRORS.labels(self.name, kind)
+        # One statement for the whole batch, whatever its size (`ids`: an array).
+        # clock_timestamp(): the moment of marking, after the acks (now() would be the start of
+        # the claiming transaction, before the publish).
+        self._mark_sent = (
+            update(table)
+            .where(table.c.id == any_(bindparam("ids", type_=ARRAY(BigInteger))))
+            .values(status=SENT, sent_at=func.clock_timestamp())
+        )
+
+        # Built once: composing the statement anew cost about as much as running it.
+        self._claim = self._claim_statement()
 
     # -- one batch
 
-    def _claim(self) -> Any:
+    def _claim_statement(self) -> Any:
         t = self.table
         return (
             select(
@@ -132,19 +148,26 @@ class OutboxRelay:
 
     async def publish_batch(self) -> int:
         """Claims, publishes and marks one batch; returns how many rows it claimed."""
-        async with self.sessions() as session, session.begin():
-            rows = (await session.execute(self._claim())).all()
+        # The poll's span holds the claim, the marking and the commit; background work, so
+        # exported only when asked for (gozon.messaging.spans).
+        async with (
+            relay_batch_span(self.name) as batch,
+            self.sessions() as session,
+            session.begin(),
+        ):
+            # Core statements on the session's connection: the ORM's execution path adds
+            # nothing these statements need.
+            conn = await session.connection()
+            rows = (await conn.execute(self._claim)).all()
             if not rows:
                 return 0
             # One batch publishes rows of many traces: its span links to each of them.
-            links = [
-                Link(trace.get_current_span(context_from_headers(row.headers)).get_span_context())
-                for row in rows
-            ]
-            with tracer.start_as_current_span(
-                f"{self.name} relay batch", links=links, attributes={"gozon.batch.rows": len(rows)}
-            ):
-                sent, outage = await self._publish(session, rows)
+            for row in rows:
+                batch.add_link(
+                    trace.get_current_span(context_from_headers(row.headers)).get_span_context()
+                )
+            batch.set_attribute("gozon.batch.rows", len(rows))
+            sent, outage = await self._publish(conn, rows)
         # Committed: only now are the rows SENT.
         now = datetime.now(UTC)
         for row in sent:
@@ -158,7 +181,7 @@ class OutboxRelay:
         return len(rows)
 
     async def _publish(
-        self, session: AsyncSession, rows: Sequence[Any]
+        self, conn: AsyncConnection, rows: Sequence[Any]
     ) -> tuple[list[Any], BaseException | None]:
         """Publishes the claimed rows and marks them, inside the claiming transaction.
 
@@ -203,15 +226,9 @@ class OutboxRelay:
             outage = None
         for row, error in failed:
             if outage is None or not is_transient(error):
-                await self._count_attempt(session, row, error)
+                await self._count_attempt(conn, row, error)
         if sent:
-            await session.execute(
-                update(self.table)
-                .where(self.table.c.id.in_([row.id for row in sent]))
-                # clock_timestamp(): the moment of marking, after the acks (now() would be the
-                # start of this transaction, before the publish).
-                .values(status=SENT, sent_at=func.clock_timestamp())
-            )
+            await conn.execute(self._mark_sent, {"ids": [row.id for row in sent]})
         return sent, outage
 
     async def _send(self, row: Any) -> asyncio.Future[Any]:
@@ -220,16 +237,12 @@ class OutboxRelay:
         The span's own context goes out as the Kafka headers, so the consumer's span is its
         child; it ends when the broker acknowledges (or refuses) the message.
         """
-        span = tracer.start_span(
-            f"{row.topic} publish",
+        span = start_send_span(
+            row.topic,
+            key=row.message_key,
+            message_id=str(row.payload.get("event_id", "")),
             context=context_from_headers(row.headers),
-            kind=SpanKind.PRODUCER,
-            attributes={
-                "messaging.system": "kafka",
-                "messaging.destination.name": row.topic,
-                "messaging.message.id": str(row.payload.get("event_id", "")),
-                "gozon.outbox.row_id": row.id,
-            },
+            attributes={"gozon.outbox.row_id": row.id},
         )
         headers = dict(row.headers)
         propagate.inject(headers, context=trace.set_span_in_context(span))
@@ -241,12 +254,12 @@ class OutboxRelay:
                 headers=[(name, str(value).encode()) for name, value in headers.items()],
             )
         except BaseException as exc:
-            _end_span(span, exc)
+            end_send_span(span, exc)
             raise
-        future.add_done_callback(lambda done: _end_span(span, done.exception()))
+        future.add_done_callback(lambda done: end_send_span(span, done))
         return future
 
-    async def _count_attempt(self, session: AsyncSession, row: Any, exc: BaseException) -> None:
+    async def _count_attempt(self, conn: AsyncConnection, row: Any, exc: BaseException) -> None:
         attempts = row.attempts + 1
         final = attempts >= self.config.max_attempts
         delay = retry_delay(attempts, self.config.backoff_base, self.config.backoff_max)
@@ -261,7 +274,7 @@ class OutboxRelay:
             final=final,
             error=repr(exc),
         )
-        await session.execute(
+        await conn.execute(
             update(self.table)
             .where(self.table.c.id == row.id)
             .values(
@@ -397,13 +410,6 @@ async def requeue_failed(engine: AsyncEngine, table: Table) -> int:
             .values(status=PENDING, attempts=0, next_attempt_at=func.now())
         )
     return int(getattr(result, "rowcount", 0) or 0)
-
-
-def _end_span(span: trace.Span, error: BaseException | None) -> None:
-    if error is not None:
-        span.record_exception(error)
-        span.set_status(Status(StatusCode.ERROR, repr(error)))
-    span.end()
 
 
 def _trace_ids(headers: dict[str, str]) -> dict[str, str]:

@@ -23,7 +23,6 @@ from typing import Any
 
 import asyncpg
 import structlog
-from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -50,28 +49,46 @@ def channel_for(outbox: str) -> str:
 
 
 class OutboxNotifier:
-    """Coalesced after-commit notifications for one outbox table."""
+    """Coalesced after-commit notifications for one outbox table, on a connection of its own.
 
-    def __init__(self, engine: AsyncEngine, outbox: str) -> None:
-        self.engine = engine
+    One `SELECT pg_notify(…)` per wake-up, one round trip (autocommit): no pool checkout, no
+    pre-ping, no BEGIN/COMMIT. The connection is made on first use and again after a loss.
+    """
+
+    def __init__(self, database: AsyncEngine | str, outbox: str) -> None:
+        url = database.url if isinstance(database, AsyncEngine) else make_url(database)
+        self.dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
         self.channel = channel_for(outbox)
         self._pending = asyncio.Event()
+        self._conn: asyncpg.Connection | None = None
 
     def notify(self) -> None:
         """Call after the transaction that wrote outbox rows has committed; never blocks."""
         self._pending.set()
 
+    async def _send(self) -> None:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await asyncpg.connect(
+                self.dsn, timeout=5, server_settings={"application_name": "outbox-notifier"}
+            )
+        await self._conn.execute("SELECT pg_notify($1, '')", self.channel, timeout=5)
+
     async def _run(self) -> None:
-        while True:
-            await self._pending.wait()
-            self._pending.clear()
-            try:
-                async with self.engine.connect() as conn:
-                    await conn.execute(text("SELECT pg_notify(:c, '')"), {"c": self.channel})
-                    await conn.commit()
-            except Exception as exc:  # the relay's fallback poll covers a lost notification
-                log.debug("outbox notification failed", channel=self.channel, error=repr(exc))
-                await asyncio.sleep(0.1)
+        try:
+            while True:
+                await self._pending.wait()
+                self._pending.clear()
+                try:
+                    await self._send()
+                except Exception as exc:  # the relay's fallback poll covers a lost notification
+                    log.debug("outbox notification failed", channel=self.channel, error=repr(exc))
+                    if self._conn is not None:
+                        self._conn.terminate()
+                        self._conn = None
+                    await asyncio.sleep(0.1)
+        finally:
+            if self._conn is not None:
+                self._conn.terminate()
 
     def running(self) -> contextlib.AbstractAsyncContextManager[None]:
         """Sends notifications while the block runs."""

@@ -11,12 +11,11 @@ import structlog
 from fastapi import APIRouter, FastAPI, Query, Request, Response, status
 
 from gozon.core.app import ApiLimits, create_app
-from gozon.core.db import create_engine, database_answers
-from gozon.core.deadline import api_session_factory
-from gozon.core.deps import SessionsDep
+from gozon.core.deps import DbDep
 from gozon.core.headers import IdempotencyKeyDep, UserIdDep
 from gozon.core.health import Readiness
 from gozon.core.inputs import StrictRoute
+from gozon.core.pg import Database, driver_dsn
 from gozon.core.problems import Problem
 from gozon.core.settings import OrdersSettings
 from gozon.messaging.wakeup import OutboxNotifier
@@ -55,14 +54,14 @@ CURSOR_PATTERN = r"^[A-Za-z0-9_-]{1,200}$"
 async def create_order(
     body: OrderCreate,
     user_id: UserIdDep,
-    sessions: SessionsDep,
+    db: DbDep,
     request: Request,
     response: Response,
     idempotency_key: IdempotencyKeyDep = None,
 ) -> Any:
     try:
         created = await service.create_order(
-            sessions=sessions, user_id=user_id, data=body, idempotency_key=idempotency_key
+            db=db, user_id=user_id, data=body, idempotency_key=idempotency_key
         )
     except service.IdempotencyKeyReused as exc:
         raise Problem(
@@ -70,16 +69,11 @@ async def create_order(
             "This Idempotency-Key was already used with a different request body.",
             title="Idempotency-Key reused",
         ) from exc
-    log.info(
-        "order created",
-        order_id=str(created.order.id),
-        user_id=user_id,
-        amount=str(created.order.amount),
-        replayed=created.replayed,
-    )
+    order_id = created.order["id"]
+    log.info("order created", order_id=str(order_id), user_id=user_id, replayed=created.replayed)
     if not created.replayed:
         request.state.outbox_notifier.notify()  # committed: wake the relay
-    response.headers["Location"] = f"/api/orders/{created.order.id}"
+    response.headers["Location"] = f"/api/orders/{order_id}"
     if created.replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return created.order
@@ -93,7 +87,7 @@ async def create_order(
 )
 async def list_orders(
     user_id: UserIdDep,
-    sessions: SessionsDep,
+    db: DbDep,
     request: Request,
     response: Response,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
@@ -108,7 +102,7 @@ async def list_orders(
 ) -> Any:
     try:
         orders, next_cursor = await service.list_orders(
-            sessions=sessions, user_id=user_id, limit=limit, cursor=cursor
+            db=db, user_id=user_id, limit=limit, cursor=cursor
         )
     except service.InvalidCursor as exc:
         raise Problem(400, "The cursor is not one this service issued.") from exc
@@ -124,8 +118,8 @@ async def list_orders(
     responses={404: {"description": "No such order for this user."}},
     summary="One of the user's orders, with its status",
 )
-async def get_order(order_id: uuid.UUID, user_id: UserIdDep, sessions: SessionsDep) -> Any:
-    order = await service.get_order(sessions=sessions, user_id=user_id, order_id=order_id)
+async def get_order(order_id: uuid.UUID, user_id: UserIdDep, db: DbDep) -> Any:
+    order = await service.get_order(db=db, user_id=user_id, order_id=order_id)
     if order is None:
         raise Problem(404, f"No order {order_id} for this user.")
     return order
@@ -134,26 +128,21 @@ async def get_order(order_id: uuid.UUID, user_id: UserIdDep, sessions: SessionsD
 def build_app(settings: OrdersSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        engine = create_engine(
+        db = await Database.open(
             settings.orders_database_url,
             pool_size=settings.db_pool_size,
             application_name="orders-api",
             pool_timeout_s=settings.db_pool_timeout_s,
-            command_timeout_s=settings.db_statement_timeout_s + 1,
+            statement_timeout_s=settings.db_statement_timeout_s,
         )
-        sessions = api_session_factory(engine, statement_timeout_s=settings.db_statement_timeout_s)
         readiness = Readiness()
-        readiness.add("database", lambda: database_answers(engine))
-        notifier = OutboxNotifier(engine, order_outbox.name)
+        readiness.add("database", db.answers)
+        notifier = OutboxNotifier(driver_dsn(settings.orders_database_url), order_outbox.name)
         try:
             async with notifier.running():
-                yield {
-                    "sessions": sessions,
-                    "readiness": readiness,
-                    "outbox_notifier": notifier,
-                }
+                yield {"db": db, "readiness": readiness, "outbox_notifier": notifier}
         finally:
-            await engine.dispose()
+            await db.close()
 
     return create_app(
         service="orders",

@@ -1,7 +1,8 @@
-"""The orders rules: create an order with its event in one transaction, read a user's orders.
+"""The orders rules: create an order with its event in one statement, read a user's orders.
 
-`create_order` writes the order row and its `OrderCreated` outbox row in one transaction, so
-an order without its event (or the other way round) cannot exist. With an idempotency key, a
+`create_order` writes the order row and its `OrderCreated` outbox row in one statement (one
+round trip, one commit: `queries.CREATE_ORDER`), so an order without its event (or the other
+way round) cannot exist. With an idempotency key, a
 retry of the same request returns the first order and writes nothing; the same key with a
 different request is refused.
 """
@@ -13,15 +14,18 @@ import hashlib
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import and_, or_, select
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+import orjson
 
 from gozon.contracts import ORDER_CREATED_TOPIC, OrderCreated, OrderCreatedPayload
-from gozon.messaging.outbox import add_to_outbox
-from gozon.orders.models import NEW, Order, order_outbox
+from gozon.core.pg import Database
+from gozon.core.telemetry import current_trace_headers
+from gozon.orders import queries
 from gozon.orders.schemas import OrderCreate
+
+OrderRow = dict[str, Any]
+"""An order as the API answers it: the columns of `queries.ORDER_COLUMNS`."""
 
 
 class IdempotencyKeyReused(Exception):
@@ -34,7 +38,7 @@ class InvalidCursor(ValueError):
 
 @dataclass(frozen=True)
 class Created:
-    order: Order
+    order: OrderRow
     replayed: bool
 
 
@@ -44,74 +48,51 @@ def _fingerprint(data: OrderCreate) -> str:
 
 
 async def create_order(
-    *,
-    sessions: async_sessionmaker[AsyncSession],
-    user_id: str,
-    data: OrderCreate,
-    idempotency_key: str | None,
+    *, db: Database, user_id: str, data: OrderCreate, idempotency_key: str | None
 ) -> Created:
-    fingerprint = _fingerprint(data)
-    now = datetime.now(UTC)
-    async with sessions() as session, session.begin():
-        inserted = await session.scalar(
-            insert(Order)
-            .values(
-                id=uuid.uuid4(),
-                user_id=user_id,
-                amount=data.amount,
-                description=data.description,
-                status=NEW,
-                idempotency_key=idempotency_key,
-                request_fingerprint=fingerprint if idempotency_key else None,
-                created_at=now,
-                updated_at=now,
-            )
-            .on_conflict_do_nothing(
-                index_elements=["user_id", "idempotency_key"],
-                index_where=Order.idempotency_key.is_not(None),
-            )
-            .returning(Order)
-        )
-        if inserted is None:  # only possible with a key: the first request's order exists
-            existing = await session.scalar(
-                select(Order).where(
-                    Order.user_id == user_id, Order.idempotency_key == idempotency_key
-                )
-            )
-            assert existing is not None
-            if existing.request_fingerprint != fingerprint:
-                raise IdempotencyKeyReused(idempotency_key)
-            return Created(existing, replayed=True)
-        event = OrderCreated(
-            aggregate_id=str(inserted.id),
-            payload=OrderCreatedPayload(
-                order_id=inserted.id,
-                user_id=user_id,
-                amount=inserted.amount,
-                description=inserted.description,
-                created_at=inserted.created_at,
-            ),
-        )
-        await add_to_outbox(
-            session,
-            order_outbox,
-            topic=ORDER_CREATED_TOPIC,
-            key=user_id,
-            event=event,
-            aggregate_id=str(inserted.id),
-            event_type=event.event_type,
-        )
-    return Created(inserted, replayed=False)
+    """One statement (`queries.CREATE_ORDER`): the order and its outbox row, or the replay."""
+    fingerprint = _fingerprint(data) if idempotency_key else None
+    order_id = uuid.uuid4()
+    created_at = datetime.now(UTC)
+    event = OrderCreated(
+        aggregate_id=str(order_id),
+        payload=OrderCreatedPayload(
+            order_id=order_id,
+            user_id=user_id,
+            amount=data.amount,
+            description=data.description,
+            created_at=created_at,
+        ),
+    )
+    rows = await db.write(
+        queries.CREATE_ORDER,
+        (
+            order_id,
+            user_id,
+            data.amount,
+            data.description,
+            idempotency_key,
+            fingerprint,
+            created_at,
+            ORDER_CREATED_TOPIC,
+            event.model_dump_json(),
+            orjson.dumps(current_trace_headers()).decode(),
+        ),
+    )
+    if not rows:  # a concurrent request with this key committed first (see CREATE_ORDER)
+        rows = await db.read(queries.ORDER_BY_KEY, (user_id, idempotency_key))
+    row = dict(rows[0])
+    created = row.pop("created")
+    stored_fingerprint = row.pop("request_fingerprint")
+    if not created and stored_fingerprint != fingerprint:
+        raise IdempotencyKeyReused(idempotency_key)
+    return Created(row, replayed=not created)
 
 
-async def get_order(
-    *, sessions: async_sessionmaker[AsyncSession], user_id: str, order_id: uuid.UUID
-) -> Order | None:
+async def get_order(*, db: Database, user_id: str, order_id: uuid.UUID) -> OrderRow | None:
     """The user's order, or None: another user's order is indistinguishable from none."""
-    async with sessions() as session:
-        return await session.scalar(
-            select(Order).where(Order.id == order_id, Order.user_id == user_id)
-        )
+    rows = await db.read(queries.GET_ORDER, (order_id, user_id))
+    return dict(rows[0]) if rows else None
 
 
 def _encode(created_at: datetime, order_id: uuid.UUID) -> str:
@@ -119,8 +100,8 @@ def _encode(created_at: datetime, order_id: uuid.UUID) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def encode_cursor(order: Order) -> str:
-    return _encode(order.created_at.astimezone(UTC), order.id)
+def encode_cursor(order: OrderRow) -> str:
+    return _encode(order["created_at"].astimezone(UTC), order["id"])
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
@@ -145,25 +126,15 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 
 
 async def list_orders(
-    *,
-    sessions: async_sessionmaker[AsyncSession],
-    user_id: str,
-    limit: int,
-    cursor: str | None,
-) -> tuple[list[Order], str | None]:
+    *, db: Database, user_id: str, limit: int, cursor: str | None
+) -> tuple[list[OrderRow], str | None]:
     """The user's orders, newest first (keyset pagination); returns the next page's cursor."""
-    query = select(Order).where(Order.user_id == user_id)
     if cursor:
         created_at, order_id = decode_cursor(cursor)
-        query = query.where(
-            or_(
-                Order.created_at < created_at,
-                and_(Order.created_at == created_at, Order.id < order_id),
-            )
-        )
-    query = query.order_by(Order.created_at.desc(), Order.id.desc()).limit(limit + 1)
-    async with sessions() as session:
-        orders = list((await session.scalars(query)).all())
+        rows = await db.read(queries.LIST_ORDERS_AFTER, (user_id, created_at, order_id, limit + 1))
+    else:
+        rows = await db.read(queries.LIST_ORDERS, (user_id, limit + 1))
+    orders = [dict(row) for row in rows]
     if len(orders) > limit:
         return orders[:limit], encode_cursor(orders[limit - 1])
     return orders, None

@@ -134,6 +134,9 @@ def build_app(settings: PaymentsSettings) -> FastAPI:
             settings.payments_database_url,
             pool_size=settings.db_pool_size,
             application_name="payments-api",
+            # No ping round trip per request: a connection found dead is a 503 (nothing was
+            # written) and SQLAlchemy then replaces every connection older than it.
+            pre_ping=False,
             pool_timeout_s=settings.db_pool_timeout_s,
             command_timeout_s=settings.db_statement_timeout_s + 1,
         )

@@ -1,0 +1,596 @@
+"""Benchmark: the platform's capacity, end to end, and what each order costs in CPU.
+
+vegeta (an open-loop generator in Go, `scripts/install-vegeta`) offers POST /api/orders
+through the gateway at fixed rates, every request a new order (its own Idempotency-Key) of
+one of many users who were funded beforehand. For each rate the bench prints:
+
+- what vegeta saw: requests sent per second, status codes (503s apart), latencies;
+- what the platform completed, from order_db's own clock: orders that reached their final
+  status (FINISHED/CANCELLED) per second inside the steady window (the attack minus its first
+  `--warmup` seconds), and order → final p50/p95/p99 (`created_at` → final `updated_at`) of
+  the orders created in that window;
+- the backlog each second: orders still NEW, order_outbox and payment_outbox rows PENDING;
+- a CPU budget: for every process (the seven gozon processes, PostgreSQL with all its
+  backends, Kafka's JVM, supervisord, vegeta, this script) the CPU it used in the steady
+  window, from /proc/PID/stat (utime+stime, plus cutime+cstime and the live descendants, so
+  that a PostgreSQL backend that exits mid-window still counts), per completed order.
+
+After a short warm-up, before the first rate, it measures the idle platform: each process's
+CPU over `--idle` seconds with no traffic, in % of one core.
+
+    .venv/bin/python -m bench.capacity --rates 50,100,300 --duration 60
+    .venv/bin/python -m bench.capacity --stack running --rates 50     # against `make up`
+
+By default the bench starts its own stack exactly as `make up` does (PostgreSQL, Kafka, the
+seven processes under supervisord, each logging to its own file) in a temporary folder on
+free ports, and stops it at the end. `--stack running` measures the stack the GOZON_*
+variables point at (by default `make up`'s ports and `.gozon` folder). Markdown tables go to
+stdout, ready for docs/benchmarks.md; `--json FILE` also writes every figure as JSON.
+
+Loopback only; every wait is bounded (`--drain` seconds after each attack).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import port_for
+
+from gozon.processes import PROCESSES
+from scripts.stack import Platform, StackConfig, _migrate_and_create_topics
+from tests.faults.load import vegeta
+
+TICK = os.sysconf("SC_CLK_TCK")
+FINAL = ("FINISHED", "CANCELLED")
+
+
+# --------------------------------------------------------------------------- CPU accounting
+
+
+def _stat(pid: int) -> tuple[int, int, int] | None:
+    """(ppid, own utime+stime, reaped children's cutime+cstime) in clock ticks."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    # after "pid (comm) ": state ppid … utime(14) stime(15) cutime(16) cstime(17), 1-based
+    return int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+
+
+def _process_table() -> dict[int, tuple[int, int, int]]:
+    table = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            stat = _stat(int(entry.name))
+            if stat is not None:
+                table[int(entry.name)] = stat
+    return table
+
+
+def _tree_ticks(pid: int, table: Mapping[int, tuple[int, int, int]], own_only: bool) -> int:
+    """CPU of `pid` and everything under it: its own time, its reaped children's, and its live
+    descendants' (a child that exits moves from the last term to the second, so the sum is
+    consistent from one snapshot to the next)."""
+    if pid not in table:
+        return 0
+    _, own, reaped = table[pid]
+    if own_only:
+        return own
+    children: dict[int, list[int]] = {}
+    for child, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(child)
+    total, stack = 0, [pid]
+    while stack:
+        current = stack.pop()
+        _, own, reaped = table[current]
+        total += own + reaped
+        stack.extend(children.get(current, ()))
+    return total
+
+
+@dataclass
+class Watched:
+    """The processes whose CPU is counted: name → (pid, count only its own time)."""
+
+    pids: dict[str, tuple[int, bool]] = field(default_factory=dict)
+
+    def snapshot(self) -> dict[str, float]:
+        """CPU seconds used so far by each watched process (with its descendants)."""
+        table = _process_table()
+        return {
+            name: _tree_ticks(pid, table, own_only) / TICK
+            for name, (pid, own_only) in self.pids.items()
+        }
+
+
+def cpu_delta(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
+    return {name: after[name] - before.get(name, 0.0) for name in after}
+
+
+# --------------------------------------------------------------------------- the stack
+
+
+@dataclass
+class Stack:
+    config: StackConfig
+    gateway: str
+    orders_db: str
+    payments_db: str
+    watched: Watched
+    own: bool
+    workdir: Path
+
+
+def _free_ports(count: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < count:
+        port = port_for.select_random(exclude_ports=ports)
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def _own_stack_env(partitions: int) -> dict[str, str]:
+    """GOZON_* settings for a throwaway stack: a temporary folder and free ports."""
+    data_dir = Path(tempfile.mkdtemp(prefix="gozon-capacity-"))
+    data_dir.chmod(0o755)  # PostgreSQL runs as its own user and must reach its folder
+    ports = iter(_free_ports(3 + len(PROCESSES)))
+    cache = StackConfig.from_env().cache_dir  # Kafka's jars: reuse `make up`'s download
+    env = {
+        "GOZON_DATA_DIR": str(data_dir),
+        "GOZON_CACHE_DIR": os.environ.get("GOZON_CACHE_DIR", str(cache)),
+        "GOZON_PG_PORT": str(next(ports)),
+        "GOZON_KAFKA_PORT": str(next(ports)),
+        "GOZON_KAFKA_CONTROLLER_PORT": str(next(ports)),
+        "GOZON_KAFKA_TOPIC_PARTITIONS": str(partitions),
+    }
+    for process in PROCESSES:
+        env[process.port_setting] = str(next(ports))
+    return env
+
+
+def start_stack(args: argparse.Namespace) -> Stack:
+    if args.stack == "own":
+        os.environ.update(_own_stack_env(args.partitions))
+    config = StackConfig.from_env()
+    pg = config.postgres()
+    kafka = dataclasses.replace(config.kafka(), partitions=args.partitions)
+    platform = Platform(config)
+    if args.stack == "own":
+        print(f"starting a stack in {config.data_dir} …", file=sys.stderr)
+        try:
+            pg.start()
+            kafka.start()
+            env = config.platform_env(pg, kafka)
+            _migrate_and_create_topics(env, kafka)
+            platform.start(env)
+        except BaseException:
+            platform.stop()
+            kafka.stop()
+            pg.stop()
+            raise
+    states = platform.states()
+    missing = [p.name for p in PROCESSES if states.get(p.name) is None or not states[p.name].pid]
+    if missing or pg.running_pid() is None or kafka.running_pid() is None:
+        raise SystemExit(f"the stack is not whole (missing: {missing}); start it with `make up`")
+    watched = Watched()
+    for process in PROCESSES:
+        watched.pids[process.name] = (states[process.name].pid, False)
+    watched.pids["postgresql"] = (pg.running_pid() or 0, False)
+    watched.pids["kafka"] = (kafka.running_pid() or 0, False)
+    watched.pids["supervisord"] = (platform.pidfile.pid() or 0, True)  # its children are above
+    watched.pids["bench (this script)"] = (os.getpid(), True)
+    gateway_port = os.environ.get("GOZON_GATEWAY_PORT", "8080")
+    return Stack(
+        config=config,
+        gateway=f"http://127.0.0.1:{gateway_port}",
+        orders_db=pg.url("order_db", driver="postgresql"),
+        payments_db=pg.url("account_db", driver="postgresql"),
+        watched=watched,
+        own=args.stack == "own",
+        workdir=Path(tempfile.mkdtemp(prefix="gozon-capacity-vegeta-")),
+    )
+
+
+def stop_stack(stack: Stack, keep: bool) -> None:
+    shutil.rmtree(stack.workdir, ignore_errors=True)
+    if not stack.own or keep:
+        return
+    config = stack.config
+    Platform(config).stop()
+    config.kafka().stop()
+    config.postgres().stop()
+    shutil.rmtree(config.data_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- load
+
+
+async def fund(gateway: str, users: list[str]) -> None:
+    connector = aiohttp.TCPConnector(limit=16)
+    async with aiohttp.ClientSession(connector=connector) as http:
+
+        async def one(user: str) -> None:
+            async with http.post(
+                f"{gateway}/api/payments/deposit?amount=100000000",
+                headers={"X-User-Id": user, "Idempotency-Key": f"fund-{user}"},
+            ) as response:
+                if response.status not in (200, 201):
+                    raise SystemExit(f"funding {user}: {response.status} {await response.text()}")
+
+        await asyncio.gather(*(one(user) for user in users))
+
+
+def write_targets(path: Path, gateway: str, users: list[str], prefix: str, count: int) -> None:
+    """`count` orders, each its own key (also its description), users round robin."""
+    with path.open("w") as out:
+        for n in range(count):
+            key = f"{prefix}-{n}"
+            body = json.dumps({"amount": 1, "description": key}).encode()
+            target = {
+                "method": "POST",
+                "url": f"{gateway}/api/orders",
+                "body": base64.b64encode(body).decode(),
+                "header": {
+                    "X-User-Id": [users[n % len(users)]],
+                    "Idempotency-Key": [key],
+                    "Content-Type": ["application/json"],
+                },
+            }
+            out.write(json.dumps(target, separators=(",", ":")) + "\n")
+
+
+@dataclass
+class Sample:
+    t: float  # seconds since the attack began
+    new: int
+    order_outbox: int
+    payment_outbox: int
+    cpu: dict[str, float]
+
+
+async def sample(
+    stack: Stack, orders: asyncpg.Connection, payments: asyncpg.Connection, started: float
+) -> Sample:
+    cpu = stack.watched.snapshot()
+    new = await orders.fetchval("SELECT count(*) FROM orders WHERE status = 'NEW'")
+    order_outbox = await orders.fetchval(
+        "SELECT count(*) FROM order_outbox WHERE status = 'PENDING'"
+    )
+    payment_outbox = await payments.fetchval(
+        "SELECT count(*) FROM payment_outbox WHERE status = 'PENDING'"
+    )
+    return Sample(time.time() - started, new, order_outbox, payment_outbox, cpu)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+@dataclass
+class RateResult:
+    rate: int
+    duration: int
+    warmup: int
+    load_before: str
+    load_after: str = ""
+    vegeta: dict[str, Any] = field(default_factory=dict)
+    completed_per_s: float = 0.0
+    completed_in_window: int = 0
+    latencies_ms: dict[str, float] = field(default_factory=dict)
+    statuses: dict[str, int] = field(default_factory=dict)
+    drained_after_s: float | None = None
+    samples: list[Sample] = field(default_factory=list)
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    window_s: float = 0.0
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+async def run_rate(
+    stack: Stack, users: list[str], rate: int, args: argparse.Namespace
+) -> RateResult:
+    result = RateResult(rate, args.duration, args.warmup, loadavg())
+    prefix = f"cap-{uuid.uuid4().hex[:8]}-{rate}"
+    targets = stack.workdir / f"targets-{rate}.jsonl"
+    results = stack.workdir / f"results-{rate}.bin"
+    write_targets(targets, stack.gateway, users, prefix, rate * args.duration)
+    binary = vegeta()
+    orders = await asyncpg.connect(stack.orders_db)
+    payments = await asyncpg.connect(stack.payments_db)
+    try:
+        started = time.time()
+        attack = await asyncio.create_subprocess_exec(
+            binary,
+            "attack",
+            "-format=json",
+            f"-targets={targets}",
+            f"-rate={rate}/1s",
+            f"-duration={args.duration}s",
+            "-timeout=15s",
+            "-keepalive=true",
+            f"-output={results}",
+            stderr=subprocess.PIPE,
+        )
+        stack.watched.pids["vegeta"] = (attack.pid, False)
+        window: dict[str, Sample] = {}
+        tick = 0
+        deadline = started + args.duration + args.drain
+        while True:
+            tick += 1
+            await asyncio.sleep(max(0.0, started + tick - time.time()))
+            now = await sample(stack, orders, payments, started)
+            result.samples.append(now)
+            if tick == args.warmup:
+                window["start"] = now
+            if tick == args.duration - 1:  # vegeta still runs: its /proc entry is there
+                window["end"] = now
+            if tick >= args.duration and attack.returncode is not None:
+                if now.new == 0 and now.order_outbox == 0 and now.payment_outbox == 0:
+                    result.drained_after_s = now.t - args.duration
+                    break
+                if time.time() > deadline:
+                    break
+        _, stderr = await attack.communicate()
+        del stack.watched.pids["vegeta"]
+        if attack.returncode != 0:
+            raise SystemExit(f"vegeta failed: {stderr.decode()}")
+        report = (
+            await asyncio.to_thread(
+                subprocess.run,
+                [binary, "report", "-type=json", str(results)],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+        ).stdout
+        result.vegeta = json.loads(report)
+        t0 = started + window["start"].t
+        t1 = started + window["end"].t
+        result.window_s = window["end"].t - window["start"].t
+        result.cpu_s = cpu_delta(window["start"].cpu, window["end"].cpu)
+        result.completed_in_window = await orders.fetchval(
+            "SELECT count(*) FROM orders WHERE status <> 'NEW' "
+            "AND updated_at >= to_timestamp($1) AND updated_at < to_timestamp($2)",
+            t0,
+            t1,
+        )
+        result.completed_per_s = result.completed_in_window / result.window_s
+        rows = await orders.fetch(
+            "SELECT status, extract(epoch FROM updated_at - created_at) * 1000 AS ms "
+            "FROM orders WHERE description LIKE $1 "
+            "AND created_at >= to_timestamp($2) AND created_at < to_timestamp($3)",
+            f"{prefix}-%",
+            t0,
+            t1,
+        )
+        all_statuses = await orders.fetch(
+            "SELECT status, count(*) AS n FROM orders WHERE description LIKE $1 GROUP BY status",
+            f"{prefix}-%",
+        )
+    finally:
+        await orders.close()
+        await payments.close()
+    result.statuses = {row["status"]: int(row["n"]) for row in all_statuses}
+    latencies = [float(row["ms"]) for row in rows if row["status"] in FINAL]
+    if latencies:
+        result.latencies_ms = {
+            "p50": statistics.median(latencies),
+            "p95": percentile(latencies, 95),
+            "p99": percentile(latencies, 99),
+            "max": max(latencies),
+            "count": len(latencies),
+            "still_new": sum(1 for row in rows if row["status"] not in FINAL),
+        }
+    result.load_after = loadavg()
+    return result
+
+
+async def idle(stack: Stack, seconds: int) -> dict[str, float]:
+    """Each process's CPU over `seconds` with no traffic, in % of one core."""
+    before = stack.watched.snapshot()
+    started = time.monotonic()
+    await asyncio.sleep(seconds)
+    after = stack.watched.snapshot()
+    elapsed = time.monotonic() - started
+    return {name: 100 * spent / elapsed for name, spent in cpu_delta(before, after).items()}
+
+
+async def warm_up(stack: Stack, users: list[str]) -> None:
+    """A short unreported attack: the first orders after a start are slower (JIT, pools)."""
+    targets = stack.workdir / "warmup.jsonl"
+    write_targets(targets, stack.gateway, users, f"warm-{uuid.uuid4().hex[:8]}", 100)
+    await asyncio.to_thread(
+        subprocess.run,
+        [
+            vegeta(),
+            "attack",
+            "-format=json",
+            f"-targets={targets}",
+            "-rate=20/1s",
+            "-duration=5s",
+            "-output=/dev/null",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    orders = await asyncpg.connect(stack.orders_db)
+    try:
+        for _ in range(300):
+            if await orders.fetchval("SELECT count(*) FROM orders WHERE status = 'NEW'") == 0:
+                return
+            await asyncio.sleep(0.2)
+    finally:
+        await orders.close()
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _ms(nanoseconds: float) -> str:
+    return f"{nanoseconds / 1e6:.0f}" if nanoseconds >= 1e7 else f"{nanoseconds / 1e6:.1f}"
+
+
+def _fmt_ms(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def summary_table(results: list[RateResult]) -> str:
+    lines = [
+        "| offered | sent/s | 201 | 503 | other | completed/s | order → final p50 / p95 / p99 ms "
+        "| NEW backlog max / at end | HTTP p50 / p99 ms | drained after | CPU ms/order "
+        "| load avg before → after |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        codes = {str(k): int(v) for k, v in r.vegeta.get("status_codes", {}).items()}
+        created = codes.get("201", 0)
+        shed = codes.get("503", 0)
+        other = sum(codes.values()) - created - shed
+        lat = r.latencies_ms
+        window = [s for s in r.samples if r.warmup <= s.t <= r.duration + 0.5]
+        backlog_max = max((s.new for s in window), default=0)
+        backlog_end = window[-1].new if window else 0
+        vl = r.vegeta.get("latencies", {})
+        total_cpu = sum(r.cpu_s.values())
+        per_order = 1000 * total_cpu / r.completed_in_window if r.completed_in_window else None
+        drained = f"{r.drained_after_s:.0f} s" if r.drained_after_s is not None else "not drained"
+        lines.append(
+            f"| {r.rate}/s × {r.duration} s | {r.vegeta.get('rate', 0):.0f} | {created} | {shed} "
+            f"| {other} | **{r.completed_per_s:.0f}** "
+            f"| {_fmt_ms(lat.get('p50'))} / {_fmt_ms(lat.get('p95'))} / {_fmt_ms(lat.get('p99'))} "
+            f"| {backlog_max} / {backlog_end} "
+            f"| {_ms(vl.get('50th', 0))} / {_ms(vl.get('99th', 0))} | {drained} "
+            f"| {_fmt_ms(per_order)} | {r.load_before} → {r.load_after} |"
+        )
+    return "\n".join(lines)
+
+
+def cpu_table(results: list[RateResult], idle_pct: Mapping[str, float] | None) -> str:
+    names = list(results[0].cpu_s) if results else list(idle_pct or {})
+    header = "| process |"
+    rule = "| --- |"
+    if idle_pct is not None:
+        header += " idle, % of a core |"
+        rule += " --- |"
+    for r in results:
+        header += f" {r.rate}/s: ms per order (% of a core) |"
+        rule += " --- |"
+    lines = [header, rule]
+    for name in [*names, "total"]:
+        row = f"| {name} |"
+        if idle_pct is not None:
+            value = sum(idle_pct.values()) if name == "total" else idle_pct.get(name, 0.0)
+            row += f" {value:.1f} |"
+        for r in results:
+            spent = sum(r.cpu_s.values()) if name == "total" else r.cpu_s.get(name, 0.0)
+            per = 1000 * spent / r.completed_in_window if r.completed_in_window else 0.0
+            row += f" {per:.2f} ({100 * spent / r.window_s:.0f}%) |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def backlog_lines(r: RateResult) -> str:
+    marks = " ".join(f"{s.t:.0f}s:{s.new}/{s.order_outbox}/{s.payment_outbox}" for s in r.samples)
+    return (
+        f"{r.rate}/s, backlog each second (NEW orders / order_outbox PENDING / "
+        f"payment_outbox PENDING): {marks}"
+    )
+
+
+# --------------------------------------------------------------------------- main
+
+
+async def measure(
+    stack: Stack, args: argparse.Namespace
+) -> tuple[dict[str, float] | None, list[RateResult]]:
+    users = [f"cap-user-{uuid.uuid4().hex[:6]}-{n}" for n in range(args.users)]
+    await fund(stack.gateway, users)
+    await warm_up(stack, users)
+    idle_pct = None
+    if args.idle:
+        await asyncio.sleep(10)  # after the warm-up: the JVM's and pools' start-up work is done
+        idle_pct = await idle(stack, args.idle)
+    results = []
+    for rate in args.rates:
+        print(f"{rate}/s for {args.duration} s …", file=sys.stderr)
+        results.append(await run_rate(stack, users, rate, args))
+        print(summary_table(results[-1:]), file=sys.stderr)
+        await asyncio.sleep(args.pause)
+    return idle_pct, results
+
+
+def run(args: argparse.Namespace) -> int:
+    stack = start_stack(args)  # synchronous: the launcher runs its own event loops
+    try:
+        idle_pct, results = asyncio.run(measure(stack, args))
+    finally:
+        stop_stack(stack, args.keep)
+
+    print(
+        f"\n`bench.capacity` {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"{os.cpu_count()} cores, {args.users} users, partitions {args.partitions}, "
+        f"stack: {args.stack}, steady window = attack minus its first {args.warmup} s\n"
+    )
+    print(summary_table(results))
+    print()
+    print(cpu_table(results, idle_pct))
+    print()
+    for r in results:
+        print(backlog_lines(r))
+    if args.json:
+        figures = {"idle_pct": idle_pct, "results": [dataclasses.asdict(r) for r in results]}
+        Path(args.json).write_text(json.dumps(figures, indent=1))
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--rates", type=lambda s: [int(x) for x in s.split(",")], default=[50, 100, 300]
+    )
+    parser.add_argument("--duration", type=int, default=60, help="seconds per rate")
+    parser.add_argument("--warmup", type=int, default=10, help="seconds left out of the window")
+    parser.add_argument("--drain", type=int, default=120, help="seconds to wait for finals")
+    parser.add_argument("--pause", type=int, default=5, help="seconds between rates")
+    parser.add_argument("--users", type=int, default=500)
+    parser.add_argument("--idle", type=int, default=30, help="idle measurement, s (0: none)")
+    parser.add_argument("--stack", choices=("own", "running"), default="own")
+    parser.add_argument("--partitions", type=int, default=3, help="topic partitions (own)")
+    parser.add_argument("--keep", action="store_true", help="leave the own stack running")
+    parser.add_argument("--json", help="also write every figure to this file")
+    args = parser.parse_args()
+    if not 0 < args.warmup < args.duration - 1:
+        parser.error("--warmup must be at least 1 s and 2 s shorter than --duration")
+    # SIGTERM (a timeout, a runner's stop) still runs the clean-up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

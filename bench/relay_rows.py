@@ -1,0 +1,240 @@
+"""Benchmark: what the outbox relay costs per row, by batch size, and its round trips.
+
+Starts its own throwaway PostgreSQL and Kafka (as the tests do), fills order_outbox with
+`--rows` rows shaped as the orders service writes them (a real OrderCreated envelope and a
+`traceparent`), and drains it with `OutboxRelay.publish_batch` in this process, once per batch
+size. It prints, per batch size: rows/s, this process's CPU per row (the relay's own cost:
+SQL, publishing, spans, logs, metrics), PostgreSQL's CPU per row (all its processes, from
+/proc), and the statements the relay sent per batch (counted with SQLAlchemy's events,
+BEGIN and COMMIT included).
+
+`--compare FILE` (repeatable) loads another relay module from FILE (e.g. the previous version:
+`git show HEAD~1:services/gozon/messaging/relay.py > /tmp/relay_old.py`) and alternates the
+two in the same run (A, B, A, B, …), so the machine's load hits both alike.
+
+    .venv/bin/python -m bench.relay_rows --rows 5000 --batch-sizes 1,20,200
+    .venv/bin/python -m bench.relay_rows --compare /tmp/relay_old.py
+
+Loopback only; every loop is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from decimal import Decimal
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import asyncpg
+import port_for
+from sqlalchemy import event
+
+from bench.capacity import Watched
+from gozon.contracts import OrderCreated, OrderCreatedPayload, utc_now
+from gozon.core.db import create_engine, session_factory
+from gozon.core.logging import configure_logging
+from gozon.messaging import relay as installed_relay
+from gozon.messaging.kafka import new_producer
+from gozon.orders.models import order_outbox
+from scripts.stack import Kafka, Postgres, StackConfig, create_topics
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "services" / "gozon" / "orders" / "migrations"
+TOPIC = "bench.relay.rows"
+
+
+def load_relay(path: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"relay_{uuid.uuid4().hex[:6]}", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot load a relay module from {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+async def fill(dsn: str, rows: int) -> None:
+    records = []
+    for n in range(rows):
+        order_id = uuid.uuid4()
+        envelope = OrderCreated(
+            aggregate_id=str(order_id),
+            payload=OrderCreatedPayload(
+                order_id=order_id,
+                user_id=f"bench-{n % 100}",
+                amount=Decimal("10.50"),
+                description=f"bench {n}",
+                created_at=utc_now(),
+            ),
+        )
+        traceparent = f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01"
+        records.append(
+            (
+                str(order_id),
+                "OrderCreated",
+                TOPIC,
+                str(order_id),
+                json.dumps(envelope.model_dump(mode="json")),
+                json.dumps({"traceparent": traceparent}),
+            )
+        )
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.copy_records_to_table(
+            "order_outbox",
+            records=records,
+            columns=["aggregate_id", "event_type", "topic", "message_key", "payload", "headers"],
+        )
+        await conn.execute("VACUUM ANALYZE order_outbox")
+    finally:
+        await conn.close()
+
+
+async def drain(
+    module: ModuleType, url: str, bootstrap: str, batch_size: int, pg: Watched
+) -> dict[str, float]:
+    engine = create_engine(url, pool_size=2, pre_ping=False)
+    statements = 0
+
+    def count(*_: Any) -> None:
+        nonlocal statements
+        statements += 1
+
+    # BEGIN and COMMIT do not pass through cursor execution: count them as well.
+    event.listen(engine.sync_engine, "before_cursor_execute", count)
+    event.listen(engine.sync_engine, "begin", count)
+    event.listen(engine.sync_engine, "commit", count)
+    event.listen(engine.sync_engine, "rollback", count)
+    producer = new_producer(bootstrap, client_id="bench-relay")
+    await producer.start()
+    relay = module.OutboxRelay(
+        table=order_outbox,
+        sessions=session_factory(engine),
+        producer=producer,
+        config=module.RelayConfig(batch_size=batch_size),
+    )
+    try:
+        await relay.publish_batch()  # warm: the connection, prepared statements, metadata
+        statements = 0
+        rows = batches = 0
+        times, pg_before = os.times(), pg.snapshot()
+        started = time.perf_counter()
+        while claimed := await relay.publish_batch():
+            rows += claimed
+            batches += 1
+        elapsed = time.perf_counter() - started
+        after = os.times()
+        user, system = after.user - times.user, after.system - times.system
+        pg_cpu = sum(pg.snapshot().values()) - sum(pg_before.values())
+    finally:
+        await producer.stop()
+        await engine.dispose()
+    return {
+        "rows": rows,
+        "rows_per_s": rows / elapsed,
+        "relay_us_per_row": 1e6 * (user + system) / rows,
+        "relay_sys_share": system / (user + system) if user + system else 0.0,
+        "pg_us_per_row": 1e6 * pg_cpu / rows,
+        "statements_per_batch": statements / batches,
+    }
+
+
+async def run(args: argparse.Namespace, pg: Postgres, kafka: Kafka) -> None:
+    dsn = pg.url("order_db", driver="postgresql")
+    url = pg.url("order_db")
+    await create_topics(kafka.bootstrap, [TOPIC], partitions=3)
+    watched = Watched({"postgresql": (pg.running_pid() or 0, False)})
+    variants: dict[str, ModuleType] = {"installed": installed_relay}
+    for path in args.compare:
+        variants[f"from {path}"] = load_relay(path)
+    figures: dict[tuple[str, int], list[dict[str, float]]] = {}
+    for batch_size in args.batch_sizes:
+        rows = args.rows if batch_size > 1 else min(args.rows, args.rows_single)
+        for _ in range(args.rounds):
+            for name, module in variants.items():
+                await fill(dsn, rows)
+                result = await drain(module, url, kafka.bootstrap, batch_size, watched)
+                figures.setdefault((name, batch_size), []).append(result)
+                print(f"{name} batch {batch_size}: {result}", file=sys.stderr)
+    print(
+        f"\n`bench.relay_rows`, {args.rounds} rounds per variant (medians), load average "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}\n"
+    )
+    print(
+        "| relay | batch size | rows/s | relay CPU µs/row (system share) "
+        "| PostgreSQL CPU µs/row | statements per batch |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    for (name, batch_size), results in figures.items():
+
+        def median(key: str, results: list[dict[str, float]] = results) -> float:
+            return statistics.median(r[key] for r in results)
+
+        print(
+            f"| {name} | {batch_size} | {median('rows_per_s'):,.0f} "
+            f"| {median('relay_us_per_row'):,.0f} ({median('relay_sys_share'):.0%}) "
+            f"| {median('pg_us_per_row'):,.0f} "
+            f"| {median('statements_per_batch'):.1f} |"
+        )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=5000, help="rows per drain")
+    parser.add_argument("--rows-single", type=int, default=1000, help="rows at batch size 1")
+    parser.add_argument(
+        "--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 20, 200]
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        help="another relay module's file, alternated with ours (repeatable)",
+    )
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    # The processes' own logging (JSON lines at INFO): part of the cost, written to /dev/null.
+    stdout, sys.stdout = sys.stdout, open(os.devnull, "w")  # noqa: SIM115 (for the process)
+    try:
+        configure_logging("orders")
+    finally:
+        sys.stdout = stdout
+
+    work = Path(tempfile.mkdtemp(prefix="gozon-bench-"))
+    work.chmod(0o755)
+    pg = Postgres(work / "pg", port_for.select_random(), durable=True, databases=("order_db",))
+    kafka_port = port_for.select_random()
+    kafka = Kafka(
+        work / "kafka",
+        kafka_port,
+        port_for.select_random(exclude_ports=[kafka_port]),
+        cache_dir=StackConfig.from_env().cache_dir,
+    )
+    try:
+        pg.start()
+        kafka.start()
+        from gozon.core.migrations import upgrade
+
+        upgrade(MIGRATIONS, pg.url("order_db"))
+        asyncio.run(run(args, pg, kafka))
+        return 0
+    finally:
+        kafka.stop()
+        pg.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

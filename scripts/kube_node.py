@@ -1,0 +1,694 @@
+"""A real one-node Kubernetes on this machine (`k8s/node-cluster`): pods run in containers.
+
+The control plane of `scripts/kube_cluster.py` (etcd, kube-apiserver, kube-controller-manager,
+kube-scheduler) without kwok, plus the node: Debian's containerd as the CRI runtime, Debian's
+CNI plugins (a bridge network), the kubelet and kube-proxy built from the same Kubernetes
+module as the control plane, and CoreDNS as the cluster DNS. The binaries come from
+`scripts/k8s-tools --node`; the two images the node itself needs (the pod sandbox's `pause`
+and CoreDNS) are one-file images made here from those binaries and imported into containerd.
+Nothing is pulled from an image registry: images are imported (`load_image`, or
+`docker save … | ctr -n k8s.io images import -`).
+
+What it guarantees:
+- The node has an address that is not loopback, so that the API server can reach the
+  kubelet (`kubectl logs/exec/port-forward`) and pods can reach the API server: NODE_IP on a
+  port-less bridge device of its own (NODE_DEVICE; this machine's kernel has no `dummy`
+  device), made at start and removed by `delete`. The API server listens on that address.
+- containerd runs with `restrict_oom_score_adj = true` (this VM refuses negative
+  oom_score_adj, and runc fails without it), its own socket, root and state folders, apart
+  from the Docker engine's containerd.
+- The kubelet: cgroupfs driver, cgroup v1 allowed, no QoS cgroups (the VM does not delegate
+  them), x509 + webhook authentication and authorization; the API server reaches it with a
+  client certificate of `system:masters`.
+- The CNI chain: bridge (with host-local IPAM), firewall (the pods' traffic accepted in FORWARD,
+  whatever the policy: the Docker engine's is DROP), portmap.
+- kube-proxy in iptables mode; `net.bridge.bridge-nf-call-iptables` is set, so traffic
+  between pods on the bridge goes through its rules (a Service's answer is un-NATed).
+- Starting is idempotent and each component is waited for: etcd, the API server, the
+  controllers as in the control plane, containerd (`ctr version`), the kubelet's /healthz,
+  kube-proxy's /healthz, the Node Ready, CoreDNS's Deployment Available, the `default`
+  service account.
+- Stopping stops our processes by pid, in reverse order; before containerd stops, the
+  containers it still runs are killed (so no shim outlives the node). `delete` also unmounts
+  what the kubelet and containerd left mounted under the data folder, removes kube-proxy's
+  iptables rules, the bridges, and the data folder.
+- Logs: `<data>/logs/<component>.log`. Default data folder `$GOZON_DATA_DIR/kube-node`
+  (`.gozon/kube-node`); `--data-dir` or GOZON_KUBE_NODE_DIR moves it.
+
+NetworkPolicies are accepted by the API server and not enforced: the bridge CNI has no
+policy engine (docs/kubernetes.md, "Verified on a real node").
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scripts.kube_cluster import LocalCluster, tools_bin, tools_cache
+from scripts.stack import ROOT, StackError, wait_until
+
+NODE_COMPONENTS = (
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "containerd",
+    "kubelet",
+    "kube-proxy",
+)
+NODE_NAME = "gozon-node"
+NODE_DEVICE = "gozon-node0"
+NODE_IP = os.environ.get("GOZON_KUBE_NODE_IP", "10.250.0.1")
+CNI_BRIDGE = "gozon-cni0"
+POD_CIDR = os.environ.get("GOZON_KUBE_POD_CIDR", "10.244.0.0/24")
+CLUSTER_DNS = "10.96.0.10"
+CNI_BIN_DIRS = ("/usr/lib/cni", "/opt/cni/bin")
+START_TIMEOUT = float(os.environ.get("GOZON_KUBE_START_TIMEOUT", "300"))
+IMAGE_NAMESPACE = "k8s.io"  # containerd's namespace for the CRI
+
+
+def default_node_dir() -> Path:
+    if "GOZON_KUBE_NODE_DIR" in os.environ:
+        return Path(os.environ["GOZON_KUBE_NODE_DIR"]).resolve()
+    return Path(os.environ.get("GOZON_DATA_DIR", ROOT / ".gozon")).resolve() / "kube-node"
+
+
+def _run(*cmd: str, stdin: bytes | None = None, check: bool = True) -> str:
+    done = subprocess.run(list(cmd), input=stdin, capture_output=True, check=False)
+    if check and done.returncode != 0:
+        err = done.stderr.decode(errors="replace").strip()
+        raise StackError(f"{' '.join(cmd[:4])} … failed: {err}")
+    return done.stdout.decode(errors="replace")
+
+
+def _write(path: Path, text: str) -> bool:
+    """Writes a file only when its content changes (kube-proxy exits when its configuration
+    file is written to, even with the same content); True when it did."""
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+        return True
+    return False
+
+
+def one_file_image(binary: Path, name: str, entrypoint: Sequence[str]) -> bytes:
+    """A `docker save` archive of an image holding one static binary at /<its name>.
+
+    containerd's `ctr images import` reads this format; building it here needs no Docker
+    engine and no base image.
+    """
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tar.gettarinfo(str(binary), arcname=binary.name)
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        info.mtime = 0
+        info.mode = 0o755
+        with binary.open("rb") as f:
+            tar.addfile(info, f)
+    layer_bytes = layer.getvalue()
+    diff_id = hashlib.sha256(layer_bytes).hexdigest()
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "created": "1970-01-01T00:00:00Z",
+            "config": {"Entrypoint": list(entrypoint), "User": "0"},
+            "rootfs": {"type": "layers", "diff_ids": [f"sha256:{diff_id}"]},
+        }
+    ).encode()
+    config_id = hashlib.sha256(config).hexdigest()
+    manifest = json.dumps(
+        [{"Config": f"{config_id}.json", "RepoTags": [name], "Layers": [f"{diff_id}/layer.tar"]}]
+    ).encode()
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for path, data in (
+            (f"{diff_id}/layer.tar", layer_bytes),
+            (f"{config_id}.json", config),
+            ("manifest.json", manifest),
+        ):
+            info = tarfile.TarInfo(path)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+@dataclass
+class NodeCluster(LocalCluster):
+    """The control plane plus one real node, owned by its data folder."""
+
+    components: tuple[str, ...] = field(default=NODE_COMPONENTS, init=False)
+    api_host: str = field(default=NODE_IP, init=False)
+    # components whose configuration file _prepare changed (restarted by a start that reuses)
+    _changed: set[str] = field(default_factory=set, init=False, repr=False)
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def containerd_socket(self) -> Path:
+        return self.data_dir / "containerd" / "containerd.sock"
+
+    @property
+    def containerd_state(self) -> Path:
+        # containerd's state folder holds sockets: short, and on a tmpfs like /run/containerd
+        tag = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:12]
+        return Path("/run/gozon-containerd") / tag
+
+    @property
+    def node_ports(self) -> dict[str, int]:
+        state = self.data_dir / "node.json"
+        if state.exists():
+            ports: dict[str, int] = json.loads(state.read_text())["ports"]
+            return ports
+        from scripts.kube_cluster import _free_ports
+
+        names = ("kubelet", "kubelet-healthz", "proxy-healthz", "proxy-metrics")
+        chosen = dict(zip(names, _free_ports(len(names)), strict=True))
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        state.write_text(json.dumps({"ports": chosen}, indent=2) + "\n")
+        return chosen
+
+    @property
+    def pause_image(self) -> str:
+        version = (tools_cache() / "pause.version").read_text().strip()
+        return f"gozon.local/pause:{version}"
+
+    @property
+    def coredns_image(self) -> str:
+        version = os.environ.get("GOZON_COREDNS_VERSION", "v1.15.0")
+        return f"gozon.local/coredns:{version}"
+
+    def ctr(self, *args: str, stdin: bytes | None = None, check: bool = True) -> str:
+        """Debian's `ctr` against our containerd, in the CRI's namespace."""
+        return _run(
+            "ctr", "--address", str(self.containerd_socket), "-n", IMAGE_NAMESPACE, *args,
+            stdin=stdin, check=check,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ certificates
+    def _extra_certs(self, client_ext: str) -> dict[str, tuple[str, str]]:
+        return {
+            "kubelet": (f"/O=system:nodes/CN=system:node:{NODE_NAME}", client_ext),
+            "kube-proxy": ("/CN=system:kube-proxy", client_ext),
+            # the API server's identity towards the kubelet (logs, exec, port-forward)
+            "apiserver-kubelet": ("/O=system:masters/CN=kube-apiserver-kubelet-client", client_ext),
+        }
+
+    # ------------------------------------------------------------------ host network
+    def _ensure_network(self) -> None:
+        """The node's address on a port-less bridge (a dummy device), and IP forwarding."""
+        links = _run("ip", "-o", "link", "show")
+        if f": {NODE_DEVICE}:" not in links and f": {NODE_DEVICE}@" not in links:
+            _run("ip", "link", "add", NODE_DEVICE, "type", "bridge")
+        addrs = _run("ip", "-o", "-4", "addr", "show", "dev", NODE_DEVICE)
+        if f" {NODE_IP}/" not in addrs:
+            _run("ip", "addr", "add", f"{NODE_IP}/32", "dev", NODE_DEVICE)
+        _run("ip", "link", "set", NODE_DEVICE, "up")
+        for key in ("net/ipv4/ip_forward", "net/bridge/bridge-nf-call-iptables"):
+            path = Path("/proc/sys") / key
+            if path.exists() and path.read_text().strip() != "1":
+                path.write_text("1\n")
+
+    # ------------------------------------------------------------------ configuration
+    def _cni_bin_dir(self) -> str:
+        for d in CNI_BIN_DIRS:
+            if (Path(d) / "bridge").exists():
+                return d
+        raise StackError(
+            "the CNI plugins are missing (no bridge in "
+            f"{' or '.join(CNI_BIN_DIRS)}): apt-get install containernetworking-plugins"
+        )
+
+    def _prepare(self) -> None:
+        for binary in ("containerd", "ctr", "runc", "iptables"):
+            if shutil.which(binary) is None:
+                raise StackError(
+                    f"{binary} is missing: apt-get install containerd runc iptables "
+                    "containernetworking-plugins"
+                )
+        for name in ("kubelet", "kube-proxy", "pause", "coredns"):
+            self._binary(name)
+        self._ensure_network()
+        d = self.data_dir
+        cni = d / "cni"
+        (cni / "net.d").mkdir(parents=True, exist_ok=True)
+        conflist = {
+            "cniVersion": "1.0.0",
+            "name": "gozon",
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": CNI_BRIDGE,
+                    "isGateway": True,
+                    "ipMasq": True,
+                    "hairpinMode": True,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": POD_CIDR}]],
+                        "routes": [{"dst": "0.0.0.0/0"}],
+                        "dataDir": str(cni / "ipam"),
+                    },
+                },
+                # accepts the pods' traffic in the FORWARD chain: with the bridge's traffic
+                # going through iptables, the Docker engine's `FORWARD DROP` policy would
+                # otherwise drop new pod-to-pod connections
+                {"type": "firewall", "backend": "iptables"},
+                {"type": "portmap", "capabilities": {"portMappings": True}},
+            ],
+        }
+        _write(cni / "net.d" / "10-gozon.conflist", json.dumps(conflist, indent=2) + "\n")
+        cri = 'plugins."io.containerd.grpc.v1.cri"'
+        (d / "containerd").mkdir(parents=True, exist_ok=True)
+        if _write(
+            d / "containerd" / "config.toml",
+            f"""# Written by scripts/kube_node.py.
+version = 2
+root = "{d / "containerd" / "root"}"
+state = "{self.containerd_state}"
+disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
+
+[grpc]
+  address = "{self.containerd_socket}"
+
+[ttrpc]
+  address = "{self.containerd_socket}.ttrpc"
+
+[debug]
+  address = ""
+
+[metrics]
+  address = ""
+
+[{cri}]
+  sandbox_image = "{self.pause_image}"
+  # this VM refuses a negative oom_score_adj; runc fails ("can't get final child's PID from
+  # pipe") unless containerd keeps the scores at or above its own
+  restrict_oom_score_adj = true
+  [{cri}.containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [{cri}.containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [{cri}.containerd.runtimes.runc.options]
+        SystemdCgroup = false
+  [{cri}.cni]
+    bin_dir = "{self._cni_bin_dir()}"
+    conf_dir = "{cni / "net.d"}"
+""",
+        ):
+            self._changed.add("containerd")
+        self._write_kubeconfig(d / "kubelet.kubeconfig", "kubelet")
+        self._write_kubeconfig(d / "kube-proxy.kubeconfig", "kube-proxy")
+        p = self.node_ports
+        pki = self.pki
+        kubelet = {
+            "apiVersion": "kubelet.config.k8s.io/v1beta1",
+            "kind": "KubeletConfiguration",
+            "address": NODE_IP,
+            "port": p["kubelet"],
+            "readOnlyPort": 0,
+            "healthzBindAddress": "127.0.0.1",
+            "healthzPort": p["kubelet-healthz"],
+            "authentication": {
+                "anonymous": {"enabled": False},
+                "webhook": {"enabled": True},
+                "x509": {"clientCAFile": str(pki / "ca.crt")},
+            },
+            "authorization": {"mode": "Webhook"},
+            "cgroupDriver": "cgroupfs",
+            "failCgroupV1": False,
+            "cgroupsPerQOS": False,
+            "enforceNodeAllocatable": [],
+            "containerRuntimeEndpoint": f"unix://{self.containerd_socket}",
+            "clusterDNS": [CLUSTER_DNS],
+            "clusterDomain": "cluster.local",
+            "resolvConf": str(self._resolv_conf()),
+            "failSwapOn": False,
+            "serializeImagePulls": False,
+            "maxPods": 110,
+            # a shared machine's disk: evict only when it is really full
+            "evictionHard": {
+                "memory.available": "100Mi",
+                "nodefs.available": "2%",
+                "imagefs.available": "2%",
+            },
+            "imageGCHighThresholdPercent": 98,
+            "imageGCLowThresholdPercent": 95,
+            "tlsCertFile": str(pki / "serving.crt"),
+            "tlsPrivateKeyFile": str(pki / "serving.key"),
+        }
+        if _write(d / "kubelet.yaml", json.dumps(kubelet, indent=2) + "\n"):
+            self._changed.add("kubelet")
+        proxy = {
+            "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+            "kind": "KubeProxyConfiguration",
+            "clientConnection": {"kubeconfig": str(d / "kube-proxy.kubeconfig")},
+            "hostnameOverride": NODE_NAME,
+            "mode": "iptables",
+            "clusterCIDR": POD_CIDR,
+            "healthzBindAddress": f"127.0.0.1:{p['proxy-healthz']}",
+            "metricsBindAddress": f"127.0.0.1:{p['proxy-metrics']}",
+            "nodePortAddresses": [f"{NODE_IP}/32"],
+            # no masqueradeAll: the bridge's traffic goes through iptables
+            # (bridge-nf-call-iptables), so replies between pods on the bridge are un-NATed,
+            # and a server sees its clients' pod addresses
+            "iptables": {"masqueradeAll": False},
+            # leave the host's conntrack table sizes alone
+            "conntrack": {"maxPerCore": 0},
+        }
+        if _write(d / "kube-proxy.yaml", json.dumps(proxy, indent=2) + "\n"):
+            self._changed.add("kube-proxy")
+
+    def _resolv_conf(self) -> Path:
+        """The host's resolv.conf without loopback name servers (they do not answer in a pod,
+        and CoreDNS would forward to itself)."""
+        lines = []
+        with contextlib.suppress(OSError):
+            for line in Path("/etc/resolv.conf").read_text().splitlines():
+                words = line.split()
+                if words[:1] == ["nameserver"] and (
+                    words[1].startswith("127.") or words[1] == "::1"
+                ):
+                    continue
+                lines.append(line)
+        path = self.data_dir / "resolv.conf"
+        if _write(path, "\n".join(lines) + "\n"):
+            self._changed.add("kubelet")
+        return path
+
+    def _commands(self) -> dict[str, list[str]]:
+        commands = super()._commands()
+        del commands["kwok"]
+        pki, d = self.pki, self.data_dir
+        api = commands["kube-apiserver"]
+        api[:] = [
+            a
+            for a in api
+            if not a.startswith(
+                ("--bind-address", "--advertise-address", "--endpoint-reconciler-type",
+                 "--authorization-mode")
+            )
+        ]  # fmt: skip
+        api += [
+            f"--bind-address={NODE_IP}",
+            f"--advertise-address={NODE_IP}",
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",
+            f"--kubelet-client-certificate={pki / 'apiserver-kubelet.crt'}",
+            f"--kubelet-client-key={pki / 'apiserver-kubelet.key'}",
+            "--kubelet-preferred-address-types=InternalIP",
+        ]
+        commands["containerd"] = ["containerd", f"--config={d / 'containerd' / 'config.toml'}"]
+        commands["kubelet"] = [
+            self._binary("kubelet"),
+            f"--config={d / 'kubelet.yaml'}",
+            f"--kubeconfig={d / 'kubelet.kubeconfig'}",
+            f"--root-dir={d / 'kubelet'}",
+            f"--cert-dir={d / 'kubelet' / 'pki'}",
+            f"--hostname-override={NODE_NAME}",
+            f"--node-ip={NODE_IP}",
+            "--node-labels=topology.kubernetes.io/zone=zone-a,gozon.local/node=real",
+            "--v=1",
+        ]
+        commands["kube-proxy"] = [self._binary("kube-proxy"), f"--config={d / 'kube-proxy.yaml'}"]
+        return commands
+
+    def _ready(self, component: str) -> bool:
+        p = self.node_ports
+        if component == "containerd":
+            if not self.containerd_socket.exists():
+                return False
+            try:
+                self.ctr("version")
+            except StackError:
+                return False
+            self._import_node_images()
+            return True
+        if component == "kubelet":
+            return self._get_ok(f"http://127.0.0.1:{p['kubelet-healthz']}/healthz")
+        if component == "kube-proxy":
+            return self._get_ok(f"http://127.0.0.1:{p['proxy-healthz']}/livez")
+        return super()._ready(component)
+
+    # ------------------------------------------------------------------ images
+    def has_image(self, name: str) -> bool:
+        return any(line.split()[:1] == [name] for line in self.ctr("images", "ls").splitlines())
+
+    def load_image(self, archive: bytes) -> str:
+        """Imports a `docker save` archive into the node's containerd; returns ctr's output."""
+        return self.ctr("images", "import", "-", stdin=archive)
+
+    def _import_node_images(self) -> None:
+        bin_dir = tools_bin()
+        for name, binary, entry in (
+            (self.pause_image, bin_dir / "pause", ["/pause"]),
+            (self.coredns_image, bin_dir / "coredns", ["/coredns"]),
+        ):
+            if not self.has_image(name):
+                self.ctr("images", "import", "-", stdin=one_file_image(binary, name, entry))
+
+    # ------------------------------------------------------------------ cluster add-ons
+    def _reuse(self) -> None:
+        self._changed.clear()
+        self._prepare()  # the bridge device may be gone (a reboot keeps no link)
+        if self._changed:
+            # a component whose configuration changed is restarted with it
+            for component in self._changed:
+                self._pidfile(component).stop(timeout=20)
+            self.start()
+        else:
+            self._seed()
+
+    def _seed(self) -> None:
+        """Waits for the node, then runs CoreDNS (the `kube-dns` Service at CLUSTER_DNS)."""
+        self._kubectl(
+            "wait", "--for=condition=Ready", f"node/{NODE_NAME}", f"--timeout={START_TIMEOUT:.0f}s"
+        )
+        self._kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
+                      stdin=json.dumps(self._coredns_objects()))  # fmt: skip
+        self._kubectl(
+            "-n", "kube-system", "rollout", "status", "deployment/coredns",
+            f"--timeout={START_TIMEOUT:.0f}s",
+        )  # fmt: skip
+        wait_until(
+            lambda: bool(
+                self._kubectl("get", "serviceaccounts", "-n", "default", "-o", "name").strip()
+            ),
+            timeout=START_TIMEOUT,
+            what="the default service account (kube-controller-manager)",
+            log=self._log("kube-controller-manager"),
+        )
+
+    def _coredns_objects(self) -> dict[str, object]:
+        labels = {"k8s-app": "kube-dns"}
+        corefile = (
+            ".:53 {\n"
+            "    errors\n"
+            "    health {\n"
+            "        lameduck 5s\n"
+            "    }\n"
+            "    ready\n"
+            "    kubernetes cluster.local in-addr.arpa ip6.arpa {\n"
+            "        pods insecure\n"
+            "        fallthrough in-addr.arpa ip6.arpa\n"
+            "        ttl 30\n"
+            "    }\n"
+            "    forward . /etc/resolv.conf\n"
+            "    cache 30\n"
+            "    loop\n"
+            "    reload\n"
+            "}\n"
+        )
+        meta = {"namespace": "kube-system"}
+        items: list[dict[str, object]] = [
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {**meta, "name": "coredns"}},
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "ClusterRole",
+                "metadata": {"name": "system:coredns"},
+                "rules": [
+                    {
+                        "apiGroups": [""],
+                        "resources": ["endpoints", "services", "pods", "namespaces"],
+                        "verbs": ["list", "watch"],
+                    },
+                    {
+                        "apiGroups": ["discovery.k8s.io"],
+                        "resources": ["endpointslices"],
+                        "verbs": ["list", "watch"],
+                    },
+                ],
+            },
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "ClusterRoleBinding",
+                "metadata": {"name": "system:coredns"},
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "ClusterRole",
+                    "name": "system:coredns",
+                },
+                "subjects": [
+                    {"kind": "ServiceAccount", "name": "coredns", "namespace": "kube-system"}
+                ],
+            },
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {**meta, "name": "coredns"},
+                "data": {"Corefile": corefile},
+            },
+            {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {**meta, "name": "coredns", "labels": labels},
+                "spec": {
+                    "replicas": 1,
+                    "selector": {"matchLabels": labels},
+                    "template": {
+                        "metadata": {"labels": labels},
+                        "spec": {
+                            "serviceAccountName": "coredns",
+                            "dnsPolicy": "Default",
+                            "priorityClassName": "system-cluster-critical",
+                            "containers": [
+                                {
+                                    "name": "coredns",
+                                    "image": self.coredns_image,
+                                    "imagePullPolicy": "Never",
+                                    "args": ["-conf", "/etc/coredns/Corefile"],
+                                    "ports": [
+                                        {"name": "dns", "containerPort": 53, "protocol": "UDP"},
+                                        {"name": "dns-tcp", "containerPort": 53, "protocol": "TCP"},
+                                    ],
+                                    "volumeMounts": [
+                                        {"name": "config", "mountPath": "/etc/coredns"}
+                                    ],
+                                    "livenessProbe": {
+                                        "httpGet": {"path": "/health", "port": 8080},
+                                        "periodSeconds": 10,
+                                        "failureThreshold": 5,
+                                    },
+                                    "readinessProbe": {
+                                        "httpGet": {"path": "/ready", "port": 8181},
+                                        "periodSeconds": 2,
+                                    },
+                                    "resources": {
+                                        "requests": {"cpu": "50m", "memory": "50Mi"},
+                                        "limits": {"memory": "170Mi"},
+                                    },
+                                }
+                            ],
+                            "volumes": [{"name": "config", "configMap": {"name": "coredns"}}],
+                        },
+                    },
+                },
+            },
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {**meta, "name": "kube-dns", "labels": labels},
+                "spec": {
+                    "clusterIP": CLUSTER_DNS,
+                    "selector": labels,
+                    "ports": [
+                        {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
+                        {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53},
+                    ],
+                },
+            },
+        ]
+        return {"apiVersion": "v1", "kind": "List", "items": items}
+
+    # ------------------------------------------------------------------ stop, delete
+    def stop(self) -> list[str]:
+        stopped = []
+        for component in reversed(self.components):
+            if component == "containerd" and self._pidfile(component).pid() is not None:
+                self._kill_containers()
+            if self._pidfile(component).stop(timeout=20):
+                stopped.append(component)
+        return stopped
+
+    def _kill_containers(self) -> None:
+        """Kills the containers containerd still runs (their shims would outlive it)."""
+        with contextlib.suppress(StackError):
+            for line in self.ctr("tasks", "ls", "-q").split():
+                self.ctr("tasks", "kill", "--signal", "SIGKILL", line, check=False)
+            wait_until(
+                lambda: (
+                    not any("RUNNING" in line for line in self.ctr("tasks", "ls").splitlines()[1:])
+                ),
+                timeout=30,
+                what="containerd's containers to stop",
+            )
+            for task in self.ctr("tasks", "ls", "-q").split():
+                self.ctr("tasks", "delete", task, check=False)
+
+    def delete(self) -> None:
+        self.stop()
+        with contextlib.suppress(StackError):
+            _run(str(tools_bin() / "kube-proxy"), "--cleanup", check=False)
+        self._unmount_under(self.data_dir)
+        self._unmount_under(self.containerd_state)
+        for device in (CNI_BRIDGE, NODE_DEVICE):
+            _run("ip", "link", "delete", device, check=False)
+        shutil.rmtree(self.containerd_state, ignore_errors=True)
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    @staticmethod
+    def _unmount_under(folder: Path) -> None:
+        prefix = str(folder.resolve()) + "/"
+        mounts = [
+            line.split()[4]
+            for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if line.split()[4].startswith(prefix)
+        ]
+        for mount in sorted(mounts, key=len, reverse=True):
+            _run("umount", "-l", mount, check=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="k8s/node-cluster", description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=["start", "stop", "status", "delete", "env"])
+    parser.add_argument("--data-dir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    cluster = NodeCluster((args.data_dir or default_node_dir()).resolve())
+    try:
+        if args.command == "start":
+            cluster.start()
+            print(f"one-node cluster ready at {cluster.server}; logs in {cluster.logs}")
+            print(f"export KUBECONFIG={cluster.kubeconfig}")
+        elif args.command == "stop":
+            stopped = cluster.stop()
+            print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+        elif args.command == "delete":
+            cluster.delete()
+            print(f"deleted {cluster.data_dir}")
+        elif args.command == "env":
+            print(f"KUBECONFIG={cluster.kubeconfig}")
+            print(f"CONTAINERD_ADDRESS={cluster.containerd_socket}")
+        else:
+            up = cluster.running()
+            for component in cluster.components:
+                print(f"{component:<25} {'running' if component in up else 'stopped'}")
+            return 0 if up == list(cluster.components) else 1
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""The APIs' request path to PostgreSQL: one round trip per statement, on asyncpg directly.
+
+Owns how an API request talks to its database (SQLAlchemy keeps the schema, the migrations
+and the workers). Guarantees, per docs/reliability.md:
+
+- **One round trip per statement, nothing else.** No pool pre-ping and no reset query on
+  release (the statements here leave no session state behind: no `SET`, no `LISTEN`, no
+  advisory lock, no open transaction), and asyncpg prepares each statement once per
+  connection and then only binds and executes it.
+- **A write is one statement that commits by itself** (a data-modifying CTE, autocommit), so
+  the commit is part of the same round trip. Every connection starts with
+  `statement_timeout` = the API's statement cap (`GOZON_DB_STATEMENT_TIMEOUT_S`). When the
+  request's time left is under that cap, the write instead runs as `BEGIN; SET LOCAL
+  statement_timeout = <time left>` + the statement + `COMMIT` (three round trips, only for
+  requests short of time), and the COMMIT is not sent once the deadline has passed. Either
+  way a statement cannot run past the caller's deadline and nothing commits after it.
+- **A dead pooled connection costs the client nothing when that is safe**: asyncpg drops a
+  connection the server closed; a statement that finds its connection closed before it was
+  sent, or whose connection the server terminated with an error saying so (`57P01` admin
+  shutdown, `57P02` crash shutdown, `57P03` cannot connect now: the statement was rolled
+  back), is sent once more on a fresh connection. A second failure is a 503.
+- **Every failure has an honest answer**: `NotProcessed` (503, nothing was written: the pool
+  was exhausted, the database refused or dropped us before the statement committed, the
+  statement was cut by its timeout), `OutcomeUnknown` (504: the connection was lost or timed
+  out on the client's side while a write was in flight, so it may have committed), or
+  `DeadlineExceeded` (503). Any other database error is a bug and stays one (500).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, TypeVar
+
+import asyncpg
+import structlog
+from sqlalchemy.engine import make_url
+
+from gozon.core.deadline import (
+    MIN_BUDGET_S,
+    QUERY_CANCELED,
+    DeadlineExceeded,
+    NotProcessed,
+    OutcomeUnknown,
+    current_budget,
+)
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+# The server said it is terminating or not yet accepting this connection: the statement
+# did not run (or was rolled back), and a fresh connection may well succeed.
+_RETRY_SQLSTATES: Final = frozenset({"57P01", "57P02", "57P03"})
+# Server-reported failures that roll the statement back and mean "later", not "never":
+# 08 connection exception, 40 rollback (serialization, deadlock), 53 insufficient resources,
+# 57 operator intervention (57014: cancelled by statement_timeout).
+_NOT_PROCESSED_CLASSES: Final = frozenset({"08", "40", "53", "57"})
+
+
+def driver_dsn(url: str) -> str:
+    """asyncpg's DSN from the SQLAlchemy URL the settings carry (`postgresql+asyncpg://…`)."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def _no_reset(connection: asyncpg.Connection) -> None:
+    """Release without asyncpg's reset query (a round trip): the statements here leave no
+    session state behind, and asyncpg itself rolls back a transaction a request left open."""
+
+
+async def _in_short_transaction(
+    conn: asyncpg.Connection, query: str, args: Sequence[Any], left: float
+) -> list[asyncpg.Record]:
+    """The write for a request with less time left than the statement cap: its own statement
+    timeout, and no COMMIT once the deadline has passed."""
+    try:
+        await conn.execute(f"BEGIN; SET LOCAL statement_timeout = {int(left * 1000)}")
+        try:
+            rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+            budget = current_budget()
+            if budget is not None and budget.left() <= 0:
+                raise DeadlineExceeded
+        except (Exception, asyncio.CancelledError):
+            with contextlib.suppress(Exception):  # a lost connection has nothing to roll back
+                await conn.execute("ROLLBACK")
+            raise
+    except (asyncpg.ConnectionDoesNotExistError, OSError, TimeoutError) as exc:
+        # Lost before COMMIT was sent: the open transaction died with its connection.
+        if _server_said(exc) is not None:
+            raise  # the caller may retry it on a fresh connection
+        raise NotProcessed(f"connection lost before commit: {exc!r}") from exc
+    await conn.execute("COMMIT")
+    return rows
+
+
+class Database:
+    """One API process's connection pool and its three ways to run a statement."""
+
+    def __init__(self, pool: asyncpg.Pool, *, pool_timeout_s: float, statement_timeout_s: float):
+        self.pool = pool
+        self.pool_timeout_s = pool_timeout_s
+        self.statement_timeout_s = statement_timeout_s
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        *,
+        pool_size: int,
+        application_name: str,
+        pool_timeout_s: float,
+        statement_timeout_s: float,
+    ) -> Database:
+        """The pool, empty at first (connections are made on demand, so an API starts while its
+        database is down and becomes ready when it answers)."""
+        pool = await asyncpg.create_pool(
+            driver_dsn(url),
+            min_size=0,
+            # As the SQLAlchemy engines had it: pool_size kept, as many again under bursts.
+            max_size=2 * pool_size,
+            max_inactive_connection_lifetime=60,
+            reset=_no_reset,
+            timeout=5,  # connect
+            # The client's own limit only for a server that stopped answering: the server's
+            # statement_timeout fires first.
+            command_timeout=statement_timeout_s + 1,
+            server_settings={
+                "application_name": application_name,
+                "statement_timeout": str(int(statement_timeout_s * 1000)),
+            },
+        )
+        return cls(pool, pool_timeout_s=pool_timeout_s, statement_timeout_s=statement_timeout_s)
+
+    async def close(self) -> None:
+        await asyncio.wait_for(self.pool.close(), timeout=5)
+
+    async def answers(self) -> bool:
+        """Readiness: one round trip to the database."""
+        try:
+            await self.read(_SELECT_1, ())
+        except Exception:  # any failure means "not ready"
+            return False
+        return True
+
+    # ------------------------------------------------------------------ the three ways
+
+    async def read(self, query: str, args: Sequence[Any]) -> list[asyncpg.Record]:
+        """A read-only statement. Safe to repeat, so any lost connection is retried once."""
+
+        async def run(conn: asyncpg.Connection, left: float) -> list[asyncpg.Record]:
+            # A read has nothing to commit: the client-side timeout (asyncpg cancels the
+            # statement on the server) is enough to keep it inside the deadline.
+            rows: list[asyncpg.Record] = await conn.fetch(
+                query, *args, timeout=min(left, self.statement_timeout_s)
+            )
+            return rows
+
+        return await self._run(run, write=False)
+
+    async def write(self, query: str, args: Sequence[Any]) -> list[asyncpg.Record]:
+        """A statement that writes and commits by itself, bounded by the request's deadline."""
+
+        async def run(conn: asyncpg.Connection, left: float) -> list[asyncpg.Record]:
+            if left >= self.statement_timeout_s:
+                rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+                return rows  # bounded by the connection's statement_timeout: the cap
+            return await _in_short_transaction(conn, query, args, left)
+
+        return await self._run(run, write=True)
+
+    # ------------------------------------------------------------------ failures
+
+    def _left(self) -> float:
+        budget = current_budget()
+        left = budget.left() if budget is not None else self.statement_timeout_s
+        if left < MIN_BUDGET_S:
+            raise DeadlineExceeded
+        return left
+
+    async def _acquire(self, left: float) -> asyncpg.pool.PoolConnectionProxy:
+        try:
+            return await self.pool.acquire(timeout=min(left, self.pool_timeout_s))
+        except TimeoutError as exc:  # no free connection in time, or connecting timed out
+            raise NotProcessed("pool exhausted or connect timed out") from exc
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise NotProcessed(f"cannot connect: {exc!r}") from exc
+
+    async def _run(
+        self, run: Callable[[asyncpg.Connection, float], Awaitable[T]], *, write: bool
+    ) -> T:
+        for attempt in (1, 2):
+            left = self._left()
+            started = time.monotonic()
+            conn = await self._acquire(left)
+            broken = True  # unless the server answered: then the connection is as good as new
+            try:
+                result = await run(conn, left - (time.monotonic() - started))
+                broken = False
+                return result
+            except asyncpg.ConnectionDoesNotExistError as exc:  # lost mid-statement
+                said = _server_said(exc)
+                if said is not None:  # the server rolled back and closed: nothing committed
+                    if said in _RETRY_SQLSTATES and attempt == 1:
+                        log.info("database closed the connection; retrying", sqlstate=said)
+                        continue
+                    raise NotProcessed(f"{said}: {exc}") from exc
+                if write:
+                    raise OutcomeUnknown(repr(exc)) from exc
+                if attempt == 2:
+                    raise NotProcessed(f"connection lost: {exc!r}") from exc
+            except asyncpg.PostgresError as exc:  # the server's answer: nothing committed
+                code = exc.sqlstate or ""
+                if code in _RETRY_SQLSTATES and attempt == 1:
+                    log.info("database connection refused a statement; retrying", sqlstate=code)
+                    continue
+                broken = code[:2] in _NOT_PROCESSED_CLASSES and code != QUERY_CANCELED
+                if code[:2] in _NOT_PROCESSED_CLASSES:
+                    raise NotProcessed(f"{code}: {exc}") from exc
+                raise
+            except asyncpg.DataError:  # a value the driver cannot encode: a bug, not an outage
+                broken = False
+                raise
+            except (asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
+                # Refused by the driver before anything was sent: the connection was closed,
+                # or is still digesting the server's goodbye (its FATAL read, its EOF not yet).
+                if attempt == 2:
+                    raise NotProcessed(repr(exc)) from exc
+                log.info("pooled connection unusable; retrying", error=repr(exc))
+            except TimeoutError as exc:  # no answer in time (asyncpg cancelled the statement)
+                if write:
+                    raise OutcomeUnknown(repr(exc)) from exc
+                raise NotProcessed(f"no answer in time: {exc!r}") from exc  # not worth a retry
+            except OSError as exc:  # the socket failed
+                if write:
+                    raise OutcomeUnknown(repr(exc)) from exc
+                if attempt == 2:
+                    raise NotProcessed(repr(exc)) from exc
+            except BaseException:
+                broken = False  # ours (a rule, the deadline) or a cancellation: asyncpg copes
+                raise
+            finally:
+                if broken:
+                    with contextlib.suppress(Exception):
+                        conn.terminate()
+                await self._release(conn)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _release(self, conn: asyncpg.pool.PoolConnectionProxy) -> None:
+        try:
+            await self.pool.release(conn, timeout=1)
+        except Exception as exc:  # a broken connection is dropped by the pool either way
+            log.debug("releasing a connection failed", error=repr(exc))
+
+
+def _server_said(exc: BaseException) -> str | None:
+    """The SQLSTATE of the error the server sent before closing the connection, if it did
+    (asyncpg chains it as the cause of ConnectionDoesNotExistError)."""
+    cause = exc.__cause__
+    if isinstance(cause, asyncpg.PostgresError) and not isinstance(
+        cause, asyncpg.ConnectionDoesNotExistError
+    ):
+        return str(cause.sqlstate or "") or None
+    return None
+
+
+_SELECT_1: Final = "SELECT 1"
