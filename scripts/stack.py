@@ -91,9 +91,11 @@ def wait_until(
     timeout: float,
     what: str,
     alive: Callable[[], bool] = lambda: True,
+    failed: Callable[[], str | None] = lambda: None,
     log: Path | None = None,
 ) -> None:
-    """Polls `ready` until it is true; fails fast when `alive` turns false, or at the deadline."""
+    """Polls `ready` until it is true; fails fast when `alive` turns false or `failed` names a
+    failure (its message is used), or at the deadline."""
     deadline = time.monotonic() + timeout
     delay = 0.05
     while True:
@@ -101,6 +103,9 @@ def wait_until(
             return
         if not alive():
             raise StackError(f"{what} exited while starting{_log_tail(log)}")
+        failure = failed()
+        if failure is not None:
+            raise StackError(f"{failure}{_log_tail(log)}")
         if time.monotonic() > deadline:
             raise StackError(f"{what} was not ready after {timeout:.0f} s{_log_tail(log)}")
         time.sleep(delay)
@@ -182,6 +187,14 @@ class PidFile:
         if _pid_alive(pid) and self.marker in _cmdline(pid):
             return pid
         return None
+
+    def running(self, pid: int) -> bool:
+        """Whether `pid`, found ours by `pid()` earlier, still runs. The command line is not
+        read again: a read that comes back empty (it can, for a live process) would call a
+        running process gone; a pid recycled within the seconds of a start is not a risk."""
+        if self._child is not None and self._child.pid == pid:
+            return self._child.poll() is None
+        return _pid_alive(pid)
 
     def write(self, pid: int) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -847,7 +860,17 @@ def process_log(data_dir: Path, name: str) -> Path:
     return data_dir / "logs" / f"{name}.log"
 
 
-def supervisor_config(data_dir: Path, processes: Sequence[Process] = PROCESSES) -> str:
+def _gozon_command(entry: Process) -> str:
+    return entry.command
+
+
+def supervisor_config(
+    data_dir: Path,
+    processes: Sequence[Process] = PROCESSES,
+    *,
+    command: Callable[[Process], str] = _gozon_command,
+    start_retries: int = START_RETRIES,
+) -> str:
     """supervisord's configuration, generated from the process table (never hand-written).
 
     Each process writes its output straight to its own file in the data folder (the shell
@@ -876,14 +899,14 @@ def supervisor_config(data_dir: Path, processes: Sequence[Process] = PROCESSES) 
     for entry in processes:
         log = shlex.quote(str(process_log(data_dir, entry.name)))
         sections[f"program:{entry.name}"] = {
-            "command": f"/bin/sh -c {shlex.quote(f'exec {entry.command} >>{log} 2>&1')}",
+            "command": f"/bin/sh -c {shlex.quote(f'exec {command(entry)} >>{log} 2>&1')}",
             "directory": str(ROOT),
             # the gateway starts after its upstreams (a lower priority starts first)
             "priority": "200" if entry.kind == "gateway" else "100",
             "autostart": "true",
             "autorestart": "true",
             "startsecs": str(START_SECS),
-            "startretries": str(START_RETRIES),
+            "startretries": str(start_retries),
             "stopsignal": "TERM",
             "stopwaitsecs": str(STOP_WAIT_SECS),
             "stopasgroup": "true",
@@ -962,10 +985,12 @@ def restart_counts(supervisor_log: Path) -> dict[str, int]:
     return {name: count - 1 for name, count in spawns.items()}
 
 
-def _health_urls(env: Mapping[str, str]) -> dict[str, str]:
+def _health_urls(
+    env: Mapping[str, str], processes: Sequence[Process] = PROCESSES
+) -> dict[str, str]:
     """Each process's base URL (its API port or its side port), from the process table."""
     return {
-        p.name: f"http://127.0.0.1:{env.get(p.port_setting, p.default_port)}" for p in PROCESSES
+        p.name: f"http://127.0.0.1:{env.get(p.port_setting, p.default_port)}" for p in processes
     }
 
 
@@ -996,9 +1021,15 @@ class Platform:
 
     A process that dies is restarted (with backoff when it keeps dying at start-up) while the
     others keep running. Each process logs to `logs/<name>.log` in the data folder.
+
+    `processes`, `command` and `start_retries` are the process table, how a process is run
+    and how many failed starts in a row supervisord allows; tests change them.
     """
 
     config: StackConfig
+    processes: Sequence[Process] = PROCESSES
+    command: Callable[[Process], str] = _gozon_command
+    start_retries: int = START_RETRIES
 
     def __post_init__(self) -> None:
         self.conf = self.config.data_dir / "supervisord.conf"
@@ -1042,12 +1073,30 @@ class Platform:
         }
 
     def start(self, env: Mapping[str, str], timeout: float = 90) -> dict[str, str]:
-        urls = _health_urls({**os.environ, **env})
-        if self.pidfile.pid() is None:
+        """Starts supervisord (or reuses the one running) and waits until every process is
+        ready; answers each process's base URL.
+
+        A process counts as failed only when it really is: supervisord gave up on it (FATAL,
+        after `start_retries` failed starts in a row), or supervisord itself exited. A process
+        that exits during its start is restarted by supervisord and simply waited for, and a
+        process that is slow to answer is waited for until `timeout`. supervisord's liveness
+        is its pid (our child, or the pid file's process found ours once), never a new read
+        of its command line, which can come back empty for a live process.
+        """
+        urls = _health_urls({**os.environ, **env}, self.processes)
+        pid = self.pidfile.pid()
+        if pid is None:
             for name, url in urls.items():
                 require_free_port(int(url.rsplit(":", 1)[1]), name)
             self.logs.mkdir(parents=True, exist_ok=True)
-            self.conf.write_text(supervisor_config(self.config.data_dir))
+            self.conf.write_text(
+                supervisor_config(
+                    self.config.data_dir,
+                    self.processes,
+                    command=self.command,
+                    start_retries=self.start_retries,
+                )
+            )
             supervisord = Path(sys.executable).with_name("supervisord")
             self.pidfile.spawn(
                 [str(supervisord), "-c", str(self.conf)],
@@ -1062,21 +1111,41 @@ class Platform:
                 },
                 cwd=ROOT,
             )
-        pid = self.pidfile.pid()
+            pid = self.pidfile.pid()  # our child: its pid, unless it has exited already
+            if pid is None:
+                raise StackError(
+                    f"supervisord exited at once{_log_tail(self.logs / 'supervisord.out')}"
+                )
+        else:
+            self._restart_given_up()
         for name, url in urls.items():
-
-            def alive(name: str = name) -> bool:
-                state = self.states().get(name)
-                return self.pidfile.pid() == pid and (state is None or state.state != "FATAL")
-
             wait_until(
                 partial(_http_ok, f"{url}/health/ready"),
                 timeout=timeout,
                 what=f"the {name} process",
-                alive=alive,
+                failed=partial(self._start_failure, pid, name),
                 log=process_log(self.config.data_dir, name),
             )
         return urls
+
+    def _start_failure(self, supervisord: int, name: str) -> str | None:
+        """Why process `name` will not come up, or None while it still may."""
+        if not self.pidfile.running(supervisord):
+            return f"supervisord exited while the {name} process was starting (see {self.log})"
+        state = self.states().get(name)
+        if state is not None and state.state == "FATAL":
+            return (
+                f"the {name} process kept exiting at start-up: supervisord gave up after "
+                f"{self.start_retries} tries (FATAL; `make status`)"
+            )
+        return None
+
+    def _restart_given_up(self) -> None:
+        """A second `make up` starts again what supervisord gave up on (after a fix, say)."""
+        for name, state in self.states().items():
+            if state.state == "FATAL":
+                with contextlib.suppress(OSError, xmlrpc.client.Error), self.rpc() as supervisor:
+                    supervisor.startProcess(name, False)
 
     def stop(self) -> bool:
         """Stops supervisord (which stops its processes), then any process of ours it left."""

@@ -1,11 +1,14 @@
 """`gozon …`: the only place that picks a process to run.
 
-    gozon orders   api | relay | consumer | migrate | outbox requeue-failed
-    gozon payments api | relay | consumer | migrate | outbox requeue-failed
+    gozon orders   api | relay | consumer | migrate | outbox requeue-failed | dlq list|redrive
+    gozon payments api | relay | consumer | migrate | outbox requeue-failed | dlq list|redrive
     gozon gateway
+    gozon reconcile
 
-Each command reads its settings from `GOZON_*` variables, sets up logging and tracing for its
-process, and runs one job until SIGTERM.
+Each process command reads its settings from `GOZON_*` variables, sets up logging and tracing
+for its process, and runs one job until SIGTERM. The operator's commands (`outbox`, `dlq`,
+`reconcile`) print to the terminal and exit: 0 done, 1 found a problem (reconcile), 2 could
+not run (a usage error, the broker or a database unreachable).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import asyncio
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
@@ -68,6 +72,7 @@ class _Service(Generic[S, E]):
     build_app: Callable[[S], FastAPI]
     outbox: Table
     publishes: str
+    consumes: str
     subscription: Callable[[S], Subscription[E]]
 
     def start(self, process: str) -> S:
@@ -90,6 +95,7 @@ def _orders() -> _Service[OrdersSettings, PaymentProcessed]:
         api.build_app,
         order_outbox,
         ORDER_CREATED_TOPIC,
+        PAYMENT_PROCESSED_TOPIC,
         consumer.subscription,
     )
 
@@ -104,6 +110,7 @@ def _payments() -> _Service[PaymentsSettings, OrderCreated]:
         api.build_app,
         payment_outbox,
         PAYMENT_PROCESSED_TOPIC,
+        ORDER_CREATED_TOPIC,
         consumer.subscription,
     )
 
@@ -180,6 +187,152 @@ def _requeue_failed(service: _Service[S, E]) -> int:
     return 0
 
 
+def _settings(settings_class: type[T]) -> T:
+    """An operator command's settings; a bad value is a clear message, no logging set up."""
+    try:
+        return settings_class()
+    except ValidationError as exc:
+        raise SystemExit(f"gozon: invalid settings:\n{exc}") from exc
+
+
+def _quiet_kafka_client() -> None:
+    """The dlq commands report a broker they cannot reach in one line of their own; aiokafka's
+    log of each failed connection attempt would only repeat it."""
+    import logging
+
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+
+
+def _since(args: argparse.Namespace) -> datetime | None:
+    from gozon.messaging.dlq import parse_since
+
+    if args.since is None:
+        return None
+    try:
+        return parse_since(args.since)
+    except ValueError as exc:
+        raise SystemExit(f"gozon: {exc}") from exc
+
+
+def _dlq_list(args: argparse.Namespace) -> int:
+    import json
+
+    from gozon.messaging.dlq import DeadLetterError, list_dead_letters, table
+    from gozon.messaging.kafka import dlq_topic
+
+    service = _orders() if args.service == "orders" else _payments()
+    settings = _settings(service.settings)
+    topic = dlq_topic(service.consumes)
+    _quiet_kafka_client()
+    try:
+        letters, total = asyncio.run(
+            list_dead_letters(
+                settings.kafka_bootstrap_servers, topic, since=_since(args), limit=args.limit
+            )
+        )
+    except DeadLetterError as exc:
+        print(f"gozon: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        for letter in letters:
+            print(json.dumps(letter.as_dict()))
+        return 0
+    print(
+        f"{topic}: {total} dead letters"
+        + (f", showing {len(letters)}" if total > len(letters) else "")
+    )
+    if letters:
+        print(table(letters))
+    return 0
+
+
+def _dlq_redrive(args: argparse.Namespace) -> int:
+    from gozon.messaging.dlq import DeadLetterError, redrive, redrive_group, table
+    from gozon.messaging.kafka import dlq_topic
+
+    service = _orders() if args.service == "orders" else _payments()
+    settings = _settings(service.settings)
+    topic = dlq_topic(service.consumes)
+    _quiet_kafka_client()
+    group = redrive_group(settings.group_id)
+    try:
+        result = asyncio.run(
+            redrive(
+                settings.kafka_bootstrap_servers,
+                topic,
+                group=group,
+                since=_since(args),
+                limit=args.limit,
+                dry_run=args.dry_run,
+            )
+        )
+    except DeadLetterError as exc:
+        print(f"gozon: {exc}", file=sys.stderr)
+        return 2
+    if result.redriven:
+        print(table(result.redriven))
+    verb = "would redrive" if args.dry_run else "redriven"
+    print(
+        f"{topic} -> {service.consumes}: {verb} {len(result.redriven)}; "
+        f"passed over (older than --since) {result.passed_over}; "
+        f"left for a next run (--limit) {result.remaining}; cursor: consumer group {group}"
+    )
+    if args.pushgateway and not args.dry_run:
+        _push_redrive_count(args.pushgateway, service.name, service.consumes, len(result.redriven))
+    return 0
+
+
+def _push_redrive_count(url: str, service: str, topic: str, redriven: int) -> None:
+    """A batch job's figures for Prometheus: how many the last run redrove, and when it ran."""
+    from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
+
+    registry = CollectorRegistry()
+    last = Gauge(
+        "gozon_dlq_redrive_last_redriven",
+        "Dead letters the last `dlq redrive` run published back.",
+        ["topic"],
+        registry=registry,
+    )
+    last.labels(topic).set(redriven)
+    ran = Gauge(
+        "gozon_dlq_redrive_last_run_timestamp_seconds",
+        "When the last `dlq redrive` run ended.",
+        ["topic"],
+        registry=registry,
+    )
+    ran.labels(topic).set_to_current_time()
+    try:
+        push_to_gateway(url, job=f"gozon-{service}-dlq-redrive", registry=registry, timeout=10)
+    except OSError as exc:
+        print(f"gozon: the Pushgateway at {url} did not take the figures: {exc}", file=sys.stderr)
+
+
+def reconcile(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from gozon.reconcile import reconcile as run
+
+    orders = _settings(OrdersSettings)
+    payments = _settings(PaymentsSettings)
+    stuck_after = timedelta(
+        seconds=args.stuck_after if args.stuck_after is not None else orders.orders_stuck_after_s
+    )
+    try:
+        report = asyncio.run(
+            run(
+                orders.database_url,
+                payments.database_url,
+                stuck_after=stuck_after,
+                users=args.user or None,
+            )
+        )
+    except (OSError, SQLAlchemyError) as exc:
+        print(f"gozon: reconcile could not read the databases: {exc}", file=sys.stderr)
+        return 2
+    print(report.render(limit=args.limit))
+    return 0 if report.ok else 1
+
+
 run_api = _for_service(_api)
 run_relay = _for_service(_relay)
 run_consumer = _for_service(_consumer)
@@ -220,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(run=run)
         return command
 
+    consumed = {"orders": PAYMENT_PROCESSED_TOPIC, "payments": ORDER_CREATED_TOPIC}
     for name, database, does in (
         ("orders", "order_db", "moves orders to FINISHED or CANCELLED"),
         ("payments", "account_db", "pays for orders: inbox, debit, outbox"),
@@ -234,11 +388,50 @@ def build_parser() -> argparse.ArgumentParser:
         outbox = processes.add_parser("outbox", help=f"{outbox_table} maintenance")
         actions = outbox.add_subparsers(dest="action", metavar="ACTION", required=True)
         add(actions, "requeue-failed", run_requeue_failed, "requeue FAILED rows")
+        dlq = processes.add_parser("dlq", help=f"dead letters of {consumed[name]}.dlq")
+        dlq_actions = dlq.add_subparsers(dest="action", metavar="ACTION", required=True)
+        listing = add(dlq_actions, "list", _dlq_list, "list the dead letters, oldest first")
+        listing.add_argument("--since", help="only those dead-lettered since: a time or 15m/2h/1d")
+        listing.add_argument("--limit", type=_positive, default=100, help="at most N (100)")
+        listing.add_argument("--json", action="store_true", help="one JSON object a line")
+        again = add(
+            dlq_actions,
+            "redrive",
+            _dlq_redrive,
+            f"publish the dead letters back to {consumed[name]} (each once; docs/operations.md)",
+        )
+        again.add_argument("--since", help="pass over those dead-lettered before: a time or 2h")
+        again.add_argument("--limit", type=_positive, help="at most N, the oldest first")
+        again.add_argument("--dry-run", action="store_true", help="show them, publish nothing")
+        again.add_argument("--pushgateway", help="push the run's count to this Pushgateway URL")
     gateway_command = services.add_parser(
         "gateway", help="the API gateway, the one entry point (port GOZON_GATEWAY_PORT)"
     )
     gateway_command.set_defaults(run=gateway)
+    check = add(
+        services,
+        "reconcile",
+        reconcile,
+        "check balances against the ledger and orders against debits, across both databases",
+    )
+    check.add_argument(
+        "--stuck-after",
+        type=float,
+        metavar="SECONDS",
+        help="a NEW order older than this is stuck (default GOZON_ORDERS_STUCK_AFTER_S)",
+    )
+    check.add_argument(
+        "--user", action="append", help="only this user's account and orders (repeatable)"
+    )
+    check.add_argument("--limit", type=_positive, default=50, help="findings shown per kind")
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

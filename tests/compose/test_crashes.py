@@ -7,8 +7,8 @@ scripts/compose.py). Then, for every order the gateway answered 201: it is FINIS
 CANCELLED; FINISHED ⇔ exactly one DEBIT in the ledger, CANCELLED ⇔ none; each account's
 balance equals its ledger and never went negative; both outboxes drained with nothing FAILED.
 
-These are the reliability invariants (DESIGN.md, "Reliability") checked with SQL of this
-test's own; the fault suite's shared checker can replace them when it lands.
+These are the reliability invariants (DESIGN.md, "Reliability"), checked by `gozon
+reconcile`'s own function limited to this test's users.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import random
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from decimal import Decimal
 
 import httpx
@@ -26,6 +27,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from gozon.reconcile import reconcile
 from scripts.compose import ComposeStack
 from tests.conftest import until
 from tests.e2e.conftest import Platform
@@ -148,52 +150,25 @@ async def test_crashed_containers_come_back_and_no_accepted_order_is_lost(
     await until(outboxes_drained, 60, "both outboxes drained")
 
     async with orders_db.connect() as conn:
-        statuses: dict[str, str] = dict(
+        existing = set(
             (
-                await conn.execute(
-                    text("SELECT id::text, status FROM orders WHERE user_id = ANY(:u)"),
-                    {"u": users},
+                await conn.scalars(
+                    text("SELECT id::text FROM orders WHERE user_id = ANY(:u)"), {"u": users}
                 )
             ).all()
         )
-    assert set(accepted) <= set(statuses), "an order answered 201 is not in order_db"
-    assert set(statuses.values()) <= {"FINISHED", "CANCELLED"}
+    assert set(accepted) <= existing, "an order answered 201 is not in order_db"
 
-    async with accounts_db.connect() as conn:
-        debits = Counter(
-            order_id
-            for (order_id,) in (
-                await conn.execute(
-                    text(
-                        "SELECT order_id::text FROM account_ledger"
-                        " WHERE kind = 'DEBIT' AND user_id = ANY(:users)"
-                    ),
-                    {"users": users},
-                )
-            ).all()
-        )
-        accounts = (
-            await conn.execute(
-                text(
-                    "SELECT a.user_id, a.balance,"
-                    " sum(CASE l.kind WHEN 'DEPOSIT' THEN l.amount ELSE -l.amount END),"
-                    " min(l.balance_after)"
-                    " FROM accounts a JOIN account_ledger l ON l.account_id = a.id"
-                    " WHERE a.user_id = ANY(:users) GROUP BY a.user_id, a.balance"
-                ),
-                {"users": users},
-            )
-        ).all()
-
-    assert max(debits.values(), default=0) <= 1, "an order was debited twice"
-    finished = {order_id for order_id, status in statuses.items() if status == "FINISHED"}
-    assert finished == set(debits), "FINISHED ⇔ exactly one debit"
-    assert finished, "no order was paid: the load never reached the payments service"
-    assert len(accounts) == USERS
-    for user, balance, ledger, lowest in accounts:
-        assert balance == ledger, f"{user}: balance {balance} ≠ ledger {ledger}"
-        assert balance >= 0, f"{user} went negative"
-        assert lowest >= 0, f"{user} went negative"
+    # The money invariants are `gozon reconcile`'s, over these users' accounts and orders.
+    report = await reconcile(
+        platform.env["GOZON_ORDERS_DATABASE_URL"],
+        platform.env["GOZON_PAYMENTS_DATABASE_URL"],
+        stuck_after=timedelta(0),
+        users=users,
+    )
+    assert report.ok, report.render()
+    assert report.accounts == USERS
+    assert report.orders.get("FINISHED"), "no order was paid: the load never reached payments"
 
 
 def at_least(accepted: list[str], count: int) -> Callable[[], Awaitable[bool]]:

@@ -2,7 +2,8 @@
 Kafka of the end-to-end tests' own, driven over HTTP through the gateway.
 
 Started once per session. Tests use their own user ids, so they share it safely; a test that
-kills a process restarts it before it ends.
+kills a process restarts it before it ends. When the session ends, `gozon reconcile`'s check
+over both databases must be clean: whatever the tests did, the books add up.
 
 With `GOZON_E2E_COMPOSE_PROJECT` set (by `scripts/test-compose`), the same tests run against
 that docker-compose stack instead: the processes are its containers, reached where compose
@@ -12,15 +13,18 @@ container's.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import port_for
 import pytest
 
 from gozon.processes import PROCESSES, process
+from gozon.reconcile import ReconcileReport, reconcile
 from scripts.compose import ComposeProcess, ComposeStack
 from scripts.processes import GozonProcess
 from scripts.stack import Kafka, Postgres, StackConfig
@@ -95,6 +99,27 @@ def compose_platform(stack: ComposeStack, logs: Path) -> Platform:
     return platform
 
 
+def books_are_clean(env: dict[str, str], within: float = 120) -> None:
+    """After the whole e2e suite: `gozon reconcile` over both databases finds nothing, once
+    every order is final (any NEW order counts as stuck until then; `within` seconds)."""
+
+    async def settled() -> ReconcileReport:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while True:
+            report = await reconcile(
+                env["GOZON_ORDERS_DATABASE_URL"],
+                env["GOZON_PAYMENTS_DATABASE_URL"],
+                stuck_after=timedelta(0),
+            )
+            if report.ok or loop.time() > deadline:
+                return report
+            await asyncio.sleep(0.5)
+
+    report = asyncio.run(settled())
+    assert report.ok, f"gozon reconcile after the e2e suite:\n{report.render()}"
+
+
 @pytest.fixture(scope="session")
 def e2e_kafka(servers_dir: Path) -> Iterator[Kafka]:
     port = port_for.select_random()
@@ -145,6 +170,7 @@ def platform(request: pytest.FixtureRequest, logs_dir: Path) -> Iterator[Platfor
         for entry in sorted(PROCESSES, key=lambda p: p.kind == "gateway"):
             platform.start(entry.name)
         yield platform
+        books_are_clean(env)
     finally:
         for process in platform.processes.values():
             process.stop()

@@ -2,7 +2,9 @@
 
 Reusable: give it the two databases' URLs (SQLAlchemy's `postgresql+asyncpg://…` or plain
 `postgresql://…`) and the clients' log (`ClientRecord`s: one per request the clients sent).
-The fault suite runs it after every fault; the compose helper and `gozon reconcile` can too.
+The fault suite runs it after every fault. The checks that need only the two databases are
+`gozon reconcile`'s (`gozon.reconcile`): this module runs them and adds what only the suite
+knows, the clients' log and the outboxes drained.
 
 What it checks (docs/reliability.md, DESIGN.md "Reliability"):
 
@@ -13,7 +15,7 @@ What it checks (docs/reliability.md, DESIGN.md "Reliability"):
 4. per account, balance = deposits − debits in the ledger, and no balance or ledger row is
    negative;
 5. FINISHED ⇔ exactly one debit for the order (a CANCELLED order has none);
-6. no outbox row is left PENDING or FAILED (in either database);
+6. no outbox row is left PENDING or FAILED (in either database; FAILED rows are reconcile's);
 7. no client was told "not processed" (503, 429, or no connection) for an order that exists;
    the requests are traced to orders by their `Idempotency-Key` (unique per request);
 8. every answer of unknown outcome (502/504) said so in its body.
@@ -29,9 +31,12 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
+
+from gozon.reconcile import reconcile
 
 FINAL = ("FINISHED", "CANCELLED")
 NOT_PROCESSED = (429, 503)
@@ -82,6 +87,14 @@ def _dsn(url: str) -> str:
     return url.replace("postgresql+asyncpg://", "postgresql://", 1)
 
 
+def _sqlalchemy_url(url: str) -> str:
+    return (
+        url
+        if url.startswith("postgresql+asyncpg://")
+        else url.replace("postgresql://", "postgresql+asyncpg://", 1)
+    )
+
+
 async def _fetch(url: str, query: str) -> list[asyncpg.Record]:
     conn = await asyncpg.connect(_dsn(url))
     try:
@@ -116,75 +129,38 @@ async def wait_until_settled(orders_url: str, payments_url: str, *, within: floa
 
 
 async def check(orders_url: str, payments_url: str, log: Iterable[ClientRecord]) -> Report:
-    """Every invariant over both databases and the clients' log (see the module docstring)."""
+    """Every invariant over both databases and the clients' log (see the module docstring).
+
+    The database invariants (2-5, and 6's FAILED rows) are `gozon reconcile`'s checks, run
+    with a stuck threshold of zero (after `wait_until_settled`, any NEW order is one too
+    many); what only the suite knows (the clients' log, PENDING outbox rows) is checked here.
+    """
     records = list(log)
     report = Report(statuses=dict(Counter(r.status for r in records)))
-    orders = await _fetch(
-        orders_url, "SELECT id::text AS id, user_id, status, amount, idempotency_key FROM orders"
+    books = await reconcile(
+        _sqlalchemy_url(orders_url), _sqlalchemy_url(payments_url), stuck_after=timedelta(0)
     )
-    debits = await _fetch(
-        payments_url,
-        "SELECT order_id::text AS order_id, count(*) AS n FROM account_ledger "
-        "WHERE kind = 'DEBIT' GROUP BY order_id",
-    )
-    accounts = await _fetch(
-        payments_url,
-        "SELECT a.user_id, a.balance, "
-        "coalesce(sum(l.amount) FILTER (WHERE l.kind = 'DEPOSIT'), 0) AS deposits, "
-        "coalesce(sum(l.amount) FILTER (WHERE l.kind = 'DEBIT'), 0) AS debits, "
-        "coalesce(min(l.balance_after), 0) AS lowest "
-        "FROM accounts a LEFT JOIN account_ledger l ON l.account_id = a.id "
-        "GROUP BY a.id, a.user_id, a.balance",
-    )
-    left_behind = []
+    orders = await _fetch(orders_url, "SELECT id::text AS id, user_id, idempotency_key FROM orders")
+    pending = []
     for url, table in ((orders_url, "order_outbox"), (payments_url, "payment_outbox")):
-        rows = await _fetch(
-            url,
-            f"SELECT status, count(*) AS n FROM {table} "
-            "WHERE status IN ('PENDING', 'FAILED') GROUP BY status",
-        )
-        left_behind += [f"{table}: {row['n']} {row['status']}" for row in rows]
+        rows = await _fetch(url, f"SELECT count(*) AS n FROM {table} WHERE status = 'PENDING'")
+        if rows[0]["n"]:
+            pending.append(f"{table}: {rows[0]['n']} PENDING")
 
     v = report.violations
-    report.orders = len(orders)
-    report.by_status = dict(Counter(row["status"] for row in orders))
-    by_id = {row["id"]: row for row in orders}
-    by_key = {(row["user_id"], row["idempotency_key"]): row for row in orders}
-    debit_count = {row["order_id"]: int(row["n"]) for row in debits}
+    report.orders = sum(books.orders.values())
+    report.by_status = dict(books.orders)
+    by_id = {row["id"] for row in orders}
+    by_key = {(row["user_id"], row["idempotency_key"]) for row in orders}
 
     # 1. every 201 exists
     for r in records:
         if r.status == 201 and r.order_id not in by_id:
             v.append(f"201 for order {r.order_id} (key {r.key}) but no such order")
-    # 2. every order final
-    unfinished = [row["id"] for row in orders if row["status"] not in FINAL]
-    if unfinished:
-        v.append(f"{len(unfinished)} orders not final, e.g. {unfinished[:3]}")
-    # 3. no order debited twice
-    twice = [order_id for order_id, n in debit_count.items() if n > 1]
-    if twice:
-        v.append(f"{len(twice)} orders debited more than once, e.g. {twice[:3]}")
-    # 4. balance = deposits - debits, never negative
-    for row in accounts:
-        if row["balance"] != row["deposits"] - row["debits"]:
-            v.append(
-                f"account of {row['user_id']}: balance {row['balance']} != deposits "
-                f"{row['deposits']} - debits {row['debits']}"
-            )
-        if row["balance"] < 0 or row["lowest"] < 0:
-            v.append(f"account of {row['user_id']} went negative")
-    # 5. FINISHED <=> exactly one debit
-    for row in orders:
-        n = debit_count.get(row["id"], 0)
-        if row["status"] == "FINISHED" and n != 1:
-            v.append(f"order {row['id']} FINISHED with {n} debits")
-        if row["status"] == "CANCELLED" and n != 0:
-            v.append(f"order {row['id']} CANCELLED with {n} debits")
-    unknown_debits = set(debit_count) - set(by_id)
-    if unknown_debits:
-        v.append(f"{len(unknown_debits)} debits for orders that do not exist")
-    # 6. outboxes empty
-    v.extend(f"outbox rows left behind: {entry}" for entry in left_behind)
+    # 2.-5. and FAILED outbox rows: the reconciliation's findings
+    v.extend(str(finding) for finding in books.findings)
+    # 6. no outbox row left PENDING
+    v.extend(f"outbox rows left behind: {entry}" for entry in pending)
     # 7. "not processed" never for an order that exists; 8. unknown outcomes say so
     for r in records:
         exists = (r.user_id, r.key) in by_key

@@ -51,3 +51,8 @@ CONSUMER_HANDLE_SECONDS = Histogram(
     ["topic"],
     buckets=LATENCY_BUCKETS,
 )
+DLQ_REDRIVEN = Counter(
+    "gozon_dlq_redriven_total",
+    "Dead letters published back to their topic by `gozon <service> dlq redrive`.",
+    ["topic"],
+)
