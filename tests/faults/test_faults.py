@@ -36,9 +36,10 @@ from tests.faults.load import SteadyLoad, overload
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
 
 STEADY_RATE = float(os.environ.get("GOZON_FAULTS_RATE", "30"))
-# Orders a second the platform sustains on a busy 2-core machine (docs/reliability.md); the
-# overload test offers three times that on top of the steady load.
-CAPACITY = int(os.environ.get("GOZON_FAULTS_CAPACITY", "40"))
+# Orders a second the platform is built to sustain on a 2-core machine (issue 11's target;
+# docs/benchmarks.md); the overload test offers three times that on top of the steady load,
+# so that it overloads whatever share of the machine the platform gets.
+CAPACITY = int(os.environ.get("GOZON_FAULTS_CAPACITY", "300"))
 BEFORE_S = 3.0  # steady load before the fault
 AFTER_S = 4.0  # and after the platform is back
 SETTLE_WITHIN_S = 120.0  # every order final and every outbox row sent within this
