@@ -29,8 +29,9 @@ What it guarantees:
   kube-proxy's /healthz, the Node Ready, CoreDNS's Deployment Available, the `default`
   service account.
 - Stopping stops our processes by pid, in reverse order; before containerd stops, the
-  containers it still runs are killed (so no shim outlives the node). `delete` also unmounts
-  what the kubelet and containerd left mounted under the data folder, removes kube-proxy's
+  containers it still runs are killed (so no shim outlives the node), and after it what the
+  kubelet left mounted under the data folder is unmounted. `delete` also unmounts what
+  containerd left mounted, removes kube-proxy's
   iptables rules, the bridges, and the data folder.
 - Logs: `<data>/logs/<component>.log`. Default data folder `$GOZON_DATA_DIR/kube-node`
   (`.gozon/kube-node`); `--data-dir` or GOZON_KUBE_NODE_DIR moves it.
@@ -619,6 +620,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 self._kill_containers()
             if self._pidfile(component).stop(timeout=20):
                 stopped.append(component)
+        if not any(self._pidfile(c).pid() is not None for c in ("kubelet", "containerd")):
+            # The kubelet's own bind mount and the pods' volume mounts outlive it: unmounted
+            # here, so that a stopped node leaves nothing mounted (a CI clone's folder can then
+            # be removed); the next start mounts what its pods need again.
+            self._unmount_under(self.data_dir)
         return stopped
 
     def _kill_containers(self) -> None:
