@@ -1,8 +1,10 @@
-"""Fixtures for the tests that take a server down: a PostgreSQL or a Kafka of the test's own,
-so that stopping it disturbs no other test."""
+"""Fixtures of the integration tests: topics and a producer on the session's Kafka, the
+in-process upstreams, and, for the tests that take a server down, a PostgreSQL or a Kafka of
+the test's own, so that stopping it disturbs no other test."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -10,11 +12,35 @@ from pathlib import Path
 
 import port_for
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from gozon.core.migrations import upgrade
-from scripts.stack import Kafka, Postgres, StackConfig
+from gozon.messaging.kafka import dlq_topic, new_producer
+from scripts.stack import Kafka, Postgres, StackConfig, create_topics
 from tests.conftest import MIGRATIONS
 from tests.integration.upstream import Upstream
+
+
+async def create_topics_async(bootstrap: str, *names: str, partitions: int = 3) -> None:
+    """Creates the topics (in a thread of its own: the admin client runs its own loop)."""
+    await asyncio.to_thread(
+        lambda: asyncio.run(create_topics(bootstrap, list(names), partitions=partitions))
+    )
+
+
+async def new_topic(kafka: Kafka, prefix: str, partitions: int) -> str:
+    """A topic of the test's own, `<prefix>.<random>`, with its dead-letter topic."""
+    name = f"{prefix}.{uuid.uuid4().hex[:10]}"
+    await create_topics_async(kafka.bootstrap, name, dlq_topic(name), partitions=partitions)
+    return name
+
+
+@pytest.fixture
+async def producer(kafka: Kafka) -> AsyncIterator[AIOKafkaProducer]:
+    producer = new_producer(kafka.bootstrap, client_id="test")
+    await producer.start()
+    yield producer
+    await producer.stop()
 
 
 @pytest.fixture

@@ -33,14 +33,15 @@ from gozon.contracts import (
 )
 from gozon.core.db import session_factory
 from gozon.messaging.consumer import DLQ_REASON, BatchHandler, Delivery, Outcome, Record
-from gozon.messaging.kafka import dlq_topic, new_producer
+from gozon.messaging.kafka import dlq_topic
 from gozon.orders.consumer import make_handler as orders_handler
 from gozon.orders.models import Order
 from gozon.payments import service
 from gozon.payments.consumer import make_handler as payments_handler
 from gozon.payments.models import Account, LedgerEntry, PaymentDecision, payment_outbox
-from scripts.stack import Kafka, create_topics
+from scripts.stack import Kafka
 from tests.conftest import running_consumer
+from tests.integration.conftest import new_topic
 from tests.integration.test_orders_consumer import until_committed
 from tests.integration.test_relay import consume
 
@@ -52,19 +53,7 @@ E = TypeVar("E", bound=BaseModel)
 
 @pytest.fixture
 async def topic(kafka: Kafka) -> str:
-    name = f"test.batch.{uuid.uuid4().hex[:10]}"
-    await asyncio.to_thread(
-        lambda: asyncio.run(create_topics(kafka.bootstrap, [name, dlq_topic(name)], 1))
-    )
-    return name
-
-
-@pytest.fixture
-async def producer(kafka: Kafka) -> AsyncIterator[AIOKafkaProducer]:
-    producer = new_producer(kafka.bootstrap, client_id="test")
-    await producer.start()
-    yield producer
-    await producer.stop()
+    return await new_topic(kafka, "test.batch", partitions=1)
 
 
 @pytest.fixture

@@ -31,8 +31,9 @@ from gozon.messaging.kafka import dlq_topic, new_producer
 from gozon.messaging.metrics import DLQ_REDRIVEN
 from gozon.orders.consumer import make_handler
 from gozon.orders.models import Order
-from scripts.stack import Kafka, create_topics
+from scripts.stack import Kafka
 from tests.conftest import running_consumer, until
+from tests.integration.conftest import create_topics_async, new_topic
 from tests.integration.test_orders_consumer import order_state, result
 from tests.integration.test_relay import consume
 
@@ -41,19 +42,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 async def topic(kafka: Kafka) -> str:
-    name = f"test.dlq.{uuid.uuid4().hex[:10]}"
-    await asyncio.to_thread(
-        lambda: asyncio.run(create_topics(kafka.bootstrap, [name, dlq_topic(name)], 2))
-    )
-    return name
-
-
-@pytest.fixture
-async def producer(kafka: Kafka) -> AsyncIterator[AIOKafkaProducer]:
-    producer = new_producer(kafka.bootstrap, client_id="test")
-    await producer.start()
-    yield producer
-    await producer.stop()
+    return await new_topic(kafka, "test.dlq", partitions=2)
 
 
 @pytest.fixture
@@ -208,9 +197,7 @@ async def test_the_cli_lists_dead_letters_and_names_an_unreachable_broker(
     kafka: Kafka, producer: AIOKafkaProducer
 ) -> None:
     dlq = dlq_topic(PAYMENT_PROCESSED_TOPIC)
-    await asyncio.to_thread(
-        lambda: asyncio.run(create_topics(kafka.bootstrap, [PAYMENT_PROCESSED_TOPIC, dlq], 3))
-    )
+    await create_topics_async(kafka.bootstrap, PAYMENT_PROCESSED_TOPIC, dlq)
     since = datetime.now(UTC).isoformat()
     key = f"cli-{uuid.uuid4().hex[:8]}".encode()
     await producer.send_and_wait(

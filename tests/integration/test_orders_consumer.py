@@ -21,11 +21,12 @@ from sqlalchemy.ext.asyncio import (
 
 from gozon.contracts import PaymentProcessed, PaymentProcessedPayload, utc_now
 from gozon.messaging.consumer import DLQ_REASON, BatchHandler, Delivery, Outcome
-from gozon.messaging.kafka import dlq_topic, new_producer
+from gozon.messaging.kafka import dlq_topic
 from gozon.orders.consumer import make_handler
 from gozon.orders.models import Order
-from scripts.stack import Kafka, Postgres, create_topics
+from scripts.stack import Kafka, Postgres
 from tests.conftest import running_consumer, until
+from tests.integration.conftest import new_topic
 from tests.integration.test_relay import consume
 
 pytestmark = pytest.mark.integration
@@ -33,19 +34,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 async def topic(kafka: Kafka) -> str:
-    name = f"test.payments.{uuid.uuid4().hex[:10]}"
-    await asyncio.to_thread(
-        lambda: asyncio.run(create_topics(kafka.bootstrap, [name, dlq_topic(name)], 1))
-    )
-    return name
-
-
-@pytest.fixture
-async def producer(kafka: Kafka) -> AsyncIterator[AIOKafkaProducer]:
-    producer = new_producer(kafka.bootstrap, client_id="test")
-    await producer.start()
-    yield producer
-    await producer.stop()
+    return await new_topic(kafka, "test.payments", partitions=1)
 
 
 async def new_order(engine: AsyncEngine, user_id: str = "u-1") -> uuid.UUID:

@@ -30,8 +30,9 @@ from gozon.messaging.wakeup import OutboxListener
 from gozon.orders.api import build_app
 from gozon.orders.models import order_outbox
 from scripts.processes import GozonProcess, wait_for
-from scripts.stack import Kafka, Postgres, create_topics
+from scripts.stack import Kafka, Postgres
 from tests.conftest import serve, until
+from tests.integration.conftest import create_topics_async
 
 pytestmark = pytest.mark.integration
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
@@ -52,14 +53,6 @@ async def topic(kafka: Kafka) -> str:
     name = f"test.relay.{uuid.uuid4().hex[:10]}"
     await create_topics_async(kafka.bootstrap, name)
     return name
-
-
-async def create_topics_async(bootstrap: str, *names: str) -> None:
-    await asyncio.to_thread(_create, bootstrap, list(names))
-
-
-def _create(bootstrap: str, names: list[str]) -> None:
-    asyncio.run(create_topics(bootstrap, names, partitions=3))
 
 
 def event_for(user_id: str) -> OrderCreated:

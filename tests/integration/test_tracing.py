@@ -50,8 +50,8 @@ from gozon.payments.consumer import make_handler as payments_handler
 from gozon.payments.models import payment_outbox
 from scripts.stack import Kafka
 from tests.conftest import running_consumer, serve, until
+from tests.integration.conftest import create_topics_async
 from tests.integration.test_gateway import uvicorn_serving
-from tests.integration.test_relay import create_topics_async
 
 pytestmark = pytest.mark.integration
 
