@@ -36,7 +36,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -454,6 +454,12 @@ class LocalCluster:
             log=self._log("kube-controller-manager"),
         )
 
+    title = "local cluster"
+
+    def env(self) -> dict[str, str]:
+        """What a client needs to reach the cluster (`k8s/local-cluster env`)."""
+        return {"KUBECONFIG": str(self.kubeconfig)}
+
     def running(self) -> list[str]:
         return [c for c in self.components if self._pidfile(c).pid() is not None]
 
@@ -469,34 +475,51 @@ class LocalCluster:
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="k8s/local-cluster", description=__doc__.split("\n")[0])
+def cli(
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    description: str,
+    cluster: Callable[[Path | None], LocalCluster],
+) -> int:
+    """`start | stop | status | delete | env` of a cluster (`cluster(--data-dir)` makes it)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("command", choices=["start", "stop", "status", "delete", "env"])
     parser.add_argument("--data-dir", type=Path, default=None)
     args = parser.parse_args(argv)
-    cluster = LocalCluster((args.data_dir or default_data_dir()).resolve())
+    local = cluster(args.data_dir)
     try:
         if args.command == "start":
-            cluster.start()
-            print(f"local cluster ready at {cluster.server}; logs in {cluster.logs}")
-            print(f"export KUBECONFIG={cluster.kubeconfig}")
+            local.start()
+            print(f"{local.title} ready at {local.server}; logs in {local.logs}")
+            print(f"export KUBECONFIG={local.kubeconfig}")
         elif args.command == "stop":
-            stopped = cluster.stop()
+            stopped = local.stop()
             print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
         elif args.command == "delete":
-            cluster.delete()
-            print(f"deleted {cluster.data_dir}")
+            local.delete()
+            print(f"deleted {local.data_dir}")
         elif args.command == "env":
-            print(f"KUBECONFIG={cluster.kubeconfig}")
+            for name, value in local.env().items():
+                print(f"{name}={value}")
         else:
-            up = cluster.running()
-            for component in COMPONENTS:
+            up = local.running()
+            for component in local.components:
                 print(f"{component:<25} {'running' if component in up else 'stopped'}")
-            return 0 if up == list(COMPONENTS) else 1
+            return 0 if up == list(local.components) else 1
     except StackError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli(
+        argv,
+        prog="k8s/local-cluster",
+        description=__doc__.split("\n")[0],
+        cluster=lambda data_dir: LocalCluster((data_dir or default_data_dir()).resolve()),
+    )
 
 
 if __name__ == "__main__":

@@ -42,7 +42,6 @@ policy engine (docs/kubernetes.md, "Verified on a real node").
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import io
@@ -56,7 +55,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scripts.kube_cluster import LocalCluster, tools_bin, tools_cache
+from scripts.kube_cluster import LocalCluster, cli, tools_bin, tools_cache
 from scripts.stack import ROOT, StackError, wait_until
 
 NODE_COMPONENTS = (
@@ -612,6 +611,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         ]
         return {"apiVersion": "v1", "kind": "List", "items": items}
 
+    title = "one-node cluster"
+
+    def env(self) -> dict[str, str]:
+        return {**super().env(), "CONTAINERD_ADDRESS": str(self.containerd_socket)}
+
     # ------------------------------------------------------------------ stop, delete
     def stop(self) -> list[str]:
         stopped = []
@@ -666,34 +670,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="k8s/node-cluster", description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=["start", "stop", "status", "delete", "env"])
-    parser.add_argument("--data-dir", type=Path, default=None)
-    args = parser.parse_args(argv)
-    cluster = NodeCluster((args.data_dir or default_node_dir()).resolve())
-    try:
-        if args.command == "start":
-            cluster.start()
-            print(f"one-node cluster ready at {cluster.server}; logs in {cluster.logs}")
-            print(f"export KUBECONFIG={cluster.kubeconfig}")
-        elif args.command == "stop":
-            stopped = cluster.stop()
-            print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
-        elif args.command == "delete":
-            cluster.delete()
-            print(f"deleted {cluster.data_dir}")
-        elif args.command == "env":
-            print(f"KUBECONFIG={cluster.kubeconfig}")
-            print(f"CONTAINERD_ADDRESS={cluster.containerd_socket}")
-        else:
-            up = cluster.running()
-            for component in cluster.components:
-                print(f"{component:<25} {'running' if component in up else 'stopped'}")
-            return 0 if up == list(cluster.components) else 1
-    except StackError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return cli(
+        argv,
+        prog="k8s/node-cluster",
+        description=__doc__.split("\n")[0],
+        cluster=lambda data_dir: NodeCluster((data_dir or default_node_dir()).resolve()),
+    )
 
 
 if __name__ == "__main__":
