@@ -26,7 +26,6 @@ from sqlalchemy.ext.asyncio import (
 
 from gozon.contracts import (
     OrderCreated,
-    OrderCreatedPayload,
     PaymentProcessed,
     PaymentProcessedPayload,
     utc_now,
@@ -43,6 +42,7 @@ from scripts.stack import Kafka
 from tests.conftest import running_consumer
 from tests.integration.conftest import new_topic
 from tests.integration.test_orders_consumer import until_committed
+from tests.integration.test_payments_consumer import order_created
 from tests.integration.test_relay import consume
 
 pytestmark = pytest.mark.integration
@@ -103,20 +103,6 @@ def messages_count(topic: str, outcome: str) -> float:
 
 
 # --------------------------------------------------------------------------- payments
-
-
-def order_created(user_id: str, amount: str, order_id: uuid.UUID | None = None) -> OrderCreated:
-    order_id = order_id or uuid.uuid4()
-    return OrderCreated(
-        aggregate_id=str(order_id),
-        payload=OrderCreatedPayload(
-            order_id=order_id,
-            user_id=user_id,
-            amount=Decimal(amount),
-            description="batch",
-            created_at=utc_now(),
-        ),
-    )
 
 
 def value(event: OrderCreated | PaymentProcessed) -> bytes:

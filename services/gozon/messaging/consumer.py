@@ -234,10 +234,6 @@ class ConsumerRunner(Generic[E]):
                 delivery.span.end()
         return [outcomes[index] for index in range(len(records))]
 
-    async def handle(self, record: Record, stop: asyncio.Event) -> str:
-        """Handles one record to its end (a batch of one)."""
-        return (await self.handle_batch([record], stop))[0]
-
     def _start_span(self, record: Record, event: E) -> Span:
         """The message's own CONSUMER span, continuing the trace its headers carry."""
         return start_process_span(
