@@ -140,17 +140,19 @@ def _api(service: _Service[S, E]) -> int:
 
 
 def _relay(service: _Service[S, E]) -> int:
+    from gozon.core.runtime import run_worker
     from gozon.messaging.worker import WorkerSpec, run_relay
 
     settings = service.start("relay")
     spec = WorkerSpec(
         service.name, settings.database_url, settings.api_host, settings.relay_metrics_port
     )
-    asyncio.run(run_relay(spec, settings, service.outbox, [service.publishes]))
+    run_worker(run_relay(spec, settings, service.outbox, [service.publishes]))
     return 0
 
 
 def _consumer(service: _Service[S, E]) -> int:
+    from gozon.core.runtime import run_worker
     from gozon.messaging.worker import WorkerSpec, run_consumer
 
     settings = service.start("consumer")
@@ -158,7 +160,7 @@ def _consumer(service: _Service[S, E]) -> int:
         service.name, settings.database_url, settings.api_host, settings.consumer_metrics_port
     )
     subscription = service.subscription(settings)
-    asyncio.run(run_consumer(spec, settings, subscription, group_id=settings.group_id))
+    run_worker(run_consumer(spec, settings, subscription, group_id=settings.group_id))
     return 0
 
 

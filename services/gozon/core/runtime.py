@@ -1,10 +1,24 @@
-"""Process plumbing for workers: a stop event set by SIGTERM or SIGINT."""
+"""Process plumbing for workers: their event loop, and a stop event set by SIGTERM or SIGINT."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import signal
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def run_worker(main: Coroutine[Any, Any, T]) -> T:
+    """Runs a long-lived worker (relay, consumer) to completion on uvloop, as uvicorn runs the
+    APIs: its event loop costs less CPU per turn than asyncio's own, and these processes are
+    all event-loop turns (a socket read or write per round trip). See docs/benchmarks.md,
+    "Workers on uvloop"."""
+    import uvloop
+
+    return uvloop.run(main)
 
 
 def stop_on_signals() -> asyncio.Event:
