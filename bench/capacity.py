@@ -15,8 +15,10 @@ one of many users who were funded beforehand. For each rate the bench prints:
   window, from /proc/PID/stat (utime+stime, plus cutime+cstime and the live descendants, so
   that a PostgreSQL backend that exits mid-window still counts), per completed order.
 
-After a short warm-up, before the first rate, it measures the idle platform: each process's
-CPU over `--idle` seconds with no traffic, in % of one core.
+After a warm-up (`--warm-rate` × `--warm-seconds`, 3,000 orders by default: a running
+platform is measured, not one whose JVM is still compiling), before the first rate, it
+measures the idle platform: each process's CPU over `--idle` seconds with no traffic, in %
+of one core.
 
     .venv/bin/python -m bench.capacity --rates 50,100,300 --duration 60
     .venv/bin/python -m bench.capacity --stack running --rates 50     # against `make up`
@@ -419,10 +421,15 @@ async def idle(stack: Stack, seconds: int) -> dict[str, float]:
     return {name: 100 * spent / elapsed for name, spent in cpu_delta(before, after).items()}
 
 
-async def warm_up(stack: Stack, users: list[str]) -> None:
-    """A short unreported attack: the first orders after a start are slower (JIT, pools)."""
+async def warm_up(stack: Stack, users: list[str], rate: int, seconds: int) -> None:
+    """An unreported attack before anything is measured: a platform that has just started is
+    slower than one that has run for a while (Kafka's JIT compiles its hot paths after some
+    thousands of requests; pools and prepared statements fill). The figures are meant to be a
+    running platform's, so the default warm-up is 3,000 orders (100/s for 30 s)."""
+    if seconds <= 0:
+        return
     targets = stack.workdir / "warmup.jsonl"
-    write_targets(targets, stack.gateway, users, f"warm-{uuid.uuid4().hex[:8]}", 100)
+    write_targets(targets, stack.gateway, users, f"warm-{uuid.uuid4().hex[:8]}", rate * seconds)
     await asyncio.to_thread(
         subprocess.run,
         [
@@ -430,8 +437,8 @@ async def warm_up(stack: Stack, users: list[str]) -> None:
             "attack",
             "-format=json",
             f"-targets={targets}",
-            "-rate=20/1s",
-            "-duration=5s",
+            f"-rate={rate}/1s",
+            f"-duration={seconds}s",
             "-output=/dev/null",
         ],
         check=True,
@@ -531,7 +538,7 @@ async def measure(
 ) -> tuple[dict[str, float] | None, list[RateResult]]:
     users = [f"cap-user-{uuid.uuid4().hex[:6]}-{n}" for n in range(args.users)]
     await fund(stack.gateway, users)
-    await warm_up(stack, users)
+    await warm_up(stack, users, args.warm_rate, args.warm_seconds)
     idle_pct = None
     if args.idle:
         await asyncio.sleep(10)  # after the warm-up: the JVM's and pools' start-up work is done
@@ -576,6 +583,12 @@ def main() -> int:
     )
     parser.add_argument("--duration", type=int, default=60, help="seconds per rate")
     parser.add_argument("--warmup", type=int, default=10, help="seconds left out of the window")
+    parser.add_argument(
+        "--warm-rate", type=int, default=100, help="orders/s of the unreported warm-up attack"
+    )
+    parser.add_argument(
+        "--warm-seconds", type=int, default=30, help="length of the warm-up attack (0: none)"
+    )
     parser.add_argument("--drain", type=int, default=120, help="seconds to wait for finals")
     parser.add_argument("--pause", type=int, default=5, help="seconds between rates")
     parser.add_argument("--users", type=int, default=500)
