@@ -141,6 +141,7 @@ class Stack:
     watched: Watched
     own: bool
     workdir: Path
+    extras: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
 
 def _free_ports(count: int) -> list[int]:
@@ -203,7 +204,7 @@ def start_stack(args: argparse.Namespace) -> Stack:
     watched.pids["supervisord"] = (platform.pidfile.pid() or 0, True)  # its children are above
     watched.pids["bench (this script)"] = (os.getpid(), True)
     gateway_port = os.environ.get("GOZON_GATEWAY_PORT", "8080")
-    return Stack(
+    stack = Stack(
         config=config,
         gateway=f"http://127.0.0.1:{gateway_port}",
         orders_db=pg.url("order_db", driver="postgresql"),
@@ -212,10 +213,54 @@ def start_stack(args: argparse.Namespace) -> Stack:
         own=args.stack == "own",
         workdir=Path(tempfile.mkdtemp(prefix="gozon-capacity-vegeta-")),
     )
+    if args.replicas:
+        if args.stack != "own":
+            raise SystemExit("--replicas needs the bench's own stack")
+        try:
+            _scale(stack, {**os.environ, **config.platform_env(pg, kafka)}, args)
+        except BaseException:
+            stop_stack(stack, keep=False)
+            raise
+    return stack
+
+
+def _scale(stack: Stack, env: Mapping[str, str], args: argparse.Namespace) -> None:
+    """A scale knob (docs/benchmarks.md, "Scale knobs"): more replicas of a relay or a
+    consumer, started beside supervisord's one with the same settings and a side port of their
+    own, each watched like the others."""
+    by_name = {process.name: process for process in PROCESSES}
+    logs = stack.config.data_dir / "logs"
+    for name, count in args.replicas:
+        process = by_name.get(name)
+        if process is None or process.kind not in ("relay", "consumer"):
+            raise SystemExit(f"--replicas: {name} is not a relay or a consumer")
+        for n in range(2, count + 1):
+            own_env = {**env, process.port_setting: str(_free_ports(1)[0])}
+            with (logs / f"{name}-{n}.log").open("ab") as log:
+                child = subprocess.Popen(
+                    [str(Path(sys.executable).parent / "gozon"), *process.args],
+                    env=own_env,
+                    stdout=log,
+                    stderr=log,
+                )
+            stack.extras.append(child)
+            stack.watched.pids[f"{name} #{n}"] = (child.pid, False)
+    # each replica has joined its consumer group before anything is measured
+    time.sleep(15)
+    for child in stack.extras:
+        if child.poll() is not None:
+            raise SystemExit(f"an extra process exited at start ({child.args!r}); see {logs}")
 
 
 def stop_stack(stack: Stack, keep: bool) -> None:
     shutil.rmtree(stack.workdir, ignore_errors=True)
+    for child in stack.extras:
+        child.terminate()
+    for child in stack.extras:
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
     if not stack.own or keep:
         return
     config = stack.config
@@ -562,7 +607,9 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"\n`bench.capacity` {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"{os.cpu_count()} cores, {args.users} users, partitions {args.partitions}, "
-        f"stack: {args.stack}, steady window = attack minus its first {args.warmup} s\n"
+        f"stack: {args.stack}, steady window = attack minus its first {args.warmup} s"
+        + "".join(f", {name} ×{count}" for name, count in args.replicas)
+        + "\n"
     )
     print(summary_table(results))
     print()
@@ -574,6 +621,16 @@ def run(args: argparse.Namespace) -> int:
         figures = {"idle_pct": idle_pct, "results": [dataclasses.asdict(r) for r in results]}
         Path(args.json).write_text(json.dumps(figures, indent=1))
     return 0
+
+
+def _replicas(text: str) -> list[tuple[str, int]]:
+    pairs = []
+    for item in text.split(","):
+        name, _, count = item.partition("=")
+        if not count.isdigit() or int(count) < 1:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected NAME=COUNT")
+        pairs.append((name.strip(), int(count)))
+    return pairs
 
 
 def main() -> int:
@@ -596,6 +653,13 @@ def main() -> int:
     parser.add_argument("--stack", choices=("own", "running"), default="own")
     parser.add_argument("--partitions", type=int, default=3, help="topic partitions (own)")
     parser.add_argument("--keep", action="store_true", help="leave the own stack running")
+    parser.add_argument(
+        "--replicas",
+        type=_replicas,
+        default=[],
+        help="more replicas of relays/consumers, e.g. payments-consumer=2,orders-relay=2",
+    )
+
     parser.add_argument("--json", help="also write every figure to this file")
     args = parser.parse_args()
     if not 0 < args.warmup < args.duration - 1:
