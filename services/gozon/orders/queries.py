@@ -7,9 +7,10 @@ data-modifying CTE as one statement, committed as one). The API's run on asyncpg
 the real database: the API's by `tests/integration/test_orders_queries.py`, the consumer's
 by `tests/integration/test_orders_consumer.py` and `test_batched_consumers.py`.
 
-The consumer's statements take arrays (`CAST(:x AS type[])` + `unnest`), so one round trip
-handles a whole batch whatever its size; they run on the consumer's SQLAlchemy session, as
-`text()` clauses.
+The consumer's statement takes arrays (`CAST(:x AS type[])` + `unnest`), so one round trip
+handles a whole batch whatever its size; it runs on the consumer's SQLAlchemy session, as a
+`text()` clause, on a connection in autocommit (`isolation_level="AUTOCOMMIT"`: the asyncpg
+dialect then sends no BEGIN and no COMMIT), so a batch costs exactly one round trip.
 """
 
 from __future__ import annotations
@@ -76,29 +77,43 @@ ORDER BY created_at DESC, id DESC LIMIT $4
 in the same order (keyset pagination: stable under inserts, no OFFSET scan)."""
 
 # --- consumer ---
-# The batched `payment.processed.event` handler (gozon.orders.consumer): FINALIZE_ORDERS, then
-# KNOWN_ORDERS for the results that changed nothing; one transaction per partition's batch.
+# The batched `payment.processed.event` handler (gozon.orders.consumer): FINALIZE_ORDERS, one
+# statement per partition's batch, run in autocommit (its own implicit transaction: no BEGIN
+# and no COMMIT round trips).
 
 FINALIZE_ORDERS = text(
     """
-    UPDATE orders AS o
-    SET status = result.status, cancel_reason = result.reason, updated_at = clock_timestamp()
-    FROM unnest(
-        CAST(:order_ids AS uuid[]), CAST(:statuses AS text[]), CAST(:reasons AS text[])
-    ) AS result(order_id, status, reason)
-    WHERE o.id = result.order_id AND o.status = 'NEW'
-    RETURNING o.id, o.status, o.created_at, o.updated_at
+    WITH result AS (
+        SELECT order_id, status, reason
+        FROM unnest(
+            CAST(:order_ids AS uuid[]), CAST(:statuses AS text[]), CAST(:reasons AS text[])
+        ) AS result(order_id, status, reason)
+    ),
+    moved AS (
+        UPDATE orders AS o
+        SET status = result.status, cancel_reason = result.reason,
+            updated_at = clock_timestamp()
+        FROM result
+        WHERE o.id = result.order_id AND o.status = 'NEW'
+        RETURNING o.id, o.status, o.created_at, o.updated_at
+    )
+    SELECT result.order_id AS id,
+           CASE
+               WHEN moved.id IS NOT NULL THEN 'moved'
+               WHEN EXISTS (SELECT 1 FROM orders WHERE orders.id = result.order_id) THEN 'final'
+               ELSE 'unknown'
+           END AS outcome,
+           moved.status, moved.created_at, moved.updated_at
+    FROM result LEFT JOIN moved ON moved.id = result.order_id
     """
 )
-"""Moves each order still NEW to its final status; returns the orders it moved. Guarded by
-`status = 'NEW'`: an order already final keeps its first result (a concurrent change of the
-same order waits for the other transaction, then re-checks the guard). Pass one row per
-order: with two, PostgreSQL would apply an unpredictable one."""
+"""Moves each order still NEW to its final status and tells, for every order id passed, what
+happened: `moved` (with its new status and timestamps), `final` (it exists but was not NEW:
+a duplicate or late result, nothing changed) or `unknown` (no such order).
 
-KNOWN_ORDERS = text(
-    """
-    SELECT id FROM orders WHERE id = ANY(CAST(:order_ids AS uuid[]))
-    """
-)
-"""Which of these orders exist: a result for an order FINALIZE_ORDERS did not move is a
-duplicate if the order exists, and refers to no order otherwise."""
+One statement, so it is all-or-nothing on its own and is run in autocommit: when it returns,
+it has committed. Guarded by `status = 'NEW'`: an order already final keeps its first result
+(a concurrent change of the same order waits for the other transaction, then re-checks the
+guard, and the order is `final`). `final`/`unknown` are read from the statement's snapshot,
+which holds every order created before it (an order is committed before its payment result
+can exist). Pass one row per order: with two, PostgreSQL would apply an unpredictable one."""

@@ -1,6 +1,11 @@
 """The payments consumer's batch handler for `order.created.event`: inbox, debits, outbox, one
 commit per partition's batch.
 
+Four round trips per batch on the common path (every order new, every compare-and-swap won),
+whatever its size: BEGIN, `queries.CLAIM_AND_READ` (claims, earlier decisions, accounts),
+`queries.SWAP_AND_RECORD` (the compare-and-swap and, when every swap won, all the records),
+COMMIT; then one coalesced `pg_notify` on the notifier's own connection.
+
 Guarantees (the runner commits the offsets only after this transaction has committed):
 - An order is paid for at most once, whatever envelope it comes in: every event is recorded in
   the inbox by its event id, and the order's one payment decision (`service.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -38,7 +44,7 @@ from gozon.contracts import (
 from gozon.core.settings import PaymentsSettings
 from gozon.messaging.consumer import BatchHandler, Delivery, Outcome
 from gozon.messaging.subscription import Notify, Sessions, Subscription
-from gozon.payments import queries, service
+from gozon.payments import service
 from gozon.payments.metrics import PAYMENT_AMOUNT, PAYMENT_OUTCOMES
 from gozon.payments.models import payment_outbox
 from gozon.payments.service import Decided, Decision, OrderToPay
@@ -63,8 +69,9 @@ def make_handler(
             for d in batch
         ]
         async with sessions() as session, session.begin():
-            decided = await service.decide_order_payments(session, orders)
-            await session.execute(queries.RECORD_BATCH, _batch_rows(batch, decided))
+            decided = await service.decide_order_payments(
+                session, orders, partial(_batch_rows, batch)
+            )
         notify()
         return [_report(d, decision) for d, decision in zip(batch, decided.decisions, strict=True)]
 
@@ -72,7 +79,7 @@ def make_handler(
 
 
 def _batch_rows(batch: Sequence[Delivery[OrderCreated]], decided: Decided) -> dict[str, object]:
-    """RECORD_BATCH's parameters: ledger rows, decision outcomes, inbox rows, answers."""
+    """SWAP_AND_RECORD's records: ledger rows, decision outcomes, inbox rows, answers."""
     answers = [
         PaymentProcessed(
             aggregate_id=str(decision.order_id),

@@ -1,9 +1,15 @@
 """The payments service's hand-written SQL, in one place: each statement named, with what it
 guarantees. Every statement here is exercised against the real PostgreSQL by the integration
-tests (tests/integration/test_payments_consumer.py, test_batched_consumers.py).
+tests (tests/integration/test_payments_consumer.py, test_batched_consumers.py,
+test_consumer_round_trips.py).
 
 Statements take arrays (`CAST(:x AS type[])` + `unnest`): one round trip handles a whole batch,
 whatever its size, and the statement text — so its prepared plan — stays the same.
+
+The consumer's batch is four round trips on its common path (every order new, every
+compare-and-swap won): BEGIN, CLAIM_AND_READ, SWAP_AND_RECORD, COMMIT. STORED_DECISIONS and
+READ_ACCOUNTS are its slow paths: an order a concurrent transaction claimed while this one
+waited, and accounts whose swap lost.
 """
 
 from __future__ import annotations
@@ -11,29 +17,58 @@ from __future__ import annotations
 from sqlalchemy import text
 
 # --- consumer ---
-# The batched `order.created.event` handler (gozon.payments.consumer). One transaction per
-# partition's batch: CLAIM_DECISIONS, then STORED_DECISIONS for the orders decided before,
-# READ_ACCOUNTS + SWAP_BALANCES (the compare-and-swap, retried for the accounts that lost),
-# then RECORD_BATCH; one COMMIT.
+# The batched `order.created.event` handler (gozon.payments.consumer,
+# service.decide_order_payments). One transaction per partition's batch: CLAIM_AND_READ (the
+# claims, the decisions made before, the accounts), then SWAP_AND_RECORD (the compare-and-swap
+# of every debited account and, only when every swap won, everything the batch records); one
+# COMMIT. An order claimed concurrently is read again with STORED_DECISIONS; the accounts
+# whose swap lost are read again with READ_ACCOUNTS and retried with SWAP_AND_RECORD.
 
-CLAIM_DECISIONS = text(
+CLAIM_AND_READ = text(
     """
-    INSERT INTO payment_decisions (order_id, user_id, amount, event_id)
-    SELECT order_id, user_id, amount, event_id
-    FROM unnest(
-        CAST(:order_ids AS uuid[]), CAST(:user_ids AS text[]),
-        CAST(:amounts AS numeric[]), CAST(:event_ids AS uuid[])
-    ) AS claim(order_id, user_id, amount, event_id)
-    ORDER BY order_id
-    ON CONFLICT (order_id) DO NOTHING
-    RETURNING order_id, decided_at
+    WITH claim AS (
+        INSERT INTO payment_decisions (order_id, user_id, amount, event_id)
+        SELECT order_id, user_id, amount, event_id
+        FROM unnest(
+            CAST(:order_ids AS uuid[]), CAST(:user_ids AS text[]),
+            CAST(:amounts AS numeric[]), CAST(:event_ids AS uuid[])
+        ) AS claim(order_id, user_id, amount, event_id)
+        ORDER BY order_id
+        ON CONFLICT (order_id) DO NOTHING
+        RETURNING order_id, decided_at
+    )
+    SELECT 'claimed' AS kind, order_id, NULL AS user_id, NULL::numeric AS amount,
+           NULL AS status, NULL AS reason, decided_at,
+           NULL::uuid AS account_id, NULL::numeric AS balance, NULL::bigint AS version
+    FROM claim
+    UNION ALL
+    SELECT 'stored', order_id, user_id, amount, status, reason, decided_at, NULL, NULL, NULL
+    FROM payment_decisions
+    WHERE order_id = ANY(CAST(:order_ids AS uuid[]))
+    UNION ALL
+    SELECT 'account', NULL, user_id, NULL, NULL, NULL, NULL, id, balance, version
+    FROM accounts
+    WHERE user_id = ANY(CAST(:account_user_ids AS text[]))
     """
 )
-"""Claims each order's one decision (status NULL until RECORD_BATCH sets it, in this same
-transaction). Returns the orders this transaction claimed: only they may be debited. An order
-claimed by a committed transaction is skipped; one claimed by a transaction still open waits
-for it (then is skipped, or claimed here if it rolled back). Rows go in order-id order, so two
-batches claiming overlapping orders lock them in the same order. Pass one row per order."""
+"""Claims each order's one decision and reads, in the same statement, what deciding needs.
+
+Rows of three kinds:
+- `claimed`: the orders this transaction claimed (their decision row is inserted, status NULL
+  until SWAP_AND_RECORD sets it in this same transaction). Only they may be debited. An order
+  claimed by a committed transaction is skipped; one claimed by a transaction still open
+  waits for it (then is skipped, or claimed here if it rolled back). Rows go in order-id
+  order, so two batches claiming overlapping orders lock them in the same order. Pass one row
+  per order.
+- `stored`: the decisions committed before this statement's snapshot (status never NULL: the
+  deciding transaction set it before committing), to be sent again.
+- `account`: the accounts' balance and version as of the snapshot, without locking them: the
+  version is what SWAP_AND_RECORD compares against, so a stale one only loses its swap.
+
+The snapshot is taken when the statement starts (READ COMMITTED). An order whose claim waited
+for a concurrent transaction that then committed is neither `claimed` nor `stored` (its
+decision committed after the snapshot): read it with STORED_DECISIONS, a new statement that
+sees it."""
 
 STORED_DECISIONS = text(
     """
@@ -42,40 +77,37 @@ STORED_DECISIONS = text(
     WHERE order_id = ANY(CAST(:order_ids AS uuid[]))
     """
 )
-"""The decisions made before (by committed transactions: CLAIM_DECISIONS waited for them), to be
-sent again; their status is never NULL (the deciding transaction set it before committing)."""
+"""The committed decisions of these orders, to be sent again: for the orders CLAIM_AND_READ
+neither claimed nor saw (a concurrent claimer committed while it waited; this statement's
+snapshot, taken after, holds it). Their status is never NULL."""
 
 READ_ACCOUNTS = text(
     """
-    SELECT id, user_id, balance, version
+    SELECT id AS account_id, user_id, balance, version
     FROM accounts
     WHERE user_id = ANY(CAST(:user_ids AS text[]))
     """
 )
-"""The accounts' latest committed balance and version (READ COMMITTED), without locking them:
-the version is what SWAP_BALANCES compares against."""
+"""The accounts' latest committed balance and version (READ COMMITTED), without locking them,
+for the accounts whose swap lost: the version is what SWAP_AND_RECORD compares against."""
 
-SWAP_BALANCES = text(
+SWAP_AND_RECORD = text(
     """
-    UPDATE accounts AS account
-    SET balance = swap.balance, version = account.version + 1, updated_at = now()
-    FROM unnest(
-        CAST(:ids AS uuid[]), CAST(:versions AS bigint[]), CAST(:balances AS numeric[])
-    ) AS swap(id, version, balance)
-    WHERE account.id = swap.id
-      AND account.version = swap.version
-      AND swap.balance >= 0
-    RETURNING account.id
-    """
-)
-"""Compare-and-swap of many accounts at once: each account's new balance is written only if its
-version is still the one read (a concurrent deposit or debit bumped it otherwise), and the
-version is bumped. Returns the accounts swapped; the others lost and are re-read and retried.
-Never below zero (here and by the table's CHECK)."""
-
-RECORD_BATCH = text(
-    """
-    WITH ledger AS (
+    WITH swapped AS (
+        UPDATE accounts AS account
+        SET balance = swap.balance, version = account.version + 1, updated_at = now()
+        FROM unnest(
+            CAST(:ids AS uuid[]), CAST(:versions AS bigint[]), CAST(:balances AS numeric[])
+        ) AS swap(id, version, balance)
+        WHERE account.id = swap.id
+          AND account.version = swap.version
+          AND swap.balance >= 0
+        RETURNING account.id
+    ),
+    won AS (
+        SELECT count(*) = cardinality(CAST(:ids AS uuid[])) AS every_swap FROM swapped
+    ),
+    ledger AS (
         INSERT INTO account_ledger (account_id, user_id, kind, amount, balance_after, order_id)
         SELECT account_id, user_id, 'DEBIT', amount, balance_after, order_id
         FROM unnest(
@@ -83,6 +115,7 @@ RECORD_BATCH = text(
             CAST(:debit_amounts AS numeric[]), CAST(:debit_balances_after AS numeric[]),
             CAST(:debit_order_ids AS uuid[])
         ) WITH ORDINALITY AS debit(account_id, user_id, amount, balance_after, order_id, n)
+        WHERE (SELECT every_swap FROM won)
         ORDER BY n
     ),
     decided AS (
@@ -92,7 +125,7 @@ RECORD_BATCH = text(
             CAST(:decided_order_ids AS uuid[]), CAST(:decided_statuses AS text[]),
             CAST(:decided_reasons AS text[])
         ) AS outcome(order_id, status, reason)
-        WHERE decision.order_id = outcome.order_id
+        WHERE decision.order_id = outcome.order_id AND (SELECT every_swap FROM won)
     ),
     inbox AS (
         INSERT INTO payment_inbox (idempotency_key, order_id, user_id, amount, status, reason)
@@ -102,6 +135,7 @@ RECORD_BATCH = text(
             CAST(:inbox_user_ids AS text[]), CAST(:inbox_amounts AS numeric[]),
             CAST(:inbox_statuses AS text[]), CAST(:inbox_reasons AS text[])
         ) AS event(event_id, order_id, user_id, amount, status, reason)
+        WHERE (SELECT every_swap FROM won)
         ON CONFLICT (idempotency_key) DO NOTHING
     ),
     outbox AS (
@@ -112,14 +146,27 @@ RECORD_BATCH = text(
             CAST(:outbox_order_ids AS uuid[]), CAST(:outbox_user_ids AS text[]),
             CAST(:outbox_payloads AS text[]), CAST(:outbox_headers AS text[])
         ) WITH ORDINALITY AS answer(order_id, user_id, payload, headers, n)
+        WHERE (SELECT every_swap FROM won)
         ORDER BY n
     )
-    SELECT 1
+    SELECT (SELECT every_swap FROM won) AS recorded, ARRAY(SELECT id FROM swapped) AS swapped
     """
 )
-"""Everything else the batch writes, in one statement (the data-modifying CTEs all run to
-completion): the debits' ledger rows in offset order (with the balance after each, so the
-ledger replays the balance; one DEBIT per order, by a unique index), the claimed decisions'
-outcomes, one inbox row per event id (a redelivered event adds none), and one
-`PaymentProcessed` outbox row per delivery in offset order (ids in that order, so the relay
-publishes them in it), each with its own trace headers."""
+"""Compare-and-swap of many accounts at once, then — in the same statement, only when every
+swap won — everything else the batch writes. One row: `recorded`, and the accounts `swapped`.
+
+The swap: each account's new balance is written only if its version is still the one read (a
+concurrent deposit or debit bumped it otherwise), and the version is bumped; never below zero
+(here and by the table's CHECK). Pass each account once; none when no order is debited.
+
+The records, written only when every swap of this call won (all the data-modifying CTEs wait
+for the swap's outcome through `won`): the debits' ledger rows in offset order (with the
+balance after each, so the ledger replays the balance; one DEBIT per order, by a unique
+index), the claimed decisions' outcomes, one inbox row per event id (a redelivered event adds
+none), and one `PaymentProcessed` outbox row per delivery in offset order (ids in that order,
+so the relay publishes them in it), each with its own trace headers.
+
+When a swap lost (`recorded` false), nothing is recorded, and the swaps that won stay in the
+transaction: the caller reads the lost accounts again (READ_ACCOUNTS), decides their orders
+again and calls this again with only their swaps and the whole batch's records, until it is
+`recorded`, or rolls the transaction back."""

@@ -19,10 +19,11 @@ Guarantees:
   a top-up, a FINISHED one is not paid twice.
 - A batch of order events is decided per account in offset order: an order is paid when the
   balance left by the ones before it covers it, else it is cancelled for funds; the account's
-  balance moves by one compare-and-swap for the whole batch (`queries.SWAP_BALANCES`).
+  balance moves by one compare-and-swap for the whole batch, in the statement that also
+  writes the batch's records only when every swap won (`queries.SWAP_AND_RECORD`).
 - `pay_for_order` and `decide_order_payments` work inside the caller's transaction (the
-  consumer's, which also holds the inbox and outbox rows) and write nothing when no order
-  can be paid.
+  consumer's: `decide_order_payments` also writes the caller's inbox and outbox rows, given
+  by its `records`); `pay_for_order` writes nothing when the order cannot be paid.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Row, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -300,8 +302,9 @@ class Debit:
 
 @dataclass(frozen=True)
 class Decided:
-    """What `decide_order_payments` did in the caller's transaction; it is recorded by the
-    caller in the same transaction (`queries.RECORD_BATCH`: ledger rows, decision outcomes)."""
+    """What `decide_order_payments` decided; the caller turns it into the rows the batch records
+    (ledger rows, decision outcomes, and its own inbox and outbox rows), which are written by the
+    same statement as the balances' compare-and-swap (`queries.SWAP_AND_RECORD`)."""
 
     decisions: list[Decision]
     """One per order event, in the events' order; `replayed` for every event but the one that
@@ -312,49 +315,162 @@ class Decided:
     """The debits made, per account in the events' order."""
 
 
-async def decide_order_payments(session: AsyncSession, orders: Sequence[OrderToPay]) -> Decided:
-    """Each order's one payment decision, for a batch of order events in offset order, in the
-    caller's transaction.
+BatchRecords = Callable[[Decided], Mapping[str, object]]
+"""The caller's part of SWAP_AND_RECORD's parameters for a decided batch (everything but the
+swap's `ids`, `versions` and `balances`)."""
+
+
+async def decide_order_payments(
+    session: AsyncSession, orders: Sequence[OrderToPay], records: BatchRecords
+) -> Decided:
+    """Each order's one payment decision, for a batch of order events in offset order, made
+    and recorded in the caller's transaction.
 
     The first event about an order claims its decision row and pays (or not); every later one,
     in this batch or after it, gets the stored decision back with nothing debited. The orders
     claimed here are debited per account in the events' order: each is paid if the balance
     left by the ones before it covers it, else cancelled for funds (nothing debited). The
-    balances change by compare-and-swap; an account whose swap loses to a concurrent change is
-    read again and its orders decided again, at most `CAS_ATTEMPTS` times, then `AccountBusy`
-    (the caller's transaction rolls back and the batch is retried).
+    balances change by compare-and-swap, in the statement that also writes `records(decided)`
+    when every swap won (`queries.SWAP_AND_RECORD`); an account whose swap loses to a
+    concurrent change is read again and its orders decided again, at most `CAS_ATTEMPTS`
+    times, then `AccountBusy` (the caller's transaction rolls back and the batch is retried).
+
+    Round trips: CLAIM_AND_READ and SWAP_AND_RECORD on the common path; STORED_DECISIONS when
+    a concurrent transaction claimed an order meanwhile; READ_ACCOUNTS + SWAP_AND_RECORD
+    again per lost round of swaps.
     """
     first: dict[uuid.UUID, OrderToPay] = {}
     for order in orders:
         first.setdefault(order.order_id, order)
     claims = sorted(first.values(), key=lambda order: order.order_id)
-    claimed: dict[uuid.UUID, datetime] = {
-        row.order_id: row.decided_at
-        for row in await session.execute(
-            queries.CLAIM_DECISIONS,
-            {
-                "order_ids": [c.order_id for c in claims],
-                "user_ids": [c.user_id for c in claims],
-                "amounts": [c.amount for c in claims],
-                "event_ids": [c.event_id for c in claims],
-            },
-        )
-    }
-    earlier = [order_id for order_id in first if order_id not in claimed]
+    claimed: dict[uuid.UUID, datetime] = {}
     stored: dict[uuid.UUID, Decision] = {}
-    if earlier:
-        for row in await session.execute(queries.STORED_DECISIONS, {"order_ids": earlier}):
-            stored[row.order_id] = Decision(
-                order_id=row.order_id,
-                user_id=row.user_id,
-                amount=row.amount,
-                status=row.status,
-                reason=row.reason,
-                decided_at=row.decided_at,
-                replayed=True,
-            )
+    accounts: dict[str, Row[Any]] = {}
+    for row in await session.execute(
+        queries.CLAIM_AND_READ,
+        {
+            "order_ids": [c.order_id for c in claims],
+            "user_ids": [c.user_id for c in claims],
+            "amounts": [c.amount for c in claims],
+            "event_ids": [c.event_id for c in claims],
+            "account_user_ids": sorted({c.user_id for c in claims}),
+        },
+    ):
+        if row.kind == "claimed":
+            claimed[row.order_id] = row.decided_at
+        elif row.kind == "stored":
+            stored[row.order_id] = _stored(row)
+        else:
+            accounts[row.user_id] = row
+    unseen = [order_id for order_id in first if order_id not in claimed and order_id not in stored]
+    if unseen:  # claimed by a transaction that committed while the claim waited for it
+        for row in await session.execute(queries.STORED_DECISIONS, {"order_ids": unseen}):
+            stored[row.order_id] = _stored(row)
+        if missing := [order_id for order_id in unseen if order_id not in stored]:
+            raise RuntimeError(f"orders neither claimed nor decided: {missing}")
     to_pay = [order for order_id, order in first.items() if order_id in claimed]  # offset order
-    payments, debits = await _debit_in_order(session, to_pay)
+    by_user: dict[str, list[OrderToPay]] = {}
+    for order in to_pay:
+        by_user.setdefault(order.user_id, []).append(order)
+    payments: dict[uuid.UUID, Payment] = {}
+    debits: list[Debit] = []
+    pending = sorted(by_user)
+    for attempt in range(CAS_ATTEMPTS):
+        if attempt:
+            accounts = {
+                row.user_id: row
+                for row in await session.execute(queries.READ_ACCOUNTS, {"user_ids": pending})
+            }
+        planned = {
+            user_id: _plan(accounts.get(user_id), user_id, by_user[user_id]) for user_id in pending
+        }
+        swaps = [
+            (made[0].account_id, accounts[user_id].version, made[-1].balance_after)
+            for user_id, (_, made) in planned.items()
+            if made
+        ]
+        decided = _decided(
+            orders,
+            to_pay,
+            claimed,
+            stored,
+            payments | {o: p for outcome, _ in planned.values() for o, p in outcome.items()},
+            debits + [debit for _, made in planned.values() for debit in made],
+        )
+        result = (
+            await session.execute(
+                queries.SWAP_AND_RECORD,
+                {
+                    "ids": [s[0] for s in swaps],
+                    "versions": [s[1] for s in swaps],
+                    "balances": [s[2] for s in swaps],
+                    **records(decided),
+                },
+            )
+        ).one()
+        if result.recorded:
+            return decided
+        swapped = set(result.swapped)
+        lost: list[str] = []
+        for user_id in pending:
+            outcome, made = planned[user_id]
+            if made and made[0].account_id not in swapped:
+                lost.append(user_id)
+                continue
+            payments.update(outcome)
+            debits += made
+        CAS_CONFLICTS.labels("debit").inc(len(lost))
+        await asyncio.sleep(cas_backoff(attempt))
+        pending = lost
+    raise AccountBusy(f"the balances of {pending} changed under {CAS_ATTEMPTS} attempts")
+
+
+def _stored(row: Row[Any]) -> Decision:
+    return Decision(
+        order_id=row.order_id,
+        user_id=row.user_id,
+        amount=row.amount,
+        status=row.status,
+        reason=row.reason,
+        decided_at=row.decided_at,
+        replayed=True,
+    )
+
+
+def _plan(
+    account: Row[Any] | None, user_id: str, orders: Sequence[OrderToPay]
+) -> tuple[dict[uuid.UUID, Payment], list[Debit]]:
+    """The balance rule for one account's orders (offset order) against the balance read:
+    each order's payment, and the debits to make (the last one's balance is the new balance)."""
+    outcome: dict[uuid.UUID, Payment] = {}
+    made: list[Debit] = []
+    if account is None:
+        for order in orders:
+            outcome[order.order_id] = Payment(ACCOUNT_NOT_FOUND, "The user has no payment account.")
+        return outcome, made
+    balance: Decimal = account.balance
+    for order in orders:
+        if balance - order.amount < 0:
+            outcome[order.order_id] = Payment(
+                INSUFFICIENT_FUNDS, "Insufficient funds: the balance is below the amount."
+            )
+            continue
+        balance -= order.amount
+        outcome[order.order_id] = Payment(PAID)
+        made.append(Debit(account.account_id, user_id, order.order_id, order.amount, balance))
+    return outcome, made
+
+
+def _decided(
+    orders: Sequence[OrderToPay],
+    to_pay: Sequence[OrderToPay],
+    claimed: dict[uuid.UUID, datetime],
+    stored: dict[uuid.UUID, Decision],
+    payments: dict[uuid.UUID, Payment],
+    debits: list[Debit],
+) -> Decided:
+    """Every event's decision (offset order) from the payments of the orders claimed here and
+    the decisions stored before."""
     made = {
         order.order_id: Decision(
             order_id=order.order_id,
@@ -378,75 +494,3 @@ async def decide_order_payments(session: AsyncSession, orders: Sequence[OrderToP
             decision = replace(decision, replayed=True)
         decisions.append(decision)
     return Decided(decisions=decisions, made=list(made.values()), debits=debits)
-
-
-async def _debit_in_order(
-    session: AsyncSession, orders: Sequence[OrderToPay]
-) -> tuple[dict[uuid.UUID, Payment], list[Debit]]:
-    """Decides and debits `orders` (one event per order, offset order) by compare-and-swap."""
-    by_user: dict[str, list[OrderToPay]] = {}
-    for order in orders:
-        by_user.setdefault(order.user_id, []).append(order)
-    payments: dict[uuid.UUID, Payment] = {}
-    debits: list[Debit] = []
-    pending = sorted(by_user)
-    for attempt in range(CAS_ATTEMPTS):
-        if not pending:
-            break
-        accounts = {
-            row.user_id: row
-            for row in await session.execute(queries.READ_ACCOUNTS, {"user_ids": pending})
-        }
-        planned: dict[str, tuple[dict[uuid.UUID, Payment], list[Debit]]] = {}
-        swaps: list[tuple[uuid.UUID, int, Decimal]] = []
-        for user_id in pending:
-            account = accounts.get(user_id)
-            outcome: dict[uuid.UUID, Payment] = {}
-            made: list[Debit] = []
-            if account is None:
-                for order in by_user[user_id]:
-                    outcome[order.order_id] = Payment(
-                        ACCOUNT_NOT_FOUND, "The user has no payment account."
-                    )
-            else:
-                balance: Decimal = account.balance
-                for order in by_user[user_id]:
-                    if balance - order.amount < 0:
-                        outcome[order.order_id] = Payment(
-                            INSUFFICIENT_FUNDS,
-                            "Insufficient funds: the balance is below the amount.",
-                        )
-                        continue
-                    balance -= order.amount
-                    outcome[order.order_id] = Payment(PAID)
-                    made.append(Debit(account.id, user_id, order.order_id, order.amount, balance))
-                if made:
-                    swaps.append((account.id, account.version, balance))
-            planned[user_id] = (outcome, made)
-        swapped: set[uuid.UUID] = set()
-        if swaps:
-            swapped = set(
-                await session.scalars(
-                    queries.SWAP_BALANCES,
-                    {
-                        "ids": [s[0] for s in swaps],
-                        "versions": [s[1] for s in swaps],
-                        "balances": [s[2] for s in swaps],
-                    },
-                )
-            )
-        lost: list[str] = []
-        for user_id in pending:
-            outcome, made = planned[user_id]
-            if made and made[0].account_id not in swapped:
-                lost.append(user_id)
-                continue
-            payments.update(outcome)
-            debits += made
-        if lost:
-            CAS_CONFLICTS.labels("debit").inc(len(lost))
-            await asyncio.sleep(cas_backoff(attempt))
-        pending = lost
-    if pending:
-        raise AccountBusy(f"the balances of {pending} changed under {CAS_ATTEMPTS} attempts")
-    return payments, debits
