@@ -1,21 +1,32 @@
-"""Benchmark: how fast a consumer drains a pre-filled topic, old code against new, same run.
+"""Benchmark: what a consumer costs per event, old code against new, same run.
 
 Starts its own throwaway PostgreSQL and Kafka, fills `order.created.event` with N orders of
 users who all have funds (and `payment.processed.event` with N results of N NEW orders), then
 runs `gozon payments consumer` (and `gozon orders consumer`) from two checkouts in alternating
 phases (old, new, old, new, …): the old code is a git worktree of `--old-ref` made for the run,
 the new one is this checkout. Each phase gets a fresh database (copied from a prepared
-template) and a new consumer group, so it drains the whole topic from offset 0.
+template) and a new consumer group. Two modes (`--modes`, both by default):
 
-Per phase it reports events/s, from the first to the last row the consumer wrote (the
-database's own timestamps: payment_outbox.created_at, orders.updated_at, so process start-up
-and the group join are not counted), and CPU ms per event of the consumer process (utime +
-stime from /proc/PID/stat, from the moment it reported ready until the topic was drained).
-Before a phase counts, its effects are checked in the database: every order answered once,
-decided once and debited once, balances = deposits − debits (payments); every order final
-(orders).
+- drain: the group starts at offset 0 and drains the whole pre-filled topic (big batches).
+  Reports events/s, from the first to the last row the consumer wrote (the database's own
+  timestamps: payment_outbox.created_at, orders.updated_at, so process start-up and the group
+  join are not counted).
+- trickle: the group starts at the topic's end; once the consumer is ready, the bench offers
+  `--trickle-events` of the same events at `--rate` per second (50 by default: at that rate
+  a fetch usually holds one event, so each pays a whole batch's fixed cost). Reports the
+  events per batch seen by the payments consumer (rows of one transaction share their
+  created_at).
 
-    .venv/bin/python -m bench.consumers [--events 5000] [--pairs 2] [--old-ref ad627e8]
+Both report CPU ms per event of the consumer process (utime + stime from /proc/PID/stat) and
+of PostgreSQL (every postgres process: the postmaster with its reaped children's times and
+each live backend), from the moment the consumer reported ready (drain) or the first event
+was offered (trickle) until the last effect was in the database. Progress is polled on one
+connection, the same for old and new. Before a phase counts, its effects are checked in the
+database: every order answered once, decided once and debited once, balances = deposits −
+debits (payments); every order final (orders).
+
+    .venv/bin/python -m bench.consumers [--events 5000] [--pairs 2] [--old-ref ad627e8] \
+        [--modes drain,trickle] [--rate 50] [--trickle-events 1000]
 
 `--old-ref` defaults to main before the batched consumers (issue 11). Figures go to
 docs/benchmarks.md. Loopback only; every wait is bounded.
@@ -33,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -41,7 +53,7 @@ from pathlib import Path
 
 import asyncpg
 import port_for
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from scripts.processes import http_status, wait_for
@@ -61,12 +73,34 @@ class Phase:
     events_per_s: float
     cpu_ms_per_event: float
     seconds: float
+    pg_cpu_ms_per_event: float = 0.0
+    events_per_batch: float | None = None
 
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of the process, in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu_seconds(pg: Postgres) -> float:
+    """utime + stime of every postgres process: the postmaster (with cutime + cstime, its
+    children that exited) and each live child (backends, background workers)."""
+    postmaster = pg.running_pid()
+    assert postmaster is not None, "PostgreSQL is not running"
+    tick = os.sysconf("SC_CLK_TCK")
+    fields = Path(f"/proc/{postmaster}/stat").read_text().rsplit(")", 1)[1].split()
+    total = sum(int(f) for f in fields[11:15])
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            child = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile: its times are in the postmaster's cutime/cstime
+        if int(child[1]) == postmaster:
+            total += int(child[11]) + int(child[12])
+    return total / tick
 
 
 async def create_topics(bootstrap: str) -> None:
@@ -94,7 +128,10 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat()
 
 
-async def prepare(pg: Postgres, kafka: Kafka, events: int) -> None:
+Messages = dict[str, list[tuple[bytes, bytes]]]
+
+
+async def prepare(pg: Postgres, kafka: Kafka, events: int) -> Messages:
     """Migrated templates with the users' accounts / the NEW orders; the two topics filled."""
     from gozon.core.migrations import upgrade
 
@@ -173,6 +210,7 @@ async def prepare(pg: Postgres, kafka: Kafka, events: int) -> None:
     await create_topics(kafka.bootstrap)
     await fill(kafka.bootstrap, ORDER_CREATED, created)
     await fill(kafka.bootstrap, PAYMENT_PROCESSED, results)
+    return {"payments": created, "orders": results}
 
 
 async def fresh_database(pg: Postgres, template: str) -> str:
@@ -185,18 +223,67 @@ async def fresh_database(pg: Postgres, template: str) -> str:
     return name
 
 
-async def payments_progress(dsn: str) -> int:
+PROGRESS = {
+    "payments": "SELECT count(*) FROM payment_outbox",
+    "orders": "SELECT count(*) FROM orders WHERE status <> 'NEW'",
+}
+
+
+async def until_done(
+    dsn: str, service: str, events: int, process: subprocess.Popen[bytes], log: Path
+) -> None:
+    """Polls the phase's progress on one connection until `events` are done (bounded)."""
     conn = await asyncpg.connect(dsn)
     try:
-        return int(await conn.fetchval("SELECT count(*) FROM payment_outbox"))
+        deadline = time.monotonic() + 1800
+        while int(await conn.fetchval(PROGRESS[service])) < events:
+            assert process.poll() is None, f"the {service} consumer ended (log: {log})"
+            assert time.monotonic() < deadline, f"the {service} consumer is stuck (log: {log})"
+            await asyncio.sleep(0.2)
     finally:
         await conn.close()
 
 
-async def orders_progress(dsn: str) -> int:
+async def start_at_end(bootstrap: str, topic: str, group: str) -> None:
+    """Commits the group's offsets at the topic's end: its consumer reads only what comes next."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+        consumer.assign(partitions)
+        ends = await consumer.end_offsets(partitions)
+        await consumer.commit(dict(ends.items()))
+    finally:
+        await consumer.stop()
+
+
+async def offer(
+    bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]], rate: float
+) -> None:
+    """Sends the messages at `rate` per second, each on its own (open loop, no batching)."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
+    await producer.start()
+    try:
+        started = time.monotonic()
+        futures = []
+        for n, (key, value) in enumerate(messages):
+            await asyncio.sleep(max(0.0, started + n / rate - time.monotonic()))
+            futures.append(await producer.send(topic, value=value, key=key))
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def events_per_batch(dsn: str) -> float:
+    """Payments: the answers of one batch share their created_at (its transaction's now())."""
     conn = await asyncpg.connect(dsn)
     try:
-        return int(await conn.fetchval("SELECT count(*) FROM orders WHERE status <> 'NEW'"))
+        row = await conn.fetchrow(
+            "SELECT count(*) AS rows, count(DISTINCT created_at) AS batches FROM payment_outbox"
+        )
+        return float(row["rows"]) / max(1, int(row["batches"]))
     finally:
         await conn.close()
 
@@ -244,24 +331,31 @@ def run_phase(
     kafka: Kafka,
     events: int,
     work: Path,
+    trickle: tuple[list[tuple[bytes, bytes]], float] | None = None,
 ) -> Phase:
+    """One phase: drains the topic, or (`trickle`: the messages and the rate) offers those
+    messages at that rate to a group that starts at the topic's end."""
     template = f"{service}_template"
     database = asyncio.run(fresh_database(pg, template))
     dsn = pg.url(database, driver="postgresql")
     port = port_for.select_random()
+    group = f"bench-{uuid.uuid4().hex[:8]}"
+    topic = ORDER_CREATED if service == "payments" else PAYMENT_PROCESSED
+    if trickle is not None:
+        events = len(trickle[0])
+        asyncio.run(start_at_end(kafka.bootstrap, topic, group))
     env = {
         **os.environ,
         "PYTHONPATH": str(tree / "services"),
         "PYTHONUNBUFFERED": "1",
         "GOZON_LOG_JSON": "true",
         f"GOZON_{service.upper()}_DATABASE_URL": pg.url(database),
-        f"GOZON_{service.upper()}_GROUP_ID": f"bench-{uuid.uuid4().hex[:8]}",
+        f"GOZON_{service.upper()}_GROUP_ID": group,
         f"GOZON_{service.upper()}_CONSUMER_METRICS_PORT": str(port),
         "GOZON_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap,
         "GOZON_KAFKA_TOPIC_PARTITIONS": str(PARTITIONS),
     }
     log = work / f"{service}-{code}-{database}.log"
-    progress = payments_progress if service == "payments" else orders_progress
     with log.open("ab") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "gozon.cli", service, "consumer"],
@@ -279,14 +373,20 @@ def run_phase(
             timeout=120,
             what=f"the {code} {service} consumer to be ready (log: {log})",
         )
-        cpu_before = cpu_seconds(process.pid)
-        wait_for(
-            lambda: asyncio.run(progress(dsn)) >= events,
-            timeout=1800,
-            what=f"the {code} {service} consumer to drain the topic (log: {log})",
-            interval=0.2,
-        )
+        if trickle is not None:
+            time.sleep(3)  # the group's join settles (the consumer is ready before it is assigned)
+        cpu_before, pg_before = cpu_seconds(process.pid), postgres_cpu_seconds(pg)
+        started = time.monotonic()
+
+        async def measured() -> None:
+            if trickle is not None:
+                await offer(kafka.bootstrap, topic, trickle[0], trickle[1])
+            await until_done(dsn, service, events, process, log)
+
+        asyncio.run(measured())
         cpu = cpu_seconds(process.pid) - cpu_before
+        pg_cpu = postgres_cpu_seconds(pg) - pg_before
+        elapsed = time.monotonic() - started
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -296,7 +396,16 @@ def run_phase(
             process.wait()
     check = payments_check if service == "payments" else orders_check
     seconds = asyncio.run(check(dsn, events))
-    return Phase(code, (events - 1) / seconds, cpu * 1000 / events, seconds)
+    per_batch = asyncio.run(events_per_batch(dsn)) if service == "payments" else None
+    rate = (events - 1) / seconds if trickle is None else events / elapsed
+    return Phase(
+        code,
+        rate,
+        cpu * 1000 / events,
+        seconds if trickle is None else elapsed,
+        pg_cpu * 1000 / events,
+        per_batch,
+    )
 
 
 def uptime() -> str:
@@ -313,24 +422,40 @@ def old_worktree(ref: str, work: Path) -> Path:
     return path
 
 
-def report(service: str, phases: list[Phase]) -> None:
+def report(service: str, mode: str, phases: list[Phase]) -> None:
     for code in ("old", "new"):
         mine = [p for p in phases if p.code == code]
         print(
-            f"{service} {code}: events/s {[round(p.events_per_s) for p in mine]}, "
-            f"CPU ms/event {[round(p.cpu_ms_per_event, 3) for p in mine]}"
+            f"{service} {mode} {code}: events/s {[round(p.events_per_s) for p in mine]}, "
+            f"consumer CPU ms/event {[round(p.cpu_ms_per_event, 3) for p in mine]}, "
+            f"PostgreSQL CPU ms/event {[round(p.pg_cpu_ms_per_event, 3) for p in mine]}"
         )
-    old = [p for p in phases if p.code == "old"]
-    new = [p for p in phases if p.code == "new"]
-    old_rate = statistics.median(p.events_per_s for p in old)
-    new_rate = statistics.median(p.events_per_s for p in new)
-    old_cpu = statistics.median(p.cpu_ms_per_event for p in old)
-    new_cpu = statistics.median(p.cpu_ms_per_event for p in new)
+    medians = {}
+    for code in ("old", "new"):
+        mine = [p for p in phases if p.code == code]
+        batches = [p.events_per_batch for p in mine if p.events_per_batch is not None]
+        medians[code] = (
+            statistics.median(p.events_per_s for p in mine),
+            statistics.median(p.cpu_ms_per_event for p in mine),
+            statistics.median(p.pg_cpu_ms_per_event for p in mine),
+            statistics.median(batches) if batches else None,
+        )
+    (old_rate, old_cpu, old_pg, old_batch), (new_rate, new_cpu, new_pg, new_batch) = (
+        medians["old"],
+        medians["new"],
+    )
+    sizes = (
+        f" (events per batch: old {old_batch:.2f}, new {new_batch:.2f})"
+        if old_batch is not None and new_batch is not None
+        else ""
+    )
     print(
-        f"{service} consumer, medians: old {old_rate:.0f} events/s at {old_cpu:.2f} CPU ms/event;"
-        f" new {new_rate:.0f} events/s at {new_cpu:.2f} CPU ms/event;"
-        f" new/old throughput {new_rate / old_rate:.1f}x,"
-        f" CPU per event {old_cpu / new_cpu:.1f}x less"
+        f"{service} consumer, {mode}, medians: old {old_rate:.0f} events/s, consumer"
+        f" {old_cpu:.3f} + PostgreSQL {old_pg:.3f} CPU ms/event; new {new_rate:.0f} events/s,"
+        f" consumer {new_cpu:.3f} + PostgreSQL {new_pg:.3f} CPU ms/event; new/old throughput"
+        f" {new_rate / old_rate:.2f}x, consumer CPU {old_cpu / new_cpu:.2f}x less, PostgreSQL"
+        f" CPU {old_pg / new_pg:.2f}x less{sizes}",
+        flush=True,
     )
 
 
@@ -340,6 +465,11 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=2, help="old/new phase pairs per consumer")
     parser.add_argument("--old-ref", default="ad627e8", help="the old code's git revision")
     parser.add_argument("--services", default="payments,orders", help="which consumers to measure")
+    parser.add_argument("--modes", default="drain,trickle", help="drain and/or trickle")
+    parser.add_argument("--rate", type=float, default=50, help="trickle: events offered per s")
+    parser.add_argument(
+        "--trickle-events", type=int, default=1000, help="trickle: events offered per phase"
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
 
@@ -358,22 +488,38 @@ def main() -> int:
         old = old_worktree(args.old_ref, work)
         pg.start()
         kafka.start()
-        asyncio.run(prepare(pg, kafka, args.events))
+        messages = asyncio.run(prepare(pg, kafka, args.events))
         print(
             f"uptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}"
         )
         for service in args.services.split(","):
-            phases: list[Phase] = []
-            for _ in range(args.pairs):
-                for code, tree in (("old", old), ("new", ROOT)):
-                    phase = run_phase(code, tree, service, pg, kafka, args.events, work)
-                    print(
-                        f"  {service} {code}: {args.events} events in {phase.seconds:.2f} s,"
-                        f" {phase.events_per_s:.0f}/s, {phase.cpu_ms_per_event:.3f} CPU ms/event",
-                        flush=True,
-                    )
-                    phases.append(phase)
-            report(service, phases)
+            # Drain first: it reads the topic from offset 0, which the trickle phases extend.
+            for mode in [m for m in ("drain", "trickle") if m in args.modes.split(",")]:
+                trickle = (
+                    (messages[service][: args.trickle_events], args.rate)
+                    if mode == "trickle"
+                    else None
+                )
+                phases: list[Phase] = []
+                for _ in range(args.pairs):
+                    for code, tree in (("old", old), ("new", ROOT)):
+                        phase = run_phase(
+                            code, tree, service, pg, kafka, args.events, work, trickle
+                        )
+                        print(
+                            f"  {service} {mode} {code}: {phase.seconds:.2f} s,"
+                            f" {phase.events_per_s:.0f}/s, consumer"
+                            f" {phase.cpu_ms_per_event:.3f} + PostgreSQL"
+                            f" {phase.pg_cpu_ms_per_event:.3f} CPU ms/event"
+                            + (
+                                f", {phase.events_per_batch:.2f} events/batch"
+                                if phase.events_per_batch is not None
+                                else ""
+                            ),
+                            flush=True,
+                        )
+                        phases.append(phase)
+                report(service, mode, phases)
         print(
             f"uptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}"
         )
