@@ -65,10 +65,10 @@ Rows of three kinds:
 - `account`: the accounts' balance and version as of the snapshot, without locking them: the
   version is what SWAP_AND_RECORD compares against, so a stale one only loses its swap.
 
-The snapshot is taken when the statement starts (READ COMMITTED). An order whose claim waited
-for a concurrent transaction that then committed is neither `claimed` nor `stored` (its
-decision committed after the snapshot): read it with STORED_DECISIONS, a new statement that
-sees it."""
+The snapshot is taken when the statement starts (READ COMMITTED). An order whose decision a
+concurrent transaction committed after that (the claim waited for it, or found it committed)
+is neither `claimed` nor `stored`: read it with STORED_DECISIONS, a new statement whose
+snapshot holds it."""
 
 STORED_DECISIONS = text(
     """
