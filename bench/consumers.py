@@ -13,17 +13,17 @@ template) and a new consumer group. Two modes (`--modes`, both by default):
   join are not counted).
 - trickle: the group starts at the topic's end; once the consumer is ready, the bench offers
   `--trickle-events` of the same events at `--rate` per second (50 by default: at that rate
-  a fetch usually holds one event, so each pays a whole batch's fixed cost). Reports the
-  events per batch seen by the payments consumer (rows of one transaction share their
-  created_at).
+  a fetch usually holds one event, so each pays a whole batch's fixed cost).
 
-Both report CPU ms per event of the consumer process (utime + stime from /proc/PID/stat) and
-of PostgreSQL (every postgres process: the postmaster with its reaped children's times and
-each live backend), from the moment the consumer reported ready (drain) or the first event
-was offered (trickle) until the last effect was in the database. Progress is polled on one
-connection, the same for old and new. Before a phase counts, its effects are checked in the
-database: every order answered once, decided once and debited once, balances = deposits −
-debits (payments); every order final (orders).
+Both report the mean events per batch (the rows the consumer wrote per transaction: their
+xmin), and CPU ms per event and per batch (how many events share a batch varies with the
+machine's load, and the per-batch cost is what fewer round trips cut) of the consumer process
+(utime + stime from /proc/PID/stat) and of PostgreSQL (every postgres process: the postmaster
+with its reaped children's times and each live backend), from the moment the consumer
+reported ready (drain) or the first event was offered (trickle) until the last effect was in
+the database. Progress is polled on one connection, the same for old and new. Before a phase
+counts, its effects are checked in the database: every order answered once, decided once and
+debited once, balances = deposits − debits (payments); every order final (orders).
 
     .venv/bin/python -m bench.consumers [--events 5000] [--pairs 2] [--old-ref ad627e8] \
         [--modes drain,trickle] [--rate 50] [--trickle-events 1000]
@@ -74,7 +74,7 @@ class Phase:
     cpu_ms_per_event: float
     seconds: float
     pg_cpu_ms_per_event: float = 0.0
-    events_per_batch: float | None = None
+    events_per_batch: float = 1.0
 
 
 def cpu_seconds(pid: int) -> float:
@@ -276,13 +276,20 @@ async def offer(
         await producer.stop()
 
 
-async def events_per_batch(dsn: str) -> float:
-    """Payments: the answers of one batch share their created_at (its transaction's now())."""
+BATCHES = {
+    # Every row a batch wrote carries its transaction's id (xmin): one transaction per batch.
+    "payments": "SELECT count(*) AS rows, count(DISTINCT xmin::text) AS batches"
+    " FROM payment_outbox",
+    "orders": "SELECT count(*) AS rows, count(DISTINCT xmin::text) AS batches"
+    " FROM orders WHERE status <> 'NEW'",
+}
+
+
+async def events_per_batch(dsn: str, service: str) -> float:
+    """The consumer's mean batch: the rows it wrote per transaction that wrote them."""
     conn = await asyncpg.connect(dsn)
     try:
-        row = await conn.fetchrow(
-            "SELECT count(*) AS rows, count(DISTINCT created_at) AS batches FROM payment_outbox"
-        )
+        row = await conn.fetchrow(BATCHES[service])
         return float(row["rows"]) / max(1, int(row["batches"]))
     finally:
         await conn.close()
@@ -396,7 +403,7 @@ def run_phase(
             process.wait()
     check = payments_check if service == "payments" else orders_check
     seconds = asyncio.run(check(dsn, events))
-    per_batch = asyncio.run(events_per_batch(dsn)) if service == "payments" else None
+    per_batch = asyncio.run(events_per_batch(dsn, service))
     rate = (events - 1) / seconds if trickle is None else events / elapsed
     return Phase(
         code,
@@ -423,38 +430,37 @@ def old_worktree(ref: str, work: Path) -> Path:
 
 
 def report(service: str, mode: str, phases: list[Phase]) -> None:
+    def per_batch(p: Phase) -> tuple[float, float]:
+        return p.cpu_ms_per_event * p.events_per_batch, p.pg_cpu_ms_per_event * p.events_per_batch
+
     for code in ("old", "new"):
         mine = [p for p in phases if p.code == code]
         print(
             f"{service} {mode} {code}: events/s {[round(p.events_per_s) for p in mine]}, "
+            f"events/batch {[round(p.events_per_batch, 2) for p in mine]}, "
             f"consumer CPU ms/event {[round(p.cpu_ms_per_event, 3) for p in mine]}, "
             f"PostgreSQL CPU ms/event {[round(p.pg_cpu_ms_per_event, 3) for p in mine]}"
         )
-    medians = {}
+    medians: dict[str, list[float]] = {}
     for code in ("old", "new"):
         mine = [p for p in phases if p.code == code]
-        batches = [p.events_per_batch for p in mine if p.events_per_batch is not None]
-        medians[code] = (
+        medians[code] = [
             statistics.median(p.events_per_s for p in mine),
+            statistics.median(p.events_per_batch for p in mine),
             statistics.median(p.cpu_ms_per_event for p in mine),
             statistics.median(p.pg_cpu_ms_per_event for p in mine),
-            statistics.median(batches) if batches else None,
-        )
-    (old_rate, old_cpu, old_pg, old_batch), (new_rate, new_cpu, new_pg, new_batch) = (
-        medians["old"],
-        medians["new"],
-    )
-    sizes = (
-        f" (events per batch: old {old_batch:.2f}, new {new_batch:.2f})"
-        if old_batch is not None and new_batch is not None
-        else ""
-    )
+            statistics.median(per_batch(p)[0] for p in mine),
+            statistics.median(per_batch(p)[1] for p in mine),
+        ]
+    old, new = medians["old"], medians["new"]
     print(
-        f"{service} consumer, {mode}, medians: old {old_rate:.0f} events/s, consumer"
-        f" {old_cpu:.3f} + PostgreSQL {old_pg:.3f} CPU ms/event; new {new_rate:.0f} events/s,"
-        f" consumer {new_cpu:.3f} + PostgreSQL {new_pg:.3f} CPU ms/event; new/old throughput"
-        f" {new_rate / old_rate:.2f}x, consumer CPU {old_cpu / new_cpu:.2f}x less, PostgreSQL"
-        f" CPU {old_pg / new_pg:.2f}x less{sizes}",
+        f"{service} consumer, {mode}, medians (old → new, ×less):"
+        f" events/s {old[0]:.0f} → {new[0]:.0f};"
+        f" events/batch {old[1]:.2f} → {new[1]:.2f};"
+        f" consumer CPU ms/event {old[2]:.3f} → {new[2]:.3f} ({old[2] / new[2]:.2f}×);"
+        f" PostgreSQL CPU ms/event {old[3]:.3f} → {new[3]:.3f} ({old[3] / new[3]:.2f}×);"
+        f" consumer CPU ms/batch {old[4]:.3f} → {new[4]:.3f} ({old[4] / new[4]:.2f}×);"
+        f" PostgreSQL CPU ms/batch {old[5]:.3f} → {new[5]:.3f} ({old[5] / new[5]:.2f}×)",
         flush=True,
     )
 
@@ -510,12 +516,8 @@ def main() -> int:
                             f"  {service} {mode} {code}: {phase.seconds:.2f} s,"
                             f" {phase.events_per_s:.0f}/s, consumer"
                             f" {phase.cpu_ms_per_event:.3f} + PostgreSQL"
-                            f" {phase.pg_cpu_ms_per_event:.3f} CPU ms/event"
-                            + (
-                                f", {phase.events_per_batch:.2f} events/batch"
-                                if phase.events_per_batch is not None
-                                else ""
-                            ),
+                            f" {phase.pg_cpu_ms_per_event:.3f} CPU ms/event,"
+                            f" {phase.events_per_batch:.2f} events/batch",
                             flush=True,
                         )
                         phases.append(phase)
