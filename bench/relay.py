@@ -4,9 +4,11 @@ Starts its own throwaway PostgreSQL and Kafka (as the tests do) and real `gozon 
 `gozon orders relay` processes, then:
 
 1. latency: orders at a light, fixed arrival rate (open loop) with the relay running; the
-   commit → ack time of each is `sent_at - created_at` of its outbox row (`created_at` is the
-   start of the order's transaction, `sent_at` the relay's clock after the broker's acks, so
-   the figure slightly overstates commit → ack);
+   commit → claim time of each is `sent_at - created_at` of its outbox row (`created_at` is
+   the start of the order's transaction, `sent_at` the relay's clock when it claimed the row,
+   just before the publish; it was the clock after the broker's acks until the claim and the
+   mark became one statement, so the figures in docs/benchmarks.md, "Relay (issue 3)", are
+   commit → ack and new ones leave out the publish itself, ~1 ms);
 2. cost: order-creation throughput at fixed concurrency (closed loop), alternating phases with
    the relay running and stopped (ABAB…), reporting the median of each and the ratio.
 

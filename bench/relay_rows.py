@@ -5,8 +5,9 @@ Starts its own throwaway PostgreSQL and Kafka (as the tests do), fills order_out
 `traceparent`), and drains it with `OutboxRelay.publish_batch` in this process, once per batch
 size. It prints, per batch size: rows/s, this process's CPU per row (the relay's own cost:
 SQL, publishing, spans, logs, metrics), PostgreSQL's CPU per row (all its processes, from
-/proc), and the statements the relay sent per batch (counted with SQLAlchemy's events,
-BEGIN and COMMIT included).
+/proc), the round trips to PostgreSQL per batch (writes to its sockets, BEGIN and COMMIT
+included, the final empty poll too) and the statements SQLAlchemy saw per batch (its events;
+none for a relay that runs its batches on asyncpg itself).
 
 `--compare FILE` (repeatable) loads another relay module from FILE (e.g. the previous version:
 `git show HEAD~1:services/gozon/messaging/relay.py > /tmp/relay_old.py`) and alternates the
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -105,28 +107,53 @@ async def drain(
     module: ModuleType, url: str, bootstrap: str, batch_size: int, pg: Watched
 ) -> dict[str, float]:
     engine = create_engine(url, pool_size=2, pre_ping=False)
-    statements = 0
+    statements = round_trips = 0
 
     def count(*_: Any) -> None:
         nonlocal statements
         statements += 1
 
-    # BEGIN and COMMIT do not pass through cursor execution: count them as well.
+    # BEGIN and COMMIT do not pass through cursor execution: count them as well. (Statements
+    # a relay sends on the driver's connection itself pass no SQLAlchemy event.)
     event.listen(engine.sync_engine, "before_cursor_execute", count)
     event.listen(engine.sync_engine, "begin", count)
     event.listen(engine.sync_engine, "commit", count)
     event.listen(engine.sync_engine, "rollback", count)
+
+    def count_writes(connection: Any) -> None:
+        """Round trips, whatever sends them: every write to PostgreSQL's socket is one
+        (asyncpg sends a statement's messages, its Sync included, in one write and waits)."""
+        transport = connection._transport
+        write = transport.write
+
+        def counted(data: Any) -> None:
+            nonlocal round_trips
+            round_trips += 1
+            write(data)
+
+        transport.write = counted
+
+    # The pool's connections, and the relay's own connection where it has one.
+    event.listen(
+        engine.sync_engine, "connect", lambda dbapi, _: count_writes(dbapi.driver_connection)
+    )
     producer = new_producer(bootstrap, client_id="bench-relay")
     await producer.start()
+    options: dict[str, Any] = {}
+    if "database_url" in inspect.signature(module.OutboxRelay).parameters:
+        options["database_url"] = url
     relay = module.OutboxRelay(
         table=order_outbox,
         sessions=session_factory(engine),
         producer=producer,
         config=module.RelayConfig(batch_size=batch_size),
+        **options,
     )
     try:
         await relay.publish_batch()  # warm: the connection, prepared statements, metadata
-        statements = 0
+        if getattr(relay, "connection", None) is not None:
+            count_writes(relay.connection)
+        statements = round_trips = 0
         rows = batches = 0
         times, pg_before = os.times(), pg.snapshot()
         started = time.perf_counter()
@@ -138,6 +165,8 @@ async def drain(
         user, system = after.user - times.user, after.system - times.system
         pg_cpu = sum(pg.snapshot().values()) - sum(pg_before.values())
     finally:
+        if hasattr(relay, "close"):
+            await relay.close()
         await producer.stop()
         await engine.dispose()
     return {
@@ -147,6 +176,7 @@ async def drain(
         "relay_sys_share": system / (user + system) if user + system else 0.0,
         "pg_us_per_row": 1e6 * pg_cpu / rows,
         "statements_per_batch": statements / batches,
+        "round_trips_per_batch": round_trips / batches,
     }
 
 
@@ -173,9 +203,9 @@ async def run(args: argparse.Namespace, pg: Postgres, kafka: Kafka) -> None:
     )
     print(
         "| relay | batch size | rows/s | relay CPU µs/row (system share) "
-        "| PostgreSQL CPU µs/row | statements per batch |"
+        "| PostgreSQL CPU µs/row | round trips per batch | SQLAlchemy statements per batch |"
     )
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for (name, batch_size), results in figures.items():
 
         def median(key: str, results: list[dict[str, float]] = results) -> float:
@@ -185,6 +215,7 @@ async def run(args: argparse.Namespace, pg: Postgres, kafka: Kafka) -> None:
             f"| {name} | {batch_size} | {median('rows_per_s'):,.0f} "
             f"| {median('relay_us_per_row'):,.0f} ({median('relay_sys_share'):.0%}) "
             f"| {median('pg_us_per_row'):,.0f} "
+            f"| {median('round_trips_per_batch'):.1f} "
             f"| {median('statements_per_batch'):.1f} |"
         )
 

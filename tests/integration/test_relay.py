@@ -141,6 +141,7 @@ async def running_relay(
         sessions=session_factory(engine),
         producer=producer,
         config=config or RelayConfig(),
+        database_url=engine.url.render_as_string(hide_password=False),
     )
     stop = asyncio.Event()
     task = asyncio.create_task(relay.run(stop))
@@ -317,7 +318,8 @@ async def test_a_relay_killed_after_publishing_and_before_committing_publishes_a
     orders_db: str, engine: AsyncEngine, kafka: Kafka, topic: str, process_logs: Path
 ) -> None:
     (event_id,) = await insert_events(engine, topic, 1)
-    # Hold the relay between the broker's ack and its commit: marking the row SENT blocks.
+    # Hold the relay between the broker's ack and its commit: the claim marks the row SENT,
+    # and a deferred trigger on that update runs at COMMIT, which comes after the ack.
     async with engine.begin() as conn:
         await conn.execute(
             text(
@@ -327,7 +329,8 @@ async def test_a_relay_killed_after_publishing_and_before_committing_publishes_a
         )
         await conn.execute(
             text(
-                "CREATE TRIGGER hold BEFORE UPDATE ON order_outbox FOR EACH ROW "
+                "CREATE CONSTRAINT TRIGGER hold AFTER UPDATE ON order_outbox "
+                "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
                 "WHEN (NEW.status = 'SENT') EXECUTE FUNCTION hold()"
             )
         )
@@ -346,7 +349,7 @@ async def test_a_relay_killed_after_publishing_and_before_committing_publishes_a
             )
         )
         await conn.execute(text("DROP TRIGGER hold ON order_outbox"))
-    assert await statuses(engine) == {"PENDING": 1}
+    assert await statuses(engine) == {"PENDING": 1}  # the claim's SENT died uncommitted
 
     second = relay_process(orders_db, kafka.bootstrap, process_logs / "relay-2.log").start()
     try:

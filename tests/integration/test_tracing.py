@@ -71,7 +71,11 @@ async def relaying(
     producer = new_producer(bootstrap, client_id=f"test-{table.name}")
     await producer.start()
     relay = OutboxRelay(
-        table=table, sessions=session_factory(engine), producer=producer, config=config
+        table=table,
+        sessions=session_factory(engine),
+        producer=producer,
+        config=config,
+        database_url=engine.url.render_as_string(hide_password=False),
     )
     stop = asyncio.Event()
     task = asyncio.create_task(relay.run(stop))

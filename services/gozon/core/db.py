@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncpg
 from sqlalchemy import MetaData, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import (
@@ -86,6 +87,13 @@ def is_database_outage(exc: BaseException) -> bool:
         return True
     if isinstance(exc, OperationalError | InterfaceError):
         return True
+    # The same, from asyncpg itself (the relays' batches run on the driver): its connection
+    # closed or unusable, or the server's error of an outage class.
+    if isinstance(exc, asyncpg.InterfaceError):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        code = exc.sqlstate
+        return isinstance(code, str) and code[:2] in OUTAGE_SQLSTATE_CLASSES
     if not isinstance(exc, DBAPIError):
         return False
     code = sqlstate(exc)

@@ -1,33 +1,43 @@
 """The outbox relay: publishes committed outbox rows to Kafka, at least once, per key in order.
 
 Guarantees:
-- At least once. A row is marked SENT in the same transaction that claimed it, and only
-  after the broker acknowledged it (`acks=all`, idempotent producer). A relay that dies
-  between the ack and the commit publishes the row again after restart; consumers
+- At least once. The claim marks its rows SENT in the statement that locks them (CLAIM), inside
+  the batch's transaction, and that transaction commits only after the broker acknowledged
+  every row still marked (`acks=all`, idempotent producer): the rows it did not acknowledge
+  are put back first (RELEASE, one statement for all of them). Nobody sees a row SENT before
+  that commit. A relay that dies before the commit (killed, its connection dropped) leaves
+  its rows PENDING as they were, and publishes them again after restart; consumers
   deduplicate by `event_id`.
-- Four round trips per batch whatever its size: BEGIN, the claim (one SELECT), the mark (one
-  `UPDATE … WHERE id = ANY(:ids)`, the same statement shape for every batch, so its prepared
-  statement is reused), COMMIT. A leased claim (one autocommit UPDATE … RETURNING, then the
-  mark, no transaction held) was measured and not kept: it writes each row twice, which cost
-  PostgreSQL more than the two round trips saved the relay (docs/benchmarks.md).
-- Several relays on one outbox are safe: a batch is claimed with
-  `SELECT … FOR UPDATE SKIP LOCKED`, so no two relays hold the same row.
+- Three round trips per batch whatever its size, each row written once: BEGIN, CLAIM (an
+  `UPDATE … WHERE id IN (SELECT … FOR UPDATE SKIP LOCKED) RETURNING …`), COMMIT, plus one
+  RELEASE only when some row was not acknowledged. `sent_at` is therefore the moment of the
+  claim (just before the publish), committed after the acks. The batches run on the relay's
+  own asyncpg connection (the statements prepared once per connection); the prune and the
+  gauges, rare, on SQLAlchemy. A leased claim (an autocommit UPDATE … RETURNING, then the
+  mark, no transaction held) was measured and not kept: it writes each row twice
+  (docs/benchmarks.md, "Relay cost per row").
+- Several relays on one outbox are safe: the claim locks its rows with `FOR UPDATE SKIP
+  LOCKED` until its transaction ends, so no two relays hold (or publish) the same row, and
+  none waits for another.
 - Within one relay, rows go out in id order (enqueued one after another, then every ack
   awaited), so the events of one key keep their order on their partition. Two relays, or a
   row that waits for a retry, can let a later event of the same key overtake an earlier one;
   the consumers are written so that order between different orders does not matter.
-- A broker outage does not burn attempts: a transient error while the broker does not answer
-  leaves the rows PENDING and the relay backs off (its readiness probe fails meanwhile). An
-  error about the message itself (too large, its topic missing while the broker answers)
-  counts an attempt, with exponential backoff, and does not hold up the rows behind it; after
-  the limit the row is FAILED (counted, and requeued by `requeue_failed`).
+- A broker outage does not burn attempts: the rows not acknowledged while the broker does not
+  answer go back to PENDING without an attempt (the acknowledged ones commit SENT) and the
+  relay backs off (its readiness probe fails meanwhile). An error about the message itself
+  (too large, its topic missing while the broker answers) counts an attempt, with exponential
+  backoff, and does not hold up the rows behind it; after the limit the row is FAILED
+  (counted, and requeued by `requeue_failed`). After a transient error the rows behind it in
+  the batch are not tried: PENDING again, no attempt.
 - Wake-up without taxing the writers: no NOTIFY in the writers' transactions (it takes a
   database-wide lock at commit). Writers send a coalesced notification after their commit
   (`gozon.messaging.wakeup`), which sets `wake`; the relay re-polls at once while batches
   come back full, and otherwise waits for `wake` or the slow `fallback_poll` (1 s), so a
   lost notification delays a row, never loses it.
-- No dependency's outage ends the relay: claiming, publishing and the hourly prune all
-  treat a lost database or broker as "not ready, back off, try again".
+- No dependency's outage ends the relay: claiming, publishing and the periodic prune all
+  treat a lost database or broker as "not ready, back off, try again"; a lost connection is
+  dropped and the next batch connects anew.
 - SIGTERM: the batch in hand is finished and committed, then the relay exits.
 """
 
@@ -40,16 +50,17 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Final, NamedTuple
 
+import asyncpg
 import structlog
 from aiokafka import AIOKafkaProducer
 from opentelemetry import propagate, trace
-from sqlalchemy import BigInteger, Table, any_, bindparam, delete, func, select, update
-from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy import Table, delete, func, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from gozon.core.db import is_database_outage
+from gozon.core.pg import driver_dsn
 from gozon.core.runtime import sleep_unless
 from gozon.core.telemetry import context_from_headers
 from gozon.messaging.kafka import broker_answers, is_transient
@@ -89,6 +100,95 @@ def retry_delay(attempts: int, base: float, cap: float) -> float:
     return float(min(cap, base * (2 ** max(0, attempts - 1))))
 
 
+# --- the relay's SQL (hand-written: each is one round trip whatever the batch's size) ------
+
+CLAIM: Final = """
+UPDATE {table} SET status = 'SENT', sent_at = clock_timestamp()
+WHERE id IN (
+    SELECT id FROM {table}
+    WHERE status = 'PENDING' AND next_attempt_at <= now()
+    ORDER BY id LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING id, topic, message_key, payload, headers, attempts, created_at
+"""
+"""claim($1 batch_size): the claim and the mark in one statement, inside the batch's transaction.
+
+Guarantees: at most `batch_size` due PENDING rows, the lowest ids first, locked (`FOR UPDATE
+SKIP LOCKED`: another relay skips them, never waits for them or takes them too) and marked
+SENT with `sent_at` = the moment of the claim. Nobody else sees them SENT before the
+transaction commits, and the relay commits only after every row left is acknowledged (the
+others are put back by RELEASE first); a relay that dies before the commit leaves them PENDING,
+untouched. So each row is written once on the happy path. RETURNING has no order: the caller
+sorts by id before publishing.
+"""
+
+RELEASE: Final = """
+UPDATE {table} AS o
+SET status = u.status,
+    attempts = o.attempts + u.counted,
+    last_error = coalesce(u.error, o.last_error),
+    next_attempt_at = CASE WHEN u.counted = 1
+                           THEN now() + make_interval(secs => u.delay)
+                           ELSE o.next_attempt_at END,
+    sent_at = NULL
+FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::float8[])
+     AS u(id, status, counted, error, delay)
+WHERE o.id = u.id
+"""
+"""release($1 ids, $2 statuses, $3 counted, $4 errors, $5 delays): the claimed rows that were not
+acknowledged, back out of SENT, in the claiming transaction, before its commit.
+
+Guarantees: one statement for the whole failed set. A row with `counted` 1 (the broker refused
+it) gets an attempt, its error and its next attempt after `delay` seconds from the
+transaction's start, and the status the caller chose (PENDING, or FAILED at the limit); a row
+with `counted` 0 (an outage, or not tried after a transient error) is PENDING again exactly as
+it was claimed. Only the rows named, which this transaction holds locked.
+"""
+
+
+class _Release:
+    """The RELEASE statement's arrays, one entry per row not acknowledged."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.statuses: list[str] = []
+        self.counted: list[int] = []
+        self.errors: list[str | None] = []
+        self.delays: list[float] = []
+
+    def add(
+        self, row_id: int, *, status: str = PENDING, error: str | None = None, delay: float = 0.0
+    ) -> None:
+        self.ids.append(row_id)
+        self.statuses.append(status)
+        self.counted.append(0 if error is None else 1)
+        self.errors.append(None if error is None else error[:2000])
+        self.delays.append(delay)
+
+    def args(self) -> tuple[list[Any], ...]:
+        return self.ids, self.statuses, self.counted, self.errors, self.delays
+
+
+class Claimed(NamedTuple):
+    """One row as CLAIM returns it (asyncpg leaves jsonb as text: decoded here)."""
+
+    id: int
+    topic: str
+    message_key: str
+    payload: dict[str, Any]
+    headers: dict[str, str]
+    attempts: int
+    created_at: datetime
+
+    @classmethod
+    def of(cls, record: asyncpg.Record) -> Claimed:
+        row_id, topic, key, payload, headers, attempts, created_at = record
+        return cls(
+            row_id, topic, key, json.loads(payload), json.loads(headers), attempts, created_at
+        )
+
+
 class OutboxRelay:
     def __init__(
         self,
@@ -97,6 +197,8 @@ class OutboxRelay:
         sessions: async_sessionmaker[AsyncSession],
         producer: AIOKafkaProducer,
         config: RelayConfig,
+        database_url: str,
+        application_name: str = "gozon-relay",
     ) -> None:
         self.table = table
         self.name = table.name
@@ -114,60 +216,43 @@ class OutboxRelay:
         OUTBOX_PRUNED.labels(self.name)
         for kind in ("transient", "permanent"):
             OUTBOX_PUBLISH_ERRORS.labels(self.name, kind)
-        # One statement for the whole batch, whatever its size (`ids`: an array).
-        # clock_timestamp(): the moment of marking, after the acks (now() would be the start of
-        # the claiming transaction, before the publish).
-        self._mark_sent = (
-            update(table)
-            .where(table.c.id == any_(bindparam("ids", type_=ARRAY(BigInteger))))
-            .values(status=SENT, sent_at=func.clock_timestamp())
-        )
-
-        # Built once: composing the statement anew cost about as much as running it.
-        self._claim = self._claim_statement()
+        self._dsn = driver_dsn(database_url)
+        self._application_name = application_name
+        self.connection: asyncpg.Connection | None = None
+        """The relay's own connection for its batches (made at the first batch, made again
+        after a loss); the prune and the gauges use `sessions`."""
+        self._claim = CLAIM.format(table=table.name)
+        self._release = RELEASE.format(table=table.name)
 
     # -- one batch
 
-    def _claim_statement(self) -> Any:
-        t = self.table
-        return (
-            select(
-                t.c.id,
-                t.c.topic,
-                t.c.message_key,
-                t.c.payload,
-                t.c.headers,
-                t.c.attempts,
-                t.c.created_at,
-            )
-            .where(t.c.status == PENDING, t.c.next_attempt_at <= func.now())
-            .order_by(t.c.id)
-            .limit(self.config.batch_size)
-            .with_for_update(skip_locked=True)
-        )
-
     async def publish_batch(self) -> int:
-        """Claims, publishes and marks one batch; returns how many rows it claimed."""
-        # The poll's span holds the claim, the marking and the commit; background work, so
-        # exported only when asked for (gozon.messaging.spans).
-        async with (
-            relay_batch_span(self.name) as batch,
-            self.sessions() as session,
-            session.begin(),
-        ):
-            # Core statements on the session's connection: the ORM's execution path adds
-            # nothing these statements need.
-            conn = await session.connection()
-            rows = (await conn.execute(self._claim)).all()
-            if not rows:
-                return 0
-            # One batch publishes rows of many traces: its span links to each of them.
-            for row in rows:
-                batch.add_link(
-                    trace.get_current_span(context_from_headers(row.headers)).get_span_context()
-                )
-            batch.set_attribute("gozon.batch.rows", len(rows))
-            sent, outage = await self._publish(conn, rows)
+        """Claims (marking SENT), publishes and commits one batch; returns how many rows it
+        claimed. Rows the broker did not acknowledge go back to PENDING before the commit."""
+        conn = await self._connect()
+        try:
+            # The poll's span holds the claim, the release of failed rows and the commit;
+            # background work, so exported only when asked for (gozon.messaging.spans).
+            async with relay_batch_span(self.name) as batch, conn.transaction():
+                records = await conn.fetch(self._claim, self.config.batch_size)
+                if not records:
+                    return 0
+                # RETURNING gives no order: publish in id order.
+                rows = sorted(map(Claimed.of, records))  # tuples: by id, their first field
+                # One batch publishes rows of many traces: its span links to each of them.
+                for row in rows:
+                    batch.add_link(
+                        trace.get_current_span(context_from_headers(row.headers)).get_span_context()
+                    )
+                batch.set_attribute("gozon.batch.rows", len(rows))
+                sent, outage = await self._publish(conn, rows)
+        except BaseException:
+            # A connection lost, or left inside the transaction by a failed rollback, is
+            # dropped: the server rolls the batch back, and the next batch connects anew.
+            if conn.is_closed() or conn.is_in_transaction():
+                conn.terminate()
+                self.connection = None
+            raise
         # Committed: only now are the rows SENT.
         now = datetime.now(UTC)
         for row in sent:
@@ -180,25 +265,44 @@ class OutboxRelay:
             raise BrokerUnavailable(repr(outage)) from outage
         return len(rows)
 
-    async def _publish(
-        self, conn: AsyncConnection, rows: Sequence[Any]
-    ) -> tuple[list[Any], BaseException | None]:
-        """Publishes the claimed rows and marks them, inside the claiming transaction.
+    async def _connect(self) -> asyncpg.Connection:
+        if self.connection is None or self.connection.is_closed():
+            self.connection = await asyncpg.connect(
+                self._dsn,
+                timeout=5,
+                server_settings={"application_name": self._application_name},
+            )
+        return self.connection
 
-        Returns the rows marked SENT, and the error if the broker turned out to be down.
+    async def close(self) -> None:
+        """Closes the relay's own connection (`run` does it on its way out)."""
+        conn, self.connection = self.connection, None
+        if conn is not None and not conn.is_closed():
+            try:
+                await asyncio.wait_for(conn.close(), timeout=5)
+            except Exception:  # closing is best effort: the server ends the session anyway
+                conn.terminate()
+
+    async def _publish(
+        self, conn: asyncpg.Connection, rows: Sequence[Claimed]
+    ) -> tuple[list[Claimed], BaseException | None]:
+        """Publishes the claimed rows inside the claiming transaction; the rows not
+        acknowledged go back to PENDING (one statement) before the caller commits.
+
+        Returns the rows acknowledged, and the error if the broker turned out to be down.
         """
         # Enqueue in id order (the producer keeps that order per partition), then await
-        # every acknowledgement before anything is marked.
-        deliveries: list[tuple[Any, asyncio.Future[Any] | BaseException]] = []
+        # every acknowledgement.
+        deliveries: list[tuple[Claimed, asyncio.Future[Any] | BaseException]] = []
         for row in rows:
             try:
                 deliveries.append((row, await self._send(row)))
             except Exception as exc:
                 deliveries.append((row, exc))
                 if is_transient(exc):
-                    break  # the rows after it stay untouched, claimed again next time
-        sent: list[Any] = []
-        failed: list[tuple[Any, BaseException]] = []
+                    break  # the rows after it are not tried: back to PENDING, no attempt
+        sent: list[Claimed] = []
+        failed: list[tuple[Claimed, BaseException]] = []
         for row, delivery in deliveries:
             if isinstance(delivery, BaseException):
                 failed.append((row, delivery))
@@ -218,17 +322,23 @@ class OutboxRelay:
                     event_id=row.payload.get("event_id"),
                     **_trace_ids(row.headers),
                 )
+        if len(sent) == len(rows):
+            return sent, None  # the happy path: nothing more to write
         # A transient error while the broker answers is about that message (a missing topic,
         # say): it counts an attempt. While the broker does not answer, it is an outage: no
         # attempt is counted and the relay backs off.
         outage = next((error for _, error in failed if is_transient(error)), None)
         if outage is not None and await broker_answers(self.producer):
             outage = None
+        release = _Release()
         for row, error in failed:
             if outage is None or not is_transient(error):
-                await self._count_attempt(conn, row, error)
-        if sent:
-            await conn.execute(self._mark_sent, {"ids": [row.id for row in sent]})
+                self._count_attempt(release, row, error)
+            else:
+                release.add(row.id)
+        for row in rows[len(deliveries) :]:  # after a transient error: not tried
+            release.add(row.id)
+        await conn.execute(self._release, *release.args())
         return sent, outage
 
     async def _send(self, row: Any) -> asyncio.Future[Any]:
@@ -259,7 +369,7 @@ class OutboxRelay:
         future.add_done_callback(lambda done: end_send_span(span, done))
         return future
 
-    async def _count_attempt(self, conn: AsyncConnection, row: Any, exc: BaseException) -> None:
+    def _count_attempt(self, release: _Release, row: Any, exc: BaseException) -> None:
         attempts = row.attempts + 1
         final = attempts >= self.config.max_attempts
         delay = retry_delay(attempts, self.config.backoff_base, self.config.backoff_max)
@@ -274,16 +384,7 @@ class OutboxRelay:
             final=final,
             error=repr(exc),
         )
-        await conn.execute(
-            update(self.table)
-            .where(self.table.c.id == row.id)
-            .values(
-                attempts=attempts,
-                last_error=repr(exc)[:2000],
-                status=FAILED if final else PENDING,
-                next_attempt_at=func.now() + timedelta(seconds=delay),
-            )
-        )
+        release.add(row.id, status=FAILED if final else PENDING, error=repr(exc), delay=delay)
 
     # -- the loop
 
@@ -294,6 +395,7 @@ class OutboxRelay:
             await self._loop(stop)
         finally:
             stopper.cancel()
+            await self.close()
 
     async def _wake_on(self, stop: asyncio.Event) -> None:
         await stop.wait()

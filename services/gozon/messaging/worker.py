@@ -108,7 +108,12 @@ async def run_relay(
     sessions = session_factory(engine)
     producer = new_producer(settings.kafka_bootstrap_servers, client_id=f"{spec.service}-relay")
     relay = OutboxRelay(
-        table=table, sessions=sessions, producer=producer, config=relay_config(settings)
+        table=table,
+        sessions=sessions,
+        producer=producer,
+        config=relay_config(settings),
+        database_url=spec.database_url,
+        application_name=f"{spec.service}-relay",
     )
     readiness = Readiness()
     readiness.add("database", lambda: database_answers(engine))
