@@ -270,6 +270,9 @@ class OutboxRelay:
             self.connection = await asyncpg.connect(
                 self._dsn,
                 timeout=5,
+                # as the engines' (gozon.core.db): a stalled server fails the batch, which is
+                # retried as an outage, instead of holding its rows' locks for ever
+                command_timeout=30,
                 server_settings={"application_name": self._application_name},
             )
         return self.connection
