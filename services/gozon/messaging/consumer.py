@@ -162,6 +162,7 @@ class ConsumerRunner(Generic[E]):
         self._pending: dict[TopicPartition, int] = {}
         self._pending_since = 0.0
         self._has_pending = asyncio.Event()
+        self._commit_now = asyncio.Event()  # idle: the interval's task commits at once
         self._commit_lock = asyncio.Lock()
         # Bumped when partitions are revoked: a batch fetched before records nothing after.
         self._generation = 0
@@ -218,7 +219,10 @@ class ConsumerRunner(Generic[E]):
                 continue
             delay = 0.1
             if not batches:
-                await self._commit_done()  # idle: nothing to wait for
+                # Idle: nothing is saved by waiting. The interval's task commits, so that a
+                # commit that waits for the broker never holds up the fetch loop (or a stop).
+                if self._pending:
+                    self._commit_now.set()
                 self._update_lag()
                 continue
             # Partitions are independent (a key lives on one), so they are handled side by
@@ -269,9 +273,10 @@ class ConsumerRunner(Generic[E]):
             return
         while True:
             await self._has_pending.wait()
-            await asyncio.sleep(
-                max(0.0, self._pending_since + self.commit_interval - time.monotonic())
-            )
+            wait = self._pending_since + self.commit_interval - time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._commit_now.wait(), max(0.0, wait))
+            self._commit_now.clear()
             await self._commit_done()
 
     async def _commit_done(
