@@ -190,12 +190,10 @@ class ConsumerRunner(Generic[E]):
         else:
             await self._last_commit(flusher)
         finally:
-            flusher.cancel()
-            await asyncio.wait([flusher])
+            await _cancelled(flusher)
 
     async def _last_commit(self, flusher: asyncio.Task[None]) -> None:
-        flusher.cancel()  # a commit it has in flight is put back and sent again here
-        await asyncio.wait([flusher])
+        await _cancelled(flusher)  # a commit it had in flight is put back and sent again here
         try:
             await self._commit_done(last=True)
         except Exception as exc:
@@ -274,8 +272,11 @@ class ConsumerRunner(Generic[E]):
         while True:
             await self._has_pending.wait()
             wait = self._pending_since + self.commit_interval - time.monotonic()
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancel that
+            # lands as it times out, and this task is cancelled at every stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._commit_now.wait(), max(0.0, wait))
+                async with asyncio.timeout(max(0.0, wait)):
+                    await self._commit_now.wait()
             self._commit_now.clear()
             await self._commit_done()
 
@@ -298,8 +299,8 @@ class ConsumerRunner(Generic[E]):
                 self._has_pending.clear()
             generation = self._generation
             try:
-                commit = self.consumer.commit(offsets)
-                await (asyncio.wait_for(commit, LAST_COMMIT_TIMEOUT) if last else commit)
+                async with asyncio.timeout(LAST_COMMIT_TIMEOUT if last else None):
+                    await self.consumer.commit(offsets)
             except (CommitFailedError, IllegalStateError) as exc:
                 # Revoked meanwhile: the new owner sees these records again and finds them
                 # already recorded. Dropped, not retried.
@@ -506,6 +507,13 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
         pass
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    """Cancels `task` and waits until it has ended (cancelling again if it swallowed one)."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=1)
 
 
 def _one_line(exc: BaseException) -> str:
