@@ -34,6 +34,7 @@ from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gozon.core.db import create_engine, session_factory
+from gozon.core.settings import MessagingSettings
 from gozon.messaging.consumer import BatchHandler, ConsumerRunner
 from gozon.messaging.kafka import new_consumer, new_producer
 from scripts.stack import Kafka, Postgres, StackConfig
@@ -248,6 +249,10 @@ async def until(predicate: Callable[[], Awaitable[bool]], within: float, what: s
         await asyncio.sleep(0.05)
 
 
+# The consumers' default commit interval (GOZON_CONSUMER_COMMIT_INTERVAL_MS).
+COMMIT_INTERVAL_MS: int = MessagingSettings.model_fields["consumer_commit_interval_ms"].default
+
+
 @contextlib.asynccontextmanager
 async def running_consumer(
     database_url: str,
@@ -256,21 +261,24 @@ async def running_consumer(
     group: str,
     schema: type[E],
     make_handler: Callable[[async_sessionmaker[AsyncSession]], BatchHandler[E]],
+    *,
+    commit_interval: float = COMMIT_INTERVAL_MS / 1000,
 ) -> AsyncIterator[ConsumerRunner[E]]:
     """A consumer runner on `topic` in this process, as `gozon … consumer` runs one."""
     engine = create_engine(database_url, pool_size=4)
     producer = new_producer(kafka.bootstrap, client_id="test-dlq")
-    consumer = new_consumer(kafka.bootstrap, group_id=group, client_id="test", topics=[topic])
-    await producer.start()
-    await consumer.start()
-    runner = ConsumerRunner(
+    consumer = new_consumer(kafka.bootstrap, group_id=group, client_id="test")
+    runner = ConsumerRunner(  # subscribes the consumer, so before it starts
         consumer=consumer,
         producer=producer,
         topic=topic,
         schema=schema,
         handler=make_handler(session_factory(engine)),
         max_handler_attempts=3,
+        commit_interval=commit_interval,
     )
+    await producer.start()
+    await consumer.start()
     stop = asyncio.Event()
     task = asyncio.create_task(runner.run(stop))
     try:

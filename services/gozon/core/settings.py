@@ -43,6 +43,11 @@ class MessagingSettings(CommonSettings):
     relay_retention_hours: float = Field(default=72, gt=0)
     relay_prune_interval_s: float = Field(default=60, gt=0)
     consumer_max_handler_attempts: int = Field(default=5, ge=1)
+    # Done offsets are committed to Kafka together at most this long after the first of them
+    # (and at once when idle, before a rebalance and at a stop); 0 commits after every batch.
+    # After a crash up to this much of recorded messages is delivered again, as duplicates
+    # (docs/messaging.md; measured in docs/benchmarks.md, "Consumer offset commits").
+    consumer_commit_interval_ms: int = Field(default=250, ge=0, le=60_000)
     db_pool_size: int = Field(default=10, ge=1, le=100)
 
 

@@ -3,10 +3,21 @@
 Guarantees:
 - Each fetched batch is handled per partition: the partition's records (in offset order) go to
   the service's batch handler together, which records all their effects in ONE database
-  transaction, and the runner commits the partition's offset once, after that transaction
-  has committed (and after any dead letters of the batch are acknowledged). A crash in
-  between redelivers the batch, and the handler's idempotency (an inbox row, a decision per
-  order, a guarded status change) turns each redelivery into a counted duplicate.
+  transaction. Only after that transaction has committed (and any dead letters of the batch
+  are acknowledged) does the runner record the partition's next offset as *done*; only done
+  offsets are ever committed to Kafka, so a committed offset never runs ahead of the database.
+- Done offsets are committed together, one OffsetCommit for every partition that has one:
+  at most `commit_interval` after the first of them was recorded (a task of the runner's
+  own, so a batch that is slow on one partition does not hold back the others'), at once
+  when a fetch comes back empty (idle), before partitions are revoked in a rebalance, and at
+  a stop (SIGTERM) after the batch in hand. `commit_interval` 0 commits after every batch.
+  A commit the group refuses (the partition was revoked meanwhile) is logged and dropped;
+  after a revocation, a batch still in hand for it records nothing and is never committed.
+- A crash redelivers what was not committed: the batch in hand and up to one interval of
+  done offsets. The handler's idempotency (an inbox row, a decision per order, a guarded
+  status change) turns each redelivery into a counted duplicate — the same at-least-once
+  contract as a commit after every batch, with one commit request per interval instead of
+  one per batch and partition.
 - A message that cannot be parsed or validated, or that the handler rejects (`Rejected`: it
   refers to something that does not exist, say), is published to `<topic>.dlq` with the
   reason and its origin in headers; the rest of its batch commits. It is never lost and never
@@ -23,6 +34,11 @@ Guarantees:
 - Partitions of a fetch are handled side by side (a key lives on one partition; each has its
   own transaction). A stop request (SIGTERM) is honoured between batches; an uncommitted batch
   is simply delivered again to whoever owns the partition next.
+- The lag gauge counts from the done offsets (what the database holds), not from the committed
+  ones, which trail them by at most one interval.
+
+The runner subscribes its consumer to its topic with its own rebalance listener: give it a
+consumer that is not subscribed and not started yet (`new_consumer` without topics).
 """
 
 from __future__ import annotations
@@ -30,13 +46,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Generic, Literal, TypeAlias, TypeVar
+from typing import Any, Generic, Literal, TypeAlias, TypeVar
 
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import ConsumerRecord
 from opentelemetry import propagate, trace
@@ -58,6 +74,8 @@ E = TypeVar("E", bound=BaseModel)
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 
 DLQ_REASON = "x-dlq-reason"
+# How long a commit at a stop or before a revocation may take (the broker may be away).
+LAST_COMMIT_TIMEOUT = 5.0
 # A deadlock or a serialization failure rolls the whole transaction back: retry the batch.
 CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})
 
@@ -127,6 +145,7 @@ class ConsumerRunner(Generic[E]):
         handler: BatchHandler[E],
         max_handler_attempts: int = 5,
         retry_backoff_max: float = 5.0,
+        commit_interval: float = 0.25,
     ) -> None:
         self.consumer = consumer
         self.producer = producer
@@ -135,8 +154,19 @@ class ConsumerRunner(Generic[E]):
         self.handler = handler
         self.max_handler_attempts = max_handler_attempts
         self.retry_backoff_max = retry_backoff_max
+        self.commit_interval = commit_interval
         self.database_ok = True
-        self._next_offsets: dict[TopicPartition, int] = {}
+        # The next offset of each partition whose records are all in the database ("done"):
+        # what the lag counts from, and, until committed, what `_pending` holds.
+        self._done: dict[TopicPartition, int] = {}
+        self._pending: dict[TopicPartition, int] = {}
+        self._pending_since = 0.0
+        self._has_pending = asyncio.Event()
+        self._commit_now = asyncio.Event()  # idle: the interval's task commits at once
+        self._commit_lock = asyncio.Lock()
+        # Bumped when partitions are revoked: a batch fetched before records nothing after.
+        self._generation = 0
+        consumer.subscribe([topic], listener=_Rebalance(self))
         # Every outcome's series exists from the start, so the first dead letter is an
         # increase from 0 that rate() and increase() can see, not a series appearing.
         for outcome in ("processed", "duplicate", "dead_lettered", "failed"):
@@ -144,8 +174,36 @@ class ConsumerRunner(Generic[E]):
         CONSUMER_LAG.labels(topic)
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Fetches and handles batches until `stop` is set; then commits what is done.
+
+        Cancelling it is a crash: nothing more is committed (what is done but uncommitted is
+        delivered again, as duplicates)."""
+        flusher = asyncio.create_task(self._commit_every_interval())
+        try:
+            await self._fetch_and_handle(stop, flusher)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # What is done is in the database, whatever ended the loop: commit it if we can.
+            await self._last_commit(flusher)
+            raise
+        else:
+            await self._last_commit(flusher)
+        finally:
+            await _cancelled(flusher)
+
+    async def _last_commit(self, flusher: asyncio.Task[None]) -> None:
+        await _cancelled(flusher)  # a commit it had in flight is put back and sent again here
+        try:
+            await self._commit_done(last=True)
+        except Exception as exc:
+            log.warning("offset commit at stop failed", topic=self.topic, error=repr(exc))
+
+    async def _fetch_and_handle(self, stop: asyncio.Event, flusher: asyncio.Task[None]) -> None:
         delay = 0.1
         while not stop.is_set():
+            if flusher.done():
+                flusher.result()  # a commit error that is not "revoked meanwhile": raise it
             try:
                 batches = await self.consumer.getmany(timeout_ms=200)
             except Exception as exc:
@@ -158,10 +216,21 @@ class ConsumerRunner(Generic[E]):
                 delay = min(delay * 2, self.retry_backoff_max)
                 continue
             delay = 0.1
+            if not batches:
+                # Idle: nothing is saved by waiting. The interval's task commits, so that a
+                # commit that waits for the broker never holds up the fetch loop (or a stop).
+                if self._pending:
+                    self._commit_now.set()
+                self._update_lag()
+                continue
             # Partitions are independent (a key lives on one), so they are handled side by
             # side, each in its own transaction; within one, the batch keeps offset order.
+            generation = self._generation
             results = await asyncio.gather(
-                *(self._partition(tp, records, stop) for tp, records in batches.items()),
+                *(
+                    self._partition(tp, records, stop, generation)
+                    for tp, records in batches.items()
+                ),
                 return_exceptions=True,
             )
             for result in results:
@@ -172,33 +241,103 @@ class ConsumerRunner(Generic[E]):
             self._update_lag()
 
     async def _partition(
-        self, tp: TopicPartition, records: list[Record], stop: asyncio.Event
+        self, tp: TopicPartition, records: list[Record], stop: asyncio.Event, generation: int
     ) -> None:
-        """Handles one partition's records as one batch, then commits the offset past them.
+        """Handles one partition's records as one batch, then records the offset past them
+        as done (to be committed with the others).
 
         The handler's transaction has committed and every dead letter of the batch has been
-        acknowledged before the offset is committed, so it never runs ahead of the database.
+        acknowledged before the offset is recorded, so a commit never runs ahead of the
+        database. A batch whose partitions were revoked meanwhile records nothing: its
+        partition's new owner handles it again.
         """
-        if not records or stop.is_set():
+        if not records or stop.is_set() or generation != self._generation:
             return
         await self.handle_batch(records, stop)
-        await self._commit(tp, records[-1].offset + 1)
-
-    async def _commit(self, tp: TopicPartition, offset: int) -> None:
-        try:
-            await self.consumer.commit({tp: offset})
-        except (CommitFailedError, IllegalStateError) as exc:
-            # The partition was revoked meanwhile: its new owner will see these records
-            # again and find them already recorded.
-            log.warning(
-                "offset commit refused",
-                topic=tp.topic,
-                partition=tp.partition,
-                offset=offset,
-                error=repr(exc),
-            )
+        if generation != self._generation:
             return
-        self._next_offsets[tp] = offset
+        offset = records[-1].offset + 1
+        self._done[tp] = offset
+        if not self._pending:
+            self._pending_since = time.monotonic()
+            self._has_pending.set()
+        self._pending[tp] = offset
+        if self.commit_interval <= 0:
+            await self._commit_done()
+
+    async def _commit_every_interval(self) -> None:
+        """Commits the done offsets at most `commit_interval` after the first was recorded."""
+        if self.commit_interval <= 0:
+            return
+        while True:
+            await self._has_pending.wait()
+            wait = self._pending_since + self.commit_interval - time.monotonic()
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancel that
+            # lands as it times out, and this task is cancelled at every stop.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, wait)):
+                    await self._commit_now.wait()
+            self._commit_now.clear()
+            await self._commit_done()
+
+    async def _commit_done(
+        self, only: Collection[TopicPartition] | None = None, *, last: bool = False
+    ) -> None:
+        """Commits the pending done offsets (of `only`'s partitions, if given) in one request.
+
+        `last`: the runner is stopping; the commit is bounded by LAST_COMMIT_TIMEOUT.
+        """
+        async with self._commit_lock:
+            offsets = {
+                tp: offset for tp, offset in self._pending.items() if only is None or tp in only
+            }
+            if not offsets:
+                return
+            for tp in offsets:
+                del self._pending[tp]
+            if not self._pending:
+                self._has_pending.clear()
+            generation = self._generation
+            try:
+                async with asyncio.timeout(LAST_COMMIT_TIMEOUT if last else None):
+                    await self.consumer.commit(offsets)
+            except (CommitFailedError, IllegalStateError) as exc:
+                # Revoked meanwhile: the new owner sees these records again and finds them
+                # already recorded. Dropped, not retried.
+                log.warning(
+                    "offset commit refused",
+                    topic=self.topic,
+                    offsets={tp.partition: offset for tp, offset in offsets.items()},
+                    error=repr(exc),
+                )
+            except BaseException:
+                # Not sent, or its answer lost (cancelled, the broker away): still to commit,
+                # unless the partitions were revoked meanwhile or a later batch is done.
+                if generation == self._generation:
+                    for tp, offset in offsets.items():
+                        self._pending.setdefault(tp, offset)
+                    if self._pending and not self._has_pending.is_set():
+                        self._pending_since = time.monotonic()
+                        self._has_pending.set()
+                raise
+
+    async def _revoked(self, revoked: Collection[TopicPartition]) -> None:
+        """Before `revoked` go to another consumer: commit their done offsets (waiting for a
+        commit in flight), and make sure nothing is committed for them afterwards."""
+        self._generation += 1  # a batch in hand records nothing now
+        for tp in revoked:
+            self._done.pop(tp, None)
+        try:
+            await self._commit_done(revoked, last=True)
+        except Exception as exc:
+            log.warning(
+                "offset commit before a rebalance failed", topic=self.topic, error=repr(exc)
+            )
+        finally:
+            for tp in revoked:  # what a failed commit put back, if anything
+                self._pending.pop(tp, None)
+            if not self._pending:
+                self._has_pending.clear()
 
     async def handle_batch(self, records: Sequence[Record], stop: asyncio.Event) -> list[str]:
         """Handles records of one partition to their end; returns each one's outcome:
@@ -348,12 +487,33 @@ class ConsumerRunner(Generic[E]):
         )
 
     def _update_lag(self) -> None:
+        """Messages past the done offsets (in the database), not past the committed ones."""
         lag = 0
         for tp in self.consumer.assignment():
             highwater = self.consumer.highwater(tp)
-            if highwater is not None and tp in self._next_offsets:
-                lag += max(0, highwater - self._next_offsets[tp])
+            if highwater is not None and tp in self._done:
+                lag += max(0, highwater - self._done[tp])
         CONSUMER_LAG.labels(self.topic).set(lag)
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """The runner's rebalance listener: done offsets are committed before a revocation."""
+
+    def __init__(self, runner: ConsumerRunner[Any]) -> None:
+        self.runner = runner
+
+    async def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
+        await self.runner._revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
+        pass
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    """Cancels `task` and waits until it has ended (cancelling again if it swallowed one)."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=1)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -5,7 +5,8 @@ aiokafka's defaults suit none of this platform's jobs (`acks=1`, no idempotence,
 - producers are idempotent with `acks="all"`: an acknowledged send is on every in-sync replica
   and a retried send is never written twice;
 - consumers start from the earliest offset (a new group misses nothing), never auto-commit
-  (the runner commits after the database has), and long-poll: `fetch_min_bytes=1` makes the
+  (the runner commits what the database holds, coalesced: `gozon.messaging.consumer`), and
+  long-poll: `fetch_min_bytes=1` makes the
   broker answer a fetch as soon as any record lands, so the 500 ms maximum wait adds no
   latency and only bounds how often an idle consumer asks (measured by bench/fetch_wait.py:
   same produce → consume latency as a 10 ms wait, a tenth of the idle CPU in the consumer

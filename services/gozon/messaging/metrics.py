@@ -42,7 +42,8 @@ CONSUMER_MESSAGES = Counter(
 )
 CONSUMER_LAG = Gauge(
     "gozon_consumer_lag_messages",
-    "Messages behind the partition's end, summed over the assigned partitions.",
+    "Messages past the last handled offset (its batch in the database; the committed offset "
+    "trails it by at most the commit interval), summed over the assigned partitions.",
     ["topic"],
 )
 CONSUMER_HANDLE_SECONDS = Histogram(

@@ -164,8 +164,7 @@ async def run_consumer(
         settings.kafka_bootstrap_servers,
         group_id=group_id,
         client_id=f"{spec.service}-consumer",
-        topics=[topic],
-    )
+    )  # the runner subscribes it to the topic, with its rebalance listener
     sessions = session_factory(engine)
     notifier = (
         OutboxNotifier(engine, subscription.outbox.name)
@@ -179,6 +178,7 @@ async def run_consumer(
         schema=subscription.schema,
         handler=subscription.handler(sessions, notifier.notify if notifier else no_notify),
         max_handler_attempts=settings.consumer_max_handler_attempts,
+        commit_interval=settings.consumer_commit_interval_ms / 1000,
     )
     readiness = Readiness()
     readiness.add("database", lambda: database_answers(engine))
