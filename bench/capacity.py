@@ -586,7 +586,9 @@ async def measure(
     await warm_up(stack, users, args.warm_rate, args.warm_seconds)
     idle_pct = None
     if args.idle:
-        await asyncio.sleep(10)  # after the warm-up: the JVM's and pools' start-up work is done
+        # after the warm-up: the broker's JIT compilations and log housekeeping that it set
+        # off, and the relays' and consumers' last batches, are over
+        await asyncio.sleep(args.settle)
         idle_pct = await idle(stack, args.idle)
     results = []
     for rate in args.rates:
@@ -650,6 +652,9 @@ def main() -> int:
     parser.add_argument("--pause", type=int, default=5, help="seconds between rates")
     parser.add_argument("--users", type=int, default=500)
     parser.add_argument("--idle", type=int, default=30, help="idle measurement, s (0: none)")
+    parser.add_argument(
+        "--settle", type=int, default=30, help="seconds between the warm-up and the idle window"
+    )
     parser.add_argument("--stack", choices=("own", "running"), default="own")
     parser.add_argument("--partitions", type=int, default=3, help="topic partitions (own)")
     parser.add_argument("--keep", action="store_true", help="leave the own stack running")
