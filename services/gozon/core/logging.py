@@ -51,6 +51,10 @@ def _named_bytes_logger(*args: Any) -> _NamedBytesLogger:
     return _NamedBytesLogger(str(args[0]) if args else "")
 
 
+def _dumps(value: Any, **_: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+
+
 def configure_logging(service: str, *, level: str = "INFO", json: bool = True) -> None:
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -76,7 +80,9 @@ def configure_logging(service: str, *, level: str = "INFO", json: bool = True) -
             processors=[
                 *shared,
                 structlog.processors.format_exc_info,
-                structlog.processors.JSONRenderer(serializer=orjson.dumps),
+                # OPT_NON_STR_KEYS: a field whose dict has int keys (partitions, say) is
+                # written with string keys, where plain orjson would raise inside the log call
+                structlog.processors.JSONRenderer(serializer=_dumps),
             ],
             logger_factory=_named_bytes_logger,
             wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),

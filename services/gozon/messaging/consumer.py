@@ -307,7 +307,9 @@ class ConsumerRunner(Generic[E]):
                 log.warning(
                     "offset commit refused",
                     topic=self.topic,
-                    offsets={tp.partition: offset for tp, offset in offsets.items()},
+                    # str keys: the JSON renderer (orjson) refuses int keys, and a log line
+                    # that raises would end the consumer
+                    offsets={str(tp.partition): offset for tp, offset in offsets.items()},
                     error=repr(exc),
                 )
             except BaseException:
