@@ -6,6 +6,7 @@ import asyncio
 import json
 from typing import Any
 
+import asyncpg
 from sqlalchemy.exc import DBAPIError
 from starlette.types import Message, Receive, Scope, Send
 
@@ -118,3 +119,13 @@ def test_a_server_shutting_down_or_refusing_is_an_outage_and_a_bug_is_not() -> N
         assert is_database_outage(error(code)), code
     for code in ("23505", "42P01", "22003"):  # a constraint, a missing table, a bad number
         assert not is_database_outage(error(code)), code
+
+
+def test_the_drivers_own_connection_errors_are_outages_and_its_data_errors_are_not() -> None:
+    # the relays' batches run on asyncpg itself: a closed connection, one still digesting the
+    # server's FATAL goodbye (InternalClientError), the server's admin shutdown
+    assert is_database_outage(asyncpg.ConnectionDoesNotExistError("closed"))
+    assert is_database_outage(asyncpg.InternalClientError("cannot switch to state 15"))
+    assert is_database_outage(asyncpg.AdminShutdownError("terminating connection"))
+    assert not is_database_outage(asyncpg.UniqueViolationError("duplicate key"))
+    assert not is_database_outage(asyncpg.DataError("invalid input"))

@@ -88,8 +88,10 @@ def is_database_outage(exc: BaseException) -> bool:
     if isinstance(exc, OperationalError | InterfaceError):
         return True
     # The same, from asyncpg itself (the relays' batches run on the driver): its connection
-    # closed or unusable, or the server's error of an outage class.
-    if isinstance(exc, asyncpg.InterfaceError):
+    # closed or unusable (InternalClientError: still digesting the server's goodbye, its
+    # FATAL read and its EOF not yet, as the API's pool knows too: gozon.core.pg), or the
+    # server's error of an outage class.
+    if isinstance(exc, asyncpg.InterfaceError | asyncpg.InternalClientError):
         return True
     if isinstance(exc, asyncpg.PostgresError):
         code = exc.sqlstate

@@ -246,10 +246,15 @@ class OutboxRelay:
                     )
                 batch.set_attribute("gozon.batch.rows", len(rows))
                 sent, outage = await self._publish(conn, rows)
-        except BaseException:
-            # A connection lost, or left inside the transaction by a failed rollback, is
-            # dropped: the server rolls the batch back, and the next batch connects anew.
-            if conn.is_closed() or conn.is_in_transaction():
+        except BaseException as exc:
+            # A connection lost, or left inside the transaction by a failed rollback, or
+            # refused by the driver while it digests the server's goodbye, is dropped: the
+            # server rolls the batch back, and the next batch connects anew.
+            if (
+                conn.is_closed()
+                or conn.is_in_transaction()
+                or isinstance(exc, asyncpg.InternalClientError)
+            ):
                 conn.terminate()
                 self.connection = None
             raise
