@@ -1,7 +1,7 @@
 """The APIs' request path to PostgreSQL: one round trip per statement, on asyncpg directly.
 
-Owns how an API request talks to its database (SQLAlchemy keeps the schema, the migrations
-and the workers). Guarantees, per docs/reliability.md:
+Owns how an API request talks to its database (SQLAlchemy keeps the schema, the migrations,
+the payments API and the relays' housekeeping). Guarantees, per docs/reliability.md:
 
 - **One round trip per statement, nothing else.** No pool pre-ping and no reset query on
   release (the statements here leave no session state behind: no `SET`, no `LISTEN`, no
