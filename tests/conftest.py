@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+import asyncpg
 import httpx
 import port_for
 import pytest
@@ -31,9 +32,8 @@ from fastapi import FastAPI
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from pydantic import BaseModel
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from gozon.core.db import create_engine, session_factory
+from gozon.core.pg import worker_pool
 from gozon.core.settings import MessagingSettings
 from gozon.messaging.consumer import BatchHandler, ConsumerRunner
 from gozon.messaging.kafka import new_consumer, new_producer
@@ -260,12 +260,12 @@ async def running_consumer(
     topic: str,
     group: str,
     schema: type[E],
-    make_handler: Callable[[async_sessionmaker[AsyncSession]], BatchHandler[E]],
+    make_handler: Callable[[asyncpg.Pool], BatchHandler[E]],
     *,
     commit_interval: float = COMMIT_INTERVAL_MS / 1000,
 ) -> AsyncIterator[ConsumerRunner[E]]:
     """A consumer runner on `topic` in this process, as `gozon … consumer` runs one."""
-    engine = create_engine(database_url, pool_size=4)
+    pool = await worker_pool(database_url, size=4, application_name="test-consumer")
     producer = new_producer(kafka.bootstrap, client_id="test-dlq")
     consumer = new_consumer(kafka.bootstrap, group_id=group, client_id="test")
     runner = ConsumerRunner(  # subscribes the consumer, so before it starts
@@ -273,7 +273,7 @@ async def running_consumer(
         producer=producer,
         topic=topic,
         schema=schema,
-        handler=make_handler(session_factory(engine)),
+        handler=make_handler(pool),
         max_handler_attempts=3,
         commit_interval=commit_interval,
     )
@@ -288,4 +288,4 @@ async def running_consumer(
         await task
         await consumer.stop()
         await producer.stop()
-        await engine.dispose()
+        await pool.close()

@@ -11,18 +11,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from decimal import Decimal
 from typing import Literal, TypeVar
 
+import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import REGISTRY
 from pydantic import BaseModel
 from sqlalchemy import insert, select, text
-from sqlalchemy.ext.asyncio import (
-    AsyncEngine,
-    AsyncSession,
-    async_sessionmaker,
-    create_async_engine,
-)
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from gozon.contracts import (
     OrderCreated,
@@ -31,6 +27,7 @@ from gozon.contracts import (
     utc_now,
 )
 from gozon.core.db import session_factory
+from gozon.core.pg import worker_pool
 from gozon.messaging.consumer import DLQ_REASON, BatchHandler, Delivery, Outcome, Record
 from gozon.messaging.kafka import dlq_topic
 from gozon.orders.consumer import make_handler as orders_handler
@@ -47,7 +44,6 @@ from tests.integration.test_relay import consume
 
 pytestmark = pytest.mark.integration
 
-Sessions = async_sessionmaker[AsyncSession]
 E = TypeVar("E", bound=BaseModel)
 
 
@@ -77,12 +73,12 @@ async def produce(producer: AIOKafkaProducer, topic: str, values: Sequence[bytes
 
 
 def recording(
-    make: Callable[[Sessions], BatchHandler[E]], sizes: list[int]
-) -> Callable[[Sessions], BatchHandler[E]]:
+    make: Callable[[asyncpg.Pool], BatchHandler[E]], sizes: list[int]
+) -> Callable[[asyncpg.Pool], BatchHandler[E]]:
     """The handler, recording the size of each batch it is given."""
 
-    def build(sessions: Sessions) -> BatchHandler[E]:
-        handle = make(sessions)
+    def build(pool: asyncpg.Pool) -> BatchHandler[E]:
+        handle = make(pool)
 
         async def recorded(batch: Sequence[Delivery[E]]) -> Sequence[Outcome]:
             sizes.append(len(batch))
@@ -502,15 +498,23 @@ async def roomy(payments_db: str) -> AsyncIterator[AsyncEngine]:
     await engine.dispose()
 
 
+@pytest.fixture
+async def racers(payments_db: str) -> AsyncIterator[asyncpg.Pool]:
+    """The handlers' pool (as the consumer builds it), a connection for every batch."""
+    pool = await worker_pool(payments_db, size=6, application_name="test-racers")
+    yield pool
+    await pool.close()
+
+
 async def test_concurrent_batches_and_deposits_on_one_account_neither_create_nor_lose_money(
-    roomy: AsyncEngine,
+    roomy: AsyncEngine, racers: asyncpg.Pool
 ) -> None:
     """Batches racing each other and deposits for one balance (as two consumers do while a
     partition moves, with the API taking deposits): lost swaps are re-decided, never doubled."""
     payments = roomy
     user = f"u-{uuid.uuid4().hex[:8]}"
     await deposit(payments, user, "300")
-    handle = payments_handler(session_factory(payments))
+    handle = payments_handler(racers)
     orders = [order_created(user, f"{(n % 7 + 1) * 3}.25") for n in range(120)]
     batches = [orders[n : n + 20] for n in range(0, len(orders), 20)]
     deposits = [f"{n + 10}.50" for n in range(20)]

@@ -19,18 +19,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from sqlalchemy.ext.asyncio import (
-    AsyncEngine,
-    AsyncSession,
-    async_sessionmaker,
-    create_async_engine,
-)
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from gozon.contracts import PaymentProcessed
-from gozon.core.db import create_engine, session_factory
+from gozon.core.pg import worker_pool
 from gozon.messaging.consumer import BatchHandler, ConsumerRunner, Delivery, Outcome
 from gozon.messaging.kafka import new_consumer, new_producer
 from gozon.orders.consumer import make_handler
@@ -90,10 +86,10 @@ class Gate:
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
     def around(
-        self, make: Callable[[async_sessionmaker[AsyncSession]], BatchHandler[PaymentProcessed]]
-    ) -> Callable[[async_sessionmaker[AsyncSession]], BatchHandler[PaymentProcessed]]:
-        def build(sessions: async_sessionmaker[AsyncSession]) -> BatchHandler[PaymentProcessed]:
-            handle = make(sessions)
+        self, make: Callable[[asyncpg.Pool], BatchHandler[PaymentProcessed]]
+    ) -> Callable[[asyncpg.Pool], BatchHandler[PaymentProcessed]]:
+        def build(pool: asyncpg.Pool) -> BatchHandler[PaymentProcessed]:
+            handle = make(pool)
 
             async def gated(batch: Sequence[Delivery[PaymentProcessed]]) -> Sequence[Outcome]:
                 orders = [order_of(delivery) for delivery in batch]
@@ -142,13 +138,13 @@ async def runner_task(
     kafka: Kafka,
     topic: str,
     group: str,
-    make: Callable[[async_sessionmaker[AsyncSession]], BatchHandler[PaymentProcessed]],
+    make: Callable[[asyncpg.Pool], BatchHandler[PaymentProcessed]],
     *,
     commit_interval: float,
     before_start: Callable[[ConsumerRunner[PaymentProcessed]], object] = lambda _: None,
 ) -> AsyncIterator[Running]:
     """A runner in a task of its own: the test may stop it (`stop`) or crash it (cancel)."""
-    engine = create_engine(orders_db, pool_size=4)
+    pool = await worker_pool(orders_db, size=4, application_name="test-consumer")
     producer = new_producer(kafka.bootstrap, client_id="test-dlq")
     consumer = new_consumer(kafka.bootstrap, group_id=group, client_id="test")
     runner = ConsumerRunner(
@@ -156,7 +152,7 @@ async def runner_task(
         producer=producer,
         topic=topic,
         schema=PaymentProcessed,
-        handler=make(session_factory(engine)),
+        handler=make(pool),
         max_handler_attempts=3,
         commit_interval=commit_interval,
     )
@@ -173,7 +169,7 @@ async def runner_task(
             await asyncio.wait_for(task, 30)
         await consumer.stop()  # never commits by itself (enable_auto_commit=False)
         await producer.stop()
-        await engine.dispose()
+        await pool.close()
 
 
 async def results_for(

@@ -13,14 +13,15 @@ import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from decimal import Decimal
 
+import asyncpg
 import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from gozon.contracts import OrderCreated, PaymentProcessed
-from gozon.core.db import create_engine, session_factory
-from gozon.messaging.consumer import Delivery, Outcome, Rejected
+from gozon.core.pg import worker_pool
+from gozon.messaging.consumer import Delivery, Outcome, Rejected, is_retryable
 from gozon.orders.consumer import make_handler as orders_handler
 from gozon.payments import consumer as payments_consumer
 from gozon.payments.consumer import make_handler as payments_handler
@@ -43,9 +44,9 @@ from tests.integration.test_payments_consumer import order_created
 pytestmark = pytest.mark.integration
 
 
-def counted(url: str) -> AsyncEngine:
-    """The consumers' engine (as `gozon … consumer` builds it), through a counting proxy."""
-    return create_engine(url, pool_size=2, pre_ping=False)
+async def counted(url: str) -> asyncpg.Pool:
+    """The consumers' pool (as `gozon … consumer` builds it), through a counting proxy."""
+    return await worker_pool(url, size=2, application_name="test-counted")
 
 
 # --------------------------------------------------------------------------- orders
@@ -78,11 +79,10 @@ async def test_the_orders_batch_is_one_statement_in_autocommit(
     unknown = uuid.uuid4()
     finished = final_count("FINISHED")
     async with counting_proxy(orders_db) as (url, counter):
-        engine = counted(url)
+        pool = await counted(url)
         try:
-            handle = orders_handler(session_factory(engine))
-            # The first batch on a connection also prepares the statement (and SQLAlchemy
-            # asks the server its version): not counted.
+            handle = orders_handler(pool)
+            # The first batch on a connection also prepares the statement: not counted.
             assert await handle(results((warm, "PAID"))) == ["processed"]
             counter.reset()
 
@@ -97,7 +97,7 @@ async def test_the_orders_batch_is_one_statement_in_autocommit(
             )
             trips = counter.statements()
         finally:
-            await engine.dispose()
+            await pool.close()
 
     assert outcomes == [
         "processed",
@@ -144,10 +144,12 @@ async def test_an_orders_batch_that_fails_changes_nothing(
                 "FOR EACH ROW EXECUTE FUNCTION refuse()"
             )
         )
-    handle = orders_handler(session_factory(orders))
-
-    with pytest.raises(Exception, match="refused"):
-        await handle(results((one, "PAID"), (two, "PAID")))
+    pool = await worker_pool(orders_db, size=1, application_name="test-refused")
+    try:
+        with pytest.raises(asyncpg.RaiseError, match="refused"):
+            await orders_handler(pool)(results((one, "PAID"), (two, "PAID")))
+    finally:
+        await pool.close()
 
     async with orders.connect() as conn:
         assert await conn.scalar(text("SELECT count(*) FROM orders WHERE status = 'NEW'")) == 2
@@ -167,6 +169,14 @@ async def payments(payments_db: str) -> AsyncIterator[AsyncEngine]:
     await engine.dispose()
 
 
+@pytest.fixture
+async def pool(payments_db: str) -> AsyncIterator[asyncpg.Pool]:
+    """The handler's pool, as the consumer builds it (a connection per partition + 1)."""
+    pool = await worker_pool(payments_db, size=2, application_name="test-payments-consumer")
+    yield pool
+    await pool.close()
+
+
 async def test_the_payments_common_path_is_four_round_trips(
     payments_db: str, payments: AsyncEngine
 ) -> None:
@@ -174,9 +184,9 @@ async def test_the_payments_common_path_is_four_round_trips(
     await deposit(payments, rich, "100")
     await deposit(payments, other, "10")
     async with counting_proxy(payments_db) as (url, counter):
-        engine = counted(url)
+        pool = await counted(url)
         try:
-            handle = payments_handler(session_factory(engine))
+            handle = payments_handler(pool)
             assert await handle(deliveries([order_created(rich, "1")])) == ["processed"]
             counter.reset()
 
@@ -190,7 +200,7 @@ async def test_the_payments_common_path_is_four_round_trips(
             outcomes = await handle(deliveries(batch))
             trips = counter.statements()
         finally:
-            await engine.dispose()
+            await pool.close()
 
     assert outcomes == ["processed"] * 5
     assert len(trips) == 4, trips
@@ -209,14 +219,14 @@ async def test_the_payments_common_path_is_four_round_trips(
 
 
 async def test_an_order_claimed_concurrently_is_waited_for_and_its_decision_sent_again(
-    payments: AsyncEngine,
+    payments: AsyncEngine, pool: asyncpg.Pool
 ) -> None:
     """The claim waits for the transaction that claimed the order first; that decision was
     committed after CLAIM_AND_READ's snapshot, so it is read again (STORED_DECISIONS)."""
     uid = f"u-{uuid.uuid4().hex[:8]}"
     await deposit(payments, uid, "100")
     theirs, mine = order_created(uid, "40"), order_created(uid, "25")
-    handle = payments_handler(session_factory(payments))
+    handle = payments_handler(pool)
     async with payments.connect() as other:
         await other.begin()  # a concurrent consumer's transaction, still open
         await other.execute(
@@ -242,12 +252,12 @@ async def test_an_order_claimed_concurrently_is_waited_for_and_its_decision_sent
 
 
 async def test_an_order_whose_concurrent_claimer_rolled_back_is_claimed_and_paid(
-    payments: AsyncEngine,
+    payments: AsyncEngine, pool: asyncpg.Pool
 ) -> None:
     uid = f"u-{uuid.uuid4().hex[:8]}"
     await deposit(payments, uid, "100")
     event = order_created(uid, "40")
-    handle = payments_handler(session_factory(payments))
+    handle = payments_handler(pool)
     async with payments.connect() as other:
         await other.begin()
         await other.execute(
@@ -269,6 +279,52 @@ async def test_an_order_whose_concurrent_claimer_rolled_back_is_claimed_and_paid
     assert decided == ["PAID"]
 
 
+async def test_a_connection_lost_mid_batch_is_an_outage_and_the_retry_pays_once(
+    payments: AsyncEngine,
+) -> None:
+    """The server ends the batch's connection while its transaction is open (the claim waits
+    on another's lock): the handler raises an outage (the runner retries the batch), nothing
+    of the batch is kept, the dead connection is not pooled again, and the retry, on the same
+    pool, pays the order once."""
+    uid = f"u-{uuid.uuid4().hex[:8]}"
+    await deposit(payments, uid, "100")
+    event = order_created(uid, "40")
+    single = await worker_pool(
+        payments.url.render_as_string(hide_password=False), size=1, application_name="lost"
+    )
+    try:
+        handle = payments_handler(single)
+        async with payments.connect() as other:
+            await other.begin()  # holds the order's claim: the batch's claim waits for it
+            await other.execute(
+                text(
+                    "INSERT INTO payment_decisions (order_id, user_id, amount, event_id)"
+                    " VALUES (:order_id, :user_id, 40, :event_id)"
+                ),
+                {"order_id": event.payload.order_id, "user_id": uid, "event_id": uuid.uuid4()},
+            )
+            handled = asyncio.ensure_future(handle(deliveries([event])))
+            await until_waiting_on_a_lock(payments)
+            async with payments.connect() as killer:
+                await killer.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE application_name = 'lost'"
+                    )
+                )
+            with pytest.raises(Exception) as lost:  # noqa: PT011 (asserted just below)
+                await asyncio.wait_for(handled, 60)
+            assert is_retryable(lost.value), repr(lost.value)
+            await other.rollback()
+        assert await count(payments, "SELECT count(*) FROM payment_decisions") == 0
+
+        assert await asyncio.wait_for(handle(deliveries([event])), 60) == ["processed"]
+    finally:
+        await single.close()
+    assert await balance_of(payments, uid) == Decimal("60")
+    assert await count(payments, "SELECT count(*) FROM account_ledger WHERE kind = 'DEBIT'") == 1
+
+
 async def until_waiting_on_a_lock(engine: AsyncEngine) -> None:
     """Until some backend of this database waits for a lock (the claim, for the other's)."""
     for _ in range(600):
@@ -286,7 +342,7 @@ async def until_waiting_on_a_lock(engine: AsyncEngine) -> None:
 
 
 async def test_a_lost_swap_is_read_again_decided_again_and_recorded_once(
-    payments_db: str, payments: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+    payments_db: str, payments: AsyncEngine, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A deposit commits between the batch's read and its swap: that account's swap loses,
     nothing is recorded; the account is read again, its orders decided again against the new
@@ -308,7 +364,7 @@ async def test_a_lost_swap_is_read_again_decided_again_and_recorded_once(
 
     monkeypatch.setattr(payments_consumer, "_batch_rows", racing_rows)
     conflicts = cas_conflicts()
-    handle = payments_handler(session_factory(payments))
+    handle = payments_handler(pool)
 
     assert await handle(deliveries(batch)) == ["processed"] * 3
 

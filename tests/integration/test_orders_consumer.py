@@ -6,23 +6,22 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from datetime import timedelta
 from decimal import Decimal
 from typing import Literal
 
+import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
-from sqlalchemy import insert, select
-from sqlalchemy.ext.asyncio import (
-    AsyncEngine,
-    AsyncSession,
-    async_sessionmaker,
-    create_async_engine,
-)
+from prometheus_client import REGISTRY
+from sqlalchemy import insert, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from gozon.contracts import PaymentProcessed, PaymentProcessedPayload, utc_now
+from gozon.core.pg import worker_pool
 from gozon.messaging.consumer import DLQ_REASON, BatchHandler, Delivery, Outcome
 from gozon.messaging.kafka import dlq_topic
-from gozon.orders.consumer import make_handler
+from gozon.orders.consumer import count_stuck_orders, make_handler
 from gozon.orders.models import Order
 from scripts.stack import Kafka, Postgres
 from tests.conftest import running_consumer, until
@@ -177,8 +176,8 @@ async def test_a_database_outage_is_retried_until_it_ends_and_the_message_is_not
     group = f"g-{uuid.uuid4().hex[:8]}"
     attempts = [0]
 
-    def counting(sessions: async_sessionmaker[AsyncSession]) -> BatchHandler[PaymentProcessed]:
-        handle = make_handler(sessions)
+    def counting(pool: asyncpg.Pool) -> BatchHandler[PaymentProcessed]:
+        handle = make_handler(pool)
 
         async def counted(batch: Sequence[Delivery[PaymentProcessed]]) -> Sequence[Outcome]:
             attempts[0] += 1
@@ -202,3 +201,31 @@ async def test_a_database_outage_is_retried_until_it_ends_and_the_message_is_not
         assert await order_state(engine, order_id) == ("FINISHED", None)
     finally:
         await engine.dispose()
+
+
+async def test_the_stuck_gauge_counts_the_new_orders_older_than_the_threshold(
+    orders_db: str,
+) -> None:
+    engine = create_async_engine(orders_db)
+    try:
+        stuck, _recent, final = [await new_order(engine) for _ in range(3)]
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "UPDATE orders SET created_at = now() - interval '1 hour' WHERE id = ANY(:ids)"
+                ),
+                {"ids": [stuck, final]},
+            )
+            await conn.execute(
+                text("UPDATE orders SET status = 'FINISHED' WHERE id = :id"), {"id": final}
+            )
+    finally:
+        await engine.dispose()
+    pool = await worker_pool(orders_db, size=1, application_name="test-stuck")
+    try:
+        assert await count_stuck_orders(pool, timedelta(minutes=5)) == 1  # not recent, final
+        assert REGISTRY.get_sample_value("gozon_orders_stuck") == 1
+        assert await count_stuck_orders(pool, timedelta(hours=2)) == 0
+        assert REGISTRY.get_sample_value("gozon_orders_stuck") == 0
+    finally:
+        await pool.close()

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 
+import asyncpg
 import pytest
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import REGISTRY
@@ -30,6 +31,7 @@ from gozon.contracts import (
     utc_now,
 )
 from gozon.core.db import session_factory
+from gozon.core.pg import worker_pool
 from gozon.messaging.consumer import Delivery, Record
 from gozon.payments import service
 from gozon.payments.consumer import make_handler as batch_handler
@@ -68,10 +70,20 @@ def sessions(engine: AsyncEngine) -> Sessions:
     return session_factory(engine)
 
 
-def make_handler(sessions: Sessions) -> Callable[[OrderCreated, Record], Awaitable[str]]:
+@pytest.fixture
+async def pool(payments_db: str) -> AsyncIterator[asyncpg.Pool]:
+    """The handlers' pool (as `gozon payments consumer` builds it), with room for 20
+    transactions at once, so that the concurrency tests really race (more calls wait for a
+    connection, as batches of more partitions than connections would)."""
+    pool = await worker_pool(payments_db, size=20, application_name="test-payments-consumer")
+    yield pool
+    await pool.close()
+
+
+def make_handler(pool: asyncpg.Pool) -> Callable[[OrderCreated, Record], Awaitable[str]]:
     """The batch handler, given one message per call (a batch of one, its own transaction):
     concurrent calls race as concurrent consumers' transactions do."""
-    handler = batch_handler(sessions)
+    handler = batch_handler(pool)
 
     async def handle(event: OrderCreated, record: Record) -> str:
         (outcome,) = await handler([Delivery(event, record)])
@@ -169,11 +181,12 @@ def outcome_count(outcome: str) -> float:
 
 async def test_an_order_within_the_balance_is_debited_recorded_and_answered(
     sessions: Sessions,
+    pool: asyncpg.Pool,
 ) -> None:
     uid = user()
     await deposit(sessions, uid, "5000")
     event = order_created(uid, "1500.99")
-    handle = make_handler(sessions)
+    handle = make_handler(pool)
     paid_before = outcome_count("paid")
 
     assert await handle(event, record_of(event)) == "processed"
@@ -202,11 +215,11 @@ async def test_an_order_within_the_balance_is_debited_recorded_and_answered(
     assert outcome_count("paid") == paid_before + 1
 
 
-async def test_duplicate_order_event_debits_once(sessions: Sessions) -> None:
+async def test_duplicate_order_event_debits_once(sessions: Sessions, pool: asyncpg.Pool) -> None:
     uid = user()
     await deposit(sessions, uid, "100")
     event = order_created(uid, "60")
-    handle = make_handler(sessions)
+    handle = make_handler(pool)
 
     outcomes = [await handle(event, record_of(event)) for _ in range(3)]
 
@@ -216,11 +229,13 @@ async def test_duplicate_order_event_debits_once(sessions: Sessions) -> None:
     assert await rows_for_order(sessions, event.payload.order_id) == (1, 1, 3)
 
 
-async def test_concurrent_deliveries_of_one_order_event_debit_once(sessions: Sessions) -> None:
+async def test_concurrent_deliveries_of_one_order_event_debit_once(
+    sessions: Sessions, pool: asyncpg.Pool
+) -> None:
     uid = user()
     await deposit(sessions, uid, "100")
     event = order_created(uid, "60")
-    handle = make_handler(sessions)
+    handle = make_handler(pool)
 
     outcomes = await asyncio.gather(*(handle(event, record_of(event)) for _ in range(5)))
 
@@ -229,12 +244,14 @@ async def test_concurrent_deliveries_of_one_order_event_debit_once(sessions: Ses
     assert await rows_for_order(sessions, event.payload.order_id) == (1, 1, 5)
 
 
-async def test_insufficient_funds_leaves_the_balance_unchanged(sessions: Sessions) -> None:
+async def test_insufficient_funds_leaves_the_balance_unchanged(
+    sessions: Sessions, pool: asyncpg.Pool
+) -> None:
     uid = user()
     await deposit(sessions, uid, "100")
     event = order_created(uid, "100.01")
 
-    assert await make_handler(sessions)(event, record_of(event)) == "processed"
+    assert await make_handler(pool)(event, record_of(event)) == "processed"
 
     assert await balance_of(sessions, uid) == Decimal("100")
     assert await rows_for_order(sessions, event.payload.order_id) == (1, 0, 1)
@@ -243,12 +260,14 @@ async def test_insufficient_funds_leaves_the_balance_unchanged(sessions: Session
     assert answer.payload.reason
 
 
-async def test_an_order_of_the_whole_balance_is_paid_down_to_zero(sessions: Sessions) -> None:
+async def test_an_order_of_the_whole_balance_is_paid_down_to_zero(
+    sessions: Sessions, pool: asyncpg.Pool
+) -> None:
     uid = user()
     await deposit(sessions, uid, "100")
     event = order_created(uid, "100.00")
 
-    await make_handler(sessions)(event, record_of(event))
+    await make_handler(pool)(event, record_of(event))
 
     assert await balance_of(sessions, uid) == Decimal("0")
     assert (await answer_for(sessions, event.payload.order_id)).payload.status == "PAID"
@@ -256,11 +275,12 @@ async def test_an_order_of_the_whole_balance_is_paid_down_to_zero(sessions: Sess
 
 async def test_an_order_without_an_account_is_account_not_found_and_opens_none(
     sessions: Sessions,
+    pool: asyncpg.Pool,
 ) -> None:
     uid = user()
     event = order_created(uid, "10")
 
-    assert await make_handler(sessions)(event, record_of(event)) == "processed"
+    assert await make_handler(pool)(event, record_of(event)) == "processed"
 
     assert await balance_of(sessions, uid) is None
     assert await rows_for_order(sessions, event.payload.order_id) == (1, 0, 1)
@@ -271,12 +291,13 @@ async def test_an_order_without_an_account_is_account_not_found_and_opens_none(
 
 async def test_a_new_envelope_for_a_paid_order_debits_nothing_and_answers_paid_again(
     sessions: Sessions,
+    pool: asyncpg.Pool,
 ) -> None:
     uid = user()
     await deposit(sessions, uid, "100")
     first = order_created(uid, "30")
     second = order_created(uid, "30", order_id=first.payload.order_id)  # another event id
-    handle = make_handler(sessions)
+    handle = make_handler(pool)
 
     assert await handle(first, record_of(first)) == "processed"
     assert await handle(second, record_of(second)) == "duplicate"
@@ -289,11 +310,12 @@ async def test_a_new_envelope_for_a_paid_order_debits_nothing_and_answers_paid_a
 
 async def test_a_cancelled_order_stays_unpaid_after_a_top_up_whatever_the_envelope(
     sessions: Sessions,
+    pool: asyncpg.Pool,
 ) -> None:
     uid = user()
     await deposit(sessions, uid, "10")
     first = order_created(uid, "50")
-    handle = make_handler(sessions)
+    handle = make_handler(pool)
     assert await handle(first, record_of(first)) == "processed"
     await deposit(sessions, uid, "100")  # the user tops up after the cancellation
 
@@ -309,12 +331,14 @@ async def test_a_cancelled_order_stays_unpaid_after_a_top_up_whatever_the_envelo
     assert {a.payload.status for a in answers} == {"INSUFFICIENT_FUNDS"}
 
 
-async def test_concurrent_new_envelopes_of_one_order_decide_it_once(sessions: Sessions) -> None:
+async def test_concurrent_new_envelopes_of_one_order_decide_it_once(
+    sessions: Sessions, pool: asyncpg.Pool
+) -> None:
     uid = user()
     await deposit(sessions, uid, "100")
     order_id = uuid.uuid4()
     events = [order_created(uid, "60", order_id=order_id) for _ in range(5)]
-    handle = make_handler(sessions)
+    handle = make_handler(pool)
 
     outcomes = await asyncio.gather(*(handle(e, record_of(e)) for e in events))
 
@@ -338,6 +362,7 @@ async def test_the_ledger_refuses_a_second_debit_of_one_order(sessions: Sessions
 
 async def test_concurrent_orders_and_deposits_on_one_account_neither_create_nor_lose_money(
     sessions: Sessions,
+    pool: asyncpg.Pool,
 ) -> None:
     uid = user()
     initial = Decimal("1000")
@@ -345,7 +370,7 @@ async def test_concurrent_orders_and_deposits_on_one_account_neither_create_nor_
     rng = random.Random(20261124)
     orders = [order_created(uid, f"{rng.randint(100, 9999) / 100:.2f}") for _ in range(200)]
     deposits = [f"{rng.randint(100, 4999) / 100:.2f}" for _ in range(50)]
-    handle = make_handler(sessions)
+    handle = make_handler(pool)
     conflicts_before = sum(
         REGISTRY.get_sample_value("gozon_payments_cas_conflicts_total", {"operation": op}) or 0
         for op in ("debit", "deposit")

@@ -10,8 +10,9 @@ import asyncpg
 from sqlalchemy.exc import DBAPIError
 from starlette.types import Message, Receive, Scope, Send
 
-from gozon.core.db import is_database_outage
+from gozon.core.db import is_database_outage, sqlstate
 from gozon.core.deadline import Admission, current_budget, parse_budget
+from gozon.messaging.consumer import is_retryable
 from tests.conftest import until
 
 
@@ -129,3 +130,15 @@ def test_the_drivers_own_connection_errors_are_outages_and_its_data_errors_are_n
     assert is_database_outage(asyncpg.AdminShutdownError("terminating connection"))
     assert not is_database_outage(asyncpg.UniqueViolationError("duplicate key"))
     assert not is_database_outage(asyncpg.DataError("invalid input"))
+
+
+def test_a_conflict_is_retried_whether_the_driver_raised_it_or_sqlalchemy_wrapped_it() -> None:
+    # the consumers' batches run on asyncpg itself now: its deadlock or serialization failure
+    # keeps its SQLSTATE, so the runner retries the batch instead of dead-lettering it
+    assert sqlstate(asyncpg.DeadlockDetectedError("deadlock detected")) == "40P01"
+    assert is_retryable(asyncpg.DeadlockDetectedError("deadlock detected"))
+    assert is_retryable(asyncpg.SerializationError("could not serialize access"))
+    assert is_retryable(DBAPIError("SELECT 1", {}, _DriverError("40P01")))
+    assert not is_retryable(asyncpg.UniqueViolationError("duplicate key"))
+    assert not is_retryable(asyncpg.CheckViolationError("refused"))
+    assert sqlstate(ValueError("no database error")) is None

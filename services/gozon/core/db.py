@@ -76,8 +76,10 @@ OUTAGE_SQLSTATE_CLASSES = frozenset({"08", "53", "57"})
 
 
 def sqlstate(exc: BaseException) -> str | None:
-    """The SQLSTATE of a DBAPIError from asyncpg (SQLAlchemy copies it onto `orig`)."""
-    code = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    """The SQLSTATE of asyncpg's error, raised by the driver itself (the consumers' and the
+    relays' batches run on it) or wrapped in a DBAPIError (SQLAlchemy copies it onto `orig`)."""
+    error = exc if isinstance(exc, asyncpg.PostgresError) else getattr(exc, "orig", None)
+    code = getattr(error, "sqlstate", None)
     return code if isinstance(code, str) else None
 
 

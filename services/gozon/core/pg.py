@@ -1,7 +1,7 @@
 """The APIs' request path to PostgreSQL: one round trip per statement, on asyncpg directly.
 
-Owns how an API request talks to its database (SQLAlchemy keeps the schema, the migrations
-and the workers). Guarantees, per docs/reliability.md:
+Owns how an API request talks to its database (SQLAlchemy keeps the schema, the migrations,
+the payments API and the relays' housekeeping). Guarantees, per docs/reliability.md:
 
 - **One round trip per statement, nothing else.** No pool pre-ping and no reset query on
   release (the statements here leave no session state behind: no `SET`, no `LISTEN`, no
@@ -24,6 +24,11 @@ and the workers). Guarantees, per docs/reliability.md:
   statement was cut by its timeout), `OutcomeUnknown` (504: the connection was lost or timed
   out on the client's side while a write was in flight, so it may have committed), or
   `DeadlineExceeded` (503). Any other database error is a bug and stays one (500).
+
+The workers' batches (the Kafka consumers') run on a pool of their own from `worker_pool`,
+with the same no-pre-ping, no-reset connections, each batch on a connection held by
+`batch_connection`: a connection lost or left inside a transaction is dropped, never pooled
+again, so the retried batch starts on a fresh one (the server rolled the lost one back).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Final, TypeVar
 
 import asyncpg
@@ -252,6 +257,67 @@ class Database:
             await self.pool.release(conn, timeout=1)
         except Exception as exc:  # a broken connection is dropped by the pool either way
             log.debug("releasing a connection failed", error=repr(exc))
+
+
+# ---------------------------------------------------------------------- the workers' pool
+
+
+async def worker_pool(
+    url: str, *, size: int, application_name: str, command_timeout_s: float = 30
+) -> asyncpg.Pool:
+    """A worker's pool: `size` connections at most, made on demand (the worker starts while
+    its database is down), no pre-ping, no reset query on release (a batch leaves no session
+    state: its transaction ended, or its connection is dropped by `batch_connection`).
+
+    `command_timeout_s` as the engines' (gozon.core.db): a stalled server fails the batch,
+    which is retried as an outage, instead of holding its rows' locks for ever."""
+    return await asyncpg.create_pool(
+        driver_dsn(url),
+        min_size=0,
+        max_size=size,
+        max_inactive_connection_lifetime=60,
+        reset=_no_reset,
+        timeout=5,  # connect
+        command_timeout=command_timeout_s,
+        server_settings={"application_name": application_name},
+    )
+
+
+@contextlib.asynccontextmanager
+async def batch_connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection for one batch; dropped instead of pooled again when the batch
+    failed with it closed, still inside a transaction (its ROLLBACK failed: the connection
+    was lost mid-transaction) or refused by the driver while it digests the server's goodbye
+    (InternalClientError). The server rolls back whatever the dropped one had open."""
+    try:
+        conn: asyncpg.Connection = await pool.acquire()
+    except asyncpg.PostgresError as exc:
+        # The server refused a new connection (starting up, too many clients, the database
+        # or role not there yet): an outage to wait out, never a reason to dead-letter.
+        raise ConnectionError(f"cannot connect: {exc!r}") from exc
+    try:
+        yield conn
+    except BaseException as exc:
+        if (
+            conn.is_closed()
+            or conn.is_in_transaction()
+            or isinstance(exc, asyncpg.InternalClientError)
+        ):
+            conn.terminate()
+        raise
+    finally:
+        with contextlib.suppress(Exception):  # a dropped connection leaves the pool anyway
+            await pool.release(conn, timeout=1)
+
+
+async def pool_answers(pool: asyncpg.Pool) -> bool:
+    """Readiness of a worker's pool: one round trip to the database."""
+    try:
+        async with batch_connection(pool) as conn:
+            await conn.fetchval(_SELECT_1, timeout=5)
+    except Exception:  # any failure means "not ready"
+        return False
+    return True
 
 
 def _server_said(exc: BaseException) -> str | None:

@@ -5,11 +5,13 @@ Each service declares its own in its `consumer.py` (as eShop's services declare 
 - `topic` and `schema`: the one topic it reads, and the event type every message there must
   validate against (anything else is dead-lettered);
 - `handler`: builds the batch handler (a partition's fetched messages in one transaction, see
-  `gozon.messaging.consumer`) from a session factory and a `notify` callback;
+  `gozon.messaging.consumer`) from the consumer's asyncpg pool (`gozon.core.pg.worker_pool`:
+  one connection per partition handled side by side, each batch on one held by
+  `gozon.core.pg.batch_connection`) and a `notify` callback;
 - `outbox`: the outbox table the handler writes, if any. The handler then calls `notify()`
   once after each commit that added rows, which wakes that outbox's relay at once;
-- `scrape_hooks`: refresh the service's own gauges at each `/metrics` scrape (a hook that
-  fails leaves its gauge stale and never fails the scrape).
+- `scrape_hooks`: refresh the service's own gauges at each `/metrics` scrape, on the same
+  pool (a hook that fails leaves its gauge stale and never fails the scrape).
 """
 
 from __future__ import annotations
@@ -18,17 +20,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeAlias, TypeVar
 
+import asyncpg
 from pydantic import BaseModel
 from sqlalchemy import Table
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gozon.messaging.consumer import BatchHandler
 
 E = TypeVar("E", bound=BaseModel)
 
-Sessions: TypeAlias = async_sessionmaker[AsyncSession]
 Notify: TypeAlias = Callable[[], None]
-ScrapeHook: TypeAlias = Callable[[Sessions], Awaitable[object]]
+ScrapeHook: TypeAlias = Callable[[asyncpg.Pool], Awaitable[object]]
 
 
 def no_notify() -> None:
@@ -39,6 +40,6 @@ def no_notify() -> None:
 class Subscription(Generic[E]):
     topic: str
     schema: type[E]
-    handler: Callable[[Sessions, Notify], BatchHandler[E]]
+    handler: Callable[[asyncpg.Pool, Notify], BatchHandler[E]]
     outbox: Table | None = None
     scrape_hooks: tuple[ScrapeHook, ...] = ()

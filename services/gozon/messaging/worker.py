@@ -22,6 +22,7 @@ from sqlalchemy import Table
 
 from gozon.core.db import create_engine, database_answers, session_factory
 from gozon.core.health import Readiness
+from gozon.core.pg import pool_answers, worker_pool
 from gozon.core.runtime import sleep_unless, stop_on_signals
 from gozon.core.settings import MessagingSettings
 from gozon.core.sideport import side_port
@@ -150,12 +151,12 @@ async def run_consumer(
     """Runs the service's subscription (see `gozon.messaging.subscription`) until SIGTERM."""
     topic = subscription.topic
     stop = stop_on_signals()
-    # One connection per partition handled side by side, one for the notifier, one spare.
-    engine = create_engine(
+    # The batches' pool: one connection per partition handled side by side, one spare (the
+    # scrape hooks, readiness). Made on demand: the process starts while the database is down.
+    pool = await worker_pool(
         spec.database_url,
-        pool_size=settings.kafka_topic_partitions + 2,
+        size=settings.kafka_topic_partitions + 1,
         application_name=f"{spec.service}-consumer",
-        pre_ping=False,
     )
     producer = new_producer(
         settings.kafka_bootstrap_servers, client_id=f"{spec.service}-consumer-dlq"
@@ -165,9 +166,8 @@ async def run_consumer(
         group_id=group_id,
         client_id=f"{spec.service}-consumer",
     )  # the runner subscribes it to the topic, with its rebalance listener
-    sessions = session_factory(engine)
-    notifier = (
-        OutboxNotifier(engine, subscription.outbox.name)
+    notifier = (  # on a connection of its own
+        OutboxNotifier(spec.database_url, subscription.outbox.name)
         if subscription.outbox is not None
         else None
     )
@@ -176,16 +176,16 @@ async def run_consumer(
         producer=producer,
         topic=topic,
         schema=subscription.schema,
-        handler=subscription.handler(sessions, notifier.notify if notifier else no_notify),
+        handler=subscription.handler(pool, notifier.notify if notifier else no_notify),
         max_handler_attempts=settings.consumer_max_handler_attempts,
         commit_interval=settings.consumer_commit_interval_ms / 1000,
     )
     readiness = Readiness()
-    readiness.add("database", lambda: database_answers(engine))
+    readiness.add("database", lambda: pool_answers(pool))
     readiness.add("kafka", lambda: broker_answers(producer))
     started = _flag(readiness, "started")  # its start-up steps done (they wait for Kafka)
     try:
-        hooks = [partial(hook, sessions) for hook in subscription.scrape_hooks]
+        hooks = [partial(hook, pool) for hook in subscription.scrape_hooks]
         async with side_port(spec.metrics_host, spec.metrics_port, readiness, hooks):
             if (
                 await _until_started("producer", producer.start, stop)
@@ -210,5 +210,8 @@ async def run_consumer(
     finally:
         await consumer.stop()
         await producer.stop()
-        await engine.dispose()
+        try:
+            await asyncio.wait_for(pool.close(), timeout=5)
+        except Exception:  # closing is best effort: the server ends the sessions anyway
+            pool.terminate()
         log.info("consumer stopped", topic=topic)

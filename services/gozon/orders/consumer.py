@@ -1,12 +1,16 @@
 """The orders consumer: moves orders to their final status as their payment results arrive.
 
-One statement per partition's batch, `queries.FINALIZE_ORDERS`, run in autocommit: a single
-statement is its own transaction, so the batch costs one round trip (no BEGIN, no COMMIT) and
-has committed when it returns. It is one `UPDATE … FROM unnest(…)` guarded by
-`status = 'NEW'`, so a duplicate or late result changes nothing and is counted as a duplicate;
-the first result wins, in offset order within a batch too. The same statement tells which
-orders do not exist: a result for one is rejected to the dead-letter topic, and the rest of
-its batch commits. The runner commits the offsets after the statement.
+One statement per partition's batch, `queries.FINALIZE_ORDERS`, run in autocommit on the
+consumer's asyncpg pool (`gozon.core.pg.worker_pool`): a single statement is its own
+transaction, so the batch costs one round trip (no BEGIN, no COMMIT; the statement is
+prepared once per connection) and has committed when it returns. It is one `UPDATE … FROM
+unnest(…)` guarded by `status = 'NEW'`, so a duplicate or late result changes nothing and is
+counted as a duplicate; the first result wins, in offset order within a batch too. The same
+statement tells which orders do not exist: a result for one is rejected to the dead-letter
+topic, and the rest of its batch commits. The runner commits the offsets after the statement;
+a connection lost meanwhile is dropped (`gozon.core.pg.batch_connection`) and the runner
+retries the batch (the statement is idempotent: a result applied before the loss is a
+duplicate the second time).
 """
 
 from __future__ import annotations
@@ -16,21 +20,19 @@ from collections.abc import Sequence
 from datetime import timedelta
 from functools import partial
 
+import asyncpg
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
-from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gozon.contracts import PAYMENT_PROCESSED_TOPIC, PaymentProcessed
+from gozon.core.pg import batch_connection
 from gozon.core.settings import OrdersSettings
 from gozon.messaging.consumer import BatchHandler, Delivery, Outcome, Rejected
-from gozon.messaging.subscription import Notify, Sessions, Subscription
+from gozon.messaging.subscription import Notify, Subscription
 from gozon.orders import queries
-from gozon.orders.models import CANCELLED, FINISHED, NEW, Order
+from gozon.orders.models import CANCELLED, FINISHED
 
 log = structlog.get_logger(__name__)
-
-AUTOCOMMIT = {"isolation_level": "AUTOCOMMIT"}
 
 ORDERS_FINAL = Counter(
     "gozon_orders_final_total", "Orders that reached a final status.", ["status"]
@@ -55,45 +57,41 @@ def final_status(event: PaymentProcessed) -> tuple[str, str | None]:
     return CANCELLED, payload.reason or payload.status
 
 
-def make_handler(sessions: async_sessionmaker[AsyncSession]) -> BatchHandler[PaymentProcessed]:
+def make_handler(pool: asyncpg.Pool) -> BatchHandler[PaymentProcessed]:
     async def handle(batch: Sequence[Delivery[PaymentProcessed]]) -> list[Outcome]:
         first: dict[uuid.UUID, tuple[str, str | None]] = {}
         for delivery in batch:  # offset order: the first result of an order is the one applied
             first.setdefault(delivery.event.payload.order_id, final_status(delivery.event))
-        async with sessions() as session:
-            # One statement in autocommit: its own transaction, no BEGIN/COMMIT round trips.
-            await session.connection(execution_options=AUTOCOMMIT)
-            found = {
-                row.id: row
-                for row in await session.execute(
-                    queries.FINALIZE_ORDERS,
-                    {
-                        "order_ids": list(first),
-                        "statuses": [status for status, _ in first.values()],
-                        "reasons": [reason for _, reason in first.values()],
-                    },
-                )
-            }
-        moved = {order_id: row for order_id, row in found.items() if row.outcome == "moved"}
+        async with batch_connection(pool) as conn:
+            # One statement outside a transaction: its own, no BEGIN/COMMIT round trips.
+            rows = await conn.fetch(
+                queries.FINALIZE_ORDERS,
+                list(first),
+                [status for status, _ in first.values()],
+                [reason for _, reason in first.values()],
+            )
+        found = {row["id"]: row for row in rows}
+        moved = {order_id: row for order_id, row in found.items() if row["outcome"] == "moved"}
         outcomes: list[Outcome] = []
         for delivery in batch:
             payload = delivery.event.payload
             row = moved.pop(payload.order_id, None)
             with delivery.active():
                 if row is not None:
-                    ORDERS_FINAL.labels(row.status).inc()
-                    ORDER_TO_FINAL.labels(row.status).observe(
-                        max(0.0, (row.updated_at - row.created_at).total_seconds())
+                    status = row["status"]
+                    ORDERS_FINAL.labels(status).inc()
+                    ORDER_TO_FINAL.labels(status).observe(
+                        max(0.0, (row["updated_at"] - row["created_at"]).total_seconds())
                     )
                     log.info(
                         "order final",
                         order_id=str(payload.order_id),
                         user_id=payload.user_id,
-                        status=row.status,
+                        status=status,
                         reason=first[payload.order_id][1],
                     )
                     outcomes.append("processed")
-                elif found[payload.order_id].outcome != "unknown":
+                elif found[payload.order_id]["outcome"] != "unknown":
                     # Already final, or moved by an earlier result of this batch.
                     log.info(
                         "payment result ignored: order already final",
@@ -108,23 +106,19 @@ def make_handler(sessions: async_sessionmaker[AsyncSession]) -> BatchHandler[Pay
     return handle
 
 
-async def count_stuck_orders(sessions: async_sessionmaker[AsyncSession], after: timedelta) -> int:
+async def count_stuck_orders(pool: asyncpg.Pool, after: timedelta) -> int:
     """NEW orders older than `after`: every order should have reached a final status by then."""
-    async with sessions() as session:
-        stuck = await session.scalar(
-            select(func.count())
-            .select_from(Order)
-            .where(Order.status == NEW, Order.created_at < func.now() - after)
-        )
-    ORDERS_STUCK.set(stuck or 0)
-    return int(stuck or 0)
+    async with batch_connection(pool) as conn:
+        stuck = int(await conn.fetchval(queries.STUCK_ORDERS, after) or 0)
+    ORDERS_STUCK.set(stuck)
+    return stuck
 
 
 def subscription(settings: OrdersSettings) -> Subscription[PaymentProcessed]:
     """The orders consumer reads payment results; it writes no outbox."""
 
-    def handler(sessions: Sessions, _: Notify) -> BatchHandler[PaymentProcessed]:
-        return make_handler(sessions)
+    def handler(pool: asyncpg.Pool, _: Notify) -> BatchHandler[PaymentProcessed]:
+        return make_handler(pool)
 
     stuck_after = timedelta(seconds=settings.orders_stuck_after_s)
     return Subscription(

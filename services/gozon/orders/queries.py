@@ -7,17 +7,15 @@ data-modifying CTE as one statement, committed as one). The API's run on asyncpg
 the real database: the API's by `tests/integration/test_orders_queries.py`, the consumer's
 by `tests/integration/test_orders_consumer.py` and `test_batched_consumers.py`.
 
-The consumer's statement takes arrays (`CAST(:x AS type[])` + `unnest`), so one round trip
-handles a whole batch whatever its size; it runs on the consumer's SQLAlchemy session, as a
-`text()` clause, on a connection in autocommit (`isolation_level="AUTOCOMMIT"`: the asyncpg
-dialect then sends no BEGIN and no COMMIT), so a batch costs exactly one round trip.
+The consumer's statement takes arrays (`CAST($n AS type[])` + `unnest`), so one round trip
+handles a whole batch whatever its size; it runs on the consumer's own asyncpg pool
+(`gozon.core.pg.worker_pool`), outside any transaction (autocommit: no BEGIN and no COMMIT),
+so a batch costs exactly one round trip once the statement is prepared on its connection.
 """
 
 from __future__ import annotations
 
 from typing import Final
-
-from sqlalchemy import text
 
 # --- API ---------------------------------------------------------------------------------
 
@@ -81,12 +79,11 @@ in the same order (keyset pagination: stable under inserts, no OFFSET scan)."""
 # statement per partition's batch, run in autocommit (its own implicit transaction: no BEGIN
 # and no COMMIT round trips).
 
-FINALIZE_ORDERS = text(
-    """
+FINALIZE_ORDERS: Final = """
     WITH result AS (
         SELECT order_id, status, reason
         FROM unnest(
-            CAST(:order_ids AS uuid[]), CAST(:statuses AS text[]), CAST(:reasons AS text[])
+            CAST($1 AS uuid[]), CAST($2 AS text[]), CAST($3 AS text[])
         ) AS result(order_id, status, reason)
     ),
     moved AS (
@@ -105,9 +102,11 @@ FINALIZE_ORDERS = text(
            END AS outcome,
            moved.status, moved.created_at, moved.updated_at
     FROM result LEFT JOIN moved ON moved.id = result.order_id
-    """
-)
-"""Moves each order still NEW to its final status and tells, for every order id passed, what
+"""
+"""finalize_orders($1 order ids, $2 final statuses, $3 cancel reasons or NULL), one entry per
+order, in the same order.
+
+Moves each order still NEW to its final status and tells, for every order id passed, what
 happened: `moved` (with its new status and timestamps), `final` (it exists but was not NEW:
 a duplicate or late result, nothing changed) or `unknown` (no such order).
 
@@ -117,3 +116,10 @@ it has committed. Guarded by `status = 'NEW'`: an order already final keeps its 
 guard, and the order is `final`). `final`/`unknown` are read from the statement's snapshot,
 which holds every order created before it (an order is committed before its payment result
 can exist). Pass one row per order: with two, PostgreSQL would apply an unpredictable one."""
+
+STUCK_ORDERS: Final = """
+SELECT count(*) FROM orders WHERE status = 'NEW' AND created_at < now() - $1::interval
+"""
+"""stuck_orders($1 age): how many orders are still NEW though older than the age (their
+payment result is late), for the consumer's `gozon_orders_stuck` gauge at each scrape. Reads
+only; a scan of the NEW orders by status (rare: once per scrape)."""

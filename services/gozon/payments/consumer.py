@@ -4,7 +4,9 @@ commit per partition's batch.
 Four round trips per batch on the common path (every order new, every compare-and-swap won),
 whatever its size: BEGIN, `queries.CLAIM_AND_READ` (claims, earlier decisions, accounts),
 `queries.SWAP_AND_RECORD` (the compare-and-swap and, when every swap won, all the records),
-COMMIT; then one coalesced `pg_notify` on the notifier's own connection.
+COMMIT; then one coalesced `pg_notify` on the notifier's own connection. The batch runs on a
+connection of the consumer's asyncpg pool (`gozon.core.pg.worker_pool`; the statements are
+prepared once per connection), held by `gozon.core.pg.batch_connection`.
 
 Guarantees (the runner commits the offsets only after this transaction has committed):
 - An order is paid for at most once, whatever envelope it comes in: every event is recorded in
@@ -18,7 +20,9 @@ Guarantees (the runner commits the offsets only after this transaction has commi
   that the balance left by the earlier ones does not cover is cancelled for funds.
 - The batch's inbox rows, decisions, debits with their ledger rows, and `PaymentProcessed`
   outbox rows commit together or not at all; a failure before the commit leaves nothing, and
-  the batch is retried whole. The relay is woken once per committed batch.
+  the batch is retried whole. A connection lost mid-transaction (or whose ROLLBACK failed) is
+  dropped, never pooled again: the server rolls its transaction back, and the retried batch
+  runs on a fresh connection. The relay is woken once per committed batch.
 - Every delivery gets an answer on `payment.processed.event`, carrying its own message's trace
   context: the order's decision, PAID, INSUFFICIENT_FUNDS (nothing debited) or
   ACCOUNT_NOT_FOUND. The orders consumer applies only the first (its status change is
@@ -31,8 +35,8 @@ import json
 from collections.abc import Callable, Sequence
 from functools import partial
 
+import asyncpg
 import structlog
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gozon.contracts import (
     ORDER_CREATED_TOPIC,
@@ -41,9 +45,10 @@ from gozon.contracts import (
     PaymentProcessed,
     PaymentProcessedPayload,
 )
+from gozon.core.pg import batch_connection
 from gozon.core.settings import PaymentsSettings
 from gozon.messaging.consumer import BatchHandler, Delivery, Outcome
-from gozon.messaging.subscription import Notify, Sessions, Subscription
+from gozon.messaging.subscription import Notify, Subscription
 from gozon.payments import service
 from gozon.payments.metrics import PAYMENT_AMOUNT, PAYMENT_OUTCOMES
 from gozon.payments.models import payment_outbox
@@ -53,7 +58,7 @@ log = structlog.get_logger(__name__)
 
 
 def make_handler(
-    sessions: async_sessionmaker[AsyncSession], *, notify: Callable[[], None] = lambda: None
+    pool: asyncpg.Pool, *, notify: Callable[[], None] = lambda: None
 ) -> BatchHandler[OrderCreated]:
     """The batch handler; `notify` is called once after each commit (which always adds
     payment_outbox rows: every delivery is answered)."""
@@ -68,10 +73,8 @@ def make_handler(
             )
             for d in batch
         ]
-        async with sessions() as session, session.begin():
-            decided = await service.decide_order_payments(
-                session, orders, partial(_batch_rows, batch)
-            )
+        async with batch_connection(pool) as conn, conn.transaction():
+            decided = await service.decide_order_payments(conn, orders, partial(_batch_rows, batch))
         notify()
         return [_report(d, decision) for d, decision in zip(batch, decided.decisions, strict=True)]
 
@@ -153,8 +156,8 @@ def _report(delivery: Delivery[OrderCreated], decision: Decision) -> Outcome:
 def subscription(_: PaymentsSettings) -> Subscription[OrderCreated]:
     """The payments consumer reads created orders and answers each through payment_outbox."""
 
-    def handler(sessions: Sessions, notify: Notify) -> BatchHandler[OrderCreated]:
-        return make_handler(sessions, notify=notify)
+    def handler(pool: asyncpg.Pool, notify: Notify) -> BatchHandler[OrderCreated]:
+        return make_handler(pool, notify=notify)
 
     return Subscription(
         topic=ORDER_CREATED_TOPIC, schema=OrderCreated, handler=handler, outbox=payment_outbox

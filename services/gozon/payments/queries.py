@@ -3,8 +3,10 @@ guarantees. Every statement here is exercised against the real PostgreSQL by the
 tests (tests/integration/test_payments_consumer.py, test_batched_consumers.py,
 test_consumer_round_trips.py).
 
-Statements take arrays (`CAST(:x AS type[])` + `unnest`): one round trip handles a whole batch,
-whatever its size, and the statement text — so its prepared plan — stays the same.
+Statements take arrays (`CAST($n AS type[])` + `unnest`): one round trip handles a whole batch,
+whatever its size, and the statement text — so its prepared plan — stays the same. They run on
+the consumer's asyncpg pool (`gozon.core.pg.worker_pool`), which prepares each once per
+connection; their parameters are positional (`$n`), documented with each statement.
 
 The consumer's batch is four round trips on its common path (every order new, every
 compare-and-swap won): BEGIN, CLAIM_AND_READ, SWAP_AND_RECORD, COMMIT. STORED_DECISIONS and
@@ -14,7 +16,7 @@ waited, and accounts whose swap lost.
 
 from __future__ import annotations
 
-from sqlalchemy import text
+from typing import Final
 
 # --- consumer ---
 # The batched `order.created.event` handler (gozon.payments.consumer,
@@ -24,14 +26,12 @@ from sqlalchemy import text
 # COMMIT. An order claimed concurrently is read again with STORED_DECISIONS; the accounts
 # whose swap lost are read again with READ_ACCOUNTS and retried with SWAP_AND_RECORD.
 
-CLAIM_AND_READ = text(
-    """
+CLAIM_AND_READ: Final = """
     WITH claim AS (
         INSERT INTO payment_decisions (order_id, user_id, amount, event_id)
         SELECT order_id, user_id, amount, event_id
         FROM unnest(
-            CAST(:order_ids AS uuid[]), CAST(:user_ids AS text[]),
-            CAST(:amounts AS numeric[]), CAST(:event_ids AS uuid[])
+            CAST($1 AS uuid[]), CAST($2 AS text[]), CAST($3 AS numeric[]), CAST($4 AS uuid[])
         ) AS claim(order_id, user_id, amount, event_id)
         ORDER BY order_id
         ON CONFLICT (order_id) DO NOTHING
@@ -44,14 +44,16 @@ CLAIM_AND_READ = text(
     UNION ALL
     SELECT 'stored', order_id, user_id, amount, status, reason, decided_at, NULL, NULL, NULL
     FROM payment_decisions
-    WHERE order_id = ANY(CAST(:order_ids AS uuid[]))
+    WHERE order_id = ANY(CAST($1 AS uuid[]))
     UNION ALL
     SELECT 'account', NULL, user_id, NULL, NULL, NULL, NULL, id, balance, version
     FROM accounts
-    WHERE user_id = ANY(CAST(:account_user_ids AS text[]))
-    """
-)
-"""Claims each order's one decision and reads, in the same statement, what deciding needs.
+    WHERE user_id = ANY(CAST($5 AS text[]))
+"""
+"""claim_and_read($1 order ids, $2 user ids, $3 amounts, $4 event ids: one entry per order, in
+order-id order; $5 the orders' user ids, once each).
+
+Claims each order's one decision and reads, in the same statement, what deciding needs.
 
 Rows of three kinds:
 - `claimed`: the orders this transaction claimed (their decision row is inserted, status NULL
@@ -70,34 +72,30 @@ concurrent transaction committed after that (the claim waited for it, or found i
 is neither `claimed` nor `stored`: read it with STORED_DECISIONS, a new statement whose
 snapshot holds it."""
 
-STORED_DECISIONS = text(
-    """
+STORED_DECISIONS: Final = """
     SELECT order_id, user_id, amount, status, reason, decided_at
     FROM payment_decisions
-    WHERE order_id = ANY(CAST(:order_ids AS uuid[]))
-    """
-)
-"""The committed decisions of these orders, to be sent again: for the orders CLAIM_AND_READ
-neither claimed nor saw (a concurrent claimer committed while it waited; this statement's
-snapshot, taken after, holds it). Their status is never NULL."""
+    WHERE order_id = ANY(CAST($1 AS uuid[]))
+"""
+"""stored_decisions($1 order ids): the committed decisions of these orders, to be sent
+again: for the orders CLAIM_AND_READ neither claimed nor saw (a concurrent claimer committed
+while it waited; this statement's snapshot, taken after, holds it). Their status is never NULL."""
 
-READ_ACCOUNTS = text(
-    """
+READ_ACCOUNTS: Final = """
     SELECT id AS account_id, user_id, balance, version
     FROM accounts
-    WHERE user_id = ANY(CAST(:user_ids AS text[]))
-    """
-)
-"""The accounts' latest committed balance and version (READ COMMITTED), without locking them,
-for the accounts whose swap lost: the version is what SWAP_AND_RECORD compares against."""
+    WHERE user_id = ANY(CAST($1 AS text[]))
+"""
+"""read_accounts($1 user ids): the accounts' latest committed balance and version (READ
+COMMITTED), without locking them, for the accounts whose swap lost: the version is what
+SWAP_AND_RECORD compares against."""
 
-SWAP_AND_RECORD = text(
-    """
+SWAP_AND_RECORD: Final = """
     WITH swapped AS (
         UPDATE accounts AS account
         SET balance = swap.balance, version = account.version + 1, updated_at = now()
         FROM unnest(
-            CAST(:ids AS uuid[]), CAST(:versions AS bigint[]), CAST(:balances AS numeric[])
+            CAST($1 AS uuid[]), CAST($2 AS bigint[]), CAST($3 AS numeric[])
         ) AS swap(id, version, balance)
         WHERE account.id = swap.id
           AND account.version = swap.version
@@ -105,15 +103,15 @@ SWAP_AND_RECORD = text(
         RETURNING account.id
     ),
     won AS (
-        SELECT count(*) = cardinality(CAST(:ids AS uuid[])) AS every_swap FROM swapped
+        SELECT count(*) = cardinality(CAST($1 AS uuid[])) AS every_swap FROM swapped
     ),
     ledger AS (
         INSERT INTO account_ledger (account_id, user_id, kind, amount, balance_after, order_id)
         SELECT account_id, user_id, 'DEBIT', amount, balance_after, order_id
         FROM unnest(
-            CAST(:debit_account_ids AS uuid[]), CAST(:debit_user_ids AS text[]),
-            CAST(:debit_amounts AS numeric[]), CAST(:debit_balances_after AS numeric[]),
-            CAST(:debit_order_ids AS uuid[])
+            CAST($4 AS uuid[]), CAST($5 AS text[]),
+            CAST($6 AS numeric[]), CAST($7 AS numeric[]),
+            CAST($8 AS uuid[])
         ) WITH ORDINALITY AS debit(account_id, user_id, amount, balance_after, order_id, n)
         WHERE (SELECT every_swap FROM won)
         ORDER BY n
@@ -122,8 +120,8 @@ SWAP_AND_RECORD = text(
         UPDATE payment_decisions AS decision
         SET status = outcome.status, reason = outcome.reason
         FROM unnest(
-            CAST(:decided_order_ids AS uuid[]), CAST(:decided_statuses AS text[]),
-            CAST(:decided_reasons AS text[])
+            CAST($9 AS uuid[]), CAST($10 AS text[]),
+            CAST($11 AS text[])
         ) AS outcome(order_id, status, reason)
         WHERE decision.order_id = outcome.order_id AND (SELECT every_swap FROM won)
     ),
@@ -131,28 +129,29 @@ SWAP_AND_RECORD = text(
         INSERT INTO payment_inbox (idempotency_key, order_id, user_id, amount, status, reason)
         SELECT event_id, order_id, user_id, amount, status, reason
         FROM unnest(
-            CAST(:inbox_event_ids AS uuid[]), CAST(:inbox_order_ids AS uuid[]),
-            CAST(:inbox_user_ids AS text[]), CAST(:inbox_amounts AS numeric[]),
-            CAST(:inbox_statuses AS text[]), CAST(:inbox_reasons AS text[])
+            CAST($12 AS uuid[]), CAST($13 AS uuid[]),
+            CAST($14 AS text[]), CAST($15 AS numeric[]),
+            CAST($16 AS text[]), CAST($17 AS text[])
         ) AS event(event_id, order_id, user_id, amount, status, reason)
         WHERE (SELECT every_swap FROM won)
         ON CONFLICT (idempotency_key) DO NOTHING
     ),
     outbox AS (
         INSERT INTO payment_outbox (order_id, user_id, topic, message_key, payload, headers)
-        SELECT order_id, user_id, :topic, user_id, CAST(payload AS jsonb),
+        SELECT order_id, user_id, CAST($18 AS text), user_id, CAST(payload AS jsonb),
                CAST(headers AS jsonb)
         FROM unnest(
-            CAST(:outbox_order_ids AS uuid[]), CAST(:outbox_user_ids AS text[]),
-            CAST(:outbox_payloads AS text[]), CAST(:outbox_headers AS text[])
+            CAST($19 AS uuid[]), CAST($20 AS text[]),
+            CAST($21 AS text[]), CAST($22 AS text[])
         ) WITH ORDINALITY AS answer(order_id, user_id, payload, headers, n)
         WHERE (SELECT every_swap FROM won)
         ORDER BY n
     )
     SELECT (SELECT every_swap FROM won) AS recorded, ARRAY(SELECT id FROM swapped) AS swapped
-    """
-)
-"""Compare-and-swap of many accounts at once, then — in the same statement, only when every
+"""
+"""swap_and_record($1 … $22: the arrays SWAP_AND_RECORD_PARAMS names, in that order).
+
+Compare-and-swap of many accounts at once, then — in the same statement, only when every
 swap won — everything else the batch writes. One row: `recorded`, and the accounts `swapped`.
 
 The swap: each account's new balance is written only if its version is still the one read (a
@@ -170,3 +169,31 @@ When a swap lost (`recorded` false), nothing is recorded, and the swaps that won
 transaction: the caller reads the lost accounts again (READ_ACCOUNTS), decides their orders
 again and calls this again with only their swaps and the whole batch's records, until it is
 `recorded`, or rolls the transaction back."""
+
+SWAP_AND_RECORD_PARAMS: Final = (
+    "ids",
+    "versions",
+    "balances",
+    "debit_account_ids",
+    "debit_user_ids",
+    "debit_amounts",
+    "debit_balances_after",
+    "debit_order_ids",
+    "decided_order_ids",
+    "decided_statuses",
+    "decided_reasons",
+    "inbox_event_ids",
+    "inbox_order_ids",
+    "inbox_user_ids",
+    "inbox_amounts",
+    "inbox_statuses",
+    "inbox_reasons",
+    "topic",
+    "outbox_order_ids",
+    "outbox_user_ids",
+    "outbox_payloads",
+    "outbox_headers",
+)
+"""SWAP_AND_RECORD's parameters by name, in `$n` order: the swaps' `ids`, `versions` and
+`balances` (one entry per account debited), then the batch's records (`service.BatchRecords`):
+the debits', the decisions' and the inbox's arrays, the answers' topic, and the outbox's."""

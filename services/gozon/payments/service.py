@@ -22,8 +22,9 @@ Guarantees:
   balance moves by one compare-and-swap for the whole batch, in the statement that also
   writes the batch's records only when every swap won (`queries.SWAP_AND_RECORD`).
 - `pay_for_order` and `decide_order_payments` work inside the caller's transaction (the
-  consumer's: `decide_order_payments` also writes the caller's inbox and outbox rows, given
-  by its `records`); `pay_for_order` writes nothing when the order cannot be paid.
+  consumer's, on its asyncpg connection: `decide_order_payments` also writes the caller's
+  inbox and outbox rows, given by its `records`); `pay_for_order` writes nothing when the
+  order cannot be paid.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
 
-from sqlalchemy import Row, func, select, update
+import asyncpg
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -321,7 +322,7 @@ swap's `ids`, `versions` and `balances`)."""
 
 
 async def decide_order_payments(
-    session: AsyncSession, orders: Sequence[OrderToPay], records: BatchRecords
+    conn: asyncpg.Connection, orders: Sequence[OrderToPay], records: BatchRecords
 ) -> Decided:
     """Each order's one payment decision, for a batch of order events in offset order, made
     and recorded in the caller's transaction.
@@ -335,6 +336,7 @@ async def decide_order_payments(
     concurrent change is read again and its orders decided again, at most `CAS_ATTEMPTS`
     times, then `AccountBusy` (the caller's transaction rolls back and the batch is retried).
 
+    Runs on the caller's asyncpg connection, inside its transaction (the consumer's).
     Round trips: CLAIM_AND_READ and SWAP_AND_RECORD on the common path; STORED_DECISIONS when
     a concurrent transaction claimed an order meanwhile; READ_ACCOUNTS + SWAP_AND_RECORD
     again per lost round of swaps.
@@ -345,27 +347,26 @@ async def decide_order_payments(
     claims = sorted(first.values(), key=lambda order: order.order_id)
     claimed: dict[uuid.UUID, datetime] = {}
     stored: dict[uuid.UUID, Decision] = {}
-    accounts: dict[str, Row[Any]] = {}
-    for row in await session.execute(
+    accounts: dict[str, asyncpg.Record] = {}
+    for row in await conn.fetch(
         queries.CLAIM_AND_READ,
-        {
-            "order_ids": [c.order_id for c in claims],
-            "user_ids": [c.user_id for c in claims],
-            "amounts": [c.amount for c in claims],
-            "event_ids": [c.event_id for c in claims],
-            "account_user_ids": sorted({c.user_id for c in claims}),
-        },
+        [c.order_id for c in claims],
+        [c.user_id for c in claims],
+        [c.amount for c in claims],
+        [c.event_id for c in claims],
+        sorted({c.user_id for c in claims}),
     ):
-        if row.kind == "claimed":
-            claimed[row.order_id] = row.decided_at
-        elif row.kind == "stored":
-            stored[row.order_id] = _stored(row)
+        kind = row["kind"]
+        if kind == "claimed":
+            claimed[row["order_id"]] = row["decided_at"]
+        elif kind == "stored":
+            stored[row["order_id"]] = _stored(row)
         else:
-            accounts[row.user_id] = row
+            accounts[row["user_id"]] = row
     unseen = [order_id for order_id in first if order_id not in claimed and order_id not in stored]
     if unseen:  # claimed by a transaction that committed while the claim waited for it
-        for row in await session.execute(queries.STORED_DECISIONS, {"order_ids": unseen}):
-            stored[row.order_id] = _stored(row)
+        for row in await conn.fetch(queries.STORED_DECISIONS, unseen):
+            stored[row["order_id"]] = _stored(row)
         if missing := [order_id for order_id in unseen if order_id not in stored]:
             raise RuntimeError(f"orders neither claimed nor decided: {missing}")
     to_pay = [order for order_id, order in first.items() if order_id in claimed]  # offset order
@@ -378,14 +379,13 @@ async def decide_order_payments(
     for attempt in range(CAS_ATTEMPTS):
         if attempt:
             accounts = {
-                row.user_id: row
-                for row in await session.execute(queries.READ_ACCOUNTS, {"user_ids": pending})
+                row["user_id"]: row for row in await conn.fetch(queries.READ_ACCOUNTS, pending)
             }
         planned = {
             user_id: _plan(accounts.get(user_id), user_id, by_user[user_id]) for user_id in pending
         }
         swaps = [
-            (made[0].account_id, accounts[user_id].version, made[-1].balance_after)
+            (made[0].account_id, accounts[user_id]["version"], made[-1].balance_after)
             for user_id, (_, made) in planned.items()
             if made
         ]
@@ -397,20 +397,20 @@ async def decide_order_payments(
             payments | {o: p for outcome, _ in planned.values() for o, p in outcome.items()},
             debits + [debit for _, made in planned.values() for debit in made],
         )
-        result = (
-            await session.execute(
-                queries.SWAP_AND_RECORD,
-                {
-                    "ids": [s[0] for s in swaps],
-                    "versions": [s[1] for s in swaps],
-                    "balances": [s[2] for s in swaps],
-                    **records(decided),
-                },
-            )
-        ).one()
-        if result.recorded:
+        params = {
+            "ids": [s[0] for s in swaps],
+            "versions": [s[1] for s in swaps],
+            "balances": [s[2] for s in swaps],
+            **records(decided),
+        }
+        result = await conn.fetchrow(
+            queries.SWAP_AND_RECORD, *(params[name] for name in queries.SWAP_AND_RECORD_PARAMS)
+        )
+        if result is None:  # pragma: no cover (the statement always answers one row)
+            raise RuntimeError("SWAP_AND_RECORD answered no row")
+        if result["recorded"]:
             return decided
-        swapped = set(result.swapped)
+        swapped = set(result["swapped"])
         lost: list[str] = []
         for user_id in pending:
             outcome, made = planned[user_id]
@@ -425,20 +425,20 @@ async def decide_order_payments(
     raise AccountBusy(f"the balances of {pending} changed under {CAS_ATTEMPTS} attempts")
 
 
-def _stored(row: Row[Any]) -> Decision:
+def _stored(row: asyncpg.Record) -> Decision:
     return Decision(
-        order_id=row.order_id,
-        user_id=row.user_id,
-        amount=row.amount,
-        status=row.status,
-        reason=row.reason,
-        decided_at=row.decided_at,
+        order_id=row["order_id"],
+        user_id=row["user_id"],
+        amount=row["amount"],
+        status=row["status"],
+        reason=row["reason"],
+        decided_at=row["decided_at"],
         replayed=True,
     )
 
 
 def _plan(
-    account: Row[Any] | None, user_id: str, orders: Sequence[OrderToPay]
+    account: asyncpg.Record | None, user_id: str, orders: Sequence[OrderToPay]
 ) -> tuple[dict[uuid.UUID, Payment], list[Debit]]:
     """The balance rule for one account's orders (offset order) against the balance read:
     each order's payment, and the debits to make (the last one's balance is the new balance)."""
@@ -448,7 +448,7 @@ def _plan(
         for order in orders:
             outcome[order.order_id] = Payment(ACCOUNT_NOT_FOUND, "The user has no payment account.")
         return outcome, made
-    balance: Decimal = account.balance
+    balance: Decimal = account["balance"]
     for order in orders:
         if balance - order.amount < 0:
             outcome[order.order_id] = Payment(
@@ -457,7 +457,7 @@ def _plan(
             continue
         balance -= order.amount
         outcome[order.order_id] = Payment(PAID)
-        made.append(Debit(account.account_id, user_id, order.order_id, order.amount, balance))
+        made.append(Debit(account["account_id"], user_id, order.order_id, order.amount, balance))
     return outcome, made
 
 
