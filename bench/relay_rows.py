@@ -4,14 +4,16 @@ Starts its own throwaway PostgreSQL and Kafka (as the tests do), fills order_out
 `--rows` rows shaped as the orders service writes them (a real OrderCreated envelope and a
 `traceparent`), and drains it with `OutboxRelay.publish_batch` in this process, once per batch
 size. It prints, per batch size: rows/s, this process's CPU per row (the relay's own cost:
-SQL, publishing, spans, logs, metrics), PostgreSQL's CPU per row (all its processes, from
+SQL, publishing, spans, logs, metrics; logging and tracing configured as the processes
+configure them, nothing exported), PostgreSQL's CPU per row (all its processes, from
 /proc), the round trips to PostgreSQL per batch (writes to its sockets, BEGIN and COMMIT
 included, the final empty poll too) and the statements SQLAlchemy saw per batch (its events;
 none for a relay that runs its batches on asyncpg itself).
 
 `--compare FILE` (repeatable) loads another relay module from FILE (e.g. the previous version:
 `git show HEAD~1:services/gozon/messaging/relay.py > /tmp/relay_old.py`) and alternates the
-two in the same run (A, B, A, B, …), so the machine's load hits both alike.
+two in the same run (A, B, B, A, A, B, …: each round starts with the next one), so the
+machine's load hits both alike.
 
     .venv/bin/python -m bench.relay_rows --rows 5000 --batch-sizes 1,20,200
     .venv/bin/python -m bench.relay_rows --compare /tmp/relay_old.py
@@ -47,6 +49,7 @@ from bench.capacity import Watched
 from gozon.contracts import OrderCreated, OrderCreatedPayload, utc_now
 from gozon.core.db import create_engine, session_factory
 from gozon.core.logging import configure_logging
+from gozon.core.telemetry import configure_tracing
 from gozon.messaging import relay as installed_relay
 from gozon.messaging.kafka import new_producer
 from gozon.orders.models import order_outbox
@@ -191,8 +194,12 @@ async def run(args: argparse.Namespace, pg: Postgres, kafka: Kafka) -> None:
     figures: dict[tuple[str, int], list[dict[str, float]]] = {}
     for batch_size in args.batch_sizes:
         rows = args.rows if batch_size > 1 else min(args.rows, args.rows_single)
-        for _ in range(args.rounds):
-            for name, module in variants.items():
+        for round_ in range(args.rounds):
+            # Each round starts with the next variant (A, B, C; B, C, A; …): none always goes
+            # first after a fill of a growing table, or after the previous batch size.
+            names = list(variants)
+            for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+                module = variants[name]
                 await fill(dsn, rows)
                 result = await drain(module, url, kafka.bootstrap, batch_size, watched)
                 figures.setdefault((name, batch_size), []).append(result)
@@ -242,6 +249,9 @@ def main() -> int:
         configure_logging("orders")
     finally:
         sys.stdout = stdout
+    # As every process does (gozon.cli): the SDK tracer provider, nothing exported, so each
+    # row's PRODUCER span is a real, sampled span and the batch span a dropped background one.
+    configure_tracing("orders", env={})
 
     work = Path(tempfile.mkdtemp(prefix="gozon-bench-"))
     work.chmod(0o755)
