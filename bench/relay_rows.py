@@ -4,14 +4,18 @@ Starts its own throwaway PostgreSQL and Kafka (as the tests do), fills order_out
 `--rows` rows shaped as the orders service writes them (a real OrderCreated envelope and a
 `traceparent`), and drains it with `OutboxRelay.publish_batch` in this process, once per batch
 size. It prints, per batch size: rows/s, this process's CPU per row (the relay's own cost:
-SQL, publishing, spans, logs, metrics), PostgreSQL's CPU per row (all its processes, from
+SQL, publishing, spans, logs, metrics; logging and tracing configured as the processes
+configure them, nothing exported), PostgreSQL's CPU per row (all its processes, from
 /proc), the round trips to PostgreSQL per batch (writes to its sockets, BEGIN and COMMIT
 included, the final empty poll too) and the statements SQLAlchemy saw per batch (its events;
-none for a relay that runs its batches on asyncpg itself).
+none for a relay that runs its batches on asyncpg itself). `--count-turns` also counts, per
+batch, the event loop's callbacks and its selector waits, and of those the ones that may sleep
+(each a wake-up when the socket answers): what a one-row batch costs is mostly these.
 
 `--compare FILE` (repeatable) loads another relay module from FILE (e.g. the previous version:
 `git show HEAD~1:services/gozon/messaging/relay.py > /tmp/relay_old.py`) and alternates the
-two in the same run (A, B, A, B, …), so the machine's load hits both alike.
+two in the same run (A, B, B, A, A, B, …: each round starts with the next one), so the
+machine's load hits both alike.
 
     .venv/bin/python -m bench.relay_rows --rows 5000 --batch-sizes 1,20,200
     .venv/bin/python -m bench.relay_rows --compare /tmp/relay_old.py
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import inspect
 import json
@@ -34,6 +39,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from types import ModuleType
@@ -47,6 +53,7 @@ from bench.capacity import Watched
 from gozon.contracts import OrderCreated, OrderCreatedPayload, utc_now
 from gozon.core.db import create_engine, session_factory
 from gozon.core.logging import configure_logging
+from gozon.core.telemetry import configure_tracing
 from gozon.messaging import relay as installed_relay
 from gozon.messaging.kafka import new_producer
 from gozon.orders.models import order_outbox
@@ -103,8 +110,47 @@ async def fill(dsn: str, rows: int) -> None:
         await conn.close()
 
 
+class Turns:
+    """Counts, while `on`, the event loop's callbacks and its selector waits (those with a
+    timeout other than 0 may sleep: the process gives up the CPU until a socket answers)."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.callbacks = self.waits = self.sleeps = 0
+
+    @contextlib.contextmanager
+    def installed(self, loop: asyncio.AbstractEventLoop) -> Iterator[None]:
+        handle_run = asyncio.events.Handle._run
+        selector_type = type(loop._selector)  # type: ignore[attr-defined]
+        select = selector_type.select
+
+        def run(handle: asyncio.Handle) -> None:
+            if self.on:
+                self.callbacks += 1
+            handle_run(handle)
+
+        def waited(selector: Any, timeout: float | None = None) -> Any:
+            if self.on:
+                self.waits += 1
+                self.sleeps += timeout is None or timeout > 0
+            return select(selector, timeout)
+
+        asyncio.events.Handle._run = run  # type: ignore[method-assign,assignment]
+        selector_type.select = waited
+        try:
+            yield
+        finally:
+            asyncio.events.Handle._run = handle_run  # type: ignore[method-assign]
+            selector_type.select = select
+
+
 async def drain(
-    module: ModuleType, url: str, bootstrap: str, batch_size: int, pg: Watched
+    module: ModuleType,
+    url: str,
+    bootstrap: str,
+    batch_size: int,
+    pg: Watched,
+    turns: Turns | None = None,
 ) -> dict[str, float]:
     engine = create_engine(url, pool_size=2, pre_ping=False)
     statements = round_trips = 0
@@ -157,9 +203,13 @@ async def drain(
         rows = batches = 0
         times, pg_before = os.times(), pg.snapshot()
         started = time.perf_counter()
+        if turns is not None:
+            turns.on, turns.callbacks, turns.waits, turns.sleeps = True, 0, 0, 0
         while claimed := await relay.publish_batch():
             rows += claimed
             batches += 1
+        if turns is not None:
+            turns.on = False
         elapsed = time.perf_counter() - started
         after = os.times()
         user, system = after.user - times.user, after.system - times.system
@@ -177,6 +227,9 @@ async def drain(
         "pg_us_per_row": 1e6 * pg_cpu / rows,
         "statements_per_batch": statements / batches,
         "round_trips_per_batch": round_trips / batches,
+        "callbacks_per_batch": turns.callbacks / batches if turns else 0.0,
+        "waits_per_batch": turns.waits / batches if turns else 0.0,
+        "sleeps_per_batch": turns.sleeps / batches if turns else 0.0,
     }
 
 
@@ -189,14 +242,42 @@ async def run(args: argparse.Namespace, pg: Postgres, kafka: Kafka) -> None:
     for path in args.compare:
         variants[f"from {path}"] = load_relay(path)
     figures: dict[tuple[str, int], list[dict[str, float]]] = {}
+    turns = Turns() if args.count_turns else None
+    with contextlib.ExitStack() as stack:
+        if turns is not None:
+            stack.enter_context(turns.installed(asyncio.get_running_loop()))
+        await _rounds(args, dsn, url, kafka, watched, variants, figures, turns)
+    report(args, figures)
+
+
+async def _rounds(
+    args: argparse.Namespace,
+    dsn: str,
+    url: str,
+    kafka: Kafka,
+    watched: Watched,
+    variants: dict[str, ModuleType],
+    figures: dict[tuple[str, int], list[dict[str, float]]],
+    turns: Turns | None,
+) -> None:
     for batch_size in args.batch_sizes:
         rows = args.rows if batch_size > 1 else min(args.rows, args.rows_single)
-        for _ in range(args.rounds):
-            for name, module in variants.items():
+        for round_ in range(args.rounds):
+            # Each round starts with the next variant (A, B, C; B, C, A; …): none always goes
+            # first after a fill of a growing table, or after the previous batch size.
+            names = list(variants)
+            for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+                module = variants[name]
                 await fill(dsn, rows)
-                result = await drain(module, url, kafka.bootstrap, batch_size, watched)
+                result = await drain(module, url, kafka.bootstrap, batch_size, watched, turns)
                 figures.setdefault((name, batch_size), []).append(result)
                 print(f"{name} batch {batch_size}: {result}", file=sys.stderr)
+
+
+Figures = dict[tuple[str, int], list[dict[str, float]]]
+
+
+def report(args: argparse.Namespace, figures: Figures) -> None:
     print(
         f"\n`bench.relay_rows`, {args.rounds} rounds per variant (medians), load average "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}\n"
@@ -218,6 +299,20 @@ async def run(args: argparse.Namespace, pg: Postgres, kafka: Kafka) -> None:
             f"| {median('round_trips_per_batch'):.1f} "
             f"| {median('statements_per_batch'):.1f} |"
         )
+    if args.count_turns:
+        print(
+            "\n| relay | batch size | event-loop callbacks per batch | selector waits per batch "
+            "| of which may sleep |\n| --- | --- | --- | --- | --- |"
+        )
+        for (name, batch_size), results in figures.items():
+            print(
+                f"| {name} | {batch_size} "
+                + "".join(
+                    f"| {statistics.median(r[key] for r in results):.1f} "
+                    for key in ("callbacks_per_batch", "waits_per_batch", "sleeps_per_batch")
+                )
+                + "|"
+            )
 
 
 def main() -> int:
@@ -228,6 +323,11 @@ def main() -> int:
         "--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 20, 200]
     )
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--count-turns",
+        action="store_true",
+        help="also count event-loop callbacks and selector waits per batch (adds a little CPU)",
+    )
     parser.add_argument(
         "--compare",
         action="append",
@@ -242,6 +342,9 @@ def main() -> int:
         configure_logging("orders")
     finally:
         sys.stdout = stdout
+    # As every process does (gozon.cli): the SDK tracer provider, nothing exported, so each
+    # row's PRODUCER span is a real, sampled span and the batch span a dropped background one.
+    configure_tracing("orders", env={})
 
     work = Path(tempfile.mkdtemp(prefix="gozon-bench-"))
     work.chmod(0o755)

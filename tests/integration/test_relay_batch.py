@@ -9,6 +9,8 @@ but acknowledged rows ever commits as SENT.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -18,7 +20,8 @@ from typing import Any, cast
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer
-from sqlalchemy import func, insert, select, text
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sqlalchemy import Text, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from gozon.core.db import is_database_outage, session_factory
@@ -289,3 +292,58 @@ async def test_two_relays_polling_at_once_never_claim_the_same_row(
     records = await consume(kafka.bootstrap, topic, at_least=30)
     published = event_ids(records)
     assert sorted(published) == sorted(ids)  # each row once
+
+
+async def test_a_row_goes_out_as_stored_with_its_ids_on_its_span_and_its_log_line(
+    engine: AsyncEngine,
+    kafka: Kafka,
+    topic: str,
+    spans: InMemorySpanExporter,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The relay decodes no payload: the message's value is the row's JSON as PostgreSQL writes
+    # it out, and the ids the span and the log line carry are read by the claim.
+    trace_id, parent = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    async with engine.begin() as conn:
+        await conn.execute(
+            insert(order_outbox).values(
+                aggregate_id="order-7",
+                event_type="OrderCreated",
+                topic=topic,
+                message_key="user-7",
+                payload={"event_id": "event-7", "aggregate_id": "order-7", "amount": 1500.99},
+                headers={"traceparent": f"00-{trace_id}-{parent}-01"},
+            )
+        )
+        stored = await conn.scalar(select(order_outbox.c.payload.cast(Text)))
+    spans.clear()
+    with caplog.at_level(logging.INFO, logger="gozon.messaging.relay"):
+        async with relay_for(engine, kafka.bootstrap) as relay:
+            assert await relay.publish_batch() == 1
+
+    (record,) = await consume(kafka.bootstrap, topic, at_least=1)
+    assert isinstance(stored, str)
+    assert record.value == stored.encode()
+    assert json.loads(record.value) == {
+        "event_id": "event-7",
+        "aggregate_id": "order-7",
+        "amount": 1500.99,
+    }
+    (send,) = [s for s in spans.get_finished_spans() if s.name == f"send {topic}"]
+    assert send.attributes is not None
+    assert send.attributes["messaging.message.id"] == "event-7"
+    assert send.context.trace_id == int(trace_id, 16)  # it continues the row's trace
+    assert send.parent is not None
+    assert send.parent.span_id == int(parent, 16)
+    assert dict(record.headers)["traceparent"].decode().split("-")[1] == trace_id
+    published = [
+        r.msg for r in caplog.records if isinstance(r.msg, dict) and r.msg["event"] == "published"
+    ]
+    assert len(published) == 1
+    line = published[0]
+    assert (line["event_id"], line["aggregate_id"], line["trace_id"], line["span_id"]) == (
+        "event-7",
+        "order-7",
+        trace_id,
+        parent,
+    )

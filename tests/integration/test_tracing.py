@@ -25,9 +25,9 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
-from sqlalchemy import Table, select
+from sqlalchemy import Table, insert, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from gozon.contracts import (
     ORDER_CREATED_TOPIC,
@@ -52,6 +52,7 @@ from scripts.stack import Kafka
 from tests.conftest import running_consumer, serve, until
 from tests.integration.conftest import create_topics_async
 from tests.integration.test_gateway import uvicorn_serving
+from tests.integration.test_relay_batch import relay_for
 
 pytestmark = pytest.mark.integration
 
@@ -426,3 +427,46 @@ async def test_the_pools_connection_check_is_not_traced(
     assert [s.name for s in statements].count("SELECT") == 3
     assert not [s for s in statements if (s.attributes or {}).get("db.query.text") == ";"]
     assert [s.name for s in statements if s.name in ("BEGIN", "ROLLBACK")] == []
+
+
+async def test_a_batch_span_links_to_each_rows_trace_only_when_background_tracing_is_on(
+    orders_db: str, kafka: Kafka, spans: InMemorySpanExporter
+) -> None:
+    topic = f"test.relay.{uuid.uuid4().hex[:10]}"
+    await create_topics_async(kafka.bootstrap, topic)
+    engine = create_async_engine(orders_db)
+    traces = [uuid.uuid4().hex for _ in range(4)]
+
+    async def add_rows(trace_ids: Sequence[str]) -> None:
+        async with engine.begin() as conn:
+            for n, trace_id in enumerate(trace_ids):
+                await conn.execute(
+                    insert(order_outbox).values(
+                        aggregate_id=f"order-{trace_id}",
+                        event_type="OrderCreated",
+                        topic=topic,
+                        message_key=f"user-{n}",
+                        payload={"event_id": trace_id},
+                        headers={"traceparent": f"00-{trace_id}-{trace_id[:16]}-01"},
+                    )
+                )
+
+    try:
+        async with relay_for(engine, kafka.bootstrap) as relay:
+            await add_rows(traces[:3])
+            spans.clear()
+            with background_traced():
+                assert await relay.publish_batch() == 3
+            (batch,) = [s for s in spans.get_finished_spans() if s.name.endswith("relay batch")]
+            assert batch.attributes is not None
+            assert batch.attributes["gozon.batch.rows"] == 3
+            assert [format(link.context.trace_id, "032x") for link in batch.links] == traces[:3]
+
+            await add_rows(traces[3:])
+            spans.clear()
+            assert await relay.publish_batch() == 1  # background tracing off: no batch span
+            exported = spans.get_finished_spans()
+            assert [s.name for s in exported] == [f"send {topic}"]  # the row's own, kept
+            assert format(exported[0].context.trace_id, "032x") == traces[3]
+    finally:
+        await engine.dispose()

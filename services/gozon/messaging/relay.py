@@ -56,6 +56,7 @@ import asyncpg
 import structlog
 from aiokafka import AIOKafkaProducer
 from opentelemetry import propagate, trace
+from opentelemetry.context import Context
 from sqlalchemy import Table, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -110,7 +111,8 @@ WHERE id IN (
     ORDER BY id LIMIT $1
     FOR UPDATE SKIP LOCKED
 )
-RETURNING id, topic, message_key, payload, headers, attempts, created_at
+RETURNING id, topic, message_key, payload, headers, attempts, created_at,
+          payload->>'event_id', payload->>'aggregate_id'
 """
 """claim($1 batch_size): the claim and the mark in one statement, inside the batch's transaction.
 
@@ -120,7 +122,9 @@ SENT with `sent_at` = the moment of the claim. Nobody else sees them SENT before
 transaction commits, and the relay commits only after every row left is acknowledged (the
 others are put back by RELEASE first); a relay that dies before the commit leaves them PENDING,
 untouched. So each row is written once on the happy path. RETURNING has no order: the caller
-sorts by id before publishing.
+sorts by id before publishing. The payload comes back as its stored JSON text (asyncpg's jsonb
+codec), published as it is; its `event_id` and `aggregate_id`, for the span and the log line,
+are read by PostgreSQL, so the relay never decodes a payload.
 """
 
 RELEASE: Final = """
@@ -171,21 +175,39 @@ class _Release:
 
 
 class Claimed(NamedTuple):
-    """One row as CLAIM returns it (asyncpg leaves jsonb as text: decoded here)."""
+    """One row as CLAIM returns it, with the trace context stored in its headers.
+
+    asyncpg leaves jsonb as text: the payload stays the JSON text PostgreSQL wrote out (the
+    message's value, as it is), only the small headers object is decoded."""
 
     id: int
     topic: str
     message_key: str
-    payload: dict[str, Any]
+    payload: str
     headers: dict[str, str]
     attempts: int
     created_at: datetime
+    event_id: str | None
+    aggregate_id: str | None
+    context: Context
+    """The row's own trace context (its `traceparent`), extracted once per row: the PRODUCER
+    span continues it and the batch span links to it."""
 
     @classmethod
     def of(cls, record: asyncpg.Record) -> Claimed:
-        row_id, topic, key, payload, headers, attempts, created_at = record
+        row_id, topic, key, payload, headers, attempts, created_at, event_id, aggregate_id = record
+        headers = json.loads(headers)
         return cls(
-            row_id, topic, key, json.loads(payload), json.loads(headers), attempts, created_at
+            row_id,
+            topic,
+            key,
+            payload,
+            headers,
+            attempts,
+            created_at,
+            event_id,
+            aggregate_id,
+            context_from_headers(headers),
         )
 
 
@@ -210,8 +232,10 @@ class OutboxRelay:
         self._last_prune = 0.0
         self.wake = asyncio.Event()
         """Set when rows may be waiting (a notification); the relay then polls at once."""
-        # Every series exists from the start (see the consumer runner for why).
-        OUTBOX_PUBLISHED.labels(self.name)
+        # Every series exists from the start (see the consumer runner for why); the two
+        # touched on every batch are kept, not looked up each time.
+        self._published = OUTBOX_PUBLISHED.labels(self.name)
+        self._commit_to_ack = OUTBOX_COMMIT_TO_ACK.labels(self.name)
         OUTBOX_FAILED.labels(self.name)
         OUTBOX_PRUNED.labels(self.name)
         for kind in ("transient", "permanent"):
@@ -239,12 +263,11 @@ class OutboxRelay:
                     return 0
                 # RETURNING gives no order: publish in id order.
                 rows = sorted(map(Claimed.of, records))  # tuples: by id, their first field
-                # One batch publishes rows of many traces: its span links to each of them.
-                for row in rows:
-                    batch.add_link(
-                        trace.get_current_span(context_from_headers(row.headers)).get_span_context()
-                    )
-                batch.set_attribute("gozon.batch.rows", len(rows))
+                if batch.is_recording():  # background tracing on (a dropped span keeps nothing)
+                    # One batch publishes rows of many traces: its span links to each of them.
+                    for row in rows:
+                        batch.add_link(trace.get_current_span(row.context).get_span_context())
+                    batch.set_attribute("gozon.batch.rows", len(rows))
                 sent, outage = await self._publish(conn, rows)
         except BaseException as exc:
             # A connection lost, or left inside the transaction by a failed rollback, or
@@ -261,10 +284,8 @@ class OutboxRelay:
         # Committed: only now are the rows SENT.
         now = datetime.now(UTC)
         for row in sent:
-            OUTBOX_COMMIT_TO_ACK.labels(self.name).observe(
-                max(0.0, (now - row.created_at).total_seconds())
-            )
-        OUTBOX_PUBLISHED.labels(self.name).inc(len(sent))
+            self._commit_to_ack.observe(max(0.0, (now - row.created_at).total_seconds()))
+        self._published.inc(len(sent))
         if outage is not None:
             OUTBOX_PUBLISH_ERRORS.labels(self.name, "transient").inc()
             raise BrokerUnavailable(repr(outage)) from outage
@@ -326,8 +347,8 @@ class OutboxRelay:
                     outbox=self.name,
                     row_id=row.id,
                     topic=row.topic,
-                    aggregate_id=row.payload.get("aggregate_id"),
-                    event_id=row.payload.get("event_id"),
+                    aggregate_id=row.aggregate_id,
+                    event_id=row.event_id,
                     **_trace_ids(row.headers),
                 )
         if len(sent) == len(rows):
@@ -349,7 +370,7 @@ class OutboxRelay:
         await conn.execute(self._release, *release.args())
         return sent, outage
 
-    async def _send(self, row: Any) -> asyncio.Future[Any]:
+    async def _send(self, row: Claimed) -> asyncio.Future[Any]:
         """Enqueues one row in a PRODUCER span that continues the row's trace.
 
         The span's own context goes out as the Kafka headers, so the consumer's span is its
@@ -358,8 +379,8 @@ class OutboxRelay:
         span = start_send_span(
             row.topic,
             key=row.message_key,
-            message_id=str(row.payload.get("event_id", "")),
-            context=context_from_headers(row.headers),
+            message_id=row.event_id or "",
+            context=row.context,
             attributes={"gozon.outbox.row_id": row.id},
         )
         headers = dict(row.headers)
@@ -367,7 +388,7 @@ class OutboxRelay:
         try:
             future: asyncio.Future[Any] = await self.producer.send(
                 row.topic,
-                value=json.dumps(row.payload, separators=(",", ":")).encode(),
+                value=row.payload.encode(),
                 key=row.message_key.encode(),
                 headers=[(name, str(value).encode()) for name, value in headers.items()],
             )
@@ -440,8 +461,11 @@ class OutboxRelay:
             outage_delay = 0.1
             await self._maybe_prune(stop)
             if claimed < self.config.batch_size:
+                # asyncio.timeout, not wait_for: no task made per wait (wait_for wraps the
+                # wait in one, a loop turn more between the notification and the claim)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), self.config.fallback_poll)
+                    async with asyncio.timeout(self.config.fallback_poll):
+                        await self.wake.wait()
 
     def _database_down(self, exc: BaseException) -> None:
         if self.database_ok:
