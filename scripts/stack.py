@@ -609,9 +609,10 @@ DEV_BROKER_CONFIG: Mapping[str, str] = {
     "metadata.max.idle.interval.ms": "5000",
 }
 # The JVM: the serial collector has no concurrent or periodic threads (G1 has its refinement,
-# marking and service threads) and the cheapest write barrier, for a 768 MiB heap whose young
-# collections take a few milliseconds; `-UsePerfData` stops the 20-times-a-second sampler that
-# feeds `jstat` (jcmd and JMX still work).
+# marking and service threads) and the cheapest write barrier; its cost is a longer pause (a
+# young collection every several minutes, ~0.1 s on a starved machine, against G1's ~10 ms:
+# docs/local-stack.md). `-UsePerfData` stops the 20-times-a-second sampler that feeds `jstat`
+# (jcmd and JMX still work).
 DEV_JVM_OPTIONS: tuple[str, ...] = ("-XX:+UseSerialGC", "-XX:-UsePerfData")
 
 
