@@ -591,6 +591,31 @@ logger.state.level = WARN
 """
 
 
+# A single-node development broker on a small machine: fewer threads and fewer timers than
+# Kafka's defaults, which are sized for a broker of a cluster with many clients. Each idle
+# request handler and network thread wakes every 300 ms, and the controller, the broker and
+# the group coordinator each run their own pool (8 request handlers each for the broker and
+# the controller, 3 network threads per listener, 4 group coordinator threads): 29 threads
+# polling for a handful of clients. The active controller writes a no-op record to the
+# metadata log every `metadata.max.idle.interval.ms` (500 ms by default: KIP-835, so that a
+# cluster's brokers can tell a live controller from a stuck one); one node in one JVM has
+# nobody to tell. Measured in docs/benchmarks.md, "Idle platform and Kafka's threads";
+# docker-compose.yml sets the same (tests/unit/test_compose.py); the Helm chart's Strimzi
+# cluster keeps Kafka's defaults (docs/local-stack.md).
+DEV_BROKER_CONFIG: Mapping[str, str] = {
+    "num.network.threads": "1",
+    "num.io.threads": "2",
+    "group.coordinator.threads": "1",
+    "metadata.max.idle.interval.ms": "5000",
+}
+# The JVM: the serial collector has no concurrent or periodic threads (G1 has its refinement,
+# marking and service threads) and the cheapest write barrier; its cost is a longer pause (a
+# young collection every several minutes, ~0.1 s on a starved machine, against G1's ~10 ms:
+# docs/local-stack.md). `-UsePerfData` stops the 20-times-a-second sampler that feeds `jstat`
+# (jcmd and JMX still work).
+DEV_JVM_OPTIONS: tuple[str, ...] = ("-XX:+UseSerialGC", "-XX:-UsePerfData")
+
+
 @dataclass
 class Kafka:
     """One Apache Kafka 4.x node in KRaft mode (broker and controller in one JVM)."""
@@ -657,6 +682,7 @@ class Kafka:
             "group.initial.rebalance.delay.ms": "0",
             # Topics are created on purpose (by the relays and `make up`), never by a typo.
             "auto.create.topics.enable": "false",
+            **DEV_BROKER_CONFIG,
             **self.extra_config,
         }
         self.config.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
@@ -667,8 +693,7 @@ class Kafka:
             "java",
             "-Xms256m",
             f"-Xmx{self.heap}",
-            "-XX:+UseG1GC",
-            "-XX:MaxGCPauseMillis=20",
+            *DEV_JVM_OPTIONS,
             "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={self.data_dir / 'log4j2.properties'}",
             "-cp",

@@ -128,13 +128,17 @@ def _for_service(job: _Job) -> Command:
 def _api(service: _Service[S, E]) -> int:
     import uvicorn
 
+    from gozon.core.server import serve
+
     settings = service.start("api")
-    uvicorn.run(
-        service.build_app(settings),
-        host=settings.api_host,
-        port=settings.api_port,
-        log_config=None,
-        access_log=False,
+    serve(
+        uvicorn.Config(
+            service.build_app(settings),
+            host=settings.api_host,
+            port=settings.api_port,
+            log_config=None,
+            access_log=False,
+        )
     )
     return 0
 
@@ -346,14 +350,13 @@ run_requeue_failed = _for_service(_requeue_failed)
 
 
 def gateway(_: argparse.Namespace) -> int:
-    import uvicorn
-
+    from gozon.core.server import serve
     from gozon.core.settings import GatewaySettings
     from gozon.gateway.app import build_app
     from gozon.gateway.server import uvicorn_config
 
     settings = _start("gateway", GatewaySettings)
-    uvicorn.Server(uvicorn_config(build_app(settings), settings)).run()
+    serve(uvicorn_config(build_app(settings), settings))
     return 0
 
 

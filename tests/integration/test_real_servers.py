@@ -69,3 +69,29 @@ async def test_a_message_round_trips_through_the_broker_byte_for_byte(kafka: Kaf
     assert received.key == key
     assert received.value == value
     assert list(received.headers) == headers
+
+
+async def test_the_broker_runs_with_the_development_tuning(kafka: Kafka) -> None:
+    """The broker applied every setting of DEV_BROKER_CONFIG (Kafka ignores a key it does not
+    know, with a warning: a renamed setting would silently stop working) and its JVM runs with
+    DEV_JVM_OPTIONS."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    from scripts.stack import DEV_BROKER_CONFIG, DEV_JVM_OPTIONS, _cmdline
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    await admin.start()
+    try:
+        (response,) = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.BROKER, "1", dict.fromkeys(DEV_BROKER_CONFIG))]
+        )
+    finally:
+        await admin.close()
+    ((error, _, _, _, entries),) = response.resources
+    assert error == 0
+    applied = {entry[0]: entry[1] for entry in entries}
+    assert applied == dict(DEV_BROKER_CONFIG)
+    pid = kafka.running_pid()
+    assert pid is not None
+    assert set(DEV_JVM_OPTIONS) <= set(_cmdline(pid).split())

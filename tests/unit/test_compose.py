@@ -190,3 +190,13 @@ def test_the_image_is_non_root_on_the_public_base_and_installs_only_the_hashed_l
     ]
     assert patterns[0] == "*", "the build context is an allow-list"
     assert {"!services/", "!requirements/runtime.txt", "!docker/wheels/"} <= set(patterns)
+
+
+def test_the_kafka_container_is_tuned_as_the_local_stack_broker() -> None:
+    """A single-node development broker on both paths: the same settings as `make up`'s."""
+    from scripts.stack import DEV_BROKER_CONFIG, DEV_JVM_OPTIONS
+
+    kafka = env(SERVICES["kafka"])
+    for key, value in DEV_BROKER_CONFIG.items():
+        assert kafka.get("KAFKA_" + key.upper().replace(".", "_")) == value, key
+    assert kafka["KAFKA_JVM_PERFORMANCE_OPTS"].split() == list(DEV_JVM_OPTIONS)

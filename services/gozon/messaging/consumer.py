@@ -9,8 +9,9 @@ Guarantees:
 - Done offsets are committed together, one OffsetCommit for every partition that has one:
   at most `commit_interval` after the first of them was recorded (a task of the runner's
   own, so a batch that is slow on one partition does not hold back the others'), at once
-  when a fetch comes back empty (idle), before partitions are revoked in a rebalance, and at
-  a stop (SIGTERM) after the batch in hand. `commit_interval` 0 commits after every batch.
+  when a fetch comes back empty (idle, after `poll_timeout` with no records), before
+  partitions are revoked in a rebalance, and at a stop (SIGTERM) after the batch in hand.
+  `commit_interval` 0 commits after every batch.
   A commit the group refuses (the partition was revoked meanwhile) is logged and dropped;
   after a revocation, a batch still in hand for it records nothing and is never committed.
 - A crash redelivers what was not committed: the batch in hand and up to one interval of
@@ -32,8 +33,9 @@ Guarantees:
   with, the batch's span links to every message's span, and what a handler writes for a
   message (an outbox row's headers) carries that message's context (`Delivery.trace_headers`).
 - Partitions of a fetch are handled side by side (a key lives on one partition; each has its
-  own transaction). A stop request (SIGTERM) is honoured between batches; an uncommitted batch
-  is simply delivered again to whoever owns the partition next.
+  own transaction). A stop request (SIGTERM) is honoured between batches, and when idle within
+  `poll_timeout` (1 s: a fetch call is not interrupted); an uncommitted batch is simply
+  delivered again to whoever owns the partition next.
 - The lag gauge counts from the done offsets (what the database holds), not from the committed
   ones, which trail them by at most one interval.
 
@@ -78,6 +80,11 @@ DLQ_REASON = "x-dlq-reason"
 LAST_COMMIT_TIMEOUT = 5.0
 # A deadlock or a serialization failure rolls the whole transaction back: retry the batch.
 CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})
+# How long one fetch call waits for records before the loop turns anyway (to commit at idle,
+# update the lag gauge, notice a stop or a failed commit task). Records end the wait at once,
+# so it adds no latency; it bounds how often an idle consumer wakes (5 times a second at
+# 200 ms) and how long a stop (SIGTERM) waits when idle (docs/benchmarks.md, "Idle platform").
+POLL_TIMEOUT = 1.0
 
 
 @dataclass(frozen=True)
@@ -146,6 +153,7 @@ class ConsumerRunner(Generic[E]):
         max_handler_attempts: int = 5,
         retry_backoff_max: float = 5.0,
         commit_interval: float = 0.25,
+        poll_timeout: float = POLL_TIMEOUT,
     ) -> None:
         self.consumer = consumer
         self.producer = producer
@@ -155,6 +163,7 @@ class ConsumerRunner(Generic[E]):
         self.max_handler_attempts = max_handler_attempts
         self.retry_backoff_max = retry_backoff_max
         self.commit_interval = commit_interval
+        self.poll_timeout = poll_timeout
         self.database_ok = True
         # The next offset of each partition whose records are all in the database ("done"):
         # what the lag counts from, and, until committed, what `_pending` holds.
@@ -205,7 +214,7 @@ class ConsumerRunner(Generic[E]):
             if flusher.done():
                 flusher.result()  # a commit error that is not "revoked meanwhile": raise it
             try:
-                batches = await self.consumer.getmany(timeout_ms=200)
+                batches = await self.consumer.getmany(timeout_ms=int(self.poll_timeout * 1000))
             except Exception as exc:
                 # aiokafka reconnects by itself; a fetch error that says "the broker is not
                 # there" is waited out, never a reason to end the process.

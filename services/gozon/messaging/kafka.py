@@ -10,7 +10,9 @@ aiokafka's defaults suit none of this platform's jobs (`acks=1`, no idempotence,
   broker answer a fetch as soon as any record lands, so the 500 ms maximum wait adds no
   latency and only bounds how often an idle consumer asks (measured by bench/fetch_wait.py:
   same produce → consume latency as a 10 ms wait, a tenth of the idle CPU in the consumer
-  and a fifth in the broker; docs/benchmarks.md).
+  and a fifth in the broker; docs/benchmarks.md). The background fetch routine's own
+  re-check timer is raised to match (`FETCHER_TIMEOUT_MS`): records, answers and
+  rebalances wake it, not the timer.
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ def new_producer(bootstrap_servers: str, *, client_id: str) -> AIOKafkaProducer:
 
 # How long the broker may hold a fetch that finds no data (bench/fetch_wait.py measures it).
 FETCH_MAX_WAIT_MS = 500
+# How long aiokafka's background fetch routine sleeps when nothing wakes it. A fetch's answer,
+# records consumed, an assignment change or a partition resumed all wake it at once; the
+# timeout only re-checks the partitions that have no fetch in flight. At aiokafka's default
+# (200 ms) it woke every idle consumer 5 times a second for nothing, beside the one answer
+# per FETCH_MAX_WAIT_MS it waits for anyway (docs/benchmarks.md, "Idle platform").
+FETCHER_TIMEOUT_MS = 1_000
 
 
 def new_consumer(
@@ -65,6 +73,7 @@ def new_consumer(
         isolation_level="read_committed",
         fetch_max_wait_ms=fetch_max_wait_ms,
         fetch_min_bytes=1,
+        consumer_timeout_ms=FETCHER_TIMEOUT_MS,
         max_poll_records=100,
         session_timeout_ms=10_000,
         heartbeat_interval_ms=3_000,
