@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import select, text
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from gozon.contracts import OrderCreated, PaymentProcessed
 from gozon.core.pg import worker_pool
@@ -260,13 +260,7 @@ async def test_an_order_whose_concurrent_claimer_rolled_back_is_claimed_and_paid
     handle = payments_handler(pool)
     async with payments.connect() as other:
         await other.begin()
-        await other.execute(
-            text(
-                "INSERT INTO payment_decisions (order_id, user_id, amount, event_id)"
-                " VALUES (:order_id, :user_id, 40, :event_id)"
-            ),
-            {"order_id": event.payload.order_id, "user_id": uid, "event_id": uuid.uuid4()},
-        )
+        await claim_undecided(other, event)
         handled = asyncio.ensure_future(handle(deliveries([event])))
         await until_waiting_on_a_lock(payments)
         await other.rollback()
@@ -296,13 +290,7 @@ async def test_a_connection_lost_mid_batch_is_an_outage_and_the_retry_pays_once(
         handle = payments_handler(single)
         async with payments.connect() as other:
             await other.begin()  # holds the order's claim: the batch's claim waits for it
-            await other.execute(
-                text(
-                    "INSERT INTO payment_decisions (order_id, user_id, amount, event_id)"
-                    " VALUES (:order_id, :user_id, 40, :event_id)"
-                ),
-                {"order_id": event.payload.order_id, "user_id": uid, "event_id": uuid.uuid4()},
-            )
+            await claim_undecided(other, event)
             handled = asyncio.ensure_future(handle(deliveries([event])))
             await until_waiting_on_a_lock(payments)
             async with payments.connect() as killer:
@@ -323,6 +311,23 @@ async def test_a_connection_lost_mid_batch_is_an_outage_and_the_retry_pays_once(
         await single.close()
     assert await balance_of(payments, uid) == Decimal("60")
     assert await count(payments, "SELECT count(*) FROM account_ledger WHERE kind = 'DEBIT'") == 1
+
+
+async def claim_undecided(conn: AsyncConnection, event: OrderCreated) -> None:
+    """Claims the order in `conn`'s open transaction, as a concurrent consumer's claim does
+    before it decides (no status yet): a batch claiming the same order waits on its lock."""
+    await conn.execute(
+        text(
+            "INSERT INTO payment_decisions (order_id, user_id, amount, event_id)"
+            " VALUES (:order_id, :user_id, :amount, :event_id)"
+        ),
+        {
+            "order_id": event.payload.order_id,
+            "user_id": event.payload.user_id,
+            "amount": event.payload.amount,
+            "event_id": uuid.uuid4(),
+        },
+    )
 
 
 async def until_waiting_on_a_lock(engine: AsyncEngine) -> None:

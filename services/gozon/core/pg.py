@@ -283,6 +283,16 @@ async def worker_pool(
     )
 
 
+def unusable_after(conn: asyncpg.Connection, exc: BaseException) -> bool:
+    """Whether a connection a batch failed on must be dropped, never used again: it is
+    closed, still inside the transaction (its ROLLBACK failed: lost mid-transaction), or
+    refused by the driver while it digests the server's goodbye (InternalClientError, its
+    FATAL read and its EOF not yet). The server rolls back whatever it had open."""
+    return (
+        conn.is_closed() or conn.is_in_transaction() or isinstance(exc, asyncpg.InternalClientError)
+    )
+
+
 @contextlib.asynccontextmanager
 async def batch_connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
     """A pooled connection for one batch; dropped instead of pooled again when the batch
@@ -298,11 +308,7 @@ async def batch_connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connecti
     try:
         yield conn
     except BaseException as exc:
-        if (
-            conn.is_closed()
-            or conn.is_in_transaction()
-            or isinstance(exc, asyncpg.InternalClientError)
-        ):
+        if unusable_after(conn, exc):
             conn.terminate()
         raise
     finally:

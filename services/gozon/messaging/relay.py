@@ -61,7 +61,7 @@ from sqlalchemy import Table, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from gozon.core.db import is_database_outage
-from gozon.core.pg import driver_dsn
+from gozon.core.pg import driver_dsn, unusable_after
 from gozon.core.runtime import sleep_unless
 from gozon.core.telemetry import context_from_headers
 from gozon.messaging.kafka import broker_answers, is_transient
@@ -273,11 +273,7 @@ class OutboxRelay:
             # A connection lost, or left inside the transaction by a failed rollback, or
             # refused by the driver while it digests the server's goodbye, is dropped: the
             # server rolls the batch back, and the next batch connects anew.
-            if (
-                conn.is_closed()
-                or conn.is_in_transaction()
-                or isinstance(exc, asyncpg.InternalClientError)
-            ):
+            if unusable_after(conn, exc):
                 conn.terminate()
                 self.connection = None
             raise
