@@ -128,6 +128,17 @@ def diagnostics(cluster: Cluster, tail: int = 40) -> str:
                     lines += [f"  {line}" for line in str(text).splitlines()]
     except client.ApiException as exc:
         lines.append(f"  (could not read: {exc.reason})")
+    try:
+        nodes: Any = core.list_node().items
+        for n in nodes:
+            conditions = [
+                f"{c.type}={c.status}" + (f" ({c.reason})" if c.status != "False" else "")
+                for c in n.status.conditions or []
+            ]
+            taints = [f"{t.key}:{t.effect}" for t in n.spec.taints or []]
+            lines.append(f"== node {n.metadata.name}: {' '.join(conditions)}; taints {taints}")
+    except client.ApiException as exc:
+        lines.append(f"== nodes: could not read ({exc.reason})")
     for component in ("kubelet", "containerd", "kube-proxy"):
         log = cluster.node.logs / f"{component}.log"
         if log.exists():
@@ -262,6 +273,21 @@ def cluster(node: NodeCluster, helm: Helm) -> Iterator[Cluster]:
         helm=helm,
     )
     _CLUSTER.append(c)
+
+    def gone() -> bool:
+        try:
+            core.read_namespace(namespace)
+        except client.ApiException as exc:
+            return bool(exc.status == 404)
+        return False
+
+    def teardown() -> None:
+        _CLUSTER.clear()
+        helm("uninstall", RELEASE, "--namespace", namespace, "--wait", check=False)
+        core.delete_namespace(namespace)
+        wait_for(gone, within=300, what=f"namespace {namespace} deleted", every=2)
+        api.close()  # type: ignore[no-untyped-call]
+
     try:
         deployment, service = _kafka_objects(namespace)
         # the client takes plain dicts as well as its models
@@ -287,18 +313,13 @@ def cluster(node: NodeCluster, helm: Helm) -> Iterator[Cluster]:
             timeout=INSTALL_TIMEOUT_S + 60,
         )  # fmt: skip
         print(f"\nhelm install --wait: {time.monotonic() - started:.0f} s")
+    except BaseException:
+        # a failed setup is reported after this fixture has ended, too late for the report
+        # hook to read the namespace: what the cluster saw is printed now
+        print(diagnostics(c), flush=True)
+        teardown()
+        raise
+    try:
         yield c
     finally:
-        _CLUSTER.clear()
-        helm("uninstall", RELEASE, "--namespace", namespace, "--wait", check=False)
-        core.delete_namespace(namespace)
-
-        def gone() -> bool:
-            try:
-                core.read_namespace(namespace)
-            except client.ApiException as exc:
-                return bool(exc.status == 404)
-            return False
-
-        wait_for(gone, within=300, what=f"namespace {namespace} deleted", every=2)
-        api.close()  # type: ignore[no-untyped-call]
+        teardown()
