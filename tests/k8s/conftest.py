@@ -50,7 +50,7 @@ DEPLOYMENTS = tuple(
         "payments-consumer",
     )
 )
-INSTALL_TIMEOUT_S = 900
+INSTALL_TIMEOUT_S = int(os.environ.get("GOZON_K8S_INSTALL_TIMEOUT_S", "900"))
 
 
 def wait_for(
@@ -139,11 +139,14 @@ def diagnostics(cluster: Cluster, tail: int = 40) -> str:
             lines.append(f"== node {n.metadata.name}: {' '.join(conditions)}; taints {taints}")
     except client.ApiException as exc:
         lines.append(f"== nodes: could not read ({exc.reason})")
-    for component in ("kubelet", "containerd", "kube-proxy"):
+    running = cluster.node.running()
+    stopped = [c for c in cluster.node.components if c not in running]
+    lines.append(f"== node components not running: {stopped or 'none'}")
+    for component in cluster.node.components:
         log = cluster.node.logs / f"{component}.log"
         if log.exists():
             lines.append(f"== {log} (last lines)")
-            lines += [f"  {x}" for x in log.read_text(errors="replace").splitlines()[-15:]]
+            lines += [f"  {x[:300]}" for x in log.read_text(errors="replace").splitlines()[-10:]]
     return "\n".join(lines)
 
 
