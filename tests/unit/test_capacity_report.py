@@ -1,0 +1,35 @@
+"""bench.capacity's report: what an order costs the platform leaves out the load generator and
+the bench itself, which the CPU table still lists (issue 11's budget counts the platform)."""
+
+from __future__ import annotations
+
+from bench.capacity import RateResult, cpu_table, summary_table
+
+
+def _result() -> RateResult:
+    return RateResult(
+        rate=50,
+        duration=60,
+        warmup=10,
+        load_before="0.1 0.1 0.1",
+        completed_in_window=1000,
+        window_s=20.0,
+        cpu_s={"orders-api": 2.0, "postgresql": 3.0, "vegeta": 4.0, "bench (this script)": 1.0},
+    )
+
+
+def test_the_summary_counts_only_the_platform_per_order() -> None:
+    row = summary_table([_result()]).splitlines()[-1]
+    # 5 s of the platform's CPU over 1,000 orders; with vegeta and the bench it would be 10.0
+    assert "| 5.0 |" in row
+    assert "| 10.0 |" not in row
+
+
+def test_the_cpu_table_lists_every_process_the_platform_and_the_total() -> None:
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[2].strip()
+        for line in cpu_table([_result()], None).splitlines()[2:]
+    }
+    assert rows["vegeta"] == "4.00 (20%)"
+    assert rows["platform (all but vegeta and this script)"] == "5.00 (25%)"
+    assert rows["total"] == "10.00 (50%)"
