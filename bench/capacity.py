@@ -128,7 +128,9 @@ class Watched:
         }
 
 
-NOT_PLATFORM = frozenset({"vegeta", "bench (this script)"})
+VEGETA = "vegeta"
+BENCH = "bench (this script)"
+NOT_PLATFORM = frozenset({VEGETA, BENCH})
 """The load generator and this script: listed in the CPU table, but not the platform's cost (the
 issue's CPU budget per order, like round one's ~36 ms, counts the platform's processes only)."""
 
@@ -214,7 +216,7 @@ def start_stack(args: argparse.Namespace) -> Stack:
     watched.pids["postgresql"] = (pg.running_pid() or 0, False)
     watched.pids["kafka"] = (kafka.running_pid() or 0, False)
     watched.pids["supervisord"] = (platform.pidfile.pid() or 0, True)  # its children are above
-    watched.pids["bench (this script)"] = (os.getpid(), True)
+    watched.pids[BENCH] = (os.getpid(), True)
     gateway_port = os.environ.get("GOZON_GATEWAY_PORT", "8080")
     stack = Stack(
         config=config,
@@ -394,7 +396,7 @@ async def run_rate(
             f"-output={results}",
             stderr=subprocess.PIPE,
         )
-        stack.watched.pids["vegeta"] = (attack.pid, False)
+        stack.watched.pids[VEGETA] = (attack.pid, False)
         window: dict[str, Sample] = {}
         tick = 0
         deadline = started + args.duration + args.drain
@@ -414,7 +416,7 @@ async def run_rate(
                 if time.time() > deadline:
                     break
         _, stderr = await attack.communicate()
-        del stack.watched.pids["vegeta"]
+        del stack.watched.pids[VEGETA]
         if attack.returncode != 0:
             raise SystemExit(f"vegeta failed: {stderr.decode()}")
         report = (

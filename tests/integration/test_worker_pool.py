@@ -3,13 +3,13 @@ gives back to the pool (`gozon.core.pg.batch_connection`) and which it drops."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 
 import asyncpg
 import pytest
 
 from gozon.core.pg import batch_connection, worker_pool
+from tests.conftest import until
 
 pytestmark = pytest.mark.integration
 
@@ -62,11 +62,10 @@ async def test_a_batch_that_fails_inside_a_transaction_drops_its_connection(
         async with batch_connection(pool) as conn:
             assert await conn.fetchval(_PID) != first
             assert not conn.is_in_transaction()
-        for _ in range(300):
-            if not await backend_alive(pool, first):
-                break
-            await asyncio.sleep(0.1)
-        else:
-            pytest.fail(f"backend {first} still there 30 s after its connection was dropped")
+
+        async def ended() -> bool:
+            return not await backend_alive(pool, first)
+
+        await until(ended, 30, f"backend {first} to end after its connection was dropped")
     finally:
         await pool.close()
