@@ -29,7 +29,9 @@ of one core.
 By default the bench starts its own stack exactly as `make up` does (PostgreSQL, Kafka, the
 seven processes under supervisord, each logging to its own file) in a temporary folder on
 free ports, and stops it at the end. `--stack running` measures the stack the GOZON_*
-variables point at (by default `make up`'s ports and `.gozon` folder). Markdown tables go to
+variables point at (by default `make up`'s ports and `.gozon` folder). `--venv
+orders-relay=../other/.venv` runs a process from another virtualenv, for a paired A/B in one
+run (the two relays, one from each interpreter or tree). Markdown tables go to
 stdout, ready for docs/benchmarks.md; `--json FILE` also writes every figure as JSON.
 
 Loopback only; every wait is bounded (`--drain` seconds after each attack).
@@ -51,7 +53,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +62,7 @@ import aiohttp
 import asyncpg
 import port_for
 
-from gozon.processes import PROCESSES
+from gozon.processes import PROCESSES, Process
 from scripts.stack import Platform, StackConfig, _migrate_and_create_topics
 from tests.faults.load import vegeta
 
@@ -192,7 +194,7 @@ def start_stack(args: argparse.Namespace) -> Stack:
     config = StackConfig.from_env()
     pg = config.postgres()
     kafka = dataclasses.replace(config.kafka(), partitions=args.partitions)
-    platform = Platform(config)
+    platform = Platform(config, command=_command_from(dict(args.venv)))
     if args.stack == "own":
         print(f"starting a stack in {config.data_dir} …", file=sys.stderr)
         try:
@@ -631,6 +633,7 @@ def run(args: argparse.Namespace) -> int:
         f"{os.cpu_count()} cores, {args.users} users, partitions {args.partitions}, "
         f"stack: {args.stack}, steady window = attack minus its first {args.warmup} s"
         + "".join(f", {name} ×{count}" for name, count in args.replicas)
+        + "".join(f", {name} from {venv}" for name, venv in args.venv)
         + "\n"
     )
     print(summary_table(results))
@@ -643,6 +646,32 @@ def run(args: argparse.Namespace) -> int:
         figures = {"idle_pct": idle_pct, "results": [dataclasses.asdict(r) for r in results]}
         Path(args.json).write_text(json.dumps(figures, indent=1))
     return 0
+
+
+def _command_from(venvs: Mapping[str, str]) -> Callable[[Process], str]:
+    """How supervisord runs each process: `gozon …` from this tree's virtualenv, or from the
+    one `--venv` names for it (a paired A/B: two processes of one kind, e.g. the two relays,
+    one per interpreter or tree, measured in the same run and on the same orders)."""
+
+    def command(process: Process) -> str:
+        venv = venvs.get(process.name)
+        return f"{Path(venv).resolve() / 'bin'}/{process.command}" if venv else process.command
+
+    return command
+
+
+def _venvs(text: str) -> list[tuple[str, str]]:
+    pairs = []
+    names = {p.name for p in PROCESSES}
+    for item in text.split(","):
+        name, _, venv = item.partition("=")
+        if name.strip() not in names or not (Path(venv) / "bin" / "gozon").is_file():
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: expected PROCESS=VIRTUALENV, a process of the table and a "
+                "virtualenv with gozon installed"
+            )
+        pairs.append((name.strip(), venv))
+    return pairs
 
 
 def _replicas(text: str) -> list[tuple[str, int]]:
@@ -684,7 +713,13 @@ def main() -> int:
         default=[],
         help="more replicas of relays/consumers, e.g. payments-consumer=2,orders-relay=2",
     )
-
+    parser.add_argument(
+        "--venv",
+        type=_venvs,
+        default=[],
+        help="run these processes from another virtualenv (own stack), "
+        "e.g. orders-relay=../other/.venv",
+    )
     parser.add_argument("--json", help="also write every figure to this file")
     args = parser.parse_args()
     if not 0 < args.warmup < args.duration - 1:

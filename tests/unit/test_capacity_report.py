@@ -3,7 +3,13 @@ the bench itself, which the CPU table still lists (issue 11's budget counts the 
 
 from __future__ import annotations
 
-from bench.capacity import RateResult, cpu_table, summary_table
+import argparse
+from pathlib import Path
+
+import pytest
+from bench.capacity import RateResult, _command_from, _venvs, cpu_table, summary_table
+
+from gozon.processes import PROCESSES
 
 
 def _result() -> RateResult:
@@ -33,3 +39,21 @@ def test_the_cpu_table_lists_every_process_the_platform_and_the_total() -> None:
     assert rows["vegeta"] == "4.00 (20%)"
     assert rows["platform (all but vegeta and this script)"] == "5.00 (25%)"
     assert rows["total"] == "10.00 (50%)"
+
+
+def test_a_process_named_with_venv_runs_from_that_virtualenv(tmp_path: Path) -> None:
+    other = tmp_path / "other-venv"
+    (other / "bin").mkdir(parents=True)
+    (other / "bin" / "gozon").write_text("")
+    named = _venvs(f"orders-relay={other}")
+    command = _command_from(dict(named))
+    by_name = {p.name: command(p) for p in PROCESSES}
+    assert by_name["orders-relay"] == f"{other.resolve()}/bin/gozon orders relay"
+    assert by_name["payments-relay"] == "gozon payments relay"  # this tree's, from PATH
+
+
+def test_venv_refuses_an_unknown_process_or_a_folder_without_gozon(tmp_path: Path) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="PROCESS=VIRTUALENV"):
+        _venvs(f"orders-relays={tmp_path}")
+    with pytest.raises(argparse.ArgumentTypeError, match="PROCESS=VIRTUALENV"):
+        _venvs(f"orders-relay={tmp_path}")
