@@ -220,11 +220,12 @@ async def serve(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 def tracing() -> InMemorySpanExporter:
     """As every process's entry point does when it exports: real span ids, so trace context
     propagates, the default sampler (background work dropped), a span per database statement;
-    the finished spans are kept in memory for the tests that look at them."""
+    the finished spans are kept in memory for the tests that look at them. The sampler is
+    named, as a process with no OTLP endpoint records nothing (`recording_sampler`)."""
     from gozon.core.telemetry import configure_tracing, instrument_database
 
     exporter = InMemorySpanExporter()
-    provider = configure_tracing("tests", env={})
+    provider = configure_tracing("tests", env={"OTEL_TRACES_SAMPLER": "parentbased_always_on"})
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     instrument_database(provider, env={})
     return exporter

@@ -15,6 +15,7 @@ from gozon.core.telemetry import (
     QuietBackground,
     flag,
     http_method,
+    recording_sampler,
     sampler_from,
     w3c_carrier,
 )
@@ -74,6 +75,21 @@ def test_background_tracing_on_keeps_background_roots() -> None:
     loud = QuietBackground(sampler_from({}), trace_background=True)
     assert decide(loud, SpanKind.CLIENT, DB) == Decision.RECORD_AND_SAMPLE
     assert decide(loud, SpanKind.INTERNAL, {BACKGROUND: True}) == Decision.RECORD_AND_SAMPLE
+
+
+def test_nothing_is_recorded_when_nothing_exports_unless_a_sampler_is_named() -> None:
+    endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
+    silent = QuietBackground(recording_sampler({}))
+    assert decide(silent, SpanKind.SERVER, {"http.request.method": "POST"}) == Decision.DROP
+    # Not even under a sampled parent (a client's traceparent, an outbox row's).
+    assert decide(silent, SpanKind.CONSUMER, {}, inside_a_span()) == Decision.DROP
+    exported = QuietBackground(recording_sampler(endpoint))
+    assert decide(exported, SpanKind.SERVER, {}) == Decision.RECORD_AND_SAMPLE
+    named = QuietBackground(recording_sampler({"OTEL_TRACES_SAMPLER": "parentbased_always_on"}))
+    assert decide(named, SpanKind.SERVER, {}) == Decision.RECORD_AND_SAMPLE
+    # A bad ratio fails at start-up whether or not anything exports.
+    with pytest.raises(ValueError, match="OTEL_TRACES_SAMPLER_ARG"):
+        recording_sampler({"OTEL_TRACES_SAMPLER_ARG": "2"})
 
 
 def test_the_standard_sampler_variables_are_honoured() -> None:

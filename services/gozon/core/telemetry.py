@@ -112,6 +112,19 @@ def sampler_from(env: Mapping[str, str]) -> Sampler:
     return ParentBased(root) if name.startswith("parentbased_") else root
 
 
+def recording_sampler(env: Mapping[str, str]) -> Sampler:
+    """`sampler_from(env)` when spans are exported or `OTEL_TRACES_SAMPLER` names a sampler;
+    otherwise `ALWAYS_OFF`: with no exporter nothing reads a recorded span, and recording one
+    (its attributes, events and end) at every hop is CPU spent for nothing. Unrecorded spans
+    still get real ids, so the trace context, the `x-trace-id` header and the logs' trace_id
+    work as before; the `traceparent` they pass on says "not sampled" (flags 00).
+    """
+    chosen = sampler_from(env)  # validates the variables either way
+    if exporting(env) or env.get("OTEL_TRACES_SAMPLER", "").strip():
+        return chosen
+    return ALWAYS_OFF
+
+
 def is_background(kind: SpanKind | None, attributes: Attributes) -> bool:
     """Whether a span, were it a root, would be background work: a database statement run
     outside any request or message, or a span its code marked `gozon.background`."""
@@ -173,7 +186,7 @@ def configure_tracing(
     variables (`OTEL_EXPORTER_OTLP_ENDPOINT`, …), spans are batched to the collector and the
     database driver is instrumented too (a span per query is worth its cost only then).
     `trace_background_db` (default: `GOZON_TRACE_BACKGROUND_DB`, false) keeps background
-    work's traces (see `QuietBackground`).
+    work's traces (see `QuietBackground`). The sampler is `recording_sampler(env)`'s.
     """
     current = trace.get_tracer_provider()
     if isinstance(current, TracerProvider):
@@ -182,7 +195,7 @@ def configure_tracing(
         trace_background_db = flag(env, "GOZON_TRACE_BACKGROUND_DB")
     provider = TracerProvider(
         resource=Resource.create({"service.name": f"gozon-{service}"}),
-        sampler=QuietBackground(sampler_from(env), trace_background=trace_background_db),
+        sampler=QuietBackground(recording_sampler(env), trace_background=trace_background_db),
     )
     if exporting(env):
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
