@@ -14,7 +14,8 @@ Guarantees (docs/observability.md, "Traces"):
   are children of its span and are kept.
 - Sampling follows `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG` (default
   `parentbased_always_on`); the decision travels with the context, through outbox rows and
-  Kafka headers, so an order's trace is kept or dropped whole.
+  Kafka headers, so an order's trace is kept or dropped whole. A process that exports nothing
+  and names no sampler records nothing (`recording_sampler`); its spans keep their real ids.
 - A request with two different `traceparent` headers, or a malformed one, starts a fresh
   trace (W3C Trace Context: the vendor must not guess); `tracestate` travels with a valid
   `traceparent` only.
