@@ -189,6 +189,8 @@ def _own_stack_env(partitions: int) -> dict[str, str]:
 
 
 def start_stack(args: argparse.Namespace) -> Stack:
+    if args.venv and args.stack != "own":  # a running stack's processes are already started
+        raise SystemExit("--venv needs the bench's own stack")
     if args.stack == "own":
         os.environ.update(_own_stack_env(args.partitions))
     config = StackConfig.from_env()
@@ -250,11 +252,12 @@ def _scale(stack: Stack, env: Mapping[str, str], args: argparse.Namespace) -> No
         process = by_name.get(name)
         if process is None or process.kind not in ("relay", "consumer"):
             raise SystemExit(f"--replicas: {name} is not a relay or a consumer")
+        gozon = _replica_gozon(name, dict(args.venv))
         for n in range(2, count + 1):
             own_env = {**env, process.port_setting: str(_free_ports(1)[0])}
             with (logs / f"{name}-{n}.log").open("ab") as log:
                 child = subprocess.Popen(
-                    [str(Path(sys.executable).parent / "gozon"), *process.args],
+                    [str(gozon), *process.args],
                     env=own_env,
                     stdout=log,
                     stderr=log,
@@ -655,9 +658,21 @@ def _command_from(venvs: Mapping[str, str]) -> Callable[[Process], str]:
 
     def command(process: Process) -> str:
         venv = venvs.get(process.name)
-        return f"{Path(venv).resolve() / 'bin'}/{process.command}" if venv else process.command
+        return f"{_venv_gozon(venv).parent}/{process.command}" if venv else process.command
 
     return command
+
+
+def _venv_gozon(venv: str) -> Path:
+    """The `gozon` of a virtualenv `--venv` names."""
+    return Path(venv).resolve() / "bin" / "gozon"
+
+
+def _replica_gozon(name: str, venvs: Mapping[str, str]) -> Path:
+    """The `gozon` a `--replicas` copy runs: the one `--venv` names for its process, as
+    supervisord's copy does, else this bench's own."""
+    venv = venvs.get(name)
+    return _venv_gozon(venv) if venv else Path(sys.executable).parent / "gozon"
 
 
 def _venvs(text: str) -> list[tuple[str, str]]:
@@ -665,7 +680,7 @@ def _venvs(text: str) -> list[tuple[str, str]]:
     names = {p.name for p in PROCESSES}
     for item in text.split(","):
         name, _, venv = item.partition("=")
-        if name.strip() not in names or not (Path(venv) / "bin" / "gozon").is_file():
+        if name.strip() not in names or not _venv_gozon(venv).is_file():
             raise argparse.ArgumentTypeError(
                 f"{item!r}: expected PROCESS=VIRTUALENV, a process of the table and a "
                 "virtualenv with gozon installed"

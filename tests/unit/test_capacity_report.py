@@ -4,10 +4,19 @@ the bench itself, which the CPU table still lists (issue 11's budget counts the 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import pytest
-from bench.capacity import RateResult, _command_from, _venvs, cpu_table, summary_table
+from bench.capacity import (
+    RateResult,
+    _command_from,
+    _replica_gozon,
+    _venvs,
+    cpu_table,
+    start_stack,
+    summary_table,
+)
 
 from gozon.processes import PROCESSES
 
@@ -50,6 +59,9 @@ def test_a_process_named_with_venv_runs_from_that_virtualenv(tmp_path: Path) -> 
     by_name = {p.name: command(p) for p in PROCESSES}
     assert by_name["orders-relay"] == f"{other.resolve()}/bin/gozon orders relay"
     assert by_name["payments-relay"] == "gozon payments relay"  # this tree's, from PATH
+    # --replicas copies run from the same virtualenv as the process they copy
+    assert _replica_gozon("orders-relay", dict(named)) == other.resolve() / "bin" / "gozon"
+    assert _replica_gozon("payments-relay", dict(named)) == Path(sys.executable).parent / "gozon"
 
 
 def test_venv_refuses_an_unknown_process_or_a_folder_without_gozon(tmp_path: Path) -> None:
@@ -57,3 +69,9 @@ def test_venv_refuses_an_unknown_process_or_a_folder_without_gozon(tmp_path: Pat
         _venvs(f"orders-relays={tmp_path}")
     with pytest.raises(argparse.ArgumentTypeError, match="PROCESS=VIRTUALENV"):
         _venvs(f"orders-relay={tmp_path}")
+
+
+def test_venv_is_refused_against_a_running_stack_before_anything_starts() -> None:
+    args = argparse.Namespace(stack="running", venv=[("orders-relay", "/elsewhere/.venv")])
+    with pytest.raises(SystemExit, match="--venv needs the bench's own stack"):
+        start_stack(args)
