@@ -431,3 +431,49 @@ def in_thread(work: object) -> None:
     thread.join(60)
     assert not thread.is_alive()
     assert not failures, failures
+
+
+# --------------------------------------------------------------------------- plans
+
+
+async def plans(pool: asyncpg.Pool, table: str) -> list[tuple[int, int]]:
+    """(generic plans, custom plans) of each statement this pool's one connection prepared
+    that names `table`."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+            " WHERE statement LIKE '%' || $1 || '%'",
+            table,
+        )
+    return [(row["generic_plans"], row["custom_plans"]) for row in rows]
+
+
+async def test_the_consumers_statements_are_planned_once_per_connection(
+    orders: AsyncEngine, payments: AsyncEngine, orders_db: str, payments_db: str
+) -> None:
+    """Under PostgreSQL's default (`plan_cache_mode = auto`) the first five executions of a
+    prepared statement are planned anew, and then every one whose plan for the actual arrays
+    looks cheaper than the generic plan (the orders consumer's UPDATE: all seven here); the
+    consumers' pool plans each statement once and reuses that plan."""
+    uid = f"u-{uuid.uuid4().hex[:8]}"
+    await deposit(payments, uid, "100")
+    pay_pool = await worker_pool(payments_db, size=1, application_name="test-plans")
+    order_pool = await worker_pool(orders_db, size=1, application_name="test-plans")
+    try:
+        pay, finish = payments_handler(pay_pool), orders_handler(order_pool)
+        for _ in range(7):  # more than the five custom plans `auto` would make first
+            assert await pay(deliveries([order_created(uid, "1")])) == ["processed"]
+            assert await finish(results((await new_order(orders), "PAID"))) == ["processed"]
+        # CLAIM_AND_READ and SWAP_AND_RECORD; the orders consumer's one UPDATE
+        payment_plans, order_plans = (
+            await plans(pay_pool, "payment_decisions"),
+            await plans(order_pool, "UPDATE orders"),
+        )
+    finally:
+        await pay_pool.close()
+        await order_pool.close()
+    assert len(payment_plans) == 2, payment_plans
+    assert len(order_plans) == 1, order_plans
+    every = payment_plans + order_plans
+    assert [custom for _, custom in every] == [0, 0, 0], every  # never planned for its arrays
+    assert all(generic >= 7 for generic, _ in every), every  # one generic plan, reused
