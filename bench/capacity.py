@@ -16,7 +16,11 @@ one of many users who were funded beforehand. For each rate the bench prints:
   that a PostgreSQL backend that exits mid-window still counts), per completed order. The
   summary's "platform CPU ms/order" leaves out vegeta and this script: the load generator
   and the observer are not what an order costs the platform (the CPU table lists them, and
-  a total with them).
+  a total with them);
+- PostgreSQL's CPU split by the client each backend serves (its `application_name`: the
+  orders API, each relay and consumer, the outbox notifiers), from each backend's own
+  /proc/PID/stat at the window's two ends; backends that came or went inside the window are
+  one row (they are in the postgresql total, not in a client's).
 
 After a warm-up (`--warm-rate` × `--warm-seconds`, 3,000 orders by default: a running
 platform is measured, not one whose JVM is still compiling), before the first rate, it
@@ -135,6 +139,37 @@ BENCH = "bench (this script)"
 NOT_PLATFORM = frozenset({VEGETA, BENCH})
 """The load generator and this script: listed in the CPU table, but not the platform's cost (the
 issue's CPU budget per order, like round one's ~36 ms, counts the platform's processes only)."""
+
+
+PG_CLIENTS = """
+SELECT pid, coalesce(nullif(application_name, ''), backend_type) AS client
+FROM pg_stat_activity
+"""
+"""Every PostgreSQL process (the cluster's, whichever database): the client it serves, by the
+`application_name` the platform's connections set, or the server's own process type."""
+
+
+async def pg_backends(conn: asyncpg.Connection) -> dict[int, tuple[str, float]]:
+    """pid → (client, CPU seconds used so far by that backend alone)."""
+    ticks = {}
+    for row in await conn.fetch(PG_CLIENTS):
+        stat = _stat(row["pid"])
+        if stat is not None:
+            ticks[row["pid"]] = (row["client"], stat[1] / TICK)
+    return ticks
+
+
+def pg_clients_delta(
+    before: Mapping[int, tuple[str, float]], after: Mapping[int, tuple[str, float]]
+) -> dict[str, float]:
+    """PostgreSQL's CPU in the window by client: the backends alive at both ends, summed by
+    client, most first. A backend that started or ended inside the window is left out (the
+    postgresql row of the CPU table still counts it): the report shows the rest as such."""
+    spent: dict[str, float] = {}
+    for pid, (client, end) in after.items():
+        if pid in before and before[pid][0] == client:
+            spent[client] = spent.get(client, 0.0) + end - before[pid][1]
+    return dict(sorted(spent.items(), key=lambda item: -item[1]))
 
 
 def platform_cpu(cpu_s: Mapping[str, float]) -> float:
@@ -369,6 +404,8 @@ class RateResult:
     drained_after_s: float | None = None
     samples: list[Sample] = field(default_factory=list)
     cpu_s: dict[str, float] = field(default_factory=dict)
+    pg_clients_s: dict[str, float] = field(default_factory=dict)
+    """PostgreSQL's CPU in the window by client (`pg_clients_delta`)."""
     window_s: float = 0.0
 
 
@@ -403,6 +440,7 @@ async def run_rate(
         )
         stack.watched.pids[VEGETA] = (attack.pid, False)
         window: dict[str, Sample] = {}
+        backends: dict[str, dict[int, tuple[str, float]]] = {}
         tick = 0
         deadline = started + args.duration + args.drain
         while True:
@@ -412,8 +450,10 @@ async def run_rate(
             result.samples.append(now)
             if tick == args.warmup:
                 window["start"] = now
+                backends["start"] = await pg_backends(orders)
             if tick == args.duration - 1:  # vegeta still runs: its /proc entry is there
                 window["end"] = now
+                backends["end"] = await pg_backends(orders)
             if tick >= args.duration and attack.returncode is not None:
                 if now.new == 0 and now.order_outbox == 0 and now.payment_outbox == 0:
                     result.drained_after_s = now.t - args.duration
@@ -438,6 +478,7 @@ async def run_rate(
         t1 = started + window["end"].t
         result.window_s = window["end"].t - window["start"].t
         result.cpu_s = cpu_delta(window["start"].cpu, window["end"].cpu)
+        result.pg_clients_s = pg_clients_delta(backends["start"], backends["end"])
         result.completed_in_window = await orders.fetchval(
             "SELECT count(*) FROM orders WHERE status <> 'NEW' "
             "AND updated_at >= to_timestamp($1) AND updated_at < to_timestamp($2)",
@@ -588,6 +629,32 @@ def cpu_table(results: list[RateResult], idle_pct: Mapping[str, float] | None) -
     return "\n".join(lines)
 
 
+PG_REST = "backends that came or went in the window"
+
+
+def pg_clients_table(results: list[RateResult]) -> str:
+    """PostgreSQL's row of the CPU table, split by the client each backend serves."""
+    names: list[str] = []
+    for r in results:
+        names += [name for name in r.pg_clients_s if name not in names]
+    header, rule = "| PostgreSQL, by client |", "| --- |"
+    for r in results:
+        header += f" {r.rate}/s: ms per order (% of a core) |"
+        rule += " --- |"
+    lines = [header, rule]
+    for name in [*names, PG_REST]:
+        row = f"| {name} |"
+        for r in results:
+            if name == PG_REST:
+                spent = r.cpu_s.get("postgresql", 0.0) - sum(r.pg_clients_s.values())
+            else:
+                spent = r.pg_clients_s.get(name, 0.0)
+            per = 1000 * spent / r.completed_in_window if r.completed_in_window else 0.0
+            row += f" {per:.2f} ({100 * spent / r.window_s:.0f}%) |" if r.window_s else " – |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
 def _everything(cpu_s: Mapping[str, float]) -> float:
     return sum(cpu_s.values())
 
@@ -642,6 +709,8 @@ def run(args: argparse.Namespace) -> int:
     print(summary_table(results))
     print()
     print(cpu_table(results, idle_pct))
+    print()
+    print(pg_clients_table(results))
     print()
     for r in results:
         print(backlog_lines(r))

@@ -14,6 +14,8 @@ from bench.capacity import (
     _replica_gozon,
     _venvs,
     cpu_table,
+    pg_clients_delta,
+    pg_clients_table,
     start_stack,
     summary_table,
 )
@@ -75,3 +77,31 @@ def test_venv_is_refused_against_a_running_stack_before_anything_starts() -> Non
     args = argparse.Namespace(stack="running", venv=[("orders-relay", "/elsewhere/.venv")])
     with pytest.raises(SystemExit, match="--venv needs the bench's own stack"):
         start_stack(args)
+
+
+def test_postgresql_is_split_by_client_from_the_backends_alive_at_both_ends() -> None:
+    before = {
+        10: ("payments-consumer", 1.0),
+        11: ("payments-consumer", 2.0),
+        12: ("orders-api", 5.0),
+        13: ("orders-api", 1.0),
+        15: ("orders-consumer", 1.0),
+    }
+    after = {
+        10: ("payments-consumer", 1.5),
+        11: ("payments-consumer", 3.0),
+        12: ("orders-api", 5.25),
+        # 13 ended, 14 started, and 15's pid was reused by another client: left out
+        14: ("orders-api", 9.0),
+        15: ("orders-relay", 9.0),
+    }
+    assert pg_clients_delta(before, after) == {"payments-consumer": 1.5, "orders-api": 0.25}
+
+
+def test_the_postgresql_table_shows_each_client_and_the_rest() -> None:
+    result = _result()  # postgresql 3.0 s over 1,000 orders in 20 s
+    result.pg_clients_s = {"payments-consumer": 2.0, "orders-api": 0.5}
+    lines = pg_clients_table([result]).splitlines()
+    assert lines[2] == "| payments-consumer | 2.00 (10%) |"
+    assert lines[3] == "| orders-api | 0.50 (2%) |"
+    assert lines[4] == "| backends that came or went in the window | 0.50 (2%) |"
