@@ -21,8 +21,14 @@ one of many users who were funded beforehand. For each rate the bench prints:
   orders API, each relay and consumer, the outbox notifiers), from each backend's own
   /proc/PID/stat at the window's two ends; backends that came or went inside the window are
   one row (they are in the postgresql total, not in a client's).
+- Of Kafka's CPU, its JIT compiler threads' (HotSpot's "C1/C2 CompilerThread"s, from their own
+  /proc stat): the part that is the broker compiling its hot paths, not serving requests. It
+  is near zero on a broker that has run for a while.
+- The machine in each window, from /proc/stat: the share of its cores' time busy, waiting for
+  the disk, stolen by the hypervisor (another guest ran on them) and idle. A window with steal
+  ran on less than the machine's cores; one with idle left was not short of CPU.
 
-After a warm-up (`--warm-rate` × `--warm-seconds`, 3,000 orders by default: a running
+After a warm-up (`--warm-rate` × `--warm-seconds`, 9,000 orders by default: a running
 platform is measured, not one whose JVM is still compiling), before the first rate, it
 measures the idle platform: each process's CPU over `--idle` seconds with no traffic, in %
 of one core.
@@ -170,6 +176,58 @@ def pg_clients_delta(
         if pid in before and before[pid][0] == client:
             spent[client] = spent.get(client, 0.0) + end - before[pid][1]
     return dict(sorted(spent.items(), key=lambda item: -item[1]))
+
+
+JIT_THREADS = (b"C1 CompilerThre", b"C2 CompilerThre")
+"""HotSpot's JIT compiler threads ("C1 CompilerThread0", …) as /proc names them (15 bytes)."""
+
+
+def jit_seconds(pid: int, proc: Path = Path("/proc")) -> float:
+    """CPU seconds the JIT compiler threads of the JVM `pid` have used so far (0 when there is
+    no such process). A broker that has just started compiles its hot paths for minutes of
+    traffic; this tells that work apart from the requests' own."""
+    total = 0
+    try:
+        tasks = list(os.scandir(proc / str(pid) / "task"))
+    except OSError:
+        return 0.0
+    for task in tasks:
+        try:
+            if not (Path(task.path) / "comm").read_bytes().startswith(JIT_THREADS):
+                continue
+            raw = (Path(task.path) / "stat").read_bytes()
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = raw[raw.rindex(b")") + 2 :].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / TICK
+
+
+HOST_STATES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def host_seconds(stat: Path = Path("/proc/stat")) -> dict[str, float]:
+    """The machine's CPU time so far, all cores together, by state (the first line of
+    /proc/stat). `steal` is time the hypervisor gave this machine's cores to another guest:
+    a window with steal had less than its cores to run in."""
+    first = stat.read_text().splitlines()[0].split()
+    assert first[0] == "cpu", first
+    return {state: int(ticks) / TICK for state, ticks in zip(HOST_STATES, first[1:], strict=False)}
+
+
+def host_shares(spent: Mapping[str, float]) -> dict[str, float]:
+    """A window's machine time as shares of it (each in % of the machine's wall time × cores):
+    busy (user, nice, system, irq, softirq), waiting for the disk, stolen, idle."""
+    total = sum(spent.values())
+    if total <= 0:
+        return {}
+    busy = sum(spent.get(state, 0.0) for state in ("user", "nice", "system", "irq", "softirq"))
+    return {
+        "busy": 100 * busy / total,
+        "iowait": 100 * spent.get("iowait", 0.0) / total,
+        "steal": 100 * spent.get("steal", 0.0) / total,
+        "idle": 100 * spent.get("idle", 0.0) / total,
+    }
 
 
 def platform_cpu(cpu_s: Mapping[str, float]) -> float:
@@ -406,6 +464,10 @@ class RateResult:
     cpu_s: dict[str, float] = field(default_factory=dict)
     pg_clients_s: dict[str, float] = field(default_factory=dict)
     """PostgreSQL's CPU in the window by client (`pg_clients_delta`)."""
+    kafka_jit_s: float = 0.0
+    """Of Kafka's CPU in the window, its JIT compiler threads' (`jit_seconds`)."""
+    host_s: dict[str, float] = field(default_factory=dict)
+    """The machine's CPU time in the window by state, all cores (`host_seconds`)."""
     window_s: float = 0.0
 
 
@@ -441,6 +503,9 @@ async def run_rate(
         stack.watched.pids[VEGETA] = (attack.pid, False)
         window: dict[str, Sample] = {}
         backends: dict[str, dict[int, tuple[str, float]]] = {}
+        jit: dict[str, float] = {}
+        host: dict[str, dict[str, float]] = {}
+        kafka_pid = stack.watched.pids["kafka"][0]
         tick = 0
         deadline = started + args.duration + args.drain
         while True:
@@ -451,9 +516,13 @@ async def run_rate(
             if tick == args.warmup:
                 window["start"] = now
                 backends["start"] = await pg_backends(orders)
+                jit["start"] = jit_seconds(kafka_pid)
+                host["start"] = host_seconds()
             if tick == args.duration - 1:  # vegeta still runs: its /proc entry is there
                 window["end"] = now
                 backends["end"] = await pg_backends(orders)
+                jit["end"] = jit_seconds(kafka_pid)
+                host["end"] = host_seconds()
             if tick >= args.duration and attack.returncode is not None:
                 if now.new == 0 and now.order_outbox == 0 and now.payment_outbox == 0:
                     result.drained_after_s = now.t - args.duration
@@ -479,6 +548,8 @@ async def run_rate(
         result.window_s = window["end"].t - window["start"].t
         result.cpu_s = cpu_delta(window["start"].cpu, window["end"].cpu)
         result.pg_clients_s = pg_clients_delta(backends["start"], backends["end"])
+        result.kafka_jit_s = jit["end"] - jit["start"]
+        result.host_s = cpu_delta(host["start"], host["end"])
         result.completed_in_window = await orders.fetchval(
             "SELECT count(*) FROM orders WHERE status <> 'NEW' "
             "AND updated_at >= to_timestamp($1) AND updated_at < to_timestamp($2)",
@@ -528,9 +599,13 @@ async def idle(stack: Stack, seconds: int) -> dict[str, float]:
 
 async def warm_up(stack: Stack, users: list[str], rate: int, seconds: int) -> None:
     """An unreported attack before anything is measured: a platform that has just started is
-    slower than one that has run for a while (Kafka's JIT compiles its hot paths after some
-    thousands of requests; pools and prepared statements fill). The figures are meant to be a
-    running platform's, so the default warm-up is 3,000 orders (100/s for 30 s)."""
+    slower than one that has run for a while (Kafka's JIT compiles its hot paths over some
+    thousands of orders; pools and prepared statements fill). The figures are meant to be a
+    running platform's, so the default warm-up is 9,000 orders (150/s for 60 s): after 3,000
+    the broker's JIT compiler threads still used 16% of a core through a 50/s window, 3.2 ms
+    per order, and after 6,000 up to 1.1 ms (docs/benchmarks.md, "Round seven"); the CPU
+    table's JIT row shows what is left. Past the machine's capacity the warm-up's excess is
+    shed, as any attack's."""
     if seconds <= 0:
         return
     targets = stack.workdir / "warmup.jsonl"
@@ -623,10 +698,20 @@ def cpu_table(results: list[RateResult], idle_pct: Mapping[str, float] | None) -
             row += f" {value:.1f} |"
         for r in results:
             spent = add(r.cpu_s) if add else r.cpu_s.get(name, 0.0)
-            per = 1000 * spent / r.completed_in_window if r.completed_in_window else 0.0
-            row += f" {per:.2f} ({100 * spent / r.window_s:.0f}%) |"
+            row += f" {_per_order(r, spent)} |"
         lines.append(row)
+        if name == "kafka":  # a part of the row above, not another process
+            row = f"| {KAFKA_JIT} |" + (" – |" if idle_pct is not None else "")
+            lines.append(row + "".join(f" {_per_order(r, r.kafka_jit_s)} |" for r in results))
     return "\n".join(lines)
+
+
+KAFKA_JIT = "kafka: of which its JIT compiler threads"
+
+
+def _per_order(r: RateResult, spent: float) -> str:
+    per = 1000 * spent / r.completed_in_window if r.completed_in_window else 0.0
+    return f"{per:.2f} ({100 * spent / r.window_s:.0f}%)"
 
 
 PG_REST = "backends that came or went in the window"
@@ -652,6 +737,23 @@ def pg_clients_table(results: list[RateResult]) -> str:
             per = 1000 * spent / r.completed_in_window if r.completed_in_window else 0.0
             row += f" {per:.2f} ({100 * spent / r.window_s:.0f}%) |" if r.window_s else " – |"
         lines.append(row)
+    return "\n".join(lines)
+
+
+def host_table(results: list[RateResult]) -> str:
+    """The whole machine in each window (everything on it, ours or not): how much of its cores
+    was busy, waiting for the disk, stolen by the hypervisor, or idle."""
+    header = f"| the machine ({os.cpu_count()} cores), % of its time |"
+    rule = "| --- |"
+    for r in results:
+        header += f" {r.rate}/s |"
+        rule += " --- |"
+    lines = [header, rule]
+    shares = [host_shares(r.host_s) for r in results]
+    for state in ("busy", "iowait", "steal", "idle"):
+        lines.append(
+            f"| {state} |" + "".join(f" {s[state]:.1f} |" if s else " – |" for s in shares)
+        )
     return "\n".join(lines)
 
 
@@ -711,6 +813,8 @@ def run(args: argparse.Namespace) -> int:
     print(cpu_table(results, idle_pct))
     print()
     print(pg_clients_table(results))
+    print()
+    print(host_table(results))
     print()
     for r in results:
         print(backlog_lines(r))
@@ -776,10 +880,10 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=60, help="seconds per rate")
     parser.add_argument("--warmup", type=int, default=10, help="seconds left out of the window")
     parser.add_argument(
-        "--warm-rate", type=int, default=100, help="orders/s of the unreported warm-up attack"
+        "--warm-rate", type=int, default=150, help="orders/s of the unreported warm-up attack"
     )
     parser.add_argument(
-        "--warm-seconds", type=int, default=30, help="length of the warm-up attack (0: none)"
+        "--warm-seconds", type=int, default=60, help="length of the warm-up attack (0: none)"
     )
     parser.add_argument("--drain", type=int, default=120, help="seconds to wait for finals")
     parser.add_argument("--pause", type=int, default=5, help="seconds between rates")

@@ -4,6 +4,7 @@ the bench itself, which the CPU table still lists (issue 11's budget counts the 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,10 @@ from bench.capacity import (
     _replica_gozon,
     _venvs,
     cpu_table,
+    host_seconds,
+    host_shares,
+    host_table,
+    jit_seconds,
     pg_clients_delta,
     pg_clients_table,
     start_stack,
@@ -105,3 +110,65 @@ def test_the_postgresql_table_shows_each_client_and_the_rest() -> None:
     assert lines[2] == "| payments-consumer | 2.00 (10%) |"
     assert lines[3] == "| orders-api | 0.50 (2%) |"
     assert lines[4] == "| backends that came or went in the window | 0.50 (2%) |"
+
+
+def _thread(proc: Path, pid: int, tid: int, comm: str, utime: int, stime: int) -> None:
+    task = proc / str(pid) / "task" / str(tid)
+    task.mkdir(parents=True)
+    (task / "comm").write_text(comm + "\n")
+    # pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime
+    (task / "stat").write_text(f"{tid} ({comm}) S 1 1 1 0 -1 0 0 0 0 0 {utime} {stime} 0 0 20\n")
+
+
+def test_the_jit_is_the_jvms_compiler_threads_only(tmp_path: Path) -> None:
+    ticks = os.sysconf("SC_CLK_TCK")
+    _thread(tmp_path, 7, 8, "C2 CompilerThre", 3 * ticks, ticks)
+    _thread(tmp_path, 7, 9, "C1 CompilerThre", ticks, 0)
+    _thread(tmp_path, 7, 10, "data-plane-kafk", 50 * ticks, 0)  # serving requests: not counted
+    _thread(tmp_path, 7, 11, "a (b) C2 Compil", 50 * ticks, 0)  # a name is matched from its start
+    assert jit_seconds(7, proc=tmp_path) == 5.0
+    assert jit_seconds(12, proc=tmp_path) == 0.0  # no such process
+
+
+def test_kafkas_jit_is_a_row_under_kafka_not_another_process() -> None:
+    result = _result()  # the platform 5.0 s over 1,000 orders in 20 s
+    result.cpu_s = {"kafka": 2.0, **result.cpu_s}
+    result.kafka_jit_s = 1.5
+    lines = cpu_table([result], {"kafka": 1.0}).splitlines()
+    names = [line.split("|")[1].strip() for line in lines[2:]]
+    assert names[names.index("kafka") + 1] == "kafka: of which its JIT compiler threads"
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in lines[2:]}
+    assert [cell.strip() for cell in rows["kafka: of which its JIT compiler threads"]] == [
+        "–",
+        "1.50 (8%)",
+    ]
+    # counted once, in kafka's row: the platform is 7.0 s, not 8.5
+    assert rows["platform (all but vegeta and this script)"][1].strip() == "7.00 (35%)"
+
+
+def test_the_machine_is_read_by_state_and_shown_as_shares_of_its_time(tmp_path: Path) -> None:
+    ticks = os.sysconf("SC_CLK_TCK")
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    stat.write_text(f"cpu  {6 * ticks} 0 {2 * ticks} {ticks} 0 0 0 {ticks} 0 0\ncpu0 1 2 3\n")
+    assert host_seconds(stat) == {
+        "user": 6.0,
+        "nice": 0.0,
+        "system": 2.0,
+        "idle": 1.0,
+        "iowait": 0.0,
+        "irq": 0.0,
+        "softirq": 0.0,
+        "steal": 1.0,
+    }
+    result = _result()
+    result.host_s = host_seconds(stat)
+    assert host_shares(result.host_s) == {"busy": 80.0, "iowait": 0.0, "steal": 10.0, "idle": 10.0}
+    lines = host_table([result]).splitlines()
+    assert lines[2:] == [
+        "| busy | 80.0 |",
+        "| iowait | 0.0 |",
+        "| steal | 10.0 |",
+        "| idle | 10.0 |",
+    ]
+    assert host_shares({}) == {}
