@@ -145,6 +145,8 @@ BENCH = "bench (this script)"
 NOT_PLATFORM = frozenset({VEGETA, BENCH})
 """The load generator and this script: listed in the CPU table, but not the platform's cost (the
 issue's CPU budget per order, like round one's ~36 ms, counts the platform's processes only)."""
+KAFKA_JIT = "kafka: of which its JIT compiler threads"
+"""A part of Kafka's figure, never added to a sum (`jit_seconds`)."""
 
 
 PG_CLIENTS = """
@@ -231,7 +233,7 @@ def host_shares(spent: Mapping[str, float]) -> dict[str, float]:
 
 
 def platform_cpu(cpu_s: Mapping[str, float]) -> float:
-    return sum(v for name, v in cpu_s.items() if name not in NOT_PLATFORM)
+    return sum(v for name, v in cpu_s.items() if name not in NOT_PLATFORM and name != KAFKA_JIT)
 
 
 def cpu_delta(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
@@ -471,6 +473,24 @@ class RateResult:
     window_s: float = 0.0
 
 
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The processor as /proc/cpuinfo names it, with its cache and clock: hosts of one kind
+    differ, and the figures move with them."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return ", ".join(
+        value
+        for value in (
+            fields.get("model name"),
+            fields.get("cache size") and f"cache {fields['cache size']}",
+            fields.get("cpu MHz") and f"{float(fields['cpu MHz']):.0f} MHz",
+        )
+        if value
+    )
+
+
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -588,11 +608,13 @@ async def run_rate(
 
 
 async def idle(stack: Stack, seconds: int) -> dict[str, float]:
-    """Each process's CPU over `seconds` with no traffic, in % of one core."""
-    before = stack.watched.snapshot()
+    """Each process's CPU over `seconds` with no traffic, in % of one core, and (`KAFKA_JIT`)
+    the part of Kafka's that its JIT compiler threads used."""
+    kafka_pid = stack.watched.pids["kafka"][0]
+    before = {**stack.watched.snapshot(), KAFKA_JIT: jit_seconds(kafka_pid)}
     started = time.monotonic()
     await asyncio.sleep(seconds)
-    after = stack.watched.snapshot()
+    after = {**stack.watched.snapshot(), KAFKA_JIT: jit_seconds(kafka_pid)}
     elapsed = time.monotonic() - started
     return {name: 100 * spent / elapsed for name, spent in cpu_delta(before, after).items()}
 
@@ -679,7 +701,7 @@ def summary_table(results: list[RateResult]) -> str:
 
 
 def cpu_table(results: list[RateResult], idle_pct: Mapping[str, float] | None) -> str:
-    names = list(results[0].cpu_s) if results else list(idle_pct or {})
+    names = [n for n in (results[0].cpu_s if results else idle_pct or {}) if n != KAFKA_JIT]
     header = "| process |"
     rule = "| --- |"
     if idle_pct is not None:
@@ -701,12 +723,12 @@ def cpu_table(results: list[RateResult], idle_pct: Mapping[str, float] | None) -
             row += f" {_per_order(r, spent)} |"
         lines.append(row)
         if name == "kafka":  # a part of the row above, not another process
-            row = f"| {KAFKA_JIT} |" + (" – |" if idle_pct is not None else "")
+            row = f"| {KAFKA_JIT} |"
+            if idle_pct is not None:
+                jit = idle_pct.get(KAFKA_JIT)
+                row += f" {jit:.1f} |" if jit is not None else " – |"
             lines.append(row + "".join(f" {_per_order(r, r.kafka_jit_s)} |" for r in results))
     return "\n".join(lines)
-
-
-KAFKA_JIT = "kafka: of which its JIT compiler threads"
 
 
 def _per_order(r: RateResult, spent: float) -> str:
@@ -758,7 +780,7 @@ def host_table(results: list[RateResult]) -> str:
 
 
 def _everything(cpu_s: Mapping[str, float]) -> float:
-    return sum(cpu_s.values())
+    return sum(v for name, v in cpu_s.items() if name != KAFKA_JIT)
 
 
 def backlog_lines(r: RateResult) -> str:
@@ -781,7 +803,8 @@ async def measure(
     idle_pct = None
     if args.idle:
         # after the warm-up: the broker's JIT compilations and log housekeeping that it set
-        # off, and the relays' and consumers' last batches, are over
+        # off, the relays' and consumers' last batches, and PostgreSQL's autovacuum of the
+        # warm-up's rows are over (after 30 s they were not: docs/benchmarks.md, round seven)
         await asyncio.sleep(args.settle)
         idle_pct = await idle(stack, args.idle)
     results = []
@@ -802,7 +825,8 @@ def run(args: argparse.Namespace) -> int:
 
     print(
         f"\n`bench.capacity` {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-        f"{os.cpu_count()} cores, {args.users} users, partitions {args.partitions}, "
+        f"{os.cpu_count()} cores ({cpu_model()}), {args.users} users, "
+        f"partitions {args.partitions}, "
         f"stack: {args.stack}, steady window = attack minus its first {args.warmup} s"
         + "".join(f", {name} ×{count}" for name, count in args.replicas)
         + "".join(f", {name} from {venv}" for name, venv in args.venv)
@@ -890,7 +914,7 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=500)
     parser.add_argument("--idle", type=int, default=30, help="idle measurement, s (0: none)")
     parser.add_argument(
-        "--settle", type=int, default=30, help="seconds between the warm-up and the idle window"
+        "--settle", type=int, default=90, help="seconds between the warm-up and the idle window"
     )
     parser.add_argument("--stack", choices=("own", "running"), default="own")
     parser.add_argument("--partitions", type=int, default=3, help="topic partitions (own)")

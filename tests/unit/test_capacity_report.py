@@ -14,6 +14,7 @@ from bench.capacity import (
     _command_from,
     _replica_gozon,
     _venvs,
+    cpu_model,
     cpu_table,
     host_seconds,
     host_shares,
@@ -134,16 +135,22 @@ def test_kafkas_jit_is_a_row_under_kafka_not_another_process() -> None:
     result = _result()  # the platform 5.0 s over 1,000 orders in 20 s
     result.cpu_s = {"kafka": 2.0, **result.cpu_s}
     result.kafka_jit_s = 1.5
-    lines = cpu_table([result], {"kafka": 1.0}).splitlines()
+    idle_pct = {"kafka": 1.0, "kafka: of which its JIT compiler threads": 0.25}
+    lines = cpu_table([result], idle_pct).splitlines()
     names = [line.split("|")[1].strip() for line in lines[2:]]
     assert names[names.index("kafka") + 1] == "kafka: of which its JIT compiler threads"
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in lines[2:]}
     assert [cell.strip() for cell in rows["kafka: of which its JIT compiler threads"]] == [
-        "–",
+        "0.2",
         "1.50 (8%)",
     ]
-    # counted once, in kafka's row: the platform is 7.0 s, not 8.5
-    assert rows["platform (all but vegeta and this script)"][1].strip() == "7.00 (35%)"
+    assert names.count("kafka: of which its JIT compiler threads") == 1
+    # counted once, in kafka's row: the platform is 7.0 s, not 8.5; idle 1.0%, not 1.25
+    assert [cell.strip() for cell in rows["platform (all but vegeta and this script)"]] == [
+        "1.0",
+        "7.00 (35%)",
+    ]
+    assert rows["total"][0].strip() == "1.0"
 
 
 def test_the_machine_is_read_by_state_and_shown_as_shares_of_its_time(tmp_path: Path) -> None:
@@ -172,3 +179,14 @@ def test_the_machine_is_read_by_state_and_shown_as_shares_of_its_time(tmp_path: 
         "| idle | 10.0 |",
     ]
     assert host_shares({}) == {}
+
+
+def test_the_header_names_the_processor_as_the_first_core_describes_it(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: Some CPU @ 2.0GHz\ncpu MHz\t\t: 1999.9\n"
+        "cache size\t: 1024 KB\n\nprocessor\t: 1\nmodel name\t: Other CPU\n"
+    )
+    assert cpu_model(cpuinfo) == "Some CPU @ 2.0GHz, cache 1024 KB, 2000 MHz"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\n")  # no cache or clock given
+    assert cpu_model(cpuinfo) == "Some CPU"
