@@ -472,6 +472,16 @@ async def _wake_up_orders(orders_db: str, engine: AsyncEngine) -> None:
             )
             assert response.status_code == 201
             await until(lambda: _all_sent(engine), 120, f"order {n} to be SENT")
+        # the API's wake-ups went on its notifier's own connection, and the relay's listener
+        # waits on its own: each named after the outbox, for pg_stat_activity
+        async with engine.connect() as conn:
+            names = await conn.scalars(
+                text(
+                    "SELECT application_name FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND application_name LIKE 'order_outbox-%'"
+                )
+            )
+            assert sorted(names) == ["order_outbox-listener", "order_outbox-notifier"]
 
 
 async def test_the_relay_is_not_ready_while_its_database_is_down_and_recovers(

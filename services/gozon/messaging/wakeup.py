@@ -59,6 +59,8 @@ class OutboxNotifier:
         url = database.url if isinstance(database, AsyncEngine) else make_url(database)
         self.dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
         self.channel = channel_for(outbox)
+        # pg_stat_activity tells the two services' notifiers apart, and from their writers
+        self.application_name = f"{outbox}-notifier"
         self._pending = asyncio.Event()
         self._conn: asyncpg.Connection | None = None
 
@@ -69,7 +71,7 @@ class OutboxNotifier:
     async def _send(self) -> None:
         if self._conn is None or self._conn.is_closed():
             self._conn = await asyncpg.connect(
-                self.dsn, timeout=5, server_settings={"application_name": "outbox-notifier"}
+                self.dsn, timeout=5, server_settings={"application_name": self.application_name}
             )
         await self._conn.execute("SELECT pg_notify($1, '')", self.channel, timeout=5)
 
@@ -102,6 +104,7 @@ class OutboxListener:
         url = make_url(database_url).set(drivername="postgresql")
         self.dsn = url.render_as_string(hide_password=False)
         self.channel = channel_for(outbox)
+        self.application_name = f"{outbox}-listener"  # the relay's, in pg_stat_activity
         self.wake = wake
         self.listening = False
 
@@ -117,7 +120,9 @@ class OutboxListener:
         delay = 0.1
         while True:
             try:
-                conn = await asyncpg.connect(self.dsn, timeout=5)
+                conn = await asyncpg.connect(
+                    self.dsn, timeout=5, server_settings={"application_name": self.application_name}
+                )
             except Exception as exc:
                 log.debug("outbox listener cannot connect", error=repr(exc))
                 await asyncio.sleep(delay)
