@@ -85,8 +85,13 @@ FINAL = ("FINISHED", "CANCELLED")
 
 def _stat(pid: int) -> tuple[int, int, int] | None:
     """(ppid, own utime+stime, reaped children's cutime+cstime) in clock ticks."""
+    return _stat_file(Path(f"/proc/{pid}/stat"))
+
+
+def _stat_file(path: Path) -> tuple[int, int, int] | None:
+    """`_stat` of a process's or a thread's stat file; None when it has ended."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
+        raw = path.read_bytes()
     except OSError:
         return None
     fields = raw[raw.rindex(b")") + 2 :].split()
@@ -146,7 +151,7 @@ NOT_PLATFORM = frozenset({VEGETA, BENCH})
 """The load generator and this script: listed in the CPU table, but not the platform's cost (the
 issue's CPU budget per order, like round one's ~36 ms, counts the platform's processes only)."""
 KAFKA_JIT = "kafka: of which its JIT compiler threads"
-"""A part of Kafka's figure, never added to a sum (`jit_seconds`)."""
+"""The CPU table's row for the part of Kafka's figure that `jit_seconds` reads."""
 
 
 PG_CLIENTS = """
@@ -197,11 +202,10 @@ def jit_seconds(pid: int, proc: Path = Path("/proc")) -> float:
         try:
             if not (Path(task.path) / "comm").read_bytes().startswith(JIT_THREADS):
                 continue
-            raw = (Path(task.path) / "stat").read_bytes()
         except OSError:  # the thread ended meanwhile
             continue
-        fields = raw[raw.rindex(b")") + 2 :].split()
-        total += int(fields[11]) + int(fields[12])
+        stat = _stat_file(Path(task.path) / "stat")
+        total += stat[1] if stat else 0
     return total / TICK
 
 
@@ -233,7 +237,7 @@ def host_shares(spent: Mapping[str, float]) -> dict[str, float]:
 
 
 def platform_cpu(cpu_s: Mapping[str, float]) -> float:
-    return sum(v for name, v in cpu_s.items() if name not in NOT_PLATFORM and name != KAFKA_JIT)
+    return sum(v for name, v in cpu_s.items() if name not in NOT_PLATFORM)
 
 
 def cpu_delta(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
@@ -491,6 +495,19 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     )
 
 
+@dataclass
+class Ends:
+    """What is read at each end of a window besides the processes' CPU (`Sample`)."""
+
+    pg_backends: dict[int, tuple[str, float]]
+    kafka_jit_s: float
+    host_s: dict[str, float]
+
+    @classmethod
+    async def read(cls, orders: asyncpg.Connection, kafka_pid: int) -> Ends:
+        return cls(await pg_backends(orders), jit_seconds(kafka_pid), host_seconds())
+
+
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -522,9 +539,7 @@ async def run_rate(
         )
         stack.watched.pids[VEGETA] = (attack.pid, False)
         window: dict[str, Sample] = {}
-        backends: dict[str, dict[int, tuple[str, float]]] = {}
-        jit: dict[str, float] = {}
-        host: dict[str, dict[str, float]] = {}
+        ends: dict[str, Ends] = {}
         kafka_pid = stack.watched.pids["kafka"][0]
         tick = 0
         deadline = started + args.duration + args.drain
@@ -535,14 +550,10 @@ async def run_rate(
             result.samples.append(now)
             if tick == args.warmup:
                 window["start"] = now
-                backends["start"] = await pg_backends(orders)
-                jit["start"] = jit_seconds(kafka_pid)
-                host["start"] = host_seconds()
+                ends["start"] = await Ends.read(orders, kafka_pid)
             if tick == args.duration - 1:  # vegeta still runs: its /proc entry is there
                 window["end"] = now
-                backends["end"] = await pg_backends(orders)
-                jit["end"] = jit_seconds(kafka_pid)
-                host["end"] = host_seconds()
+                ends["end"] = await Ends.read(orders, kafka_pid)
             if tick >= args.duration and attack.returncode is not None:
                 if now.new == 0 and now.order_outbox == 0 and now.payment_outbox == 0:
                     result.drained_after_s = now.t - args.duration
@@ -567,9 +578,10 @@ async def run_rate(
         t1 = started + window["end"].t
         result.window_s = window["end"].t - window["start"].t
         result.cpu_s = cpu_delta(window["start"].cpu, window["end"].cpu)
-        result.pg_clients_s = pg_clients_delta(backends["start"], backends["end"])
-        result.kafka_jit_s = jit["end"] - jit["start"]
-        result.host_s = cpu_delta(host["start"], host["end"])
+        start, end = ends["start"], ends["end"]
+        result.pg_clients_s = pg_clients_delta(start.pg_backends, end.pg_backends)
+        result.kafka_jit_s = end.kafka_jit_s - start.kafka_jit_s
+        result.host_s = cpu_delta(start.host_s, end.host_s)
         result.completed_in_window = await orders.fetchval(
             "SELECT count(*) FROM orders WHERE status <> 'NEW' "
             "AND updated_at >= to_timestamp($1) AND updated_at < to_timestamp($2)",
@@ -607,16 +619,17 @@ async def run_rate(
     return result
 
 
-async def idle(stack: Stack, seconds: int) -> dict[str, float]:
-    """Each process's CPU over `seconds` with no traffic, in % of one core, and (`KAFKA_JIT`)
-    the part of Kafka's that its JIT compiler threads used."""
+async def idle(stack: Stack, seconds: int) -> tuple[dict[str, float], float]:
+    """Each process's CPU over `seconds` with no traffic, in % of one core, and the part of
+    Kafka's that its JIT compiler threads used."""
     kafka_pid = stack.watched.pids["kafka"][0]
-    before = {**stack.watched.snapshot(), KAFKA_JIT: jit_seconds(kafka_pid)}
+    before, jit_before = stack.watched.snapshot(), jit_seconds(kafka_pid)
     started = time.monotonic()
     await asyncio.sleep(seconds)
-    after = {**stack.watched.snapshot(), KAFKA_JIT: jit_seconds(kafka_pid)}
+    after, jit_after = stack.watched.snapshot(), jit_seconds(kafka_pid)
     elapsed = time.monotonic() - started
-    return {name: 100 * spent / elapsed for name, spent in cpu_delta(before, after).items()}
+    pct = {name: 100 * spent / elapsed for name, spent in cpu_delta(before, after).items()}
+    return pct, 100 * (jit_after - jit_before) / elapsed
 
 
 async def warm_up(stack: Stack, users: list[str], rate: int, seconds: int) -> None:
@@ -700,8 +713,12 @@ def summary_table(results: list[RateResult]) -> str:
     return "\n".join(lines)
 
 
-def cpu_table(results: list[RateResult], idle_pct: Mapping[str, float] | None) -> str:
-    names = [n for n in (results[0].cpu_s if results else idle_pct or {}) if n != KAFKA_JIT]
+def cpu_table(
+    results: list[RateResult],
+    idle_pct: Mapping[str, float] | None,
+    idle_jit_pct: float | None = None,
+) -> str:
+    names = list(results[0].cpu_s) if results else list(idle_pct or {})
     header = "| process |"
     rule = "| --- |"
     if idle_pct is not None:
@@ -725,8 +742,7 @@ def cpu_table(results: list[RateResult], idle_pct: Mapping[str, float] | None) -
         if name == "kafka":  # a part of the row above, not another process
             row = f"| {KAFKA_JIT} |"
             if idle_pct is not None:
-                jit = idle_pct.get(KAFKA_JIT)
-                row += f" {jit:.1f} |" if jit is not None else " – |"
+                row += f" {idle_jit_pct:.1f} |" if idle_jit_pct is not None else " – |"
             lines.append(row + "".join(f" {_per_order(r, r.kafka_jit_s)} |" for r in results))
     return "\n".join(lines)
 
@@ -780,7 +796,7 @@ def host_table(results: list[RateResult]) -> str:
 
 
 def _everything(cpu_s: Mapping[str, float]) -> float:
-    return sum(v for name, v in cpu_s.items() if name != KAFKA_JIT)
+    return sum(cpu_s.values())
 
 
 def backlog_lines(r: RateResult) -> str:
@@ -794,32 +810,38 @@ def backlog_lines(r: RateResult) -> str:
 # --------------------------------------------------------------------------- main
 
 
-async def measure(
-    stack: Stack, args: argparse.Namespace
-) -> tuple[dict[str, float] | None, list[RateResult]]:
+@dataclass
+class Idle:
+    """The idle window: each process's CPU in % of one core, and Kafka's JIT threads' part."""
+
+    pct: dict[str, float]
+    kafka_jit_pct: float
+
+
+async def measure(stack: Stack, args: argparse.Namespace) -> tuple[Idle | None, list[RateResult]]:
     users = [f"cap-user-{uuid.uuid4().hex[:6]}-{n}" for n in range(args.users)]
     await fund(stack.gateway, users)
     await warm_up(stack, users, args.warm_rate, args.warm_seconds)
-    idle_pct = None
+    idle_window = None
     if args.idle:
         # after the warm-up: the broker's JIT compilations and log housekeeping that it set
         # off, the relays' and consumers' last batches, and PostgreSQL's autovacuum of the
         # warm-up's rows are over (after 30 s they were not: docs/benchmarks.md, round seven)
         await asyncio.sleep(args.settle)
-        idle_pct = await idle(stack, args.idle)
+        idle_window = Idle(*await idle(stack, args.idle))
     results = []
     for rate in args.rates:
         print(f"{rate}/s for {args.duration} s …", file=sys.stderr)
         results.append(await run_rate(stack, users, rate, args))
         print(summary_table(results[-1:]), file=sys.stderr)
         await asyncio.sleep(args.pause)
-    return idle_pct, results
+    return idle_window, results
 
 
 def run(args: argparse.Namespace) -> int:
     stack = start_stack(args)  # synchronous: the launcher runs its own event loops
     try:
-        idle_pct, results = asyncio.run(measure(stack, args))
+        idle_window, results = asyncio.run(measure(stack, args))
     finally:
         stop_stack(stack, args.keep)
 
@@ -834,7 +856,10 @@ def run(args: argparse.Namespace) -> int:
     )
     print(summary_table(results))
     print()
-    print(cpu_table(results, idle_pct))
+    if idle_window is None:
+        print(cpu_table(results, None))
+    else:
+        print(cpu_table(results, idle_window.pct, idle_window.kafka_jit_pct))
     print()
     print(pg_clients_table(results))
     print()
@@ -843,7 +868,11 @@ def run(args: argparse.Namespace) -> int:
     for r in results:
         print(backlog_lines(r))
     if args.json:
-        figures = {"idle_pct": idle_pct, "results": [dataclasses.asdict(r) for r in results]}
+        figures = {
+            "idle_pct": idle_window and idle_window.pct,
+            "idle_kafka_jit_pct": idle_window and idle_window.kafka_jit_pct,
+            "results": [dataclasses.asdict(r) for r in results],
+        }
         Path(args.json).write_text(json.dumps(figures, indent=1))
     return 0
 

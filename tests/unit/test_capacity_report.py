@@ -135,8 +135,7 @@ def test_kafkas_jit_is_a_row_under_kafka_not_another_process() -> None:
     result = _result()  # the platform 5.0 s over 1,000 orders in 20 s
     result.cpu_s = {"kafka": 2.0, **result.cpu_s}
     result.kafka_jit_s = 1.5
-    idle_pct = {"kafka": 1.0, "kafka: of which its JIT compiler threads": 0.25}
-    lines = cpu_table([result], idle_pct).splitlines()
+    lines = cpu_table([result], {"kafka": 1.0}, idle_jit_pct=0.25).splitlines()
     names = [line.split("|")[1].strip() for line in lines[2:]]
     assert names[names.index("kafka") + 1] == "kafka: of which its JIT compiler threads"
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in lines[2:]}
