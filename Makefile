@@ -1,7 +1,7 @@
 # The two commands: `make up` runs the platform, `make test` runs the tests.
 # Ports and folders come from GOZON_* variables (see README, "Changing ports").
 .PHONY: up down status logs test test-chart test-k8s test-faults lock bootstrap image images compose-up \
-	compose-down test-compose bench-capacity
+	compose-down test-compose bench-capacity bench-calls
 
 PY := .venv/bin/python
 
@@ -50,6 +50,12 @@ test-faults: bootstrap
 bench-capacity: bootstrap
 	@scripts/install-vegeta >/dev/null
 	@$(PY) -m bench.capacity $(BENCH_ARGS)
+
+# The work each order costs every Python process, counted (function calls per order, by library)
+# rather than timed, so it does not move with the host (docs/benchmarks.md, "Round eight").
+bench-calls: bootstrap
+	@scripts/install-vegeta >/dev/null
+	@$(PY) -m bench.calls $(BENCH_ARGS)
 
 # Re-resolves requirements/lock.txt from pyproject.toml, then the image's runtime.txt and
 # build.txt within it (commit all of them).
