@@ -1,12 +1,14 @@
 """Benchmark: the Python work each order costs every process, counted rather than timed.
 
-`bench.capacity` times what an order costs in CPU, and its figures move with the host: the
-same code cost 20–28 ms per order at 50/s in four runs one after another on one machine
+`bench.capacity` times what an order costs in CPU, and its figures move with the host: main
+cost 27.6 and then 20.1 ms per order at 50/s in two runs ten minutes apart on one machine
 (docs/benchmarks.md, "Round eight"). A change that saves a few per cent is lost in that. This
 bench counts instead: how many function calls (Python functions and the C functions they
 call, as cProfile counts them) each of the platform's Python processes makes per order, and
-in which library. A count does not depend on the host's speed, its load or the hypervisor, so
-two trees compare in one run each, on any machine.
+in which library. A count hardly depends on the host's speed, its load or the hypervisor
+(only what the timers do in the window, and how often two messages share a batch, still
+move it: three runs agreed to 1.5% per process), so two trees compare in one run each, on
+any machine.
 
 It starts its own stack exactly as `bench.capacity` does, with `bench/profiling` first on
 PYTHONPATH (its `sitecustomize` gives every process a SIGUSR2 profiling switch), funds the
@@ -33,6 +35,7 @@ import json
 import os
 import pstats
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -221,11 +224,17 @@ def run(args: argparse.Namespace) -> int:
     stack_args = argparse.Namespace(
         stack="own", partitions=args.partitions, venv=args.venv, replicas=[]
     )
-    stack = start_stack(stack_args)
     try:
-        orders, stats = asyncio.run(measure(stack, args, folder))
+        stack = start_stack(stack_args)
+        try:
+            orders, stats = asyncio.run(measure(stack, args, folder))
+        finally:
+            stop_stack(stack, args.keep)
     finally:
-        stop_stack(stack, args.keep)
+        if args.keep:
+            print(f"the profiles (pstats, one per pid): {folder}", file=sys.stderr)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
     profiles = [Profile.of(name, per_function) for name, per_function in stats.items()]
     # under one call per order: no part in an order (the payments API), left out of the table
     profiles = [p for p in profiles if p.calls >= orders]
@@ -271,7 +280,9 @@ def main() -> int:
         default=[],
         help="run these processes from another virtualenv, e.g. orders-relay=../other/.venv",
     )
-    parser.add_argument("--keep", action="store_true", help="leave the stack running")
+    parser.add_argument(
+        "--keep", action="store_true", help="leave the stack running and the profiles on disk"
+    )
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     if args.rate < 1 or args.duration < 1:
