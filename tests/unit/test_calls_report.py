@@ -1,5 +1,5 @@
 """bench.calls: the profiling switch its stack's processes get, and how a profile becomes calls
-per order by library (a count that does not move with the host, unlike the CPU bench's)."""
+per order by library (a count that hardly moves with the host, unlike the CPU bench's)."""
 
 from __future__ import annotations
 
