@@ -643,8 +643,19 @@ async def warm_up(stack: Stack, users: list[str], rate: int, seconds: int) -> No
     shed, as any attack's."""
     if seconds <= 0:
         return
-    targets = stack.workdir / "warmup.jsonl"
-    write_targets(targets, stack.gateway, users, f"warm-{uuid.uuid4().hex[:8]}", rate * seconds)
+    await offer(stack, users, rate, seconds, f"warm-{uuid.uuid4().hex[:8]}")
+    orders = await asyncpg.connect(stack.orders_db)
+    try:
+        await none_new(orders, 60)
+    finally:
+        await orders.close()
+
+
+async def offer(stack: Stack, users: list[str], rate: int, seconds: int, prefix: str) -> None:
+    """vegeta offers `rate` new orders a second for `seconds` seconds, their descriptions
+    starting with `prefix`; unreported (what it measures is read from elsewhere)."""
+    targets = stack.workdir / f"{prefix}.jsonl"
+    write_targets(targets, stack.gateway, users, prefix, rate * seconds)
     await asyncio.to_thread(
         subprocess.run,
         [
@@ -659,14 +670,17 @@ async def warm_up(stack: Stack, users: list[str], rate: int, seconds: int) -> No
         check=True,
         capture_output=True,
     )
-    orders = await asyncpg.connect(stack.orders_db)
-    try:
-        for _ in range(300):
-            if await orders.fetchval("SELECT count(*) FROM orders WHERE status = 'NEW'") == 0:
-                return
-            await asyncio.sleep(0.2)
-    finally:
-        await orders.close()
+
+
+async def none_new(orders: asyncpg.Connection, seconds: float) -> bool:
+    """Waits up to `seconds` until no order is NEW (each was handled by every process on its
+    way); whether that happened."""
+    deadline = time.monotonic() + seconds
+    while await orders.fetchval("SELECT count(*) FROM orders WHERE status = 'NEW'"):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.2)
+    return True
 
 
 # --------------------------------------------------------------------------- report

@@ -4,8 +4,9 @@
 stack it starts, so every Python process of it imports this module at start-up (Python's
 `site` imports `sitecustomize`). Then SIGUSR2 starts a deterministic profile (cProfile) of
 the process's main thread (its event loop), and the next SIGUSR2 stops it and writes it to
-`$GOZON_BENCH_PROFILE_DIR/<pid>.prof`. Without the variable it installs nothing. The
-interpreter's own `sitecustomize` (Debian ships one), which this module hides, still runs.
+`$GOZON_BENCH_PROFILE_DIR/<pid>.prof` (under another name first, so that it is whole when it
+appears). Without the variable it installs nothing. The interpreter's own `sitecustomize`
+(Debian ships one), which this module hides, still runs.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ def _install(folder: str) -> None:
             profile.enable()
             return
         profile.disable()
-        profile.dump_stats(os.path.join(folder, f"{os.getpid()}.prof"))
+        path = os.path.join(folder, f"{os.getpid()}.prof")
+        profile.dump_stats(path + ".part")
+        os.replace(path + ".part", path)  # whole when it appears
 
     signal.signal(signal.SIGUSR2, toggle)
 

@@ -1,5 +1,5 @@
 """bench.calls: the profiling switch its stack's processes get, and how a profile becomes calls
-per order by library (a count that hardly moves with the host, unlike the CPU bench's)."""
+per order by library (a count that moves far less with the host than the CPU bench's)."""
 
 from __future__ import annotations
 
@@ -99,6 +99,7 @@ def test_sigusr2_starts_and_stops_a_profile_written_to_the_folder(tmp_path: Path
 
     assert done.returncode == 0, done.stderr
     written = tmp_path / f"{done.stdout.strip()}.prof"
+    assert [path.name for path in tmp_path.iterdir()] == [written.name]  # no half-written name
     stats = pstats.Stats(str(written)).stats  # type: ignore[attr-defined]
     calls = {name: row[1] for (_, _, name), row in stats.items()}
     assert calls["work"] == 5
