@@ -5,6 +5,7 @@ the test's own, so that stopping it disturbs no other test."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -13,6 +14,8 @@ from pathlib import Path
 import port_for
 import pytest
 from aiokafka import AIOKafkaProducer
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gozon.core.migrations import upgrade
 from gozon.messaging.kafka import dlq_topic, new_producer
@@ -64,6 +67,26 @@ def private_postgres(servers_dir: Path) -> Iterator[Postgres]:
     upgrade(MIGRATIONS / "orders" / "migrations", server.url("order_db"))
     yield server
     server.stop()
+
+
+@contextlib.asynccontextmanager
+async def role_of_its_own(engine: AsyncEngine) -> AsyncIterator[tuple[str, str]]:
+    """A login role (not a superuser) granted every table and sequence of `engine`'s
+    database, as a deployment grants its service: (its name, the database's URL as it).
+    Dropped afterwards; the test may revoke and grant meanwhile."""
+    role = f"service_{uuid.uuid4().hex[:8]}"
+    async with engine.begin() as conn:
+        await conn.execute(text(f"CREATE ROLE {role} LOGIN PASSWORD '{role}'"))
+        await conn.execute(text(f"GRANT USAGE ON SCHEMA public TO {role}"))
+        await conn.execute(text(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}"))
+        await conn.execute(text(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}"))
+    url = engine.url.set(username=role, password=role).render_as_string(hide_password=False)
+    try:
+        yield role, url
+    finally:
+        async with engine.begin() as conn:
+            await conn.execute(text(f"DROP OWNED BY {role}"))
+            await conn.execute(text(f"DROP ROLE {role}"))
 
 
 @pytest.fixture

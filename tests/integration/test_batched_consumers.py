@@ -36,9 +36,9 @@ from gozon.payments import service
 from gozon.payments.consumer import make_handler as payments_handler
 from gozon.payments.models import Account, LedgerEntry, PaymentDecision, payment_outbox
 from scripts.stack import Kafka
-from tests.conftest import running_consumer
-from tests.integration.conftest import new_topic
-from tests.integration.test_orders_consumer import until_committed
+from tests.conftest import running_consumer, until
+from tests.integration.conftest import new_topic, role_of_its_own
+from tests.integration.test_orders_consumer import committed, until_committed
 from tests.integration.test_payments_consumer import order_created
 from tests.integration.test_relay import consume
 
@@ -380,6 +380,53 @@ async def test_a_database_failure_mid_batch_retries_the_whole_batch_and_nothing_
     assert [a.payload.order_id for a, _ in answered] == [e.payload.order_id for e in batch]
     assert {a.payload.status for a, _ in answered} == {"PAID"}
     assert messages_count(topic, "dead_lettered") == dead_lettered  # (before the offset)
+
+
+async def test_a_grant_taken_away_holds_the_batch_until_it_is_back_and_nothing_is_dead_lettered(
+    payments: AsyncEngine,
+    kafka: Kafka,
+    topic: str,
+    producer: AIOKafkaProducer,
+) -> None:
+    """A database that refuses the consumer itself (a grant revoked; a migration not run, a
+    wrong role, a read-only standby after a failover are the same kind) refuses every message
+    alike: the batch waits for the fix, as in an outage, and no message is dead-lettered for
+    what is not its fault."""
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    await deposit(payments, user, "100")
+    batch = [order_created(user, "10"), order_created(user, "20"), order_created(user, "30")]
+    await produce(producer, topic, [value(e) for e in batch])
+    sizes: list[int] = []
+    dead_lettered = messages_count(topic, "dead_lettered")
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    handler = recording(payments_handler, sizes)
+
+    async with role_of_its_own(payments) as (role, as_role):
+        async with payments.begin() as conn:
+            await conn.execute(text(f"REVOKE INSERT ON payment_outbox FROM {role}"))
+        async with running_consumer(as_role, kafka, topic, group, OrderCreated, handler) as runner:
+            # Twice the attempts after which a message's own fault splits the batch.
+            await until(lambda: _true(len(sizes) >= 6), 60, "six attempts of the batch")
+            assert set(sizes) == {3}  # never split into single messages to dead-letter
+            assert not runner.database_ok  # the consumer reports not ready meanwhile
+            assert await committed(kafka, topic, group) is None
+            assert await balance_of(payments, user) == Decimal("100")
+
+            async with payments.begin() as conn:
+                await conn.execute(text(f"GRANT INSERT ON payment_outbox TO {role}"))
+            await until_committed(kafka, topic, group, 3, within=60)
+            assert runner.database_ok
+
+    assert await balance_of(payments, user) == Decimal("40")
+    answered = await answers(payments)
+    assert [(a.payload.order_id, a.payload.status) for a, _ in answered] == [
+        (e.payload.order_id, "PAID") for e in batch
+    ]
+    assert messages_count(topic, "dead_lettered") == dead_lettered
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 # --------------------------------------------------------------------------- orders

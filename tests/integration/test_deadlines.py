@@ -25,6 +25,7 @@ from gozon.core.settings import OrdersSettings
 from gozon.orders.api import build_app
 from gozon.orders.models import Order
 from tests.conftest import serve, until
+from tests.integration.conftest import role_of_its_own
 
 pytestmark = pytest.mark.integration
 
@@ -227,3 +228,32 @@ async def test_a_connection_killed_mid_request_is_retried_once_then_503_and_the_
             await admin2.close()
         again = await client.post("/api/orders", **order("killed"))
         assert again.status_code == 201, again.text
+
+
+async def test_a_database_that_refuses_the_api_is_answered_503_not_processed(
+    orders_db: str,
+) -> None:
+    """A grant taken away (as a migration not run or a read-only standby after a failover
+    would) fails every request alike and commits nothing: to the client that is the service
+    unavailable (retry later), not an unknown outcome; once granted again, the same request
+    goes through."""
+    engine = create_engine(orders_db)
+    try:
+        async with role_of_its_own(engine) as (role, as_role):
+            async with engine.begin() as conn:
+                await conn.execute(text(f"REVOKE INSERT ON orders FROM {role}"))
+            settings = OrdersSettings(orders_database_url=as_role, **PATIENT)
+            async with serve(build_app(settings)) as client:
+                refused = await client.post("/api/orders", **order("refused"))
+                assert refused.status_code == 503, refused.text
+                assert refused.headers["retry-after"] == "1"
+                assert refused.json()["outcome"] == "not_processed"
+                assert await orders_with(orders_db, "refused") == 0
+
+                async with engine.begin() as conn:
+                    await conn.execute(text(f"GRANT INSERT ON orders TO {role}"))
+                again = await client.post("/api/orders", **order("refused"))
+                assert again.status_code == 201, again.text
+                assert await orders_with(orders_db, "refused") == 1
+    finally:
+        await engine.dispose()

@@ -28,6 +28,7 @@ from gozon.orders.models import order_outbox
 from scripts.processes import GozonProcess, http_status, wait_for
 from scripts.stack import Kafka, Postgres
 from tests.conftest import until
+from tests.integration.conftest import role_of_its_own
 from tests.integration.test_relay import insert_events, running_relay, statuses
 
 pytestmark = pytest.mark.integration
@@ -121,6 +122,44 @@ async def test_a_prune_that_loses_its_connection_leaves_the_relay_running(
         await until(lambda: _statuses_are(engine, {}), 120, "every row published and pruned")
         assert relay.database_ok
         assert not task.done()
+
+
+async def test_a_relay_the_database_refuses_waits_with_its_rows_pending_until_the_fix(
+    engine: AsyncEngine, kafka: Kafka
+) -> None:
+    """A grant taken away (as a migration not run, a wrong role or a read-only standby after a
+    failover would) is not an outage, and the relay lives through it all the same."""
+    topic = f"test.refused.{uuid.uuid4().hex[:8]}"
+    await asyncio.to_thread(kafka.create_topics, [topic])
+    config = RelayConfig(fallback_poll=0.1, outage_backoff_max=0.2)
+    async with role_of_its_own(engine) as (role, as_role):
+        refused = create_async_engine(as_role)
+        try:
+            async with running_relay(refused, kafka.bootstrap, config) as relay:
+                task = next(
+                    t for t in asyncio.all_tasks() if "OutboxRelay.run" in repr(t.get_coro())
+                )
+                await insert_events(engine, topic, 1)
+                await until(lambda: _statuses_are(engine, {"SENT": 1}), 60, "a first row SENT")
+                assert relay.database_ok
+
+                async with engine.begin() as conn:
+                    await conn.execute(text(f"REVOKE UPDATE ON order_outbox FROM {role}"))
+                await insert_events(engine, topic, 3)
+                await until(
+                    _true(lambda: not relay.database_ok or task.done()), 60, "a refused claim"
+                )
+                await asyncio.sleep(1)  # several more refused claims (backoff at most 0.2 s)
+                assert not task.done()  # alive, and not ready
+                assert not relay.database_ok
+                assert await statuses(engine) == {"SENT": 1, "PENDING": 3}
+
+                async with engine.begin() as conn:
+                    await conn.execute(text(f"GRANT UPDATE ON order_outbox TO {role}"))
+                await until(lambda: _statuses_are(engine, {"SENT": 4}), 60, "the rows SENT")
+                assert relay.database_ok
+        finally:
+            await refused.dispose()
 
 
 async def _statuses_are(engine: AsyncEngine, wanted: dict[str, int]) -> bool:

@@ -10,7 +10,7 @@ import asyncpg
 from sqlalchemy.exc import DBAPIError
 from starlette.types import Message, Receive, Scope, Send
 
-from gozon.core.db import is_database_outage, sqlstate
+from gozon.core.db import is_database_outage, is_database_refusal, sqlstate
 from gozon.core.deadline import Admission, current_budget, parse_budget
 from gozon.messaging.consumer import is_retryable
 from tests.conftest import until
@@ -120,6 +120,25 @@ def test_a_server_shutting_down_or_refusing_is_an_outage_and_a_bug_is_not() -> N
         assert is_database_outage(error(code)), code
     for code in ("23505", "42P01", "22003"):  # a constraint, a missing table, a bad number
         assert not is_database_outage(error(code)), code
+
+
+def test_a_database_refusing_the_service_is_waited_out_and_a_messages_fault_is_not() -> None:
+    # a privilege revoked, a table missing (a migration not run), a wrong password, a missing
+    # database, a read-only standby, the server's I/O error: every message would fail alike
+    def error(code: str) -> DBAPIError:
+        return DBAPIError("SELECT 1", {}, _DriverError(code))
+
+    for code in ("42501", "42P01", "42703", "28P01", "3D000", "25006", "58030"):
+        assert is_database_refusal(error(code)), code
+        assert is_retryable(error(code)), code
+        assert not is_database_outage(error(code)), code  # the server answers
+    assert is_database_refusal(asyncpg.InsufficientPrivilegeError("permission denied"))
+    assert is_retryable(asyncpg.ReadOnlySQLTransactionError("read-only transaction"))
+    # a constraint, a bad number, a refused check: this message's own fault, dead-lettered
+    for code in ("23505", "22003", "23514", "25P02"):
+        assert not is_database_refusal(error(code)), code
+        assert not is_retryable(error(code)), code
+    assert not is_database_refusal(ValueError("no database error"))
 
 
 def test_the_drivers_own_connection_errors_are_outages_and_its_data_errors_are_not() -> None:

@@ -83,6 +83,24 @@ def sqlstate(exc: BaseException) -> str | None:
     return code if isinstance(code, str) else None
 
 
+# SQLSTATEs with which the database refuses the service itself, whatever the work it is given:
+# 28 invalid authorization (a wrong password, a role dropped), 3D a missing database, 3F a
+# missing schema, 42 a statement the schema or the grants do not allow (a migration not run,
+# a privilege revoked: our statements are fixed, so no message's content can cause one), 58
+# the server's own system error (its disk failing), and 25006, a read-only transaction (the
+# service reached a standby, e.g. after a failover). Not outages (the server answers), not a
+# message's fault either: the same statement fails for every message.
+REFUSAL_SQLSTATE_CLASSES = frozenset({"28", "3D", "3F", "42", "58"})
+READ_ONLY_SQLSTATE = "25006"
+
+
+def is_database_refusal(exc: BaseException) -> bool:
+    """The database refuses this service (its role, grants, schema, a read-only server), not
+    this piece of work: wait for the fix and retry, never skip the work as a bad message."""
+    code = sqlstate(exc)
+    return code is not None and (code[:2] in REFUSAL_SQLSTATE_CLASSES or code == READ_ONLY_SQLSTATE)
+
+
 def is_database_outage(exc: BaseException) -> bool:
     """A lost, refused or timed-out database connection: retry later, never skip the work."""
     if isinstance(exc, OSError | TimeoutError | ConnectionError):

@@ -17,7 +17,8 @@ Owns the contract between the gateway and the APIs:
   engine's `pool_timeout`, set well under the gateway's timeout (the defaults nest: gateway
   5 s > API budget 4 s > statement 3 s > pool wait 2 s).
 - `install_outage_handlers`: a lost, refused or timed-out database connection, a statement
-  cancelled by its timeout, an exhausted pool or a passed deadline is answered 503 with
+  cancelled by its timeout, an exhausted pool, a passed deadline or a database that refuses
+  the service itself (its role, grants or schema, a read-only standby) is answered 503 with
   `Retry-After` ("not processed", true because the transaction was rolled back), never 500.
   The one exception: a connection lost *during COMMIT* may or may not have committed, so it
   is answered 504 with `"outcome": "unknown"` (a retry with the same `Idempotency-Key` is
@@ -37,6 +38,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Final
 
+import asyncpg
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -49,7 +51,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, SessionTransaction
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gozon.core.db import is_database_outage, sqlstate
+from gozon.core.db import is_database_outage, is_database_refusal, sqlstate
 from gozon.core.headers import DEADLINE_HEADER
 from gozon.core.problems import problem_response
 
@@ -307,6 +309,16 @@ async def _on_database_error(request: Request, exc: Exception) -> JSONResponse:
         return _unavailable(request, "statement timeout")
     if is_database_outage(exc):
         return _unavailable(request, repr(exc))
+    if is_database_refusal(exc):
+        # Not this request's fault: every request fails alike until the deployment is fixed
+        # (a grant, a migration, a read-only standby). Nothing was committed.
+        log.error(
+            "the database refuses the service (its role, grants or schema, or a read-only server)",
+            path=request.url.path,
+            error=repr(exc),
+        )
+        OUTAGES.labels(NOT_PROCESSED).inc()
+        return not_processed("The database is unavailable.", instance=request.url.path)
     # Anything else is a bug, not an outage: the generic 500 (logged with its traceback).
     log.error("unhandled error", path=request.url.path, exc_info=exc)
     return problem_response(
@@ -318,6 +330,7 @@ def install_outage_handlers(app: FastAPI) -> None:
     """503 (or 504 when a COMMIT was cut) for database failures, instead of a 500."""
     for exc_class in (
         DBAPIError,
+        asyncpg.PostgresError,  # the statements the APIs run on the driver itself
         PoolTimeout,
         OSError,
         DeadlineExceeded,

@@ -23,7 +23,10 @@ the payments API and the relays' housekeeping). Guarantees, per docs/reliability
   was exhausted, the database refused or dropped us before the statement committed, the
   statement was cut by its timeout), `OutcomeUnknown` (504: the connection was lost or timed
   out on the client's side while a write was in flight, so it may have committed), or
-  `DeadlineExceeded` (503). Any other database error is a bug and stays one (500).
+  `DeadlineExceeded` (503). A database that refuses the service itself (a revoked grant, a
+  migration not run, a read-only standby: `gozon.core.db.is_database_refusal`) passes through
+  as the driver raised it and the API's handler answers 503 (`gozon.core.deadline`). Any
+  other database error is a bug and stays one (500).
 
 The workers' batches (the Kafka consumers') run on a pool of their own from `worker_pool`,
 with the same no-pre-ping, no-reset connections, each batch on a connection held by

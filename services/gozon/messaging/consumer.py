@@ -26,9 +26,12 @@ Guarantees:
 - A transient failure (the database unreachable, a deadlock or serialization failure, or a
   handler's `RetryLater`) retries the whole batch with capped backoff, for as long as it
   lasts: the batch's transaction was rolled back, so nothing is done twice and nothing is
-  skipped. Any other handler error retries the batch a few times; then its messages are
-  handled one at a time, so that only the message that fails on its own is dead-lettered
-  with its reason ("handler failed: …") and the others commit.
+  skipped. So does a database that refuses the consumer itself (a revoked grant, a migration
+  not run, a wrong role, a read-only standby: `is_database_refusal`), with the consumer not
+  ready meanwhile: every message would fail alike, so none is dead-lettered for it.
+  Any other handler error retries the batch a few times; then its messages are handled one
+  at a time, so that only the message that fails on its own is dead-lettered with its reason
+  ("handler failed: …") and the others commit.
 - Each message keeps its own trace: its CONSUMER span continues the `traceparent` it came
   with, the batch's span links to every message's span, and what a handler writes for a
   message (an outbox row's headers) carries that message's context (`Delivery.trace_headers`).
@@ -61,7 +64,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, Span
 from pydantic import BaseModel, ValidationError
 
-from gozon.core.db import is_database_outage, sqlstate
+from gozon.core.db import is_database_outage, is_database_refusal, sqlstate
 from gozon.core.errors import RetryLater
 from gozon.core.runtime import sleep_unless
 from gozon.core.telemetry import TRACE_HEADERS, context_from_headers
@@ -136,6 +139,7 @@ def is_retryable(exc: BaseException) -> bool:
     """A failure that says "try the whole batch again", never "this message is bad"."""
     return (
         is_database_outage(exc)
+        or is_database_refusal(exc)
         or isinstance(exc, RetryLater)
         or sqlstate(exc) in CONFLICT_SQLSTATES
     )
@@ -425,7 +429,17 @@ class ConsumerRunner(Generic[E]):
                         f"handler answered {len(outcomes)} outcomes for {len(deliveries)} messages"
                     )
             except Exception as exc:
-                if is_retryable(exc):
+                if is_database_refusal(exc):
+                    if self.database_ok:
+                        log.error(
+                            "the database refuses the consumer (its role, grants or schema, or "
+                            "a read-only server), not the messages: the batch waits for the fix",
+                            topic=self.topic,
+                            messages=len(deliveries),
+                            error=repr(exc),
+                        )
+                    self.database_ok = False
+                elif is_retryable(exc):
                     if self.database_ok:
                         log.warning(
                             "database unavailable or busy, retrying the batch",

@@ -37,7 +37,9 @@ Guarantees:
   lost notification delays a row, never loses it.
 - No dependency's outage ends the relay: claiming, publishing and the periodic prune all
   treat a lost database or broker as "not ready, back off, try again"; a lost connection is
-  dropped and the next batch connects anew.
+  dropped and the next batch connects anew. A database that refuses the relay itself (a
+  revoked grant, a migration not run, a read-only standby: `is_database_refusal`) is waited
+  out the same way, with an error logged.
 - SIGTERM: the batch in hand is finished and committed, then the relay exits.
 """
 
@@ -60,7 +62,7 @@ from opentelemetry.context import Context
 from sqlalchemy import Table, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from gozon.core.db import is_database_outage
+from gozon.core.db import is_database_outage, is_database_refusal
 from gozon.core.pg import driver_dsn, unusable_after
 from gozon.core.runtime import sleep_unless
 from gozon.core.telemetry import context_from_headers
@@ -443,7 +445,7 @@ class OutboxRelay:
                 outage_delay = min(outage_delay * 2, self.config.outage_backoff_max)
                 continue
             except Exception as exc:
-                if not is_database_outage(exc):
+                if not (is_database_outage(exc) or is_database_refusal(exc)):
                     raise
                 self._database_down(exc)
                 await sleep_unless(stop, outage_delay)
@@ -464,7 +466,14 @@ class OutboxRelay:
                         await self.wake.wait()
 
     def _database_down(self, exc: BaseException) -> None:
-        if self.database_ok:
+        if self.database_ok and is_database_refusal(exc):
+            log.error(
+                "the database refuses the relay (its role, grants or schema, or a read-only "
+                "server): rows stay pending until it is fixed",
+                outbox=self.name,
+                error=repr(exc),
+            )
+        elif self.database_ok:
             log.warning("database unavailable", outbox=self.name, error=repr(exc))
         self.database_ok = False
 
