@@ -758,7 +758,25 @@ def cpu_table(
             if idle_pct is not None:
                 row += f" {idle_jit_pct:.1f} |" if idle_jit_pct is not None else " – |"
             lines.append(row + "".join(f" {_per_order(r, r.kafka_jit_s)} |" for r in results))
+    row = f"| {YARDSTICK} |" + (" – |" if idle_pct is not None else "")
+    lines.append(row + "".join(f" {platform_per_vegeta(r)} |" for r in results))
     return "\n".join(lines)
+
+
+YARDSTICK = "platform ÷ vegeta (the host's speed taken out; a rate that shed nothing)"
+
+
+def platform_per_vegeta(r: RateResult) -> str:
+    """The platform's CPU in units of the load generator's, which does the same work per
+    order in every run of a rate that sheds nothing: on one host this ratio moved ±5% over
+    six runs at 50/s while the platform's ms per order moved ±22% with the host (docs/
+    benchmarks.md, "Round nine"). A rate that shed requests gives vegeta work that no order
+    pays back, so it shows none."""
+    codes = {str(k): int(v) for k, v in r.vegeta.get("status_codes", {}).items()}
+    vegeta = r.cpu_s.get("vegeta", 0.0)
+    if vegeta <= 0 or set(codes) - {"201"}:
+        return "–"
+    return f"{platform_cpu(r.cpu_s) / vegeta:.1f}"
 
 
 def _per_order(r: RateResult, spent: float) -> str:

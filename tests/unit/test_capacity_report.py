@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from bench.capacity import (
+    YARDSTICK,
     RateResult,
     _command_from,
     _replica_gozon,
@@ -39,6 +40,17 @@ def _result() -> RateResult:
         window_s=20.0,
         cpu_s={"orders-api": 2.0, "postgresql": 3.0, "vegeta": 4.0, "bench (this script)": 1.0},
     )
+
+
+def test_the_platform_is_weighed_against_vegeta_only_where_nothing_was_shed() -> None:
+    clean = _result()
+    clean.vegeta = {"status_codes": {"201": 1000}}
+    shed = _result()
+    shed.vegeta = {"status_codes": {"201": 1000, "503": 7}}
+    table = cpu_table([clean, shed], {"vegeta": 0.0})
+    row = next(line for line in table.splitlines() if line.startswith(f"| {YARDSTICK} |"))
+    # 5 s of the platform against vegeta's 4 s; the run that shed shows nothing; idle has none
+    assert [cell.strip() for cell in row.split("|")[2:-1]] == ["–", "1.2", "–"]
 
 
 def test_the_summary_counts_only_the_platform_per_order() -> None:
