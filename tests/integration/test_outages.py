@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from gozon.contracts import ORDER_CREATED_TOPIC, PAYMENT_PROCESSED_TOPIC
 from gozon.messaging.relay import RelayConfig
 from gozon.messaging.wakeup import OutboxListener
+from gozon.messaging.worker import ACCEPTS_WORK
 from gozon.orders.models import order_outbox
 from scripts.processes import GozonProcess, http_status, wait_for
 from scripts.stack import Kafka, Postgres
@@ -124,42 +125,38 @@ async def test_a_prune_that_loses_its_connection_leaves_the_relay_running(
         assert not task.done()
 
 
-async def test_a_relay_the_database_refuses_waits_with_its_rows_pending_until_the_fix(
-    engine: AsyncEngine, kafka: Kafka
+async def test_a_relay_the_database_refuses_waits_not_ready_with_its_rows_pending_until_the_fix(
+    engine: AsyncEngine, kafka: Kafka, process_logs: Path
 ) -> None:
     """A grant taken away (as a migration not run, a wrong role or a read-only standby after a
-    failover would) is not an outage, and the relay lives through it all the same."""
+    failover would) is not an outage, and the relay lives through it all the same: not ready
+    while the database refuses its claims, its rows PENDING, then it carries on."""
     topic = f"test.refused.{uuid.uuid4().hex[:8]}"
     await asyncio.to_thread(kafka.create_topics, [topic])
-    config = RelayConfig(fallback_poll=0.1, outage_backoff_max=0.2)
     async with role_of_its_own(engine) as (role, as_role):
-        refused = create_async_engine(as_role)
+        relay = worker("relay", as_role, kafka.bootstrap, process_logs / "relay.log")
+        relay.start(ready=True, timeout=120)
         try:
-            async with running_relay(refused, kafka.bootstrap, config) as relay:
-                task = next(
-                    t for t in asyncio.all_tasks() if "OutboxRelay.run" in repr(t.get_coro())
-                )
-                await insert_events(engine, topic, 1)
-                await until(lambda: _statuses_are(engine, {"SENT": 1}), 60, "a first row SENT")
-                assert relay.database_ok
+            await insert_events(engine, topic, 1)
+            await until(lambda: _statuses_are(engine, {"SENT": 1}), 60, "a first row SENT")
 
-                async with engine.begin() as conn:
-                    await conn.execute(text(f"REVOKE UPDATE ON order_outbox FROM {role}"))
-                await insert_events(engine, topic, 3)
-                await until(
-                    _true(lambda: not relay.database_ok or task.done()), 60, "a refused claim"
-                )
-                await asyncio.sleep(1)  # several more refused claims (backoff at most 0.2 s)
-                assert not task.done()  # alive, and not ready
-                assert not relay.database_ok
-                assert await statuses(engine) == {"SENT": 1, "PENDING": 3}
+            async with engine.begin() as conn:
+                await conn.execute(text(f"REVOKE UPDATE ON order_outbox FROM {role}"))
+            await insert_events(engine, topic, 3)
+            await wait_status(relay, "/health/ready", 503, "the relay to report not ready")
+            checks = ready_checks(relay)
+            assert checks[ACCEPTS_WORK] is False
+            assert checks["database"] is True  # it answers; it refuses the relay's claims
+            assert relay.status("/health/live") == 200
+            assert await statuses(engine) == {"SENT": 1, "PENDING": 3}
 
-                async with engine.begin() as conn:
-                    await conn.execute(text(f"GRANT UPDATE ON order_outbox TO {role}"))
-                await until(lambda: _statuses_are(engine, {"SENT": 4}), 60, "the rows SENT")
-                assert relay.database_ok
+            async with engine.begin() as conn:
+                await conn.execute(text(f"GRANT UPDATE ON order_outbox TO {role}"))
+            await until(lambda: _statuses_are(engine, {"SENT": 4}), 60, "the rows SENT")
+            await wait_status(relay, "/health/ready", 200, "the relay to be ready again")
+            assert relay.stop() == 0  # a clean exit: it never crashed meanwhile
         finally:
-            await refused.dispose()
+            relay.kill()
 
 
 async def _statuses_are(engine: AsyncEngine, wanted: dict[str, int]) -> bool:

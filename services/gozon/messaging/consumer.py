@@ -28,7 +28,7 @@ Guarantees:
   lasts: the batch's transaction was rolled back, so nothing is done twice and nothing is
   skipped. So does a database that refuses the consumer itself (a revoked grant, a migration
   not run, a wrong role, a read-only standby: `is_database_refusal`), with the consumer not
-  ready meanwhile: every message would fail alike, so none is dead-lettered for it.
+  ready meanwhile (`refused`): every message would fail alike, so none is dead-lettered for it.
   Any other handler error retries the batch a few times; then its messages are handled one
   at a time, so that only the message that fails on its own is dead-lettered with its reason
   ("handler failed: …") and the others commit.
@@ -169,6 +169,8 @@ class ConsumerRunner(Generic[E]):
         self.commit_interval = commit_interval
         self.poll_timeout = poll_timeout
         self.database_ok = True
+        # The database refused the last attempt (`is_database_refusal`): readiness says so.
+        self.refused = False
         # The next offset of each partition whose records are all in the database ("done"):
         # what the lag counts from, and, until committed, what `_pending` holds.
         self._done: dict[TopicPartition, int] = {}
@@ -439,6 +441,7 @@ class ConsumerRunner(Generic[E]):
                             error=repr(exc),
                         )
                     self.database_ok = False
+                    self.refused = True
                 elif is_retryable(exc):
                     if self.database_ok:
                         log.warning(
@@ -474,6 +477,7 @@ class ConsumerRunner(Generic[E]):
                 delay = min(delay * 2, self.retry_backoff_max)
                 continue
             self.database_ok = True
+            self.refused = False
             elapsed = time.perf_counter() - started
             histogram = CONSUMER_HANDLE_SECONDS.labels(self.topic)
             for _ in deliveries:  # each message waited for the whole batch's transaction

@@ -39,7 +39,7 @@ Guarantees:
   treat a lost database or broker as "not ready, back off, try again"; a lost connection is
   dropped and the next batch connects anew. A database that refuses the relay itself (a
   revoked grant, a migration not run, a read-only standby: `is_database_refusal`) is waited
-  out the same way, with an error logged.
+  out the same way, with an error logged and readiness failing (`refused`).
 - SIGTERM: the batch in hand is finished and committed, then the relay exits.
 """
 
@@ -231,6 +231,8 @@ class OutboxRelay:
         self.config = config
         self.kafka_ok = False
         self.database_ok = False
+        # The database refused the last claim (`is_database_refusal`): readiness says so.
+        self.refused = False
         self._last_prune = 0.0
         self.wake = asyncio.Event()
         """Set when rows may be waiting (a notification); the relay then polls at once."""
@@ -454,6 +456,7 @@ class OutboxRelay:
             if not self.database_ok or (claimed and not self.kafka_ok):
                 log.info("relay healthy", outbox=self.name)
             self.database_ok = True
+            self.refused = False
             if claimed:
                 self.kafka_ok = True
             outage_delay = 0.1
@@ -476,6 +479,7 @@ class OutboxRelay:
         elif self.database_ok:
             log.warning("database unavailable", outbox=self.name, error=repr(exc))
         self.database_ok = False
+        self.refused = is_database_refusal(exc)
 
     # -- housekeeping
 

@@ -64,6 +64,18 @@ def relay_config(settings: MessagingSettings) -> RelayConfig:
     )
 
 
+# Readiness check: the database answers, and also runs the worker's statements (false while it
+# refuses them: a revoked grant, a migration not run, a read-only standby).
+ACCEPTS_WORK = "database_accepts_work"
+
+
+def _not(refused: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return not refused()
+
+    return check
+
+
 def _flag(readiness: Readiness, name: str) -> asyncio.Event:
     """An event that readiness reports as the check `name`."""
     flag = asyncio.Event()
@@ -118,6 +130,7 @@ async def run_relay(
     )
     readiness = Readiness()
     readiness.add("database", lambda: database_answers(engine))
+    readiness.add(ACCEPTS_WORK, _not(lambda: relay.refused))
     readiness.add("kafka", lambda: broker_answers(producer))
     started = _flag(readiness, "started")  # its start-up steps done (they wait for Kafka)
     try:
@@ -182,6 +195,7 @@ async def run_consumer(
     )
     readiness = Readiness()
     readiness.add("database", lambda: pool_answers(pool))
+    readiness.add(ACCEPTS_WORK, _not(lambda: runner.refused))
     readiness.add("kafka", lambda: broker_answers(producer))
     started = _flag(readiness, "started")  # its start-up steps done (they wait for Kafka)
     try:
