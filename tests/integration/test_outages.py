@@ -157,6 +157,11 @@ async def test_a_relay_the_database_refuses_waits_not_ready_with_its_rows_pendin
             assert relay.stop() == 0  # a clean exit: it never crashed meanwhile
         finally:
             relay.kill()
+    # One error naming the refusal for the whole incident, not one per retried claim.
+    lines = (process_logs / "relay.log").read_text().splitlines()
+    refusals = [line for line in lines if "the database refuses the relay" in line]
+    assert len(refusals) == 1, refusals
+    assert "permission denied for table order_outbox" in refusals[0]
 
 
 async def _statuses_are(engine: AsyncEngine, wanted: dict[str, int]) -> bool:

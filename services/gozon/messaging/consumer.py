@@ -432,7 +432,7 @@ class ConsumerRunner(Generic[E]):
                     )
             except Exception as exc:
                 if is_database_refusal(exc):
-                    if self.database_ok:
+                    if not self.refused:
                         log.error(
                             "the database refuses the consumer (its role, grants or schema, or "
                             "a read-only server), not the messages: the batch waits for the fix",

@@ -469,17 +469,18 @@ class OutboxRelay:
                         await self.wake.wait()
 
     def _database_down(self, exc: BaseException) -> None:
-        if self.database_ok and is_database_refusal(exc):
+        refused = is_database_refusal(exc)
+        if refused and not self.refused:  # logged from the first claim on, start-up included
             log.error(
                 "the database refuses the relay (its role, grants or schema, or a read-only "
                 "server): rows stay pending until it is fixed",
                 outbox=self.name,
                 error=repr(exc),
             )
-        elif self.database_ok:
+        elif not refused and self.database_ok:
             log.warning("database unavailable", outbox=self.name, error=repr(exc))
         self.database_ok = False
-        self.refused = is_database_refusal(exc)
+        self.refused = refused
 
     # -- housekeeping
 
