@@ -2,8 +2,9 @@
 invariant (tests/faults/invariants.py) over both databases and what the clients saw.
 
 Faults, in order: SIGKILL of each of the seven processes (restarted at once, as a supervisor
-would), SIGSTOP of Kafka for 15 s, SIGKILL and restart of Kafka, a PostgreSQL restart, and 3×
-the platform's capacity for 10 s (vegeta, open loop). After each, the test waits until every
+would), SIGSTOP of Kafka for 15 s, SIGKILL and restart of Kafka, a PostgreSQL restart, both
+databases read-only for 10 s (a standby after a failover), and 3× the platform's capacity for
+10 s (vegeta, open loop). After each, the test waits until every
 order is final and the outboxes are empty (a deadline, not a timing assertion), checks the
 invariants, and records what the clients saw: answers by status, how long after the fault the
 last failed answer was sent (recovery), the unknown outcomes, how long the backlog took to
@@ -23,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
+from sqlalchemy import make_url
 
 from gozon.processes import PROCESSES
 from scripts.stack import Kafka, Postgres
@@ -203,6 +206,59 @@ async def test_postgres_restart_answers_503_only_while_it_is_down_and_never_500(
         f"{len(late)} database 503s outside the outage (0 to {window.end - window.start:.1f} s), "
         f"e.g. {late[:5]}"
     )
+
+
+async def test_a_read_only_database_after_a_failover_is_waited_out_and_never_500(
+    platform: Platform, users: Users
+) -> None:
+    """Both databases turn read-only for 10 s, as a standby does when the services reconnect
+    to it after a failover, then writable again: every write is refused (SQLSTATE 25006)
+    while the server answers. The APIs answer 503, the relays and consumers wait (a message
+    dead-lettered would leave its order NEW, which the invariants catch), and nothing is lost
+    or done twice."""
+    urls = [platform.env[f"GOZON_{s}_DATABASE_URL"] for s in ("ORDERS", "PAYMENTS")]
+    names = [make_url(url).database for url in urls]
+    admin_dsn = make_url(urls[0]).set(drivername="postgresql", database="postgres")
+
+    async def every_session_anew(conn: asyncpg.Connection) -> None:
+        # The services' connections are dropped and made again, as a failover does: a new
+        # session takes the database's default.
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = ANY($1::text[]) AND pid <> pg_backend_pid()",
+            names,
+        )
+
+    async def read_only_for_10_s() -> Window:
+        conn = await asyncpg.connect(admin_dsn.render_as_string(hide_password=False))
+        try:
+            start = time.time()
+            for name in names:
+                await conn.execute(
+                    f'ALTER DATABASE "{name}" SET default_transaction_read_only = on'
+                )
+            await every_session_anew(conn)
+            await asyncio.sleep(10)  # the fault's length
+            for name in names:
+                await conn.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+            await every_session_anew(conn)
+            return Window(start, time.time())
+        finally:
+            await conn.close()
+
+    log, window, report = await under_load(
+        platform, users, "read-only databases 10 s", read_only_for_10_s
+    )
+    assert_sound(report, log)
+    refused = [r for r in log if r.status == 503 and _reason(r.detail) == "database"]
+    assert refused, "no write was refused: the fault did not take"
+    # Once writable again, no pooled session stays read-only: the refusals end with the fault.
+    late = [
+        round(r.sent_at - window.end, 2)
+        for r in refused
+        if not (window.start <= r.sent_at + r.latency_s and r.sent_at <= window.end)
+    ]
+    assert not late, f"{len(late)} database 503s after the fault (s after its end: {late[:5]})"
 
 
 async def test_three_times_capacity_is_shed_fast_and_nothing_is_lost(
