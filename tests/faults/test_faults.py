@@ -233,15 +233,19 @@ async def test_a_read_only_database_after_a_failover_is_waited_out_and_never_500
         conn = await asyncpg.connect(admin_dsn.render_as_string(hide_password=False))
         try:
             start = time.time()
-            for name in names:
-                await conn.execute(
-                    f'ALTER DATABASE "{name}" SET default_transaction_read_only = on'
-                )
-            await every_session_anew(conn)
-            await asyncio.sleep(10)  # the fault's length
-            for name in names:
-                await conn.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
-            await every_session_anew(conn)
+            try:
+                for name in names:
+                    await conn.execute(
+                        f'ALTER DATABASE "{name}" SET default_transaction_read_only = on'
+                    )
+                await every_session_anew(conn)
+                await asyncio.sleep(10)  # the fault's length
+            finally:  # writable again whatever happened: the next tests share these databases
+                for name in names:
+                    await conn.execute(
+                        f'ALTER DATABASE "{name}" RESET default_transaction_read_only'
+                    )
+                await every_session_anew(conn)
             return Window(start, time.time())
         finally:
             await conn.close()

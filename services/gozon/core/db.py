@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncpg
-from sqlalchemy import MetaData, text
+from sqlalchemy import MetaData, event, text
+from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -40,7 +41,7 @@ def create_engine(
     and the payments API answers a dead connection 503 (the orders API uses `gozon.core.pg`).
     The APIs pass pool and statement timeouts that nest under the gateway's (see
     `gozon.core.deadline`)."""
-    return create_async_engine(
+    engine = create_async_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
@@ -52,6 +53,16 @@ def create_engine(
             "command_timeout": command_timeout_s,
         },
     )
+    event.listen(engine.sync_engine, "handle_error", _read_only_is_a_lost_server)
+    return engine
+
+
+def _read_only_is_a_lost_server(context: ExceptionContext) -> None:
+    """A connection that reached a read-only server (a standby, say before or after a
+    failover) is handled as one that lost its server: dropped with the pool's older ones, so
+    that the next connections may reach the primary, instead of refusing writes for ever."""
+    if getattr(context.original_exception, "sqlstate", None) == READ_ONLY_SQLSTATE:
+        context.is_disconnect = True
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -46,6 +46,7 @@ import asyncpg
 import structlog
 from sqlalchemy.engine import make_url
 
+from gozon.core.db import READ_ONLY_SQLSTATE
 from gozon.core.deadline import (
     MIN_BUDGET_S,
     QUERY_CANCELED,
@@ -223,6 +224,14 @@ class Database:
                 if code in _RETRY_SQLSTATES and attempt == 1:
                     log.info("database connection refused a statement; retrying", sqlstate=code)
                     continue
+                if code == READ_ONLY_SQLSTATE:
+                    # This connection reached a read-only server (a standby, say before or
+                    # after a failover): dropped, never pooled again; a fresh one may reach
+                    # the primary, so the statement is sent once more.
+                    if attempt == 1:
+                        log.info("connection reached a read-only server; retrying")
+                        continue
+                    raise
                 broken = code[:2] in _NOT_PROCESSED_CLASSES and code != QUERY_CANCELED
                 if code[:2] in _NOT_PROCESSED_CLASSES:
                     raise NotProcessed(f"{code}: {exc}") from exc
@@ -301,11 +310,14 @@ async def worker_pool(
 
 def unusable_after(conn: asyncpg.Connection, exc: BaseException) -> bool:
     """Whether a connection a batch failed on must be dropped, never used again: it is
-    closed, still inside the transaction (its ROLLBACK failed: lost mid-transaction), or
+    closed, still inside the transaction (its ROLLBACK failed: lost mid-transaction),
     refused by the driver while it digests the server's goodbye (InternalClientError, its
-    FATAL read and its EOF not yet). The server rolls back whatever it had open."""
+    FATAL read and its EOF not yet), or connected to a read-only server (a standby: a new
+    connection may reach the primary). The server rolls back whatever it had open."""
     return (
-        conn.is_closed() or conn.is_in_transaction() or isinstance(exc, asyncpg.InternalClientError)
+        conn.is_closed()
+        or conn.is_in_transaction()
+        or isinstance(exc, asyncpg.InternalClientError | asyncpg.ReadOnlySQLTransactionError)
     )
 
 
