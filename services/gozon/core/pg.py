@@ -18,7 +18,9 @@ the payments API and the relays' housekeeping). Guarantees, per docs/reliability
   connection the server closed; a statement that finds its connection closed before it was
   sent, or whose connection the server terminated with an error saying so (`57P01` admin
   shutdown, `57P02` crash shutdown, `57P03` cannot connect now: the statement was rolled
-  back), is sent once more on a fresh connection. A second failure is a 503.
+  back), is sent once more on a fresh connection. So is one refused because its connection
+  reached a read-only server (`25006`: a standby), which is dropped, never pooled again. A
+  second failure is a 503.
 - **Every failure has an honest answer**: `NotProcessed` (503, nothing was written: the pool
   was exhausted, the database refused or dropped us before the statement committed, the
   statement was cut by its timeout), `OutcomeUnknown` (504: the connection was lost or timed
