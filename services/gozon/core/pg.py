@@ -62,9 +62,11 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-# The server said it is terminating or not yet accepting this connection: the statement
-# did not run (or was rolled back), and a fresh connection may well succeed.
-_RETRY_SQLSTATES: Final = frozenset({"57P01", "57P02", "57P03"})
+# The server said it is terminating or not yet accepting this connection, or that this
+# connection reached a read-only server (25006: a standby, say before or after a failover;
+# such a session stays read-only for its life): the statement did not run (or was rolled
+# back), and a fresh connection may well succeed.
+_RETRY_SQLSTATES: Final = frozenset({"57P01", "57P02", "57P03", READ_ONLY_SQLSTATE})
 # Server-reported failures that roll the statement back and mean "later", not "never":
 # 08 connection exception, 40 rollback (serialization, deadlock), 53 insufficient resources,
 # 57 operator intervention (57014: cancelled by statement_timeout).
@@ -226,15 +228,12 @@ class Database:
                 if code in _RETRY_SQLSTATES and attempt == 1:
                     log.info("database connection refused a statement; retrying", sqlstate=code)
                     continue
-                if code == READ_ONLY_SQLSTATE:
-                    # This connection reached a read-only server (a standby, say before or
-                    # after a failover): dropped, never pooled again; a fresh one may reach
-                    # the primary, so the statement is sent once more.
-                    if attempt == 1:
-                        log.info("connection reached a read-only server; retrying")
-                        continue
-                    raise
-                broken = code[:2] in _NOT_PROCESSED_CLASSES and code != QUERY_CANCELED
+                broken = (
+                    code == READ_ONLY_SQLSTATE
+                    or (  # never pooled again
+                        code[:2] in _NOT_PROCESSED_CLASSES and code != QUERY_CANCELED
+                    )
+                )
                 if code[:2] in _NOT_PROCESSED_CLASSES:
                     raise NotProcessed(f"{code}: {exc}") from exc
                 raise
