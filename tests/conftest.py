@@ -240,6 +240,15 @@ def spans(tracing: InMemorySpanExporter) -> Iterator[InMemorySpanExporter]:
     tracing.clear()
 
 
+def holds(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    """A plain predicate as `until` takes one."""
+
+    async def check() -> bool:
+        return bool(predicate())
+
+    return check
+
+
 async def until(predicate: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
     """Polls `predicate` every 50 ms until it is true; fails after `within` seconds."""
     loop = asyncio.get_running_loop()

@@ -36,7 +36,7 @@ from gozon.payments import service
 from gozon.payments.consumer import make_handler as payments_handler
 from gozon.payments.models import Account, LedgerEntry, PaymentDecision, payment_outbox
 from scripts.stack import Kafka
-from tests.conftest import running_consumer, until
+from tests.conftest import holds, running_consumer, until
 from tests.integration.conftest import new_topic, role_of_its_own
 from tests.integration.test_orders_consumer import committed, until_committed
 from tests.integration.test_payments_consumer import order_created
@@ -406,7 +406,7 @@ async def test_a_grant_taken_away_holds_the_batch_until_it_is_back_and_nothing_i
             await conn.execute(text(f"REVOKE INSERT ON payment_outbox FROM {role}"))
         async with running_consumer(as_role, kafka, topic, group, OrderCreated, handler) as runner:
             # Twice the attempts after which a message's own fault splits the batch.
-            await until(lambda: _true(len(sizes) >= 6), 60, "six attempts of the batch")
+            await until(holds(lambda: len(sizes) >= 6), 60, "six attempts of the batch")
             assert set(sizes) == {3}  # never split into single messages to dead-letter
             assert runner.refused  # the consumer reports not ready meanwhile (ACCEPTS_WORK)
             assert await committed(kafka, topic, group) is None
@@ -423,10 +423,6 @@ async def test_a_grant_taken_away_holds_the_batch_until_it_is_back_and_nothing_i
         (e.payload.order_id, "PAID") for e in batch
     ]
     assert messages_count(topic, "dead_lettered") == dead_lettered
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 # --------------------------------------------------------------------------- orders

@@ -28,7 +28,7 @@ from gozon.messaging.worker import ACCEPTS_WORK
 from gozon.orders.models import order_outbox
 from scripts.processes import GozonProcess, http_status, wait_for
 from scripts.stack import Kafka, Postgres
-from tests.conftest import until
+from tests.conftest import holds, until
 from tests.integration.conftest import role_of_its_own
 from tests.integration.test_relay import insert_events, running_relay, statuses
 
@@ -186,24 +186,17 @@ async def test_the_listener_reconnects_after_a_database_restart_and_wakes_the_re
 
     try:
         async with listener.running():
-            await until(_true(lambda: listener.listening), 120, "the listener to listen")
+            await until(holds(lambda: listener.listening), 120, "the listener to listen")
             await asyncio.to_thread(private_postgres.stop)
-            await until(_true(lambda: not listener.listening), 120, "the listener to notice")
+            await until(holds(lambda: not listener.listening), 120, "the listener to notice")
             await asyncio.to_thread(private_postgres.start)
             await engine.dispose()  # the pool's connections died with the server
-            await until(_true(lambda: listener.listening), 60, "the listener to reconnect")
+            await until(holds(lambda: listener.listening), 60, "the listener to reconnect")
             wake.clear()
             await notify()
-            await until(_true(wake.is_set), 120, "a notification to wake the relay")
+            await until(holds(wake.is_set), 120, "a notification to wake the relay")
     finally:
         await engine.dispose()
-
-
-def _true(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
-    async def check() -> bool:
-        return bool(predicate())
-
-    return check
 
 
 async def test_a_consumer_rides_out_a_database_outage_and_its_metrics_keep_answering(
