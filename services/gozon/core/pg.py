@@ -325,9 +325,9 @@ def unusable_after(conn: asyncpg.Connection, exc: BaseException) -> bool:
 @contextlib.asynccontextmanager
 async def batch_connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
     """A pooled connection for one batch; dropped instead of pooled again when the batch
-    failed with it closed, still inside a transaction (its ROLLBACK failed: the connection
-    was lost mid-transaction) or refused by the driver while it digests the server's goodbye
-    (InternalClientError). The server rolls back whatever the dropped one had open."""
+    failed with it unusable (`unusable_after`: closed, still inside a transaction, refused by
+    the driver while it digests the server's goodbye, or on a read-only server). The server
+    rolls back whatever the dropped one had open."""
     try:
         conn: asyncpg.Connection = await pool.acquire()
     except asyncpg.PostgresError as exc:
