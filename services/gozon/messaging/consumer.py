@@ -183,10 +183,14 @@ class ConsumerRunner(Generic[E]):
         self._generation = 0
         consumer.subscribe([topic], listener=_Rebalance(self))
         # Every outcome's series exists from the start, so the first dead letter is an
-        # increase from 0 that rate() and increase() can see, not a series appearing.
-        for outcome in ("processed", "duplicate", "dead_lettered", "failed"):
-            CONSUMER_MESSAGES.labels(topic, outcome)
-        CONSUMER_LAG.labels(topic)
+        # increase from 0 that rate() and increase() can see, not a series appearing. The
+        # series are kept, not looked up (a lock and a dict) for every message.
+        self._messages = {
+            outcome: CONSUMER_MESSAGES.labels(topic, outcome)
+            for outcome in ("processed", "duplicate", "dead_lettered", "failed")
+        }
+        self._handle_seconds = CONSUMER_HANDLE_SECONDS.labels(topic)
+        self._lag = CONSUMER_LAG.labels(topic)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Fetches and handles batches until `stop` is set; then commits what is done.
@@ -381,7 +385,7 @@ class ConsumerRunner(Generic[E]):
                         dead[index] = f"rejected: {outcome.reason}"
                     else:
                         outcomes[index] = outcome
-                        CONSUMER_MESSAGES.labels(self.topic, outcome).inc()
+                        self._messages[outcome].inc()
             for index in sorted(dead):
                 await self.dead_letter(records[index], dead[index], stop)
                 outcomes[index] = "dead_lettered"
@@ -453,7 +457,7 @@ class ConsumerRunner(Generic[E]):
                     self.database_ok = not (is_database_outage(exc) or isinstance(exc, RetryLater))
                 else:
                     attempts += 1
-                    CONSUMER_MESSAGES.labels(self.topic, "failed").inc(len(deliveries))
+                    self._messages["failed"].inc(len(deliveries))
                     log.error(
                         "handler failed",
                         topic=self.topic,
@@ -479,9 +483,8 @@ class ConsumerRunner(Generic[E]):
             self.database_ok = True
             self.refused = False
             elapsed = time.perf_counter() - started
-            histogram = CONSUMER_HANDLE_SECONDS.labels(self.topic)
             for _ in deliveries:  # each message waited for the whole batch's transaction
-                histogram.observe(elapsed)
+                self._handle_seconds.observe(elapsed)
             return outcomes
 
     async def dead_letter(self, record: Record, reason: str, stop: asyncio.Event) -> None:
@@ -506,7 +509,7 @@ class ConsumerRunner(Generic[E]):
                     raise
                 await sleep_unless(stop, delay)
                 delay = min(delay * 2, self.retry_backoff_max)
-        CONSUMER_MESSAGES.labels(self.topic, "dead_lettered").inc()
+        self._messages["dead_lettered"].inc()
         log.warning(
             "message dead-lettered",
             topic=record.topic,
@@ -522,7 +525,7 @@ class ConsumerRunner(Generic[E]):
             highwater = self.consumer.highwater(tp)
             if highwater is not None and tp in self._done:
                 lag += max(0, highwater - self._done[tp])
-        CONSUMER_LAG.labels(self.topic).set(lag)
+        self._lag.set(lag)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
