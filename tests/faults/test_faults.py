@@ -3,17 +3,19 @@ invariant (tests/faults/invariants.py) over both databases and what the clients 
 
 Faults, in order: SIGKILL of each of the seven processes (restarted at once, as a supervisor
 would), SIGSTOP of Kafka for 15 s, SIGKILL and restart of Kafka, a PostgreSQL restart, both
-databases read-only for 10 s (a standby after a failover), and 3× the platform's capacity for
-10 s (vegeta, open loop). After each, the test waits until every
-order is final and the outboxes are empty (a deadline, not a timing assertion), checks the
-invariants, and records what the clients saw: answers by status, how long after the fault the
-last failed answer was sent (recovery), the unknown outcomes, how long the backlog took to
-drain. Run it with `make test-faults`; the figures are in docs/reliability.md ("Fault suite").
+databases read-only for 10 s (a standby after a failover), every PostgreSQL process frozen
+(SIGSTOP) for 10 s, and 3× the platform's capacity for 10 s (vegeta, open loop). After each,
+the test waits until every order is final and the outboxes are empty (a deadline, not a
+timing assertion), checks the invariants, and records what the clients saw: answers by
+status, how long after the fault the last failed answer was sent (recovery), the unknown
+outcomes, how long the backlog took to drain. Run it with `make test-faults`; the figures are
+in docs/reliability.md ("Fault suite").
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import statistics
@@ -28,6 +30,7 @@ import asyncpg
 import pytest
 from sqlalchemy import make_url
 
+from gozon.core.settings import OrdersSettings
 from gozon.processes import PROCESSES
 from scripts.stack import Kafka, Postgres
 from tests.conftest import until
@@ -263,6 +266,73 @@ async def test_a_read_only_database_after_a_failover_is_waited_out_and_never_500
         if not (window.start <= r.sent_at + r.latency_s and r.sent_at <= window.end)
     ]
     assert not late, f"{len(late)} database 503s after the fault (s after its end: {late[:5]})"
+
+
+def _server_processes(postmaster: int) -> list[int]:
+    """The postmaster and every process it forked (backends, checkpointer, WAL writer…)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:  # ended meanwhile
+                continue
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == postmaster:
+                children.append(int(entry.name))
+    return [postmaster, *children]
+
+
+async def test_a_frozen_database_is_answered_within_the_deadline_and_never_500(
+    platform: Platform, users: Users, postgres: Postgres
+) -> None:
+    """Every PostgreSQL process stopped (SIGSTOP) for 10 s, then resumed: a stalled disk or a
+    paused machine, where the server keeps its connections open and answers nothing, refusing
+    nothing either. The APIs must answer within their own budget (503, or 504 with the outcome
+    unknown for a write already sent), so the gateway never times out and its breaker never
+    opens; the workers' statements finish when the server resumes; nothing is lost or done
+    twice."""
+    postmaster = postgres.running_pid()
+    assert postmaster is not None
+
+    async def frozen_for_10_s() -> Window:
+        stopped: list[int] = []
+        start = time.time()
+        try:
+            for pid in _server_processes(postmaster):  # the postmaster first: no new backends
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped.append(pid)
+            await asyncio.sleep(10)  # the fault's length
+        finally:
+            for pid in stopped:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+        return Window(start, time.time())
+
+    log, window, report = await under_load(
+        platform, users, "PostgreSQL frozen 10 s", frozen_for_10_s
+    )
+    assert_sound(report, log)
+    failed = [r for r in log if r.status != 201]
+    assert failed, "every request went through: the fault did not take"
+    # Answered by the APIs within their budget: never left to the gateway's own timeout
+    # (504 "No answer within …") or to its breaker (503 "… is unavailable").
+    unanswered = [
+        (r.status, r.detail)
+        for r in failed
+        if (r.detail or "").startswith("No answer within") or _reason(r.detail) == "upstream down"
+    ]
+    assert not unanswered, f"{len(unanswered)} requests the APIs did not answer: {unanswered[:5]}"
+    # Once the server runs again no connection stays stuck: the database's failures end
+    # within one request budget of the thaw (a request sent just before it may take that long).
+    budget_s = OrdersSettings.model_fields["api_timeout_s"].default  # the platform keeps it
+    late = [
+        round(r.sent_at - window.end, 2)
+        for r in failed
+        if (r.status == 504 or _reason(r.detail) == "database")
+        and r.sent_at > window.end + budget_s
+    ]
+    assert not late, f"{len(late)} database failures after the thaw (s after it: {late[:5]})"
 
 
 async def test_three_times_capacity_is_shed_fast_and_nothing_is_lost(
