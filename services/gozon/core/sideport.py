@@ -6,6 +6,7 @@ worker keeps SIGTERM for itself) answers the same three endpoints as the APIs do
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 
@@ -19,6 +20,11 @@ log = structlog.get_logger(__name__)
 
 
 ScrapeHook = Callable[[], Awaitable[object]]
+
+SCRAPE_HOOK_TIMEOUT_S = 2.0
+"""How long one scrape waits for each hook. A stalled database must not stall `/metrics`:
+Prometheus would drop the whole scrape (every metric of the process, and `up` 0) exactly when
+the process's own counters matter; past this, the hook's gauges keep their last values."""
 
 
 def _app(readiness: Readiness, before_scrape: Sequence[ScrapeHook]) -> web.Application:
@@ -35,7 +41,8 @@ def _app(readiness: Readiness, before_scrape: Sequence[ScrapeHook]) -> web.Appli
     async def metrics(_: web.Request) -> web.Response:
         for hook in before_scrape:
             try:
-                await hook()
+                async with asyncio.timeout(SCRAPE_HOOK_TIMEOUT_S):
+                    await hook()
             except Exception as exc:  # a gauge left stale must not fail the whole scrape
                 log.warning("metrics hook failed", error=repr(exc))
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -53,7 +60,8 @@ async def side_port(
 ) -> AsyncIterator[int]:
     """Serves the side port while the block runs; yields the bound port (0 picks a free one).
 
-    `before_scrape` hooks refresh gauges that are computed at scrape time (the outbox lag).
+    `before_scrape` hooks refresh gauges that are computed at scrape time (the outbox lag),
+    each for at most `SCRAPE_HOOK_TIMEOUT_S`.
     """
     runner = web.AppRunner(_app(readiness, before_scrape), access_log=None, handle_signals=False)
     await runner.setup()
