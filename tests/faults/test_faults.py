@@ -269,8 +269,8 @@ async def test_a_read_only_database_after_a_failover_is_waited_out_and_never_500
     assert not late, f"{len(late)} database 503s after the fault (s after its end: {late[:5]})"
 
 
-def _server_processes(postmaster: int) -> list[int]:
-    """The postmaster and every process it forked (backends, checkpointer, WAL writer…)."""
+def _children(parent: int) -> list[int]:
+    """The processes `parent` forked (the postmaster's: backends, checkpointer, WAL writer…)."""
     children = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -278,9 +278,9 @@ def _server_processes(postmaster: int) -> list[int]:
                 stat = (entry / "stat").read_text()
             except OSError:  # ended meanwhile
                 continue
-            if int(stat[stat.rindex(")") + 2 :].split()[1]) == postmaster:
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == parent:
                 children.append(int(entry.name))
-    return [postmaster, *children]
+    return children
 
 
 async def test_a_frozen_database_is_answered_within_the_deadline_and_never_500(
@@ -307,7 +307,9 @@ async def test_a_frozen_database_is_answered_within_the_deadline_and_never_500(
         stopped: list[int] = []
         start = time.time()
         try:
-            for pid in _server_processes(postmaster):  # the postmaster first: no new backends
+            os.kill(postmaster, signal.SIGSTOP)  # first: it forks no backend from now on
+            stopped.append(postmaster)
+            for pid in _children(postmaster):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGSTOP)
                     stopped.append(pid)
