@@ -9,15 +9,18 @@ import contextlib
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import port_for
 import pytest
 from aiokafka import AIOKafkaProducer
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gozon.core.migrations import upgrade
+from gozon.core.pg import driver_dsn
 from gozon.messaging.kafka import dlq_topic, new_producer
 from scripts.stack import Kafka, Postgres, StackConfig, create_topics
 from tests.conftest import MIGRATIONS
@@ -87,6 +90,33 @@ async def role_of_its_own(engine: AsyncEngine) -> AsyncIterator[tuple[str, str]]
         async with engine.begin() as conn:
             await conn.execute(text(f"DROP OWNED BY {role}"))
             await conn.execute(text(f"DROP ROLE {role}"))
+
+
+@dataclass
+class ReadOnlySwitch:
+    """Turns a database's `default_transaction_read_only` on and off, as a failover to a
+    standby and back does: sessions made meanwhile take it (and keep it), older ones do not.
+    `admin` is a superuser connection to the database, for the test's own statements."""
+
+    admin: asyncpg.Connection
+    database: str
+
+    async def read_only(self, on: bool) -> None:
+        setting = "default_transaction_read_only"
+        change = f"SET {setting} = on" if on else f"RESET {setting}"
+        await self.admin.execute(f'ALTER DATABASE "{self.database}" {change}')
+
+
+@contextlib.asynccontextmanager
+async def read_only_switch(url: str) -> AsyncIterator[ReadOnlySwitch]:
+    """A `ReadOnlySwitch` for `url`'s database; writable again at the end, whatever happened
+    (the database is shared by the test's other fixtures)."""
+    switch = ReadOnlySwitch(await asyncpg.connect(driver_dsn(url)), str(make_url(url).database))
+    try:
+        yield switch
+    finally:
+        await switch.read_only(False)
+        await switch.admin.close()
 
 
 @pytest.fixture

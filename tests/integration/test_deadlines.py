@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from sqlalchemy import func, make_url, select, text
+from sqlalchemy import func, select, text
 
 from gozon.core.db import create_engine
 from gozon.core.deadline import DeadlineExceeded, api_session_factory, request_budget
@@ -25,7 +25,7 @@ from gozon.core.settings import OrdersSettings
 from gozon.orders.api import build_app
 from gozon.orders.models import Order
 from tests.conftest import serve, until
-from tests.integration.conftest import role_of_its_own
+from tests.integration.conftest import read_only_switch, role_of_its_own
 
 pytestmark = pytest.mark.integration
 
@@ -266,25 +266,19 @@ async def test_a_connection_to_a_read_only_server_is_dropped_not_pooled_again(
     Once it is writable again, the sessions made meanwhile must not live on in the pool
     refusing writes for ever (nothing else would end them: after a failover back, say): the
     next request goes through at once, with no session of the server ended by anyone."""
-    name = make_url(orders_db).database
-    admin = await asyncpg.connect(raw_url(orders_db))
     settings = OrdersSettings(orders_database_url=orders_db, **PATIENT)
-    try:
-        async with serve(build_app(settings)) as client:
-            assert (await client.post("/api/orders", **order("before"))).status_code == 201
-            await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
-            await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE application_name = 'orders-api'"
-            )
-            refused = await client.post("/api/orders", **order("read-only"))
-            assert refused.status_code == 503, refused.text
-            assert refused.json()["outcome"] == "not_processed"
+    async with read_only_switch(orders_db) as switch, serve(build_app(settings)) as client:
+        assert (await client.post("/api/orders", **order("before"))).status_code == 201
+        await switch.read_only(True)
+        await switch.admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'orders-api'"
+        )
+        refused = await client.post("/api/orders", **order("read-only"))
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["outcome"] == "not_processed"
 
-            await admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
-            again = await client.post("/api/orders", **order("read-only"))
-            assert again.status_code == 201, again.text
-            assert await orders_with(orders_db, "read-only") == 1
-    finally:
-        await admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
-        await admin.close()
+        await switch.read_only(False)
+        again = await client.post("/api/orders", **order("read-only"))
+        assert again.status_code == 201, again.text
+        assert await orders_with(orders_db, "read-only") == 1

@@ -8,16 +8,16 @@ import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
 
-import asyncpg
 import httpx
 import pytest
-from sqlalchemy import func, make_url, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from gozon.core.settings import PaymentsSettings
 from gozon.payments.api import build_app
 from gozon.payments.models import MAX_BALANCE, Account, LedgerEntry
 from tests.conftest import serve
+from tests.integration.conftest import read_only_switch
 
 pytestmark = pytest.mark.integration
 
@@ -295,27 +295,20 @@ async def test_a_connection_to_a_read_only_server_is_dropped_not_pooled_again(
     """The deposit's SQLAlchemy pool: a session that reached a read-only server (a standby)
     is dropped like a lost one, so once the database is writable again the next deposit goes
     through instead of meeting that session in the pool."""
-    name = make_url(payments_db).database
-    admin = await asyncpg.connect(
-        make_url(payments_db).set(drivername="postgresql").render_as_string(hide_password=False)
-    )
     headers = {"X-User-Id": user()}
-    try:
-        await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
-        await admin.execute(
+    async with read_only_switch(payments_db) as switch:
+        await switch.read_only(True)
+        await switch.admin.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
             "WHERE datname = $1 AND pid <> pg_backend_pid()",
-            name,
+            switch.database,
         )
         for _ in range(2):  # the first may meet a terminated session; the second a read-only one
             refused = await client.post("/api/payments/deposit?amount=10", headers=headers)
             assert refused.status_code == 503, refused.text
             assert refused.json()["outcome"] == "not_processed"
 
-        await admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+        await switch.read_only(False)
         again = await client.post("/api/payments/deposit?amount=10", headers=headers)
         assert again.status_code == 200, again.text
         assert await count_rows(payments_db) == (1, 1)
-    finally:
-        await admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
-        await admin.close()

@@ -7,10 +7,10 @@ import contextlib
 
 import asyncpg
 import pytest
-from sqlalchemy import make_url
 
-from gozon.core.pg import batch_connection, driver_dsn, worker_pool
+from gozon.core.pg import batch_connection, worker_pool
 from tests.conftest import until
+from tests.integration.conftest import read_only_switch
 
 pytestmark = pytest.mark.integration
 
@@ -76,28 +76,25 @@ async def test_a_batch_refused_as_read_only_drops_its_connection(orders_db: str)
     """A session made while the server was read-only (a standby, before or after a failover)
     stays read-only for its life, and nothing else would end it: the batch it refused drops
     it, so the retried batch gets a new session, which writes once the server does."""
-    name = make_url(orders_db).database
     write = "UPDATE orders SET status = status WHERE false"
-    admin = await asyncpg.connect(driver_dsn(orders_db))
     pool = await worker_pool(orders_db, size=1, application_name="test-pool-read-only")
     try:
-        await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
-        first = 0
+        async with read_only_switch(orders_db) as switch:
+            await switch.read_only(True)
+            first = 0
 
-        async def batch() -> None:
-            nonlocal first
-            async with batch_connection(pool) as conn:  # the pool's first: made read-only
-                first = await conn.fetchval(_PID)
-                await conn.execute(write)
+            async def batch() -> None:
+                nonlocal first
+                async with batch_connection(pool) as conn:  # the pool's first: made read-only
+                    first = await conn.fetchval(_PID)
+                    await conn.execute(write)
 
-        with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
-            await batch()
-        await admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+            with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+                await batch()
+            await switch.read_only(False)
 
-        async with batch_connection(pool) as conn:
-            assert await conn.fetchval(_PID) != first
-            assert await conn.execute(write) == "UPDATE 0"
+            async with batch_connection(pool) as conn:
+                assert await conn.fetchval(_PID) != first
+                assert await conn.execute(write) == "UPDATE 0"
     finally:
-        await admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
-        await admin.close()
         await pool.close()
