@@ -228,11 +228,10 @@ class Database:
                 if code in _RETRY_SQLSTATES and attempt == 1:
                     log.info("database connection refused a statement; retrying", sqlstate=code)
                     continue
-                broken = (
-                    code == READ_ONLY_SQLSTATE
-                    or (  # never pooled again
-                        code[:2] in _NOT_PROCESSED_CLASSES and code != QUERY_CANCELED
-                    )
+                # Never pooled again: a connection the server said it will not serve (the
+                # retry above drops it too), or one a "later" failure may have left unusable.
+                broken = code in _RETRY_SQLSTATES or (
+                    code[:2] in _NOT_PROCESSED_CLASSES and code != QUERY_CANCELED
                 )
                 if code[:2] in _NOT_PROCESSED_CLASSES:
                     raise NotProcessed(f"{code}: {exc}") from exc
