@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
+import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from gozon.core.migrations import upgrade
 from gozon.core.pg import driver_dsn
 from gozon.messaging.kafka import dlq_topic, new_producer
 from scripts.stack import Kafka, Postgres, StackConfig, create_topics
-from tests.conftest import MIGRATIONS
+from tests.conftest import MIGRATIONS, until
 from tests.integration.upstream import Upstream
 
 
@@ -117,6 +119,33 @@ async def read_only_switch(url: str) -> AsyncIterator[ReadOnlySwitch]:
     finally:
         await switch.read_only(False)
         await switch.admin.close()
+
+
+@contextlib.asynccontextmanager
+async def frozen_when_it_waits_for_a_lock(
+    admin: asyncpg.Connection, application_name: str
+) -> AsyncIterator[int]:
+    """Waits until a backend serving `application_name` waits for a lock (one the test holds
+    on `admin`), then stops it (SIGSTOP) until the block ends: a server that stopped answering
+    in the middle of that client's transaction, its connection open and nothing cancelled.
+    Yields the backend's pid."""
+    waiting: list[int] = []
+
+    async def one_waits() -> bool:
+        found = await admin.fetchval(
+            "SELECT array_agg(pid) FROM pg_stat_activity "
+            "WHERE application_name = $1 AND wait_event_type = 'Lock'",
+            application_name,
+        )
+        waiting[:] = found or []
+        return bool(waiting)
+
+    await until(one_waits, 10, f"a backend of {application_name} to wait for a lock")
+    os.kill(waiting[0], signal.SIGSTOP)
+    try:
+        yield waiting[0]
+    finally:
+        os.kill(waiting[0], signal.SIGCONT)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,7 +26,11 @@ from gozon.core.settings import OrdersSettings
 from gozon.orders.api import build_app
 from gozon.orders.models import Order
 from tests.conftest import serve, until
-from tests.integration.conftest import read_only_switch, role_of_its_own
+from tests.integration.conftest import (
+    frozen_when_it_waits_for_a_lock,
+    read_only_switch,
+    role_of_its_own,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -129,6 +134,37 @@ async def test_a_statement_past_the_callers_deadline_is_cancelled_and_answered_5
         assert await orders_with(orders_db, "late") == 0
         # The same key goes through once the database is free: nothing was half-written.
         assert (await client.post("/api/orders", **order("late"))).status_code == 201
+
+
+async def test_a_write_whose_server_freezes_is_answered_within_the_deadline(
+    orders_db: str,
+) -> None:
+    """A request short of time writes as BEGIN; SET LOCAL statement_timeout; the statement;
+    COMMIT. If the server stops answering meanwhile (a stalled disk, a paused machine: the
+    connection stays open and nothing is cancelled), only the client's bound keeps the request
+    inside its deadline, and the connection must be dropped, not rolled back: the ROLLBACK
+    would wait for the frozen server. Frozen here: the request's own backend (SIGSTOP), while
+    its INSERT waits for the table lock."""
+    budget_s = 1.0
+    async with serve(build_app(OrdersSettings(orders_database_url=orders_db))) as client:
+        async with orders_locked(orders_db) as admin:
+            started = time.monotonic()
+            sent = asyncio.create_task(
+                client.post(
+                    "/api/orders",
+                    **order("frozen", **{"X-Request-Timeout-Ms": str(int(budget_s * 1000))}),
+                )
+            )
+            async with frozen_when_it_waits_for_a_lock(admin, "orders-api"):
+                response = await asyncio.wait_for(sent, 30)
+                took = time.monotonic() - started
+        assert response.status_code == 503, response.text
+        assert response.json()["outcome"] == "not_processed"
+        # Well under the gateway's margin of one second past the budget, on a busy machine too.
+        assert took < budget_s + 0.8, f"answered {took:.2f} s after it was sent"
+        assert await orders_with(orders_db, "frozen") == 0
+        # The same key goes through on a fresh connection: nothing was half-written.
+        assert (await client.post("/api/orders", **order("frozen"))).status_code == 201
 
 
 async def test_too_small_a_budget_is_refused_before_any_work(orders_db: str) -> None:

@@ -4,20 +4,23 @@ idempotency, and the ledger that every deposit writes."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
 
+import asyncpg
 import httpx
 import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from gozon.core.pg import driver_dsn
 from gozon.core.settings import PaymentsSettings
 from gozon.payments.api import build_app
 from gozon.payments.models import MAX_BALANCE, Account, LedgerEntry
 from tests.conftest import serve
-from tests.integration.conftest import read_only_switch
+from tests.integration.conftest import frozen_when_it_waits_for_a_lock, read_only_switch
 
 pytestmark = pytest.mark.integration
 
@@ -312,3 +315,47 @@ async def test_a_connection_to_a_read_only_server_is_dropped_not_pooled_again(
         again = await client.post("/api/payments/deposit?amount=10", headers=headers)
         assert again.status_code == 200, again.text
         assert await count_rows(payments_db) == (1, 1)
+
+
+async def test_a_deposit_whose_server_freezes_mid_transaction_is_answered_within_its_budget(
+    client: httpx.AsyncClient, payments_db: str
+) -> None:
+    """A server that stops answering in the middle of a deposit (a stalled disk, a paused
+    machine) keeps the connection open and cancels nothing, so its own statement_timeout never
+    fires: only the API's client-side bound keeps the request inside the caller's deadline
+    (the gateway gives up one second after the API's budget). Frozen here: the deposit's own
+    backend, stopped (SIGSTOP) while its UPDATE waits for the account's row lock, that is
+    after the transaction's first statements."""
+    budget_s = 1.0
+    owner = user()
+    headers = {"X-User-Id": owner}
+    opened = await client.post("/api/payments/deposit?amount=10", headers=headers)
+    assert opened.status_code == 200, opened.text
+    admin = await asyncpg.connect(driver_dsn(payments_db))
+    try:
+        lock = admin.transaction()
+        await lock.start()
+        await admin.execute("SELECT 1 FROM accounts WHERE user_id = $1 FOR UPDATE", owner)
+        started = time.monotonic()
+        deposit = asyncio.create_task(
+            client.post(
+                "/api/payments/deposit?amount=5",
+                headers={**headers, "X-Request-Timeout-Ms": str(int(budget_s * 1000))},
+            )
+        )
+        async with frozen_when_it_waits_for_a_lock(admin, "payments-api"):
+            response = await asyncio.wait_for(deposit, 30)
+            took = time.monotonic() - started
+        await lock.rollback()
+    finally:
+        await admin.close()
+    assert response.status_code == 503, response.text
+    assert response.json()["outcome"] == "not_processed"
+    assert "deadline" in response.json()["detail"]
+    # Well under the gateway's margin of one second past the budget, on a busy machine too.
+    assert took < budget_s + 0.8, f"answered {took:.2f} s after it was sent"
+    # Nothing was half-written, and the API's pool serves the next deposit.
+    again = await client.post("/api/payments/deposit?amount=5", headers=headers)
+    assert again.status_code == 200, again.text
+    assert Decimal(str(again.json()["balance"])) == Decimal("15")
+    assert await count_rows(payments_db) == (1, 2)

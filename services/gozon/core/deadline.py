@@ -13,9 +13,11 @@ Owns the contract between the gateway and the APIs:
 - `DeadlineSession`, the API's database session: each transaction gets `SET LOCAL
   statement_timeout` = the time left (capped by the engine's own statement timeout), a
   transaction does not begin once the deadline has passed, and **nothing is committed after
-  it**: the commit is refused and the transaction rolled back. The pool wait is bounded by the
-  engine's `pool_timeout`, set well under the gateway's timeout (the defaults nest: gateway
-  5 s > API budget 4 s > statement 3 s > pool wait 2 s).
+  it**: the commit is refused and the transaction rolled back. A transaction still open at
+  the deadline has its connection invalidated (closed, never pooled again), so a server that
+  stopped answering, which cancels nothing, cannot hold the request past it. The pool wait is
+  bounded by the engine's `pool_timeout`, set well under the gateway's timeout (the defaults
+  nest: gateway 5 s > API budget 4 s > statement 3 s > pool wait 2 s).
 - `install_outage_handlers`: a lost, refused or timed-out database connection, a statement
   cancelled by its timeout, an exhausted pool, a passed deadline or a database that refuses
   the service itself (its role, grants or schema, a read-only standby) is answered 503 with
@@ -60,6 +62,8 @@ RETRY_AFTER_S: Final = 1
 # Less than this left: the request is refused rather than started (it could not finish).
 MIN_BUDGET_S: Final = 0.05
 NOT_PROCESSED: Final = "not_processed"
+# The session's key for the timer that cuts a transaction's connection at the deadline.
+_CUT: Final = "gozon_deadline_cut"
 UNKNOWN: Final = "unknown"
 # SQLSTATE 57014: the statement was cancelled (here: by statement_timeout).
 QUERY_CANCELED: Final = "57014"
@@ -87,6 +91,7 @@ class RequestBudget:
 
     deadline: float
     committing: bool = False
+    cut: bool = False  # a transaction's connection was closed at the deadline
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -251,9 +256,31 @@ def _bound_transaction(
     left = budget.left()
     if left < MIN_BUDGET_S:  # the pool wait took it: do not start
         raise DeadlineExceeded
+    # The server's statement_timeout stops one statement that runs too long, but neither a
+    # transaction whose statements together outlast the deadline nor a server that stopped
+    # answering (a stalled disk, a paused machine: the connection stays open, nothing is
+    # cancelled). For those the connection is cut at the deadline, on the client's side.
+    session.info[_CUT] = asyncio.get_running_loop().call_later(left, _cut, budget, connection)
     cap = session.info.get("statement_timeout_s")
     ms = int(1000 * (min(left, cap) if cap else left))
     connection.exec_driver_sql(f"SET LOCAL statement_timeout = {ms}")
+
+
+def _cut(budget: RequestBudget, connection: Connection) -> None:
+    """The deadline passed with the transaction still open: its connection is invalidated
+    (closed at once, never pooled again), so a statement waiting on it fails at once and the
+    session's ROLLBACK is skipped instead of waiting for the server. The server rolls the
+    transaction back; a COMMIT already sent makes the outcome unknown (`committing`), as for
+    any connection lost during COMMIT."""
+    budget.cut = True
+    log.warning("deadline passed inside a transaction; closing its connection")
+    connection.invalidate()
+
+
+@event.listens_for(DeadlineSession, "after_transaction_end")
+def _transaction_ended(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is None and (handle := session.info.pop(_CUT, None)) is not None:
+        handle.cancel()
 
 
 @event.listens_for(DeadlineSession, "before_commit")
@@ -300,6 +327,9 @@ async def _on_database_error(request: Request, exc: Exception) -> JSONResponse:
     if budget is not None and budget.committing:
         log.warning("database failed during commit", path=request.url.path, error=repr(exc))
         return _unknown_outcome(request)
+    if budget is not None and budget.cut:
+        OUTAGES.labels("deadline").inc()
+        return not_processed("The request's deadline passed.", instance=request.url.path)
     if isinstance(exc, OutcomeUnknown):
         log.warning("database lost during a write", path=request.url.path, error=repr(exc))
         return _unknown_outcome(request)

@@ -13,7 +13,10 @@ the payments API and the relays' housekeeping). Guarantees, per docs/reliability
   request's time left is under that cap, the write instead runs as `BEGIN; SET LOCAL
   statement_timeout = <time left>` + the statement + `COMMIT` (three round trips, only for
   requests short of time), and the COMMIT is not sent once the deadline has passed. Either
-  way a statement cannot run past the caller's deadline and nothing commits after it.
+  way a statement cannot run past the caller's deadline and nothing commits after it. Each
+  round trip is bounded on the client's side too (a server that stops answering cancels
+  nothing), and a connection whose statement ran out of time is dropped, never rolled back
+  (asyncpg would first wait for the server to answer the cancelled statement).
 - **A dead pooled connection costs the client nothing when that is safe**: asyncpg drops a
   connection the server closed; a statement that finds its connection closed before it was
   sent, or whose connection the server terminated with an error saying so (`57P01` admin
@@ -71,6 +74,10 @@ _RETRY_SQLSTATES: Final = frozenset({"57P01", "57P02", "57P03", READ_ONLY_SQLSTA
 # 08 connection exception, 40 rollback (serialization, deadlock), 53 insufficient resources,
 # 57 operator intervention (57014: cancelled by statement_timeout).
 _NOT_PROCESSED_CLASSES: Final = frozenset({"08", "40", "53", "57"})
+# A COMMIT sent just before the deadline may take this much past it before the client gives
+# up on the server (the outcome is then unknown): well inside the gateway's margin of a second
+# past the API's budget, and a thousand times what a COMMIT takes on a server that answers.
+COMMIT_GRACE_S: Final = 0.5
 
 
 def driver_dsn(url: str) -> str:
@@ -87,24 +94,40 @@ async def _in_short_transaction(
     conn: asyncpg.Connection, query: str, args: Sequence[Any], left: float
 ) -> list[asyncpg.Record]:
     """The write for a request with less time left than the statement cap: its own statement
-    timeout, and no COMMIT once the deadline has passed."""
+    timeout, and no COMMIT once the deadline has passed.
+
+    Each step is bounded on the client's side too, by the time left (the COMMIT by that and
+    `COMMIT_GRACE_S`): a server that stops answering (a stalled disk, a paused machine) keeps
+    the connection open and cancels nothing. A step that ran out of time or was cancelled is
+    not followed by a ROLLBACK, which would first wait for the server to answer the cancelled
+    statement: the connection is dropped instead, and the server rolls back."""
+    started = time.monotonic()
+
+    def remaining() -> float:
+        return max(0.0, left - (time.monotonic() - started))
+
     try:
-        await conn.execute(f"BEGIN; SET LOCAL statement_timeout = {int(left * 1000)}")
         try:
-            rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+            sql = f"BEGIN; SET LOCAL statement_timeout = {int(left * 1000)}"
+            await conn.execute(sql, timeout=remaining())
+            rows: list[asyncpg.Record] = await conn.fetch(query, *args, timeout=remaining())
             budget = current_budget()
             if budget is not None and budget.left() <= 0:
                 raise DeadlineExceeded
-        except (Exception, asyncio.CancelledError):
+        except (TimeoutError, asyncio.CancelledError):
+            conn.terminate()  # no ROLLBACK: see above
+            raise
+        except Exception:
             with contextlib.suppress(Exception):  # a lost connection has nothing to roll back
-                await conn.execute("ROLLBACK")
+                await conn.execute("ROLLBACK", timeout=remaining() + COMMIT_GRACE_S)
             raise
     except (asyncpg.ConnectionDoesNotExistError, OSError, TimeoutError) as exc:
-        # Lost before COMMIT was sent: the open transaction died with its connection.
+        # Lost or out of time before COMMIT was sent: the open transaction ends with its
+        # connection.
         if _server_said(exc) is not None:
             raise  # the caller may retry it on a fresh connection
-        raise NotProcessed(f"connection lost before commit: {exc!r}") from exc
-    await conn.execute("COMMIT")
+        raise NotProcessed(f"no commit sent: {exc!r}") from exc
+    await conn.execute("COMMIT", timeout=remaining() + COMMIT_GRACE_S)
     return rows
 
 
