@@ -4,12 +4,12 @@ invariant (tests/faults/invariants.py) over both databases and what the clients 
 Faults, in order: SIGKILL of each of the seven processes (restarted at once, as a supervisor
 would), SIGSTOP of Kafka for 15 s, SIGKILL and restart of Kafka, a PostgreSQL restart, both
 databases read-only for 10 s (a standby after a failover), every PostgreSQL process frozen
-(SIGSTOP) for 10 s, and 3× the platform's capacity for 10 s (vegeta, open loop). After each,
-the test waits until every order is final and the outboxes are empty (a deadline, not a
-timing assertion), checks the invariants, and records what the clients saw: answers by
-status, how long after the fault the last failed answer was sent (recovery), the unknown
-outcomes, how long the backlog took to drain. Run it with `make test-faults`; the figures are
-in docs/reliability.md ("Fault suite").
+(SIGSTOP) for 10 s (with deposits sent through it too), and 3× the platform's capacity for
+10 s (vegeta, open loop). After each, the test waits until every order is final and the
+outboxes are empty (a deadline, not a timing assertion), checks the invariants, and records
+what the clients saw: answers by status, how long after the fault the last failed answer was
+sent (recovery), the unknown outcomes, how long the backlog took to drain. Run it with
+`make test-faults`; the figures are in docs/reliability.md ("Fault suite").
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import os
 import signal
 import statistics
 import time
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ import httpx
 import pytest
 from sqlalchemy import make_url
 
+from gozon.core.pg import driver_dsn
 from gozon.core.settings import OrdersSettings
 from gozon.processes import PROCESSES
 from scripts.stack import Kafka, Postgres
@@ -38,7 +40,7 @@ from tests.conftest import until
 from tests.e2e.conftest import Platform
 from tests.faults.conftest import Users, record
 from tests.faults.invariants import ClientRecord, Report, check, wait_until_settled
-from tests.faults.load import SteadyLoad, overload
+from tests.faults.load import SteadyLoad, new_key, overload
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
 
@@ -291,10 +293,36 @@ async def test_a_frozen_database_is_answered_within_the_deadline_and_never_500(
     nothing either. The APIs must answer within their own budget (503, or 504 with the outcome
     unknown for a write already sent), so the gateway never times out and its breaker never
     opens; the workers' statements finish when the server resumes, and their `/metrics`
-    answers meanwhile; nothing is lost or done twice."""
+    answers meanwhile; nothing is lost or done twice. Deposits go through the same stall: a
+    deposit is a transaction of several statements, which the stall can catch half-way."""
     postmaster = postgres.running_pid()
     assert postmaster is not None
     scraped: dict[str, int | str] = {}
+    # The steady load creates orders (one statement each); deposits are the payments API's
+    # transactions of several statements, which a stall can catch half-way.
+    depositor = f"fault-depositor-{uuid.uuid4().hex[:8]}"
+    deposits: list[tuple[str, int, str | None]] = []  # (Idempotency-Key, status, detail)
+
+    async def deposit(http: httpx.AsyncClient) -> None:
+        key = new_key()
+        try:
+            response = await http.post(
+                "/api/payments/deposit?amount=1",
+                headers={"X-User-Id": depositor, "Idempotency-Key": key},
+            )
+            status = response.status_code
+            detail = response.json().get("detail") if status != 200 else None
+        except httpx.HTTPError as exc:
+            status, detail = 0, repr(exc)
+        deposits.append((key, status, detail))
+
+    async def deposit_every_quarter_second(until: float) -> None:
+        async with httpx.AsyncClient(base_url=platform.gateway, timeout=15) as http:
+            sent = []
+            while time.time() < until:
+                sent.append(asyncio.create_task(deposit(http)))
+                await asyncio.sleep(0.25)
+            await asyncio.gather(*sent)
 
     async def scrape(http: httpx.AsyncClient, name: str) -> None:
         # The workers whose /metrics queries the database first (the outbox lag, stuck orders)
@@ -306,6 +334,7 @@ async def test_a_frozen_database_is_answered_within_the_deadline_and_never_500(
     async def frozen_for_10_s() -> Window:
         stopped: list[int] = []
         start = time.time()
+        depositing = asyncio.create_task(deposit_every_quarter_second(until=start + 11))
         try:
             os.kill(postmaster, signal.SIGSTOP)  # first: it forks no backend from now on
             stopped.append(postmaster)
@@ -324,7 +353,9 @@ async def test_a_frozen_database_is_answered_within_the_deadline_and_never_500(
             for pid in stopped:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
-        return Window(start, time.time())
+        end = time.time()
+        await depositing
+        return Window(start, end)
 
     log, window, report = await under_load(
         platform, users, "PostgreSQL frozen 10 s", frozen_for_10_s
@@ -352,6 +383,38 @@ async def test_a_frozen_database_is_answered_within_the_deadline_and_never_500(
     assert not late, f"{len(late)} database failures after the thaw (s after it: {late[:5]})"
     # The workers' metrics stayed visible: a stalled query does not hold up the scrape.
     assert scraped == {"orders-relay": 200, "orders-consumer": 200}, scraped
+    # The deposits: answered by the payments API within its budget, and a deposit it called
+    # "not processed" is not in the ledger (the invariants check the balances add up).
+    record(
+        {
+            "fault": "PostgreSQL frozen 10 s: deposits",
+            "statuses": dict(Counter(status for _, status, _ in deposits)),
+        }
+    )
+    assert any(status != 200 for _, status, _ in deposits), "no deposit met the stall"
+    unanswered_deposits = [
+        (status, detail)
+        for _, status, detail in deposits
+        if status in (0, 500)
+        or (detail or "").startswith("No answer within")
+        or _reason(detail) == "upstream down"
+    ]
+    assert not unanswered_deposits, unanswered_deposits[:5]
+    conn = await asyncpg.connect(driver_dsn(platform.env["GOZON_PAYMENTS_DATABASE_URL"]))
+    try:
+        credited = {
+            row["idempotency_key"]
+            for row in await conn.fetch(
+                "SELECT idempotency_key FROM account_ledger WHERE user_id = $1", depositor
+            )
+        }
+    finally:
+        await conn.close()
+    for key, status, _ in deposits:
+        if status == 200:
+            assert key in credited, f"deposit {key} answered 200 but not in the ledger"
+        if status == 503:
+            assert key not in credited, f"deposit {key} answered 503 but credited"
 
 
 async def test_three_times_capacity_is_shed_fast_and_nothing_is_lost(

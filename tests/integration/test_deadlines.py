@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -318,3 +319,24 @@ async def test_a_connection_to_a_read_only_server_is_dropped_not_pooled_again(
         again = await client.post("/api/orders", **order("read-only"))
         assert again.status_code == 201, again.text
         assert await orders_with(orders_db, "read-only") == 1
+
+
+async def test_a_connection_to_a_server_that_never_answers_gives_up_within_the_budget() -> None:
+    """As for the payments API (test_payments_api.py): a server whose kernel accepts the TCP
+    connection but which never answers the startup (frozen) costs a request its budget, not
+    the pool's connect timeout. The server here is a socket that listens and never answers."""
+    budget_s = 1.0
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = f"postgresql+asyncpg://gozon:gozon@127.0.0.1:{silent.getsockname()[1]}/orders"
+        async with serve(build_app(OrdersSettings(orders_database_url=url))) as client:
+            started = time.monotonic()
+            response = await client.post(
+                "/api/orders",
+                **order("silent", **{"X-Request-Timeout-Ms": str(int(budget_s * 1000))}),
+            )
+            took = time.monotonic() - started
+    assert response.status_code == 503, response.text
+    assert response.json()["outcome"] == "not_processed"
+    assert took < budget_s + 0.8, f"answered {took:.2f} s after it was sent"

@@ -4,6 +4,7 @@ idempotency, and the ledger that every deposit writes."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -359,3 +360,26 @@ async def test_a_deposit_whose_server_freezes_mid_transaction_is_answered_within
     assert again.status_code == 200, again.text
     assert Decimal(str(again.json()["balance"])) == Decimal("15")
     assert await count_rows(payments_db) == (1, 2)
+
+
+async def test_a_connection_to_a_server_that_never_answers_gives_up_within_the_budget() -> None:
+    """A frozen server's kernel still completes the TCP handshake, and the server never
+    answers the startup. A connection made for a request must not outlast the request's
+    budget: the engine's connect timeout (5 s) is the gateway's whole timeout. The server here
+    is a socket that listens and never answers."""
+    budget_s = 1.0
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        url = f"postgresql+asyncpg://gozon:gozon@127.0.0.1:{port}/payments"
+        async with serve(build_app(PaymentsSettings(payments_database_url=url))) as client:
+            started = time.monotonic()
+            response = await client.post(
+                "/api/payments/deposit?amount=1",
+                headers={"X-User-Id": user(), "X-Request-Timeout-Ms": str(int(budget_s * 1000))},
+            )
+            took = time.monotonic() - started
+    assert response.status_code == 503, response.text
+    assert response.json()["outcome"] == "not_processed"
+    assert took < budget_s + 0.8, f"answered {took:.2f} s after it was sent"

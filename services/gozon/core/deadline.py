@@ -15,7 +15,8 @@ Owns the contract between the gateway and the APIs:
   transaction does not begin once the deadline has passed, and **nothing is committed after
   it**: the commit is refused and the transaction rolled back. A transaction still open at
   the deadline has its connection invalidated (closed, never pooled again), so a server that
-  stopped answering, which cancels nothing, cannot hold the request past it. The pool wait is
+  stopped answering, which cancels nothing, cannot hold the request past it; nor can its
+  connect (its timeout is the time left, when less than the engine's). The pool wait is
   bounded by the engine's `pool_timeout`, set well under the gateway's timeout (the defaults
   nest: gateway 5 s > API budget 4 s > statement 3 s > pool wait 2 s).
 - `install_outage_handlers`: a lost, refused or timed-out database connection, a statement
@@ -38,7 +39,7 @@ import time
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import asyncpg
 import structlog
@@ -46,11 +47,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import Counter, Gauge
 from sqlalchemy import event
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.pool import ConnectionPoolEntry
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gozon.core.db import is_database_outage, is_database_refusal, sqlstate
@@ -277,6 +279,21 @@ def _cut(budget: RequestBudget, connection: Connection) -> None:
     connection.invalidate()
 
 
+def _connect_in_time(
+    dialect: Dialect, record: ConnectionPoolEntry, cargs: Any, cparams: dict[str, Any]
+) -> None:
+    """A connection made for a request: its connect timeout (the engine's, 5 s) no longer than
+    the time left. A server that stopped answering still accepts the TCP connection (the
+    kernel does) and then never answers the startup."""
+    budget = _budget.get()
+    if budget is None:
+        return
+    left = budget.left()
+    if left < MIN_BUDGET_S:
+        raise DeadlineExceeded
+    cparams["timeout"] = min(cparams.get("timeout", left), left)
+
+
 @event.listens_for(DeadlineSession, "after_transaction_end")
 def _transaction_ended(session: Session, transaction: SessionTransaction) -> None:
     if transaction.parent is None and (handle := session.info.pop(_CUT, None)) is not None:
@@ -379,7 +396,9 @@ def api_session_factory(
     engine: AsyncEngine, *, statement_timeout_s: float
 ) -> async_sessionmaker[AsyncSession]:
     """The APIs' sessions: each transaction bounded by the request's deadline, its statement
-    timeout capped at `statement_timeout_s`."""
+    timeout capped at `statement_timeout_s`, and each new connection made for a request given
+    no longer than the request has left."""
+    event.listen(engine.sync_engine, "do_connect", _connect_in_time)
     return async_sessionmaker(
         engine,
         expire_on_commit=False,
