@@ -20,6 +20,7 @@ import asyncpg
 import httpx
 import pytest
 from sqlalchemy import func, select, text
+from sqlalchemy.exc import DBAPIError
 
 from gozon.core.db import create_engine
 from gozon.core.deadline import DeadlineExceeded, api_session_factory, request_budget
@@ -205,6 +206,48 @@ async def test_nothing_is_committed_once_the_deadline_has_passed(orders_db: str)
             )
         assert count == 0
     finally:
+        await engine.dispose()
+
+
+async def test_a_commit_cut_at_the_deadline_is_of_unknown_outcome(orders_db: str) -> None:
+    """The payments API's sessions cut a transaction's connection at the deadline (a server
+    that stopped answering cancels nothing). If the COMMIT was already sent, the server may
+    have committed: the budget says `committing`, which the API answers 504 "outcome unknown"
+    rather than 503. The COMMIT is held here by a deferred constraint trigger that waits for
+    an advisory lock the test holds, and its backend is stopped (SIGSTOP) while it waits."""
+    engine = create_engine(orders_db, pool_size=1)
+    sessions = api_session_factory(engine, statement_timeout_s=3)
+    key = 20261203
+    admin = await asyncpg.connect(raw_url(orders_db))
+    try:
+        await admin.execute("SELECT pg_advisory_lock($1)", key)
+        with request_budget(1.0) as budget:
+            started = time.monotonic()
+
+            async def commit_that_waits_for_the_lock() -> None:
+                async with sessions() as session, session.begin():
+                    for statement in (
+                        "CREATE TEMP TABLE held (x int) ON COMMIT DROP",
+                        "CREATE FUNCTION pg_temp.wait_for_the_test() RETURNS trigger "
+                        f"LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_advisory_xact_lock({key}); "
+                        "RETURN NULL; END $$",
+                        "CREATE CONSTRAINT TRIGGER at_commit AFTER INSERT ON held "
+                        "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
+                        "EXECUTE FUNCTION pg_temp.wait_for_the_test()",
+                        "INSERT INTO held VALUES (1)",
+                    ):
+                        await session.execute(text(statement))
+
+            committing = asyncio.create_task(commit_that_waits_for_the_lock())
+            async with frozen_when_it_waits_for_a_lock(admin, "gozon"):
+                with pytest.raises(DBAPIError):
+                    await asyncio.wait_for(committing, 30)
+                took = time.monotonic() - started
+        assert budget.cut
+        assert budget.committing
+        assert took < 1.0 + 0.8, f"gave up {took:.2f} s after the transaction began"
+    finally:
+        await admin.close()
         await engine.dispose()
 
 
