@@ -112,10 +112,10 @@ class SteadyLoad:
                 headers={"X-User-Id": user, "Idempotency-Key": key},
             )
             status, body = response.status_code, response.content
-        except httpx.ConnectError:  # no connection: nothing was sent
-            status, body = 0, b'{"outcome": "not_sent"}'
-        except httpx.HTTPError:  # sent, then no answer: the outcome is unknown
-            status, body = 0, b'{"outcome": "unknown"}'
+        except httpx.ConnectError as exc:  # no connection: nothing was sent
+            status, body = 0, json.dumps({"outcome": "not_sent", "detail": repr(exc)}).encode()
+        except httpx.HTTPError as exc:  # sent, then no answer: the outcome is unknown
+            status, body = 0, json.dumps({"outcome": "unknown", "detail": repr(exc)}).encode()
         self.log.append(
             record_from(key, user, sent_at, time.perf_counter() - started, status, body)
         )

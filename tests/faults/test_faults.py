@@ -2,14 +2,14 @@
 invariant (tests/faults/invariants.py) over both databases and what the clients saw.
 
 Faults, in order: SIGKILL of each of the seven processes (restarted at once, as a supervisor
-would), SIGSTOP of Kafka for 15 s, SIGKILL and restart of Kafka, a PostgreSQL restart, both
-databases read-only for 10 s (a standby after a failover), every PostgreSQL process frozen
-(SIGSTOP) for 10 s (with deposits sent through it too), and 3× the platform's capacity for
-10 s (vegeta, open loop). After each, the test waits until every order is final and the
-outboxes are empty (a deadline, not a timing assertion), checks the invariants, and records
-what the clients saw: answers by status, how long after the fault the last failed answer was
-sent (recovery), the unknown outcomes, how long the backlog took to drain. Run it with
-`make test-faults`; the figures are in docs/reliability.md ("Fault suite").
+would), SIGSTOP of the orders API for 10 s, SIGSTOP of Kafka for 15 s, SIGKILL and restart of
+Kafka, a PostgreSQL restart, both databases read-only for 10 s (a standby after a failover),
+every PostgreSQL process frozen (SIGSTOP) for 10 s (with deposits sent through it too), and 3×
+the platform's capacity for 10 s (vegeta, open loop). After each, the test waits until every
+order is final and the outboxes are empty (a deadline, not a timing assertion), checks the
+invariants, and records what the clients saw: answers by status, how long after the fault the
+last failed answer was sent (recovery), the unknown outcomes, how long the backlog took to
+drain. Run it with `make test-faults`; the figures are in docs/reliability.md ("Fault suite").
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from sqlalchemy import make_url
 from gozon.core.pg import driver_dsn
 from gozon.core.settings import OrdersSettings
 from gozon.processes import PROCESSES
+from scripts.processes import GozonProcess
 from scripts.stack import Kafka, Postgres
 from tests.conftest import until
 from tests.e2e.conftest import Platform
@@ -83,7 +84,7 @@ def _figures(
     failures = [r for r in log if r.status != 201]
     after = [r for r in failures if r.sent_at >= window.start]
     recovery = max((r.sent_at - window.start for r in after), default=0.0)
-    no_answer = Counter(r.outcome for r in log if r.status == 0)
+    no_answer = Counter(f"{r.outcome}: {(r.detail or '')[:40]}" for r in log if r.status == 0)
     why_503 = Counter(_reason(r.detail) for r in log if r.status == 503)
     return {
         "fault": fault,
@@ -121,6 +122,22 @@ async def under_load(
     return load.log, window, report
 
 
+def stopped_for(pid: int, seconds: float) -> Callable[[], Awaitable[Window]]:
+    """The fault: process `pid` stopped (SIGSTOP) for `seconds`, then resumed. Its sockets
+    stay open and its kernel still accepts connections; it answers nothing meanwhile."""
+
+    async def freeze() -> Window:
+        start = time.time()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(seconds)  # the fault's length
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        return Window(start, time.time())
+
+    return freeze
+
+
 def assert_sound(report: Report, log: list[ClientRecord]) -> None:
     assert report.ok, "\n".join(report.violations[:20])
     assert not [r for r in log if r.status == 500], "a 500 answered a client"
@@ -141,21 +158,30 @@ async def test_sigkill_of_a_process_loses_nothing(
     assert_sound(report, log)
 
 
+async def test_a_frozen_orders_api_is_answered_by_the_gateway_and_loses_nothing(
+    platform: Platform, users: Users
+) -> None:
+    """The orders API stopped (SIGSTOP) for 10 s: a long pause of its process or its machine.
+    Its socket still accepts connections, so only the gateway can answer: 504 "outcome
+    unknown" for what it sent and got no answer to within its timeout, 503 for what its
+    breaker then kept back. Once resumed, the API works through the requests waiting in its
+    socket, whose callers have gone; whatever it commits then belongs to a 504, never to a
+    503 (the invariants), and the orders created are paid as usual."""
+    process = platform.processes["orders-api"]
+    assert isinstance(process, GozonProcess)
+    assert process.process is not None
+    freeze = stopped_for(process.process.pid, 10)
+    log, _, report = await under_load(platform, users, "SIGSTOP orders API 10 s", freeze)
+    assert_sound(report, log)
+    assert any(r.status == 504 for r in log), "no request met the frozen API"
+
+
 async def test_kafka_stopped_for_15_s_loses_nothing(
     platform: Platform, users: Users, e2e_kafka: Kafka
 ) -> None:
-    async def freeze() -> Window:
-        pid = e2e_kafka.running_pid()
-        assert pid is not None
-        start = time.time()
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            await asyncio.sleep(15)  # the fault's length
-        finally:
-            os.kill(pid, signal.SIGCONT)
-        return Window(start, time.time())
-
-    log, _, report = await under_load(platform, users, "SIGSTOP Kafka 15 s", freeze)
+    pid = e2e_kafka.running_pid()
+    assert pid is not None
+    log, _, report = await under_load(platform, users, "SIGSTOP Kafka 15 s", stopped_for(pid, 15))
     assert_sound(report, log)
 
 
