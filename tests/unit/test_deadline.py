@@ -7,11 +7,18 @@ import json
 from typing import Any
 
 import asyncpg
+import httpx
+from fastapi import FastAPI
 from sqlalchemy.exc import DBAPIError
 from starlette.types import Message, Receive, Scope, Send
 
 from gozon.core.db import is_database_outage, is_database_refusal, sqlstate
-from gozon.core.deadline import Admission, current_budget, parse_budget
+from gozon.core.deadline import (
+    Admission,
+    current_budget,
+    install_outage_handlers,
+    parse_budget,
+)
 from gozon.messaging.consumer import is_retryable
 from tests.conftest import until
 
@@ -161,3 +168,29 @@ def test_a_conflict_is_retried_whether_the_driver_raised_it_or_sqlalchemy_wrappe
     assert not is_retryable(asyncpg.UniqueViolationError("duplicate key"))
     assert not is_retryable(asyncpg.CheckViolationError("refused"))
     assert sqlstate(ValueError("no database error")) is None
+
+
+async def test_a_connection_cut_at_the_deadline_is_503_unless_its_commit_was_sent() -> None:
+    """A transaction's connection closed at the deadline (`DeadlineSession`): nothing can have
+    committed unless the COMMIT had been sent, which makes the outcome unknown."""
+    api = FastAPI()
+    install_outage_handlers(api)
+
+    @api.get("/cut")
+    async def cut(committing: bool) -> None:
+        budget = current_budget()
+        assert budget is not None
+        budget.cut, budget.committing = True, committing
+        lost = asyncpg.ConnectionDoesNotExistError("closed in the middle of the operation")
+        raise DBAPIError("SELECT 1", None, lost)
+
+    app = Admission(api, service="t", max_in_flight=1, max_queued=0, timeout_s=30)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        before = await client.get("/cut?committing=false")
+        during = await client.get("/cut?committing=true")
+    assert before.status_code == 503
+    assert before.json()["outcome"] == "not_processed"
+    assert "deadline" in before.json()["detail"]
+    assert during.status_code == 504
+    assert during.json()["outcome"] == "unknown"
