@@ -77,7 +77,10 @@ class SteadyLoad:
         await self._task
 
     async def _run(self) -> None:
-        limits = httpx.Limits(max_connections=self.max_outstanding)
+        # Idle connections dropped after 1 s, well before the gateway's keep-alive timeout
+        # (5 s): a POST sent on a connection the server is closing at that moment gets no
+        # answer, which would count as an unknown outcome the platform did not cause.
+        limits = httpx.Limits(max_connections=self.max_outstanding, keepalive_expiry=1)
         async with httpx.AsyncClient(
             base_url=self.gateway, timeout=self.client_timeout_s, limits=limits
         ) as client:
