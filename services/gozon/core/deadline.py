@@ -274,6 +274,8 @@ def _cut(budget: RequestBudget, connection: Connection) -> None:
     session's ROLLBACK is skipped instead of waiting for the server. The server rolls the
     transaction back; a COMMIT already sent makes the outcome unknown (`committing`), as for
     any connection lost during COMMIT."""
+    if connection.closed or connection.invalidated:  # the transaction ended meanwhile
+        return
     budget.cut = True
     log.warning("deadline passed inside a transaction; closing its connection")
     connection.invalidate()
