@@ -342,10 +342,10 @@ async def test_a_frozen_database_is_answered_within_the_deadline_and_never_500(
             status, detail = 0, repr(exc)
         deposits.append((key, status, detail))
 
-    async def deposit_every_quarter_second(until: float) -> None:
+    async def deposit_every_quarter_second(end: float) -> None:
         async with httpx.AsyncClient(base_url=platform.gateway, timeout=15) as http:
             sent = []
-            while time.time() < until:
+            while time.time() < end:
                 sent.append(asyncio.create_task(deposit(http)))
                 await asyncio.sleep(0.25)
             await asyncio.gather(*sent)
@@ -360,7 +360,7 @@ async def test_a_frozen_database_is_answered_within_the_deadline_and_never_500(
     async def frozen_for_10_s() -> Window:
         stopped: list[int] = []
         start = time.time()
-        depositing = asyncio.create_task(deposit_every_quarter_second(until=start + 11))
+        depositing = asyncio.create_task(deposit_every_quarter_second(end=start + 11))
         try:
             os.kill(postmaster, signal.SIGSTOP)  # first: it forks no backend from now on
             stopped.append(postmaster)

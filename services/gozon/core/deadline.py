@@ -64,8 +64,6 @@ RETRY_AFTER_S: Final = 1
 # Less than this left: the request is refused rather than started (it could not finish).
 MIN_BUDGET_S: Final = 0.05
 NOT_PROCESSED: Final = "not_processed"
-# The session's key for the timer that cuts a transaction's connection at the deadline.
-_CUT: Final = "gozon_deadline_cut"
 UNKNOWN: Final = "unknown"
 # SQLSTATE 57014: the statement was cancelled (here: by statement_timeout).
 QUERY_CANCELED: Final = "57014"
@@ -97,6 +95,14 @@ class RequestBudget:
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
+
+    def left_to_start(self) -> float:
+        """The time left for work about to start: `DeadlineExceeded` when too little is left
+        for it to finish."""
+        left = self.left()
+        if left < MIN_BUDGET_S:
+            raise DeadlineExceeded
+        return left
 
 
 _budget: ContextVar[RequestBudget | None] = ContextVar("gozon_request_budget", default=None)
@@ -248,6 +254,10 @@ class DeadlineSession(Session):
     """The APIs' session class: each transaction bounded by the request's deadline."""
 
 
+# The session's key for the timer that cuts a transaction's connection at the deadline.
+_CUT: Final = "gozon_deadline_cut"
+
+
 @event.listens_for(DeadlineSession, "after_begin")
 def _bound_transaction(
     session: Session, transaction: SessionTransaction, connection: Connection
@@ -255,9 +265,7 @@ def _bound_transaction(
     budget = _budget.get()
     if budget is None:
         return
-    left = budget.left()
-    if left < MIN_BUDGET_S:  # the pool wait took it: do not start
-        raise DeadlineExceeded
+    left = budget.left_to_start()  # the pool wait may have taken it
     # The server's statement_timeout stops one statement that runs too long, but neither a
     # transaction whose statements together outlast the deadline nor a server that stopped
     # answering (a stalled disk, a paused machine: the connection stays open, nothing is
@@ -290,9 +298,7 @@ def _connect_in_time(
     budget = _budget.get()
     if budget is None:
         return
-    left = budget.left()
-    if left < MIN_BUDGET_S:
-        raise DeadlineExceeded
+    left = budget.left_to_start()
     cparams["timeout"] = min(cparams.get("timeout", left), left)
 
 
@@ -346,7 +352,7 @@ async def _on_database_error(request: Request, exc: Exception) -> JSONResponse:
     if budget is not None and budget.committing:
         log.warning("database failed during commit", path=request.url.path, error=repr(exc))
         return _unknown_outcome(request)
-    if budget is not None and budget.cut:
+    if isinstance(exc, DeadlineExceeded) or (budget is not None and budget.cut):
         OUTAGES.labels("deadline").inc()
         return not_processed("The request's deadline passed.", instance=request.url.path)
     if isinstance(exc, OutcomeUnknown):
@@ -354,9 +360,6 @@ async def _on_database_error(request: Request, exc: Exception) -> JSONResponse:
         return _unknown_outcome(request)
     if isinstance(exc, NotProcessed):
         return _unavailable(request, str(exc))
-    if isinstance(exc, DeadlineExceeded):
-        OUTAGES.labels("deadline").inc()
-        return not_processed("The request's deadline passed.", instance=request.url.path)
     if isinstance(exc, PoolTimeout):
         return _unavailable(request, "pool exhausted")
     if isinstance(exc, DBAPIError) and _is_cancelled_statement(exc):
