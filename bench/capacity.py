@@ -27,6 +27,11 @@ one of many users who were funded beforehand. For each rate the bench prints:
 - The machine in each window, from /proc/stat: the share of its cores' time busy, waiting for
   the disk, stolen by the hypervisor (another guest ran on them) and idle. A window with steal
   ran on less than the machine's cores; one with idle left was not short of CPU.
+- The host's price of a wake-up, after the last rate (`--wake-batches`, 0: none): CPU µs of a
+  worker-like batch (BEGIN, a statement, COMMIT on uvloop and asyncpg, against the stack's
+  PostgreSQL) done once every 20 ms, as each process works at 50 orders/s (`bench.event_loop`).
+  The same code cost 12 ms per order at 50/s on a host where it was ~210 µs and 25 ms where it
+  was ~900 (docs/benchmarks.md, rounds ten and twelve): it says which host a run had.
 
 After a warm-up (`--warm-rate` × `--warm-seconds`, 9,000 orders by default: a running
 platform is measured, not one whose JVM is still compiling), before the first rate, it
@@ -72,6 +77,7 @@ import aiohttp
 import asyncpg
 import port_for
 
+from bench.event_loop import child_cpu
 from gozon.processes import PROCESSES, Process
 from scripts.stack import Platform, StackConfig, _migrate_and_create_topics
 from tests.faults.load import vegeta
@@ -850,7 +856,20 @@ class Idle:
     kafka_jit_pct: float
 
 
-async def measure(stack: Stack, args: argparse.Namespace) -> tuple[Idle | None, list[RateResult]]:
+WAKE_GAP_MS = 20.0  # a process's idle gap between orders at 50 orders/s
+
+
+async def wake_price(stack: Stack, batches: int) -> float:
+    """CPU µs of one worker-like batch done every WAKE_GAP_MS (bench.event_loop), on uvloop."""
+    user, system = await asyncio.to_thread(
+        child_cpu, stack.orders_db, "uvloop", batches, WAKE_GAP_MS
+    )
+    return 1e6 * (user + system) / batches
+
+
+async def measure(
+    stack: Stack, args: argparse.Namespace
+) -> tuple[Idle | None, list[RateResult], float | None]:
     users = [f"cap-user-{uuid.uuid4().hex[:6]}-{n}" for n in range(args.users)]
     await fund(stack.gateway, users)
     await warm_up(stack, users, args.warm_rate, args.warm_seconds)
@@ -867,13 +886,14 @@ async def measure(stack: Stack, args: argparse.Namespace) -> tuple[Idle | None, 
         results.append(await run_rate(stack, users, rate, args))
         print(summary_table(results[-1:]), file=sys.stderr)
         await asyncio.sleep(args.pause)
-    return idle_window, results
+    wake = await wake_price(stack, args.wake_batches) if args.wake_batches else None
+    return idle_window, results, wake
 
 
 def run(args: argparse.Namespace) -> int:
     stack = start_stack(args)  # synchronous: the launcher runs its own event loops
     try:
-        idle_window, results = asyncio.run(measure(stack, args))
+        idle_window, results, wake = asyncio.run(measure(stack, args))
     finally:
         stop_stack(stack, args.keep)
 
@@ -884,6 +904,11 @@ def run(args: argparse.Namespace) -> int:
         f"stack: {args.stack}, steady window = attack minus its first {args.warmup} s"
         + "".join(f", {name} ×{count}" for name, count in args.replicas)
         + "".join(f", {name} from {venv}" for name, venv in args.venv)
+        + (
+            f", a wake-up after {WAKE_GAP_MS:.0f} ms asleep: {wake:,.0f} µs of CPU per batch"
+            if wake is not None
+            else ""
+        )
         + "\n"
     )
     print(summary_table(results))
@@ -903,6 +928,7 @@ def run(args: argparse.Namespace) -> int:
         figures = {
             "idle_pct": idle_window and idle_window.pct,
             "idle_kafka_jit_pct": idle_window and idle_window.kafka_jit_pct,
+            "wake_us_per_batch": wake,
             "results": [dataclasses.asdict(r) for r in results],
         }
         Path(args.json).write_text(json.dumps(figures, indent=1))
@@ -992,6 +1018,12 @@ def main() -> int:
         default=[],
         help="run these processes from another virtualenv (own stack), "
         "e.g. orders-relay=../other/.venv",
+    )
+    parser.add_argument(
+        "--wake-batches",
+        type=int,
+        default=500,
+        help="batches of the host's wake-up probe after the last rate (0: none)",
     )
     parser.add_argument("--json", help="also write every figure to this file")
     args = parser.parse_args()

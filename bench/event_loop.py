@@ -65,6 +65,30 @@ def child(loop: str, url: str, batches: int, gap: float) -> None:
     print(f"{user} {system}")
 
 
+def child_cpu(url: str, loop: str, batches: int, gap_ms: float) -> tuple[float, float]:
+    """User and system CPU seconds of a child doing `batches` batches on `loop` against `url`."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.event_loop",
+            "--batches",
+            str(batches),
+            "--gap-ms",
+            str(gap_ms),
+            "--child",
+            loop,
+            url,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    user, system = map(float, out.stdout.split())
+    return user, system
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=2000)
@@ -85,25 +109,7 @@ def main() -> int:
         url = pg.url("bench", driver="postgresql")
         for _ in range(args.rounds):
             for loop in ("asyncio", "uvloop"):
-                out = subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "bench.event_loop",
-                        "--batches",
-                        str(args.batches),
-                        "--gap-ms",
-                        str(args.gap_ms),
-                        "--child",
-                        loop,
-                        url,
-                    ],
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                    timeout=600,
-                )
-                user, system = map(float, out.stdout.split())
+                user, system = child_cpu(url, loop, args.batches, args.gap_ms)
                 results[loop].append((user, system))
                 print(f"  {loop}: {1e6 * (user + system) / args.batches:,.0f} µs/batch", flush=True)
     finally:
