@@ -262,12 +262,33 @@ def _apt_install(*packages: str, why: str) -> None:
         raise StackError(f"{why}; install the Debian packages {' '.join(packages)} (needs root)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     print(f"installing {' '.join(packages)} from Debian's packages ({why})", file=sys.stderr)
-    _run(["apt-get", "update", "-q"], what="apt-get update", env=env)
+    # another apt-get on the machine (a second helper, unattended upgrades) is waited for
+    lock = ["-o", "DPkg::Lock::Timeout=600"]
+    _run(["apt-get", *lock, "update", "-q"], what="apt-get update", env=env)
     _run(
-        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages],
+        ["apt-get", *lock, "install", "-y", "-q", "--no-install-recommends", *packages],
         what=f"apt-get install {' '.join(packages)}",
         env=env,
     )
+
+
+# --------------------------------------------------------------------------- Prometheus
+
+
+def prometheus_tool(name: str = "promtool") -> Path:
+    """Debian's `prometheus` or `promtool` binary, installing the `prometheus` package when it
+    is missing (the alert rules' unit tests and the live dashboard and alert checks use them).
+
+    The tests run their own servers on free ports; where systemd runs, the package also
+    enables a server of its own on :9090 (`systemctl disable --now prometheus` stops it).
+    """
+    found = shutil.which(name)
+    if found is None:
+        _apt_install("prometheus", why=f"{name} was not found")
+        found = shutil.which(name)
+        if found is None:
+            raise StackError(f"installed Debian's prometheus, but found no {name}")
+    return Path(found)
 
 
 # --------------------------------------------------------------------------- PostgreSQL
