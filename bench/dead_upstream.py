@@ -13,23 +13,22 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import port_for
 
 from bench.gateway import USER, gateway_process
+from bench.throwaway import workdir
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=200)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="gozon-bench-") as work:
-        gateway = gateway_process(Path(work), f"http://127.0.0.1:{port_for.select_random()}")
+    with workdir("gozon-bench-") as work:
+        gateway = gateway_process(work, f"http://127.0.0.1:{port_for.select_random()}")
         gateway.start()  # live (not ready: its upstreams are down, on purpose)
         try:
             latencies_ms: list[float] = []

@@ -18,16 +18,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
-import port_for
-
-from scripts.stack import Postgres
+from bench.throwaway import postgres, workdir
 
 STATEMENT = "SELECT x, x * 2 FROM unnest($1::bigint[]) AS x"
 
@@ -100,21 +95,14 @@ def main() -> int:
         child(args.child[0], args.child[1], args.batches, args.gap_ms / 1000)
         return 0
 
-    work = Path(tempfile.mkdtemp(prefix="gozon-bench-loop-"))
-    work.chmod(0o755)
-    pg = Postgres(work / "pg", port_for.select_random(), durable=False, databases=("bench",))
     results: dict[str, list[tuple[float, float]]] = {"asyncio": [], "uvloop": []}
-    try:
-        pg.start()
+    with workdir("gozon-bench-loop-") as work, postgres(work, "bench") as pg:
         url = pg.url("bench", driver="postgresql")
         for _ in range(args.rounds):
             for loop in ("asyncio", "uvloop"):
                 user, system = child_cpu(url, loop, args.batches, args.gap_ms)
                 results[loop].append((user, system))
                 print(f"  {loop}: {1e6 * (user + system) / args.batches:,.0f} µs/batch", flush=True)
-    finally:
-        pg.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
     print(f"\n{args.batches} batches × {args.rounds} rounds, gap {args.gap_ms} ms, medians\n")
     print("| loop | CPU µs per batch (BEGIN, statement, COMMIT) | system share |")

@@ -26,11 +26,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,12 +39,11 @@ import port_for
 import uvicorn
 from fastapi import FastAPI
 
+from bench.throwaway import ORDERS_MIGRATIONS, postgres, workdir
 from scripts.processes import GozonProcess, http_status, wait_for
-from scripts.stack import Postgres
 
 USER = {"X-User-Id": "bench-user"}
 STUB_ORDER_ID = "00000000-0000-0000-0000-000000000001"
-MIGRATIONS = Path(__file__).resolve().parent.parent / "services" / "gozon" / "orders" / "migrations"
 
 
 @dataclass(frozen=True)
@@ -158,29 +155,27 @@ def stub_and_gateway(work: Path) -> Iterator[tuple[str, str]]:
 
 @contextlib.contextmanager
 def own_stack(work: Path) -> Iterator[tuple[str, str]]:
-    from gozon.core.migrations import upgrade
-
-    pg = Postgres(work / "pg", port_for.select_random(), databases=("order_db",))
     port = port_for.select_random()
-    env = {
-        "GOZON_ORDERS_DATABASE_URL": pg.url("order_db"),
-        "GOZON_ORDERS_API_PORT": str(port),
-        "GOZON_LOG_LEVEL": "WARNING",
-    }
-    orders = GozonProcess(
-        ["orders", "api"], env=env, log=work / "orders.log", health_url=f"http://127.0.0.1:{port}"
-    )
-    gateway = gateway_process(work, orders.health_url)
-    try:
-        pg.start()
-        upgrade(MIGRATIONS, pg.url("order_db"))
-        orders.start(ready=True)
-        gateway.start(ready=True)
-        yield orders.health_url, gateway.health_url
-    finally:
-        gateway.stop()
-        orders.stop()
-        pg.stop()
+    with postgres(work, "order_db", migrations={"order_db": ORDERS_MIGRATIONS}) as pg:
+        env = {
+            "GOZON_ORDERS_DATABASE_URL": pg.url("order_db"),
+            "GOZON_ORDERS_API_PORT": str(port),
+            "GOZON_LOG_LEVEL": "WARNING",
+        }
+        orders = GozonProcess(
+            ["orders", "api"],
+            env=env,
+            log=work / "orders.log",
+            health_url=f"http://127.0.0.1:{port}",
+        )
+        gateway = gateway_process(work, orders.health_url)
+        try:
+            orders.start(ready=True)
+            gateway.start(ready=True)
+            yield orders.health_url, gateway.health_url
+        finally:
+            gateway.stop()
+            orders.stop()
 
 
 # --------------------------------------------------------------------------- report
@@ -252,13 +247,9 @@ def main() -> None:
                 raise SystemExit("bench: loopback URLs only")
         asyncio.run(run(args, args.direct, args.gateway))
         return
-    work = Path(tempfile.mkdtemp(prefix="gozon-bench-"))
-    work.chmod(0o755)  # PostgreSQL runs as the postgres user when the bench runs as root
-    try:
-        with (own_stack if args.own_stack else stub_and_gateway)(work) as (direct, gateway):
-            asyncio.run(run(args, direct, gateway))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    stack = own_stack if args.own_stack else stub_and_gateway
+    with workdir("gozon-bench-") as work, stack(work) as (direct, gateway):
+        asyncio.run(run(args, direct, gateway))
 
 
 if __name__ == "__main__":

@@ -151,7 +151,7 @@ async def test_the_spec_scenario_deposit_order_and_the_order_is_finished(
     )
     assert response.status_code == 201
     assert response.json()["status"] == "NEW"
-    # How soon it is FINISHED is measured by bench/flow.py, not asserted here.
+    # How soon it is FINISHED is measured by bench/capacity.py, not asserted here.
     finished = await final_order(gateway, user, response.json()["id"])
     assert finished["status"] == "FINISHED"
     assert await balance(gateway, user) == Decimal("3499.01")
