@@ -52,7 +52,7 @@ bench-capacity: bootstrap
 	@$(PY) -m bench.capacity $(BENCH_ARGS)
 
 # The work each order costs every Python process, counted (function calls per order, by library)
-# rather than timed, so it moves far less with the host (docs/benchmarks.md, "Round eight").
+# rather than timed, so it moves far less with the host (docs/benchmarks.md, "Calls per order").
 bench-calls: bootstrap
 	@scripts/install-vegeta >/dev/null
 	@$(PY) -m bench.calls $(BENCH_ARGS)

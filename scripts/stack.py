@@ -620,7 +620,7 @@ logger.state.level = WARN
 # polling for a handful of clients. The active controller writes a no-op record to the
 # metadata log every `metadata.max.idle.interval.ms` (500 ms by default: KIP-835, so that a
 # cluster's brokers can tell a live controller from a stuck one); one node in one JVM has
-# nobody to tell. Measured in docs/benchmarks.md, "Idle platform and Kafka's threads";
+# nobody to tell. Measured in docs/adr/0011-development-broker.md;
 # docker-compose.yml sets the same (tests/unit/test_compose.py); the Helm chart's Strimzi
 # cluster keeps Kafka's defaults (docs/local-stack.md).
 DEV_BROKER_CONFIG: Mapping[str, str] = {
