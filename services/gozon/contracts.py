@@ -3,7 +3,11 @@
 Every event is an envelope (`event_id` is the consumers' idempotency key) around a payload.
 Money is `Decimal` with at most two places and at most 15 significant digits in total, so
 that it travels as an exact JSON number: a JSON number of up to 15 significant digits reads
-back as the same decimal through any IEEE double parser. Schemas evolve by adding optional
+back as the same decimal through any IEEE double parser. The consumers read it from the JSON
+text as `Decimal` (`gozon.core.jsontext`), never through a float, so an amount on the wire
+with more places, more digits or out of range (`20.999999999999999999`, `1e400`, `-1`) fails
+validation and is dead-lettered instead of being rounded; an amount must be a JSON number (a
+string, even `"5"`, is refused, as the APIs refuse one). Schemas evolve by adding optional
 fields; a breaking change gets a new `schema_version`, and consumers reject versions they do
 not know (to the dead-letter topic) rather than guess.
 """
@@ -15,7 +19,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Literal, TypeAlias
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PlainSerializer
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
 
 ORDER_CREATED_TOPIC = "order.created.event"
 PAYMENT_PROCESSED_TOPIC = "payment.processed.event"
@@ -35,6 +39,16 @@ Money: TypeAlias = Annotated[
 ]
 Amount: TypeAlias = Annotated[Money, Field(gt=0, le=MAX_AMOUNT, allow_inf_nan=False)]
 """An order's or a deposit's amount: positive, two places at most, at most MAX_AMOUNT."""
+
+
+def _a_number(value: object) -> object:
+    if isinstance(value, bool | str | bytes):
+        raise ValueError("must be a JSON number, not a string or a boolean")
+    return value
+
+
+WireAmount: TypeAlias = Annotated[Amount, BeforeValidator(_a_number)]
+"""An event's amount: an `Amount` that came as a number (never a string or a boolean)."""
 UserId: TypeAlias = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
 PaymentStatus: TypeAlias = Literal["PAID", "INSUFFICIENT_FUNDS", "ACCOUNT_NOT_FOUND"]
 
@@ -50,7 +64,7 @@ class _Model(BaseModel):
 class OrderCreatedPayload(_Model):
     order_id: uuid.UUID
     user_id: UserId
-    amount: Amount
+    amount: WireAmount
     description: str
     created_at: AwareDatetime
 
@@ -58,7 +72,7 @@ class OrderCreatedPayload(_Model):
 class PaymentProcessedPayload(_Model):
     order_id: uuid.UUID
     user_id: UserId
-    amount: Amount
+    amount: WireAmount
     status: PaymentStatus
     reason: str | None = None
     processed_at: AwareDatetime

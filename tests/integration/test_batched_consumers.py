@@ -609,3 +609,86 @@ def record_of(event: OrderCreated) -> Record:
         serialized_value_size=len(data),
         headers=[],
     )
+
+
+# --------------------------------------------------------------------------- exact money
+
+# Amounts a float parser would round into valid money (21, 1.00) or cannot hold, and amounts
+# out of range: each must be dead-lettered, never rounded and never debited or applied.
+INEXACT_AMOUNTS = (
+    "20.999999999999999999",
+    "1.000000000000000000000000000001",
+    "10.001",
+    "1e400",
+    "-10",
+    "100000000000000000000",  # more than NUMERIC(19,2) holds
+)
+
+
+def with_amount(event_value: bytes, amount: str) -> bytes:
+    """The event's JSON text with its amount's number replaced by `amount`, as written."""
+    head, _, tail = event_value.decode().partition('"amount":')
+    number_end = min(i for i in (tail.find(","), tail.find("}")) if i >= 0)
+    return f'{head}"amount":{amount}{tail[number_end:]}'.encode()
+
+
+async def test_payments_dead_letter_an_inexact_amount_and_never_debit_a_rounded_one(
+    payments_db: str,
+    payments: AsyncEngine,
+    kafka: Kafka,
+    topic: str,
+    producer: AIOKafkaProducer,
+) -> None:
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    await deposit(payments, user, "100")
+    inexact = [with_amount(value(order_created(user, "5")), a) for a in INEXACT_AMOUNTS]
+    exact = order_created(user, "7.25")
+    await produce(producer, topic, [*inexact, value(exact)])
+
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    async with running_consumer(payments_db, kafka, topic, group, OrderCreated, payments_handler):
+        await until_committed(kafka, topic, group, len(inexact) + 1)
+
+    assert await debits(payments, user) == [
+        (exact.payload.order_id, Decimal("7.25"), Decimal("92.75"))
+    ]
+    answered = await answers(payments)
+    assert [a.payload.order_id for a, _ in answered] == [exact.payload.order_id]
+    dead = await consume(kafka.bootstrap, dlq_topic(topic), at_least=len(inexact))
+    assert [record.value for record in dead] == inexact  # unchanged, as written
+    for record in dead:
+        reason = dict(record.headers)[DLQ_REASON].decode()
+        assert reason.startswith("invalid message: "), reason
+        assert "payload.amount" in reason, reason
+
+
+async def test_orders_dead_letter_a_result_with_an_inexact_amount_and_leave_the_order_new(
+    orders_db: str,
+    orders: AsyncEngine,
+    kafka: Kafka,
+    topic: str,
+    producer: AIOKafkaProducer,
+) -> None:
+    waiting = [await new_order(orders) for _ in INEXACT_AMOUNTS]
+    paid = await new_order(orders)
+    inexact = [
+        with_amount(payment_result(order_id, "PAID"), amount)
+        for order_id, amount in zip(waiting, INEXACT_AMOUNTS, strict=True)
+    ]
+    await produce(producer, topic, [*inexact, payment_result(paid, "PAID")])
+
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    async with running_consumer(orders_db, kafka, topic, group, PaymentProcessed, orders_handler):
+        await until_committed(kafka, topic, group, len(inexact) + 1)
+
+    async with orders.connect() as conn:
+        states = dict(
+            (
+                await conn.execute(
+                    select(Order.id, Order.status).where(Order.id.in_([*waiting, paid]))
+                )
+            ).all()
+        )
+    assert states == {**dict.fromkeys(waiting, "NEW"), paid: "FINISHED"}
+    dead = await consume(kafka.bootstrap, dlq_topic(topic), at_least=len(inexact))
+    assert [record.value for record in dead] == inexact

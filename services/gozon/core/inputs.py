@@ -7,20 +7,21 @@ route's dependencies or any database call run:
   `Idempotency-Key`, `Content-Type`, `Authorization`) given more than once: frameworks, proxies
   and services disagree about which copy wins (the first, the last, a join), so an edge that
   checks one copy and a service that uses another would act for two different users;
-- a JSON body that is not UTF-8, has a repeated object key, holds `NaN`/`Infinity`, nests deeper
-  than `MAX_DEPTH`, or has a string with NUL or a lone surrogate (PostgreSQL stores neither).
+- a JSON body that is not UTF-8, has a repeated object key, holds `NaN`/`Infinity`, nests
+  deeper than `jsontext.MAX_DEPTH`, or has a string with NUL or a lone surrogate (PostgreSQL
+  stores neither).
 
-JSON numbers are parsed from their text as `Decimal` (`loads`), never through a float, so
-`5.0000000000000000001` reaches the amount rule as written and is refused for its places instead
-of being rounded to 5 on the way. `JsonAmount` is the body's money type: a JSON number (a
-string, even `"5"`, is refused), > 0, at most two decimals, at most `MAX_AMOUNT`.
+JSON numbers are parsed from their text as `Decimal` (`loads`, on `gozon.core.jsontext`, as the
+consumers parse event values), never through a float, so `5.0000000000000000001` reaches the
+amount rule as written and is refused for its places instead of being rounded to 5 on the way.
+`JsonAmount` is the body's money type: a JSON number (a string, even `"5"`, is refused), > 0,
+at most two decimals, at most `MAX_AMOUNT`.
 `AMOUNT_PATTERN` is the same rule for money in a query string, as one regular expression.
 """
 
 from __future__ import annotations
 
 import email.message
-import json
 from collections.abc import Callable, Coroutine
 from decimal import Decimal
 from typing import Annotated, Any, TypeAlias
@@ -30,9 +31,9 @@ from fastapi.routing import APIRoute
 from pydantic import BeforeValidator, WithJsonSchema
 
 from gozon.contracts import MAX_AMOUNT, Amount
+from gozon.core import jsontext
 from gozon.core.problems import Problem
 
-MAX_DEPTH = 32
 SINGLE_VALUED_HEADERS = frozenset(
     {b"x-user-id", b"idempotency-key", b"content-type", b"authorization"}
 )
@@ -42,46 +43,6 @@ AMOUNT_PATTERN = r"^([1-9][0-9]{0,8}(\.[0-9]{1,2})?|1000000000(\.00?)?|0\.(0[1-9
 AMOUNT_RULE = f"A JSON number > 0 with at most two decimal places, at most {MAX_AMOUNT:.0f}."
 
 
-class _Refused(ValueError):
-    """The JSON text breaks one of the rules above; the message says which."""
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _Refused(f"the key {key!r} appears twice in one object")
-        result[key] = value
-    return result
-
-
-def _no_constants(name: str) -> Any:
-    raise _Refused(f"{name} is not a JSON number")
-
-
-def _check_tree(value: Any, depth: int = 0) -> None:
-    if depth > MAX_DEPTH:
-        raise _Refused(f"values nest deeper than {MAX_DEPTH} levels")
-    if isinstance(value, str):
-        _check_text(value)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_text(key)
-            _check_tree(item, depth + 1)
-    elif isinstance(value, list):
-        for item in value:
-            _check_tree(item, depth + 1)
-
-
-def _check_text(text: str) -> None:
-    if "\x00" in text:
-        raise _Refused("a string holds a NUL character")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise _Refused("a string holds a lone surrogate (\\ud800-\\udfff)") from exc
-
-
 def loads(body: bytes) -> Any:
     """Parses a JSON request body under the rules above; raises a 400 `Problem` otherwise."""
     try:
@@ -89,14 +50,8 @@ def loads(body: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise Problem(400, "The request body is not valid UTF-8.", title="Invalid JSON") from exc
     try:
-        value = json.loads(
-            text,
-            parse_float=Decimal,
-            parse_constant=_no_constants,
-            object_pairs_hook=_no_duplicates,
-        )
-        _check_tree(value)
-    except _Refused as exc:
+        value = jsontext.loads(text)
+    except jsontext.Refused as exc:
         raise Problem(400, f"The request body is refused: {exc}.", title="Invalid JSON") from exc
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, an int of 4300+ digits
         raise Problem(400, "The request body is not valid JSON.", title="Invalid JSON") from exc

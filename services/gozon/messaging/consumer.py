@@ -19,6 +19,9 @@ Guarantees:
   status change) turns each redelivery into a counted duplicate — the same at-least-once
   contract as a commit after every batch, with one commit request per interval instead of
   one per batch and partition.
+- A message is read from its JSON text exactly (`gozon.core.jsontext`): a number is the
+  `Decimal` of its text, so an amount with more than two places or out of range fails its
+  schema and is dead-lettered, never rounded on the way in.
 - A message that cannot be parsed or validated, or that the handler rejects (`Rejected`: it
   refers to something that does not exist, say), is published to `<topic>.dlq` with the
   reason and its origin in headers; the rest of its batch commits. It is never lost and never
@@ -64,6 +67,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, Span
 from pydantic import BaseModel, ValidationError
 
+from gozon.core import jsontext
 from gozon.core.db import is_database_outage, is_database_refusal, sqlstate
 from gozon.core.errors import RetryLater
 from gozon.core.runtime import sleep_unless
@@ -143,6 +147,26 @@ def is_retryable(exc: BaseException) -> bool:
         or isinstance(exc, RetryLater)
         or sqlstate(exc) in CONFLICT_SQLSTATES
     )
+
+
+def parse_event(schema: type[E], value: bytes | None) -> E:
+    """The event a record's value holds, read from its JSON text exactly (`gozon.core.
+    jsontext`: a number is the `Decimal` of its text, never a float), as the APIs read a
+    body; a ValueError says why it is not one."""
+    if not value:
+        raise ValueError("empty message value")
+    try:
+        document = jsontext.loads(value.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError("the value is not UTF-8") from exc
+    except RecursionError as exc:
+        raise ValueError("the value nests too deep") from exc
+    except ValueError as exc:  # not JSON, or JSON the platform refuses (jsontext.Refused)
+        raise ValueError(f"not an accepted JSON document: {exc}") from exc
+    try:
+        return schema.model_validate(document)
+    except ValidationError as exc:
+        raise ValueError(str(exc)) from exc
 
 
 class ConsumerRunner(Generic[E]):
@@ -404,12 +428,7 @@ class ConsumerRunner(Generic[E]):
         )
 
     def parse(self, record: Record) -> E:
-        if not record.value:
-            raise ValueError("empty message value")
-        try:
-            return self.schema.model_validate_json(record.value)
-        except ValidationError as exc:
-            raise ValueError(str(exc)) from exc
+        return parse_event(self.schema, record.value)
 
     async def _handle_with_retries(
         self, deliveries: list[Delivery[E]], stop: asyncio.Event
