@@ -1,33 +1,21 @@
 """Deadlines and load shedding for the APIs: work is refused early rather than done late.
 
-Owns the contract between the gateway and the APIs:
+The contract between the gateway and the APIs (docs/reliability.md):
 
-- `X-Request-Timeout-Ms` (the gateway sets it; a client's own value never gets past the
-  gateway): how many milliseconds the caller will still wait for the answer. An API caps it at
-  its own `api_timeout_s` (the budget of a request without the header).
-- `Admission`, an ASGI middleware in front of every API route (not health, not metrics):
-  at most `max_in_flight` requests run at once and `max_queued` more wait for a slot; past
-  that, or when a queued request's budget runs out before it gets a slot, or when the budget
-  is too small to start, the answer is **503 with `Retry-After` at once, before the database
-  is touched**. Its problem body says `"outcome": "not_processed"`.
-- `DeadlineSession`, the API's database session: each transaction gets `SET LOCAL
-  statement_timeout` = the time left (capped by the engine's own statement timeout), a
-  transaction does not begin once the deadline has passed, and **nothing is committed after
-  it**: the commit is refused and the transaction rolled back. A transaction still open at
-  the deadline has its connection invalidated (closed, never pooled again), so a server that
-  stopped answering, which cancels nothing, cannot hold the request past it; nor can its
-  connect (its timeout is the time left, when less than the engine's). The pool wait is
-  bounded by the engine's `pool_timeout`, set well under the gateway's timeout (the defaults
-  nest: gateway 5 s > API budget 4 s > statement 3 s > pool wait 2 s).
-- `install_outage_handlers`: a lost, refused or timed-out database connection, a statement
-  cancelled by its timeout, an exhausted pool, a passed deadline or a database that refuses
-  the service itself (its role, grants or schema, a read-only standby) is answered 503 with
-  `Retry-After` ("not processed", true because the transaction was rolled back), never 500.
-  The one exception: a connection lost *during COMMIT* may or may not have committed, so it
-  is answered 504 with `"outcome": "unknown"` (a retry with the same `Idempotency-Key` is
-  safe). The pools drop broken connections themselves (asyncpg on the server's close,
-  SQLAlchemy by invalidation; `gozon.core.pg` retries once where that is safe), so they recover
-  without a restart.
+- `X-Request-Timeout-Ms` (set by the gateway): how long the caller will still wait, capped at
+  the API's own `api_timeout_s`.
+- `Admission`, ASGI middleware in front of every API route (not health, not metrics): at most
+  `max_in_flight` running and `max_queued` waiting; past that, or when a request's budget runs
+  out in the queue or is too small to start, **503 with `Retry-After` at once, before the
+  database is touched** (`"outcome": "not_processed"`).
+- `DeadlineSession`, the API's SQLAlchemy session: `SET LOCAL statement_timeout` = the time
+  left, no transaction begun and **nothing committed after the deadline**; a transaction still
+  open at the deadline has its connection invalidated. The defaults nest: gateway 5 s > API
+  budget 4 s > statement 3 s > pool wait 2 s.
+- `install_outage_handlers`: a lost, refused or timed-out connection, a cancelled statement,
+  an exhausted pool, a passed deadline or a database that refuses the service is a 503 with
+  `Retry-After` ("not processed": the transaction rolled back), never a 500; a connection lost
+  *during COMMIT* is a 504 with `"outcome": "unknown"` (retry with the same `Idempotency-Key`).
 """
 
 from __future__ import annotations

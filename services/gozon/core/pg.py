@@ -1,42 +1,26 @@
 """The APIs' request path to PostgreSQL: one round trip per statement, on asyncpg directly.
 
-Owns how an API request talks to its database (SQLAlchemy keeps the schema, the migrations,
-the payments API and the relays' housekeeping). Guarantees, per docs/reliability.md:
+SQLAlchemy keeps the schema, the migrations, the payments API and the relays' housekeeping;
+this module is the orders API's statements and the consumers' batches (docs/reliability.md,
+docs/adr/0005-orders-api-hot-path.md). Guarantees:
 
-- **One round trip per statement, nothing else.** No pool pre-ping and no reset query on
-  release (the statements here leave no session state behind: no `SET`, no `LISTEN`, no
-  advisory lock, no open transaction), and asyncpg prepares each statement once per
-  connection and then only binds and executes it.
-- **A write is one statement that commits by itself** (a data-modifying CTE, autocommit), so
-  the commit is part of the same round trip. Every connection starts with
-  `statement_timeout` = the API's statement cap (`GOZON_DB_STATEMENT_TIMEOUT_S`). When the
-  request's time left is under that cap, the write instead runs as `BEGIN; SET LOCAL
-  statement_timeout = <time left>` + the statement + `COMMIT` (three round trips, only for
-  requests short of time), and the COMMIT is not sent once the deadline has passed. Either
-  way a statement cannot run past the caller's deadline and nothing commits after it. Each
-  round trip is bounded on the client's side too (a server that stops answering cancels
-  nothing), and a connection whose statement ran out of time is dropped, never rolled back
-  (asyncpg would first wait for the server to answer the cancelled statement).
-- **A dead pooled connection costs the client nothing when that is safe**: asyncpg drops a
-  connection the server closed; a statement that finds its connection closed before it was
-  sent, or whose connection the server terminated with an error saying so (`57P01` admin
-  shutdown, `57P02` crash shutdown, `57P03` cannot connect now: the statement was rolled
-  back), is sent once more on a fresh connection. So is one refused because its connection
-  reached a read-only server (`25006`: a standby), which is dropped, never pooled again. A
-  second failure is a 503.
-- **Every failure has an honest answer**: `NotProcessed` (503, nothing was written: the pool
-  was exhausted, the database refused or dropped us before the statement committed, the
-  statement was cut by its timeout), `OutcomeUnknown` (504: the connection was lost or timed
-  out on the client's side while a write was in flight, so it may have committed), or
-  `DeadlineExceeded` (503). A database that refuses the service itself (a revoked grant, a
-  migration not run, a read-only standby: `gozon.core.db.is_database_refusal`) passes through
-  as the driver raised it and the API's handler answers 503 (`gozon.core.deadline`). Any
-  other database error is a bug and stays one (500).
+- **One round trip per statement**: no pre-ping, no reset query (the statements leave no
+  session state), each statement prepared once per connection.
+- **A write is one autocommit statement**; every connection's `statement_timeout` is the API's
+  cap, and a request with less time left runs `BEGIN; SET LOCAL statement_timeout; …; COMMIT`
+  instead. Nothing commits after the caller's deadline; each round trip is bounded on the
+  client's side too, and a connection that ran out of time is dropped, never rolled back.
+- **A dead pooled connection is retried once when that is safe**: closed before the statement
+  was sent, terminated by the server with 57P01/57P02/57P03, or read-only (25006: a standby,
+  dropped). A second failure is a 503.
+- **Every failure has an honest answer**: `NotProcessed` (503, nothing written),
+  `OutcomeUnknown` (504, a write may have committed), `DeadlineExceeded` (503); a database
+  that refuses the service (`is_database_refusal`) passes through to the API's 503 handler;
+  any other database error is a bug (500).
 
-The workers' batches (the Kafka consumers') run on a pool of their own from `worker_pool`,
-with the same no-pre-ping, no-reset connections, each batch on a connection held by
-`batch_connection`: a connection lost or left inside a transaction is dropped, never pooled
-again, so the retried batch starts on a fresh one (the server rolled the lost one back).
+The consumers' batches run on `worker_pool` (the same connections, generic plans), each on a
+connection held by `batch_connection`: one lost or left inside a transaction is dropped, so a
+retried batch starts on a fresh one.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 uvicorn's `Server.main_loop` sleeps 0.1 s between ticks; a tick refreshes the `date` header
 once a second (every tenth tick), checks the request limit and whether a signal asked it to
-stop. An idle API or gateway therefore woke ten times a second to do nothing nine times out
-of ten (docs/benchmarks.md, "Idle platform and Kafka's threads").
+stop. An idle API or gateway would wake ten times a second to do nothing nine times out of
+ten (docs/adr/0011-development-broker.md: the idle platform's budget).
 
 Guarantees:
 - A tick every `TICK` (1 s): the `date` header is refreshed at every tick, so it is as fresh

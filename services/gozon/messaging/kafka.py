@@ -6,11 +6,9 @@ aiokafka's defaults suit none of this platform's jobs (`acks=1`, no idempotence,
   and a retried send is never written twice;
 - consumers start from the earliest offset (a new group misses nothing), never auto-commit
   (the runner commits what the database holds, coalesced: `gozon.messaging.consumer`), and
-  long-poll: `fetch_min_bytes=1` makes the
-  broker answer a fetch as soon as any record lands, so the 500 ms maximum wait adds no
-  latency and only bounds how often an idle consumer asks (measured by bench/fetch_wait.py:
-  same produce → consume latency as a 10 ms wait, a tenth of the idle CPU in the consumer
-  and a fifth in the broker; docs/benchmarks.md). The background fetch routine's own
+  long-poll: `fetch_min_bytes=1` makes the broker answer a fetch as soon as any record lands,
+  so the 500 ms maximum wait adds no latency and only bounds how often an idle consumer asks
+  (docs/adr/0001-consumer-long-poll.md). The background fetch routine's own
   re-check timer is raised to match (`FETCHER_TIMEOUT_MS`): records, answers and
   rebalances wake it, not the timer.
 """

@@ -1,28 +1,17 @@
 """The outbox relay: publishes committed outbox rows to Kafka, at least once, per key in order.
 
+Design and figures: docs/messaging.md, "Decisions"; docs/adr/0004-relay-claim-and-mark.md.
+
 Guarantees:
-- At least once. The claim marks its rows SENT in the statement that locks them (CLAIM), inside
-  the batch's transaction, and that transaction commits only after the broker acknowledged
-  every row still marked (`acks=all`, idempotent producer): the rows it did not acknowledge
-  are put back first (RELEASE, one statement for all of them). Nobody sees a row SENT before
-  that commit. A relay that dies before the commit (killed, its connection dropped) leaves
-  its rows PENDING as they were, and publishes them again after restart; consumers
-  deduplicate by `event_id`.
-- Three round trips per batch whatever its size, each row written once: BEGIN, CLAIM (an
-  `UPDATE … WHERE id IN (SELECT … FOR UPDATE SKIP LOCKED) RETURNING …`), COMMIT, plus one
-  RELEASE only when some row was not acknowledged. `sent_at` is therefore the moment of the
-  claim (just before the publish), committed after the acks. The batches run on the relay's
-  own asyncpg connection (the statements prepared once per connection); the prune and the
-  gauges, rare, on SQLAlchemy. A leased claim (an autocommit UPDATE … RETURNING, then the
-  mark, no transaction held) was measured and not kept: it writes each row twice
-  (docs/benchmarks.md, "Relay cost per row").
-- Several relays on one outbox are safe: the claim locks its rows with `FOR UPDATE SKIP
-  LOCKED` until its transaction ends, so no two relays hold (or publish) the same row, and
-  none waits for another.
-- Within one relay, rows go out in id order (enqueued one after another, then every ack
-  awaited), so the events of one key keep their order on their partition. Two relays, or a
-  row that waits for a retry, can let a later event of the same key overtake an earlier one;
-  the consumers are written so that order between different orders does not matter.
+- At least once: a batch's transaction claims its rows and marks them SENT in one statement
+  (`CLAIM`, `FOR UPDATE SKIP LOCKED`) and commits only after the broker acknowledged every row
+  still marked; the others are put back first (`RELEASE`). A relay that dies before the
+  commit leaves its rows PENDING; consumers deduplicate by `event_id`.
+- Three round trips per batch whatever its size (BEGIN, CLAIM, COMMIT; RELEASE only when a
+  row was not acknowledged), on the relay's own asyncpg connection. `sent_at` is the claim's
+  moment. Several relays on one outbox never hold the same row and never wait for another.
+- Within one relay rows go out in id order, so one key's events keep their order on their
+  partition; two relays, or a row waiting for a retry, may let a later one overtake.
 - A broker outage does not burn attempts: the rows not acknowledged while the broker does not
   answer go back to PENDING without an attempt (the acknowledged ones commit SENT) and the
   relay backs off (its readiness probe fails meanwhile). An error about the message itself
@@ -32,14 +21,11 @@ Guarantees:
   the batch are not tried: PENDING again, no attempt.
 - Wake-up without taxing the writers: no NOTIFY in the writers' transactions (it takes a
   database-wide lock at commit). Writers send a coalesced notification after their commit
-  (`gozon.messaging.wakeup`), which sets `wake`; the relay re-polls at once while batches
-  come back full, and otherwise waits for `wake` or the slow `fallback_poll` (1 s), so a
-  lost notification delays a row, never loses it.
-- No dependency's outage ends the relay: claiming, publishing and the periodic prune all
-  treat a lost database or broker as "not ready, back off, try again"; a lost connection is
-  dropped and the next batch connects anew. A database that refuses the relay itself (a
-  revoked grant, a migration not run, a read-only standby: `is_database_refusal`) is waited
-  out the same way, with an error logged and readiness failing (`refused`).
+  (`gozon.messaging.wakeup`); the relay re-polls at once while batches come back full, else
+  waits for `wake` or `fallback_poll` (1 s): a lost notification delays a row, never loses it.
+- No outage ends the relay: a lost database or broker, or a database that refuses the relay
+  itself (`is_database_refusal`), means not ready, back off, try again (`refused` and an
+  error logged for the latter).
 - SIGTERM: the batch in hand is finished and committed, then the relay exits.
 """
 

@@ -1,13 +1,13 @@
 """Waking the relay when rows are committed, without taxing the writers.
 
-A `NOTIFY` inside the writer's transaction takes a database-wide lock at commit (measured by a
-previous session: order + outbox commits fell from 11,300 to 4,500 per second at 8 clients).
-So the writer calls `OutboxNotifier.notify()` *after* its commit: that only sets a flag, and a
-background task sends one `pg_notify` on its own connection for however many commits happened
-while the previous one was in flight (coalesced: under load, one notification covers many
-rows). The relay listens on the channel (`OutboxListener`) and also polls on a slow fallback
-interval, so a lost notification (a dropped connection, a writer that crashed between its
-commit and the notify) delays a row by at most that interval and never loses it.
+A `NOTIFY` inside the writer's transaction takes a database-wide lock at commit, which
+serialises every writer's commit (docs/adr/0004-relay-claim-and-mark.md). So the writer calls
+`OutboxNotifier.notify()` *after* its commit: that only sets a flag, and a background task
+sends one `pg_notify` on its own connection for however many commits happened while the
+previous one was in flight (coalesced: under load, one notification covers many rows). The
+relay listens on the channel (`OutboxListener`) and also polls on a slow fallback interval,
+so a lost notification (a dropped connection, a writer that crashed between its commit and
+the notify) delays a row by at most that interval and never loses it.
 
 Guarantee: none needed for correctness. Notifications are only a latency optimisation; the
 outbox table is the truth.

@@ -1,32 +1,21 @@
 """The payments consumer's batch handler for `order.created.event`: inbox, debits, outbox, one
 commit per partition's batch.
 
-Four round trips per batch on the common path (every order new, every compare-and-swap won),
-whatever its size: BEGIN, `queries.CLAIM_AND_READ` (claims, earlier decisions, accounts),
-`queries.SWAP_AND_RECORD` (the compare-and-swap and, when every swap won, all the records),
-COMMIT; then one coalesced `pg_notify` on the notifier's own connection. The batch runs on a
-connection of the consumer's asyncpg pool (`gozon.core.pg.worker_pool`; the statements are
-prepared once per connection), held by `gozon.core.pg.batch_connection`.
+Four round trips per batch on the common path, whatever its size: BEGIN,
+`queries.CLAIM_AND_READ`, `queries.SWAP_AND_RECORD`, COMMIT; then one coalesced `pg_notify`.
+The batch holds one connection of the consumer's asyncpg pool (`gozon.core.pg`). Design:
+docs/messaging.md, "The consumers' transactions"; docs/payments.md.
 
 Guarantees (the runner commits the offsets only after this transaction has committed):
-- An order is paid for at most once, whatever envelope it comes in: every event is recorded in
-  the inbox by its event id, and the order's one payment decision (`service.
-  decide_order_payments`, keyed by the order id) is made by the first event about it, in
-  offset order. A later event about the same order — in the same batch or a later one, a
-  redelivery or the producer's retry under a new event id — debits nothing and gets the
-  stored decision sent again ("duplicate"); a concurrent one waits for the first transaction,
-  then finds its decision.
-- The orders of one account in a batch are paid in offset order while the balance lasts; one
-  that the balance left by the earlier ones does not cover is cancelled for funds.
-- The batch's inbox rows, decisions, debits with their ledger rows, and `PaymentProcessed`
-  outbox rows commit together or not at all; a failure before the commit leaves nothing, and
-  the batch is retried whole. A connection lost mid-transaction (or whose ROLLBACK failed) is
-  dropped, never pooled again: the server rolls its transaction back, and the retried batch
-  runs on a fresh connection. The relay is woken once per committed batch.
-- Every delivery gets an answer on `payment.processed.event`, carrying its own message's trace
-  context: the order's decision, PAID, INSUFFICIENT_FUNDS (nothing debited) or
-  ACCOUNT_NOT_FOUND. The orders consumer applies only the first (its status change is
-  guarded), so a repeated answer changes nothing.
+- An order is paid for at most once, whatever envelope it comes in: its one decision is made
+  by the first event about it, in offset order; any later event about it (same batch or not,
+  a redelivery, a new event id) debits nothing and gets the stored decision again.
+- One account's orders in a batch are paid in offset order while the balance lasts; the rest
+  are cancelled for funds.
+- The batch's inbox rows, decisions, debits, ledger rows and `PaymentProcessed` outbox rows
+  commit together or not at all; a failed batch is retried whole on a fresh connection.
+- Every delivery gets an answer on `payment.processed.event` with its own trace context:
+  PAID, INSUFFICIENT_FUNDS or ACCOUNT_NOT_FOUND.
 """
 
 from __future__ import annotations

@@ -1,30 +1,22 @@
-"""The payments rules: accounts, deposits and order debits.
+"""The payments rules: accounts, deposits and order debits (docs/payments.md).
 
 Guarantees:
-- Every balance change is a compare-and-swap, `UPDATE accounts … WHERE id = :id AND
-  version = :seen`, that bumps the version. When another change got in first, the account is
-  read again and the swap retried, at most `CAS_ATTEMPTS` times with a short jittered backoff
-  (each lost swap is counted); then `AccountBusy` is raised and nothing is written.
-- Every change writes its `account_ledger` row in the same transaction, so at every commit the
-  deposits minus the debits in the ledger equal the balance.
+- Every balance change is a compare-and-swap on the account's version, retried with a short
+  jittered backoff up to `CAS_ATTEMPTS` times, then `AccountBusy` with nothing written.
+- Every change writes its `account_ledger` row in the same transaction: deposits minus debits
+  equal the balance at every commit.
 - A balance stays within [0, MAX_BALANCE]: checked here for a clear answer, and by the
   database's CHECK whatever happens.
-- A deposit with an Idempotency-Key credits once: a retry with the same key and amount answers
-  with the first deposit's result; the same key with another amount is refused.
+- A deposit with an Idempotency-Key credits once; the same key with another amount is refused.
 - One payment decision per order: `decide_order_payments` claims the orders'
-  `payment_decisions` rows first (`ON CONFLICT DO NOTHING` on the order id; a concurrent claim
-  waits for the first transaction, then finds its row). Only the claim's winner debits; any
-  other event about the order, in the same batch or a later one, in the same or a new
-  envelope, gets the stored decision and debits nothing — a CANCELLED order stays unpaid after
-  a top-up, a FINISHED one is not paid twice.
-- A batch of order events is decided per account in offset order: an order is paid when the
-  balance left by the ones before it covers it, else it is cancelled for funds; the account's
-  balance moves by one compare-and-swap for the whole batch, in the statement that also
+  `payment_decisions` rows first; only the claim's winner debits, any other event about the
+  order gets the stored decision (a CANCELLED order stays unpaid after a top-up, a FINISHED
+  one is not paid twice).
+- A batch is decided per account in offset order (paid while the balance lasts, else cancelled
+  for funds), with one compare-and-swap per account for the whole batch, in the statement that
   writes the batch's records only when every swap won (`queries.SWAP_AND_RECORD`).
-- `pay_for_order` and `decide_order_payments` work inside the caller's transaction (the
-  consumer's, on its asyncpg connection: `decide_order_payments` also writes the caller's
-  inbox and outbox rows, given by its `records`); `pay_for_order` writes nothing when the
-  order cannot be paid.
+- `pay_for_order` and `decide_order_payments` work inside the caller's transaction;
+  `pay_for_order` writes nothing when the order cannot be paid.
 """
 
 from __future__ import annotations
