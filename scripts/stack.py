@@ -650,10 +650,22 @@ class Kafka:
     partitions: int = 3
     start_timeout: float = 90.0
     extra_config: Mapping[str, str] = field(default_factory=dict)
+    # A second listener that authenticates with SASL SCRAM-SHA-512, as the chart's Strimzi
+    # Kafka does, with these users (name → password, made when the storage is formatted)
+    # and ACLs enforced (StandardAuthorizer). The plaintext listener stays, its anonymous
+    # principal a super user: readiness, topic creation and `allow` go through it.
+    sasl_port: int | None = None
+    scram_users: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def sasl_bootstrap(self) -> str:
+        if self.sasl_port is None:
+            raise StackError("this Kafka has no SASL listener")
+        return f"127.0.0.1:{self.sasl_port}"
 
     @property
     def config(self) -> Path:
@@ -704,10 +716,48 @@ class Kafka:
             # Topics are created on purpose (by the relays and `make up`), never by a typo.
             "auto.create.topics.enable": "false",
             **DEV_BROKER_CONFIG,
+            **self._sasl_config(),
             **self.extra_config,
         }
         self.config.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
         (self.data_dir / "log4j2.properties").write_text(_LOG4J2)
+
+    def _sasl_config(self) -> dict[str, str]:
+        if self.sasl_port is None:
+            return {}
+        return {
+            "listeners": (
+                f"PLAINTEXT://127.0.0.1:{self.port},SASL_PLAINTEXT://127.0.0.1:{self.sasl_port},"
+                f"CONTROLLER://127.0.0.1:{self.controller_port}"
+            ),
+            "advertised.listeners": (
+                f"PLAINTEXT://127.0.0.1:{self.port},SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}"
+            ),
+            "listener.security.protocol.map": (
+                "PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT"
+            ),
+            "sasl.enabled.mechanisms": "SCRAM-SHA-512",
+            "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config": (
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+            ),
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users": "User:ANONYMOUS",
+            "allow.everyone.if.no.acl.found": "false",
+        }
+
+    def allow(
+        self,
+        user: str,
+        operations: Sequence[str],
+        *,
+        topics: Sequence[str] = (),
+        groups: Sequence[str] = (),
+        prefixed: bool = False,
+    ) -> None:
+        """Adds ACLs allowing `user` the operations (READ, WRITE, CREATE, DESCRIBE, …) on the
+        topics and groups, named or (`prefixed`) every name starting with them."""
+        resources = [(_ACL_TOPIC, t) for t in topics] + [(_ACL_GROUP, g) for g in groups]
+        asyncio.run(create_acls(self.bootstrap, user, operations, resources, prefixed=prefixed))
 
     def _java(self, libs: Path, main: str, *args: str) -> list[str]:
         return [
@@ -731,7 +781,17 @@ class Kafka:
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         _run(
             self._java(
-                libs, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.config)
+                libs,
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                cluster_id,
+                "-c",
+                str(self.config),
+                *(
+                    f"--add-scram=SCRAM-SHA-512=[name={name},password={password}]"
+                    for name, password in self.scram_users.items()
+                ),
             ),
             what="formatting Kafka's storage",
         )
@@ -752,6 +812,8 @@ class Kafka:
             return False
         require_free_port(self.port, "Kafka")
         require_free_port(self.controller_port, "Kafka's controller")
+        if self.sasl_port is not None:
+            require_free_port(self.sasl_port, "Kafka's SASL listener")
         self._write_config()
         self._format(libs)
         process = self.pidfile.spawn(
@@ -792,6 +854,88 @@ async def kafka_answers(bootstrap: str) -> bool:
     finally:
         with contextlib.suppress(Exception):
             await admin.close()
+
+
+# Kafka's ACL codes (org.apache.kafka.common.acl and .resource).
+_ACL_TOPIC, _ACL_GROUP = 2, 3
+_ACL_LITERAL, _ACL_PREFIXED, _ACL_ALLOW = 3, 4, 3
+_ACL_OPERATIONS = {
+    "ALL": 2,
+    "READ": 3,
+    "WRITE": 4,
+    "CREATE": 5,
+    "DELETE": 6,
+    "ALTER": 7,
+    "DESCRIBE": 8,
+    "DESCRIBE_CONFIGS": 10,
+    "ALTER_CONFIGS": 11,
+}
+
+
+async def create_acls(
+    bootstrap: str,
+    user: str,
+    operations: Sequence[str],
+    resources: Sequence[tuple[int, str]],
+    *,
+    prefixed: bool = False,
+) -> None:
+    """Allows `User:user` the operations on the (resource type, name) pairs: Kafka's
+    CreateAcls request, v1 (aiokafka has no call for it and Kafka's own AclCommand is not
+    among the broker's jars)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.protocol.api import Request, RequestStruct, Response
+    from aiokafka.protocol.types import Array, Int8, Int16, Int32, Schema, String
+
+    class CreateAclsResponseV1(Response):  # type: ignore[misc]  # aiokafka: untyped
+        API_KEY = 30
+        API_VERSION = 1
+        SCHEMA = Schema(
+            ("throttle_time_ms", Int32),
+            ("results", Array(("error_code", Int16), ("error_message", String("utf-8")))),
+        )
+
+    class CreateAclsRequestV1(RequestStruct):  # type: ignore[misc]
+        API_KEY = 30
+        API_VERSION = 1
+        RESPONSE_TYPE = CreateAclsResponseV1
+        SCHEMA = Schema(
+            (
+                "creations",
+                Array(
+                    ("resource_type", Int8),
+                    ("resource_name", String("utf-8")),
+                    ("resource_pattern_type", Int8),
+                    ("principal", String("utf-8")),
+                    ("host", String("utf-8")),
+                    ("operation", Int8),
+                    ("permission_type", Int8),
+                ),
+            ),
+        )
+
+    pattern = _ACL_PREFIXED if prefixed else _ACL_LITERAL
+    creations = [
+        (kind, name, pattern, f"User:{user}", "*", _ACL_OPERATIONS[op.upper()], _ACL_ALLOW)
+        for kind, name in resources
+        for op in operations
+    ]
+
+    class CreateAcls(Request[CreateAclsRequestV1]):  # type: ignore[misc]
+        API_KEY = 30
+
+        def build(self, request_struct_class: type[CreateAclsRequestV1]) -> CreateAclsRequestV1:
+            return request_struct_class(creations)
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        response = await admin._send_request(CreateAcls())
+    finally:
+        await admin.close()
+    errors = [message or str(code) for code, message in response.results if code]
+    if errors:
+        raise StackError(f"Kafka refused ACLs for {user}: {'; '.join(errors)}")
 
 
 async def create_topics(bootstrap: str, names: Sequence[str], partitions: int) -> None:

@@ -224,7 +224,7 @@ def _dlq_list(args: argparse.Namespace) -> int:
     import json
 
     from gozon.messaging.dlq import DeadLetterError, list_dead_letters, table
-    from gozon.messaging.kafka import dlq_topic
+    from gozon.messaging.kafka import KafkaAccess, dlq_topic
 
     service = _orders() if args.service == "orders" else _payments()
     settings = _settings(service.settings)
@@ -233,7 +233,7 @@ def _dlq_list(args: argparse.Namespace) -> int:
     try:
         letters, total = asyncio.run(
             list_dead_letters(
-                settings.kafka_bootstrap_servers, topic, since=_since(args), limit=args.limit
+                KafkaAccess.from_settings(settings), topic, since=_since(args), limit=args.limit
             )
         )
     except DeadLetterError as exc:
@@ -254,7 +254,7 @@ def _dlq_list(args: argparse.Namespace) -> int:
 
 def _dlq_redrive(args: argparse.Namespace) -> int:
     from gozon.messaging.dlq import DeadLetterError, redrive, redrive_group, table
-    from gozon.messaging.kafka import dlq_topic
+    from gozon.messaging.kafka import KafkaAccess, dlq_topic
 
     service = _orders() if args.service == "orders" else _payments()
     settings = _settings(service.settings)
@@ -264,7 +264,7 @@ def _dlq_redrive(args: argparse.Namespace) -> int:
     try:
         result = asyncio.run(
             redrive(
-                settings.kafka_bootstrap_servers,
+                KafkaAccess.from_settings(settings),
                 topic,
                 group=group,
                 since=_since(args),

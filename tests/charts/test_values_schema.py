@@ -47,6 +47,14 @@ CHART_SETS = {
     "GOZON_KAFKA_BOOTSTRAP_SERVERS",
     "GOZON_KAFKA_TOPIC_PARTITIONS",
     "GOZON_KAFKA_REPLICATION_FACTOR",
+    # from kafka.strimzi / kafka.external (gozon.kafkaAuth), on the relays and consumers
+    "GOZON_KAFKA_CREATE_TOPICS",
+    "GOZON_KAFKA_SECURITY_PROTOCOL",
+    "GOZON_KAFKA_SASL_MECHANISM",
+    "GOZON_KAFKA_SASL_USERNAME",
+    "GOZON_KAFKA_SASL_PASSWORD_FILE",
+    "GOZON_KAFKA_SASL_PASSWORD",
+    "GOZON_KAFKA_SSL_CA_FILE",
     "GOZON_ORDERS_DATABASE_URL",
     "GOZON_PAYMENTS_DATABASE_URL",
     # from `identity` (gozon.identityEnv), on the gateway only

@@ -27,9 +27,76 @@ class CommonSettings(BaseSettings):
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_topic_partitions: int = Field(default=3, ge=1)
     kafka_replication_factor: int = Field(default=1, ge=1)
+    # How every Kafka client of the process (producers, consumers, the topic check, the dlq
+    # commands) reaches the brokers; gozon.messaging.kafka.KafkaAccess applies them. The
+    # defaults are the local stack's plaintext listener (compose, `make up`); the chart sets
+    # SCRAM credentials from a KafkaUser secret (docs/kafka-security.md).
+    kafka_security_protocol: Literal["PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL", "SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_sasl_password_file: Path | None = None  # a mounted secret's file: preferred
+    kafka_ssl_ca_file: Path | None = None  # PEM; without it the system's CAs are trusted
+    # False where an operator (Strimzi's topic operator) owns the topics: the workers then
+    # only use them, and their Kafka users need no right to create any.
+    kafka_create_topics: bool = True
     # Background work's traces (relay polls, wake-up notifications, pruning): off, so that an
     # idle platform exports nothing (gozon.core.telemetry.QuietBackground).
     trace_background_db: bool = False
+
+    @model_validator(mode="after")
+    def _kafka_security_complete(self) -> Self:
+        protocol = self.kafka_security_protocol
+        sasl = protocol.startswith("SASL_")
+        given = [
+            name
+            for name, value in (
+                ("GOZON_KAFKA_SASL_USERNAME", self.kafka_sasl_username),
+                ("GOZON_KAFKA_SASL_PASSWORD", self.kafka_sasl_password),
+                ("GOZON_KAFKA_SASL_PASSWORD_FILE", self.kafka_sasl_password_file),
+            )
+            if value is not None
+        ]
+        if not sasl and given:
+            # Credentials that would silently go unused: the broker would not be asked.
+            raise ValueError(
+                f"{', '.join(given)} set but GOZON_KAFKA_SECURITY_PROTOCOL={protocol} does not "
+                "authenticate: use SASL_PLAINTEXT or SASL_SSL, or unset them"
+            )
+        if sasl:
+            if not self.kafka_sasl_username:
+                raise ValueError(
+                    f"GOZON_KAFKA_SECURITY_PROTOCOL={protocol} needs GOZON_KAFKA_SASL_USERNAME"
+                )
+            if (self.kafka_sasl_password is None) == (self.kafka_sasl_password_file is None):
+                raise ValueError(
+                    f"GOZON_KAFKA_SECURITY_PROTOCOL={protocol} needs exactly one of "
+                    "GOZON_KAFKA_SASL_PASSWORD_FILE and GOZON_KAFKA_SASL_PASSWORD"
+                )
+            file = self.kafka_sasl_password_file
+            if file is not None and not file.is_file():
+                raise ValueError(f"GOZON_KAFKA_SASL_PASSWORD_FILE {file} is missing")
+            if not self.kafka_sasl_password_value():
+                raise ValueError("the Kafka SASL password is empty")
+        ca = self.kafka_ssl_ca_file
+        if ca is not None:
+            if not protocol.endswith("SSL"):
+                raise ValueError(
+                    f"GOZON_KAFKA_SSL_CA_FILE set but GOZON_KAFKA_SECURITY_PROTOCOL={protocol} "
+                    "does not use TLS: use SSL or SASL_SSL, or unset it"
+                )
+            if not ca.is_file():
+                raise ValueError(f"GOZON_KAFKA_SSL_CA_FILE {ca} is missing")
+        return self
+
+    def kafka_sasl_password_value(self) -> str | None:
+        """The SASL password: the file's content (one trailing newline dropped), or the
+        variable's."""
+        if self.kafka_sasl_password_file is not None:
+            return self.kafka_sasl_password_file.read_text().removesuffix("\n")
+        if self.kafka_sasl_password is not None:
+            return self.kafka_sasl_password.get_secret_value()
+        return None
 
 
 class MessagingSettings(CommonSettings):

@@ -41,7 +41,14 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.structs import ConsumerRecord
 
-from gozon.messaging.kafka import DLQ_SUFFIX, new_producer
+from gozon.messaging.kafka import (
+    DLQ_SUFFIX,
+    Kafka,
+    KafkaAccessRefused,
+    kafka_access,
+    new_producer,
+    start_client,
+)
 from gozon.messaging.metrics import DLQ_REDRIVEN
 
 DLQ_HEADER_PREFIX = "x-dlq-"
@@ -165,11 +172,12 @@ class _Reader:
     """A consumer assigned to every partition of one dead-letter topic; with `group`, the
     redrive cursor's committed offsets are read and written under that group."""
 
-    def __init__(self, bootstrap_servers: str, topic: str, group: str | None) -> None:
-        self.bootstrap_servers = bootstrap_servers
+    def __init__(self, kafka: Kafka, topic: str, group: str | None) -> None:
+        self.kafka = kafka_access(kafka)
+        self.bootstrap_servers = self.kafka.bootstrap_servers
         self.topic = topic
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap_servers,
+            **self.kafka.client_args(),
             group_id=group,
             client_id="gozon-dlq",
             enable_auto_commit=False,
@@ -182,10 +190,13 @@ class _Reader:
 
     async def __aenter__(self) -> _Reader:
         try:
-            await self.consumer.start()
+            await start_client(self.consumer, self.kafka)
             # `consumer.topics()` fetches the metadata but leaves the consumer's own copy
             # stale (`partitions_for_topic` would answer None): ask the client for it.
             cluster = await self.consumer._client.fetch_all_metadata()
+        except KafkaAccessRefused as exc:
+            await self.consumer.stop()
+            raise DeadLetterError(str(exc)) from exc
         except KafkaError as exc:
             await self.consumer.stop()
             raise DeadLetterError(
@@ -256,7 +267,7 @@ def _oldest_first(records: dict[TopicPartition, list[DeadLetter]]) -> list[DeadL
 
 
 async def list_dead_letters(
-    bootstrap_servers: str,
+    kafka: Kafka,
     topic: str,
     *,
     since: datetime | None = None,
@@ -264,16 +275,14 @@ async def list_dead_letters(
 ) -> tuple[list[DeadLetter], int]:
     """The dead letters of `topic` (the dead-letter topic itself), oldest first, at most
     `limit`; and how many there are in all from `since`."""
-    async with _Reader(bootstrap_servers, topic, group=None) as reader:
+    async with _Reader(kafka, topic, group=None) as reader:
         letters = _oldest_first(await reader.read(await reader.starts(since=since, cursor=False)))
     return (letters if limit is None else letters[:limit]), len(letters)
 
 
-async def redrive_cursor(
-    bootstrap_servers: str, topic: str, *, group: str
-) -> dict[int, int | None]:
+async def redrive_cursor(kafka: Kafka, topic: str, *, group: str) -> dict[int, int | None]:
     """The redrive cursor per partition: the next dead letter a redrive would consider."""
-    async with _Reader(bootstrap_servers, topic, group=group) as reader:
+    async with _Reader(kafka, topic, group=group) as reader:
         return {tp.partition: await reader.consumer.committed(tp) for tp in reader.partitions}
 
 
@@ -295,7 +304,7 @@ def redrive_headers(
 
 
 async def redrive(
-    bootstrap_servers: str,
+    kafka: Kafka,
     topic: str,
     *,
     group: str,
@@ -309,7 +318,7 @@ async def redrive(
         raise DeadLetterError(f"{topic} is not a dead-letter topic (no {DLQ_SUFFIX} suffix)")
     target = topic.removesuffix(DLQ_SUFFIX)
     result = RedriveResult(dry_run=dry_run)
-    async with _Reader(bootstrap_servers, topic, group=group) as reader:
+    async with _Reader(kafka, topic, group=group) as reader:
         cursor = await reader.starts(since=None, cursor=True)
         starts = await reader.starts(since=since, cursor=True)
         result.passed_over = sum(starts[tp] - cursor[tp] for tp in reader.partitions)
@@ -324,11 +333,15 @@ async def redrive(
             await reader.consumer.commit(
                 {tp: starts[tp] for tp in reader.partitions if starts[tp] > cursor[tp]}
             )
-        producer = new_producer(bootstrap_servers, client_id="gozon-dlq-redrive")
+        producer = new_producer(kafka, client_id="gozon-dlq-redrive")
         try:
-            await producer.start()
+            await start_client(producer, kafka)
+        except KafkaAccessRefused as exc:
+            raise DeadLetterError(str(exc)) from exc
         except KafkaConnectionError as exc:
-            raise DeadLetterError(f"Kafka at {bootstrap_servers} is unreachable ({exc})") from exc
+            raise DeadLetterError(
+                f"Kafka at {reader.bootstrap_servers} is unreachable ({exc})"
+            ) from exc
         try:
             for letter in chosen:
                 await producer.send_and_wait(

@@ -11,28 +11,169 @@ aiokafka's defaults suit none of this platform's jobs (`acks=1`, no idempotence,
   (docs/adr/0001-consumer-long-poll.md). The background fetch routine's own
   re-check timer is raised to match (`FETCHER_TIMEOUT_MS`): records, answers and
   rebalances wake it, not the timer.
+
+Every client is made from one `KafkaAccess` (the brokers and how to authenticate to them:
+`GOZON_KAFKA_SECURITY_PROTOCOL` and the SASL/TLS settings), so none can miss the credentials.
+A bare bootstrap string is plaintext, as on the local stack. A broker that refuses the
+credentials (or whose certificate does not verify) is reported as `KafkaAccessRefused`, in
+words, instead of aiokafka's "Unable to bootstrap". With `GOZON_KAFKA_CREATE_TOPICS=false`
+the workers never create a topic: they wait until the topics exist (an operator makes them).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
+from aiokafka.conn import create_conn
+from aiokafka.errors import (
+    IllegalSaslStateError,
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    SaslAuthenticationFailed,
+    UnsupportedSaslMechanismError,
+)
+
+from gozon.core.settings import CommonSettings
 
 DLQ_SUFFIX = ".dlq"
+
+
+@dataclass(frozen=True)
+class KafkaAccess:
+    """The brokers and how a client authenticates to them: what every client is made with."""
+
+    bootstrap_servers: str
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = "SCRAM-SHA-512"
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ssl_ca_file: Path | None = None
+
+    @classmethod
+    def from_settings(cls, settings: CommonSettings) -> KafkaAccess:
+        return cls(
+            bootstrap_servers=settings.kafka_bootstrap_servers,
+            security_protocol=settings.kafka_security_protocol,
+            sasl_mechanism=settings.kafka_sasl_mechanism,
+            username=settings.kafka_sasl_username,
+            password=settings.kafka_sasl_password_value(),
+            ssl_ca_file=settings.kafka_ssl_ca_file,
+        )
+
+    @property
+    def sasl(self) -> bool:
+        return self.security_protocol.startswith("SASL_")
+
+    @property
+    def tls(self) -> bool:
+        return self.security_protocol.endswith("SSL")
+
+    def client_args(self) -> dict[str, Any]:
+        """aiokafka's connection arguments, the same for producers, consumers and admins."""
+        args: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "security_protocol": self.security_protocol,
+        }
+        if self.sasl:
+            args |= {
+                "sasl_mechanism": self.sasl_mechanism,
+                "sasl_plain_username": self.username,
+                "sasl_plain_password": self.password,
+            }
+        if self.tls:
+            # The system's CAs unless a CA file is given (Strimzi's cluster CA); the broker's
+            # name is checked against its certificate.
+            args["ssl_context"] = ssl.create_default_context(
+                cafile=str(self.ssl_ca_file) if self.ssl_ca_file else None
+            )
+        return args
+
+    def __str__(self) -> str:
+        who = f" as {self.username} ({self.sasl_mechanism})" if self.sasl else ""
+        return f"{self.bootstrap_servers} over {self.security_protocol}{who}"
+
+
+Kafka = KafkaAccess | str
+"""Where a client connects: a `KafkaAccess`, or bootstrap servers for plaintext."""
+
+
+def kafka_access(kafka: Kafka) -> KafkaAccess:
+    return kafka if isinstance(kafka, KafkaAccess) else KafkaAccess(kafka)
+
+
+class KafkaAccessRefused(KafkaError):  # type: ignore[misc]  # aiokafka.errors is untyped
+    """The broker answered but refused this client: wrong credentials or mechanism, or a
+    certificate that does not verify. Waiting does not help; the settings must change."""
+
+
+class TopicsMissing(KafkaError):  # type: ignore[misc]
+    """Topics the process needs do not exist, and it is not to create them."""
+
+    retriable = True
+
+
+async def why_refused(kafka: Kafka) -> str | None:
+    """After a client failed to bootstrap: why the first broker refused it, in words, or None
+    when it is only unreachable (or takes plaintext, which refuses nobody)."""
+    access = kafka_access(kafka)
+    if not (access.sasl or access.tls):
+        return None
+    host, _, port = access.bootstrap_servers.split(",")[0].strip().rpartition(":")
+    args = access.client_args()
+    del args["bootstrap_servers"]
+    try:
+        conn = await asyncio.wait_for(
+            create_conn(host, int(port), client_id="gozon-access-check", **args), timeout=15
+        )
+    except (SaslAuthenticationFailed, UnsupportedSaslMechanismError, IllegalSaslStateError) as exc:
+        return (
+            f"Kafka at {host}:{port} refused user {access.username!r} with "
+            f"{access.sasl_mechanism} ({exc}): check GOZON_KAFKA_SASL_USERNAME, the password "
+            "and GOZON_KAFKA_SASL_MECHANISM"
+        )
+    except ssl.SSLError as exc:
+        return (
+            f"TLS with Kafka at {host}:{port} failed ({exc}): check GOZON_KAFKA_SSL_CA_FILE "
+            "and that the listener is the TLS one"
+        )
+    except Exception:  # unreachable, or a different failure: the caller's error stands
+        return None
+    conn.close()
+    return None
+
+
+class _Startable(Protocol):
+    async def start(self) -> None: ...
+
+
+async def start_client(client: _Startable, kafka: Kafka) -> None:
+    """Starts a producer, consumer or admin client; a refusal is raised as
+    `KafkaAccessRefused` with the broker's reason."""
+    try:
+        await client.start()
+    except KafkaConnectionError as exc:
+        reason = await why_refused(kafka)
+        if reason is None:
+            raise
+        raise KafkaAccessRefused(reason) from exc
 
 
 def dlq_topic(topic: str) -> str:
     return f"{topic}{DLQ_SUFFIX}"
 
 
-def new_producer(bootstrap_servers: str, *, client_id: str) -> AIOKafkaProducer:
+def new_producer(kafka: Kafka, *, client_id: str) -> AIOKafkaProducer:
     return AIOKafkaProducer(
-        bootstrap_servers=bootstrap_servers,
+        **kafka_access(kafka).client_args(),
         client_id=client_id,
         acks="all",
         enable_idempotence=True,
@@ -54,7 +195,7 @@ FETCHER_TIMEOUT_MS = 1_000
 
 
 def new_consumer(
-    bootstrap_servers: str,
+    kafka: Kafka,
     *,
     group_id: str,
     client_id: str,
@@ -63,7 +204,7 @@ def new_consumer(
 ) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
         *topics,
-        bootstrap_servers=bootstrap_servers,
+        **kafka_access(kafka).client_args(),
         group_id=group_id,
         client_id=client_id,
         enable_auto_commit=False,
@@ -96,21 +237,31 @@ async def broker_answers(producer: AIOKafkaProducer) -> bool:
 
 
 async def ensure_topics(
-    bootstrap_servers: str,
+    kafka: Kafka,
     topics: Iterable[str],
     *,
     partitions: int = 3,
     replication_factor: int = 1,
     with_dlq: bool = True,
+    create: bool = True,
 ) -> list[str]:
-    """Creates the missing topics (and their `.dlq` twins); returns the ones it created."""
+    """Creates the missing topics (and their `.dlq` twins); returns the ones it created.
+
+    With `create=False` (`GOZON_KAFKA_CREATE_TOPICS=false`) it only checks: a missing topic
+    raises `TopicsMissing`, which the workers wait out, and nothing is created.
+    """
     wanted = set(topics)
     if with_dlq:
         wanted |= {dlq_topic(topic) for topic in wanted if not topic.endswith(DLQ_SUFFIX)}
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=10_000)
+    admin = AIOKafkaAdminClient(**kafka_access(kafka).client_args(), request_timeout_ms=10_000)
     try:
-        await admin.start()
+        await start_client(admin, kafka)
         missing = sorted(wanted - set(await admin.list_topics()))
+        if missing and not create:
+            raise TopicsMissing(
+                f"topics {', '.join(missing)} do not exist (or this user may not describe "
+                "them); GOZON_KAFKA_CREATE_TOPICS=false leaves creating them to an operator"
+            )
         if missing:
             await admin.create_topics(
                 [NewTopic(name, partitions, replication_factor) for name in missing]

@@ -28,11 +28,14 @@ from gozon.core.settings import MessagingSettings
 from gozon.core.sideport import side_port
 from gozon.messaging.consumer import ConsumerRunner
 from gozon.messaging.kafka import (
+    KafkaAccess,
+    KafkaAccessRefused,
     broker_answers,
     ensure_topics,
     is_transient,
     new_consumer,
     new_producer,
+    start_client,
 )
 from gozon.messaging.relay import OutboxRelay, RelayConfig
 from gozon.messaging.subscription import Subscription, no_notify
@@ -95,7 +98,8 @@ async def _until_started(
     Any Kafka error is waited out (a broker that is starting answers with errors that are
     not marked retriable, such as an unknown API version): the process stays live and not
     ready, and carries on once the broker answers. Only an error that is not Kafka's (a bug)
-    ends the process.
+    ends the process. A broker refusing the credentials is waited out too (a user operator
+    may not have made the user yet), logged as an error that says so.
     """
     delay = 0.2
     while not stop.is_set():
@@ -105,7 +109,10 @@ async def _until_started(
         except Exception as exc:
             if not (is_transient(exc) or isinstance(exc, KafkaError)):
                 raise
-            log.warning("waiting for kafka", step=what, error=repr(exc))
+            if isinstance(exc, KafkaAccessRefused):
+                log.error("kafka refuses this process", step=what, error=str(exc))
+            else:
+                log.warning("waiting for kafka", step=what, error=repr(exc))
             await sleep_unless(stop, delay)
             delay = min(delay * 2, 5.0)
     return False
@@ -119,7 +126,8 @@ async def run_relay(
         spec.database_url, pool_size=2, application_name=f"{spec.service}-relay", pre_ping=False
     )
     sessions = session_factory(engine)
-    producer = new_producer(settings.kafka_bootstrap_servers, client_id=f"{spec.service}-relay")
+    kafka = KafkaAccess.from_settings(settings)
+    producer = new_producer(kafka, client_id=f"{spec.service}-relay")
     relay = OutboxRelay(
         table=table,
         sessions=sessions,
@@ -138,13 +146,19 @@ async def run_relay(
             spec.metrics_host, spec.metrics_port, readiness, before_scrape=[relay.refresh_gauges]
         ):
             listener = OutboxListener(spec.database_url, table.name, relay.wake)
-            if await _until_started("producer", producer.start, stop) and await _until_started(
+            if await _until_started(
+                "producer", lambda: start_client(producer, kafka), stop
+            ) and await _until_started(
                 "topics",
                 lambda: ensure_topics(
-                    settings.kafka_bootstrap_servers,
+                    kafka,
                     topics,
                     partitions=settings.kafka_topic_partitions,
                     replication_factor=settings.kafka_replication_factor,
+                    # Creating, it makes the topic's dead-letter twin too; only checking, it
+                    # looks at what it writes (its user need not see the other's DLQ).
+                    with_dlq=settings.kafka_create_topics,
+                    create=settings.kafka_create_topics,
                 ),
                 stop,
             ):
@@ -171,11 +185,10 @@ async def run_consumer(
         size=settings.kafka_topic_partitions + 1,
         application_name=f"{spec.service}-consumer",
     )
-    producer = new_producer(
-        settings.kafka_bootstrap_servers, client_id=f"{spec.service}-consumer-dlq"
-    )
+    kafka = KafkaAccess.from_settings(settings)
+    producer = new_producer(kafka, client_id=f"{spec.service}-consumer-dlq")
     consumer: AIOKafkaConsumer = new_consumer(
-        settings.kafka_bootstrap_servers,
+        kafka,
         group_id=group_id,
         client_id=f"{spec.service}-consumer",
     )  # the runner subscribes it to the topic, with its rebalance listener
@@ -202,18 +215,19 @@ async def run_consumer(
         hooks = [partial(hook, pool) for hook in subscription.scrape_hooks]
         async with side_port(spec.metrics_host, spec.metrics_port, readiness, hooks):
             if (
-                await _until_started("producer", producer.start, stop)
+                await _until_started("producer", lambda: start_client(producer, kafka), stop)
                 and await _until_started(
                     "topics",
                     lambda: ensure_topics(
-                        settings.kafka_bootstrap_servers,
+                        kafka,
                         [topic],
                         partitions=settings.kafka_topic_partitions,
                         replication_factor=settings.kafka_replication_factor,
+                        create=settings.kafka_create_topics,
                     ),
                     stop,
                 )
-                and await _until_started("consumer", consumer.start, stop)
+                and await _until_started("consumer", lambda: start_client(consumer, kafka), stop)
             ):
                 log.info("consumer started", topic=topic, group_id=group_id)
                 started.set()
