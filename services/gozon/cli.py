@@ -169,10 +169,19 @@ def _consumer(service: _Service[S, E]) -> int:
 
 
 def _migrate(service: _Service[S, E]) -> int:
-    from gozon.core.migrations import upgrade
+    """Upgrades an empty or older schema to the image's head; a schema a newer release has
+    migrated past it (expand/contract) is left alone, and that is a success: the rollback of
+    an upgrade runs this image's migration against the newer database."""
+    from gozon.core.migrations import migrate
 
     settings = service.start("migrate")
-    upgrade(Path(__file__).parent / service.name / "migrations", settings.database_url)
+    outcome = migrate(
+        service.name, Path(__file__).parent / service.name / "migrations", settings.database_url
+    )
+    if not outcome.accepted:
+        print(f"gozon: {outcome.message()}", file=sys.stderr)
+        return 1
+    print(outcome.message())
     return 0
 
 
@@ -389,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
         add(processes, "api", run_api, f"the {name} HTTP API (GOZON_{name.upper()}_API_PORT)")
         add(processes, "relay", run_relay, f"publishes {outbox_table} rows to Kafka")
         add(processes, "consumer", run_consumer, does)
-        add(processes, "migrate", run_migrate, f"alembic upgrade of {database} to head")
+        add(processes, "migrate", run_migrate, f"alembic upgrade of {database} to head (or newer)")
         outbox = processes.add_parser("outbox", help=f"{outbox_table} maintenance")
         actions = outbox.add_subparsers(dest="action", metavar="ACTION", required=True)
         add(actions, "requeue-failed", run_requeue_failed, "requeue FAILED rows")

@@ -14,6 +14,7 @@ container's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -120,19 +121,29 @@ def books_are_clean(env: dict[str, str], within: float = 120) -> None:
     assert report.ok, f"gozon reconcile after the e2e suite:\n{report.render()}"
 
 
-@pytest.fixture(scope="session")
-def e2e_kafka(servers_dir: Path) -> Iterator[Kafka]:
+@contextlib.contextmanager
+def private_kafka(folder: Path) -> Iterator[Kafka]:
+    """A broker of its own on free ports: a platform's consumer groups and topics mix with no
+    other platform's."""
     port = port_for.select_random()
     server = Kafka(
-        servers_dir / "kafka-e2e",
+        folder,
         port,
         port_for.select_random(exclude_ports=[port]),
         cache_dir=StackConfig.from_env().cache_dir,
         heap="512m",
     )
     server.start()
-    yield server
-    server.stop()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def e2e_kafka(servers_dir: Path) -> Iterator[Kafka]:
+    with private_kafka(servers_dir / "kafka-e2e") as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
@@ -147,32 +158,47 @@ def platform(request: pytest.FixtureRequest, logs_dir: Path) -> Iterator[Platfor
     e2e_kafka: Kafka = request.getfixturevalue("e2e_kafka")
     orders_dbs = fresh_database(postgres, orders_template)
     payments_dbs = fresh_database(postgres, payments_template)
-    ports: list[int] = []
-    for _ in PROCESSES:
-        ports.append(port_for.select_random(exclude_ports=ports))
-    env = {p.port_setting: str(port) for p, port in zip(PROCESSES, ports, strict=True)}
+    env = platform_env(next(orders_dbs), next(payments_dbs), e2e_kafka)
     env |= {
-        "GOZON_ORDERS_DATABASE_URL": next(orders_dbs),
-        "GOZON_PAYMENTS_DATABASE_URL": next(payments_dbs),
-        "GOZON_KAFKA_BOOTSTRAP_SERVERS": e2e_kafka.bootstrap,
-        "GOZON_GATEWAY_ORDERS_URL": f"http://127.0.0.1:{env['GOZON_ORDERS_API_PORT']}",
-        "GOZON_GATEWAY_PAYMENTS_URL": f"http://127.0.0.1:{env['GOZON_PAYMENTS_API_PORT']}",
-        "GOZON_LOG_LEVEL": "INFO",
-        "GOZON_GATEWAY_BREAKER_RESET_S": "1",
         # short enough for the slow-client cases of test_bad_input.py to finish quickly
         "GOZON_GATEWAY_HEADER_TIMEOUT_S": "5",
         "GOZON_GATEWAY_BODY_TIMEOUT_S": "5",
     }
-    logs = logs_dir / "e2e"
+    try:
+        with running_platform(env, logs_dir / "e2e") as platform:
+            yield platform
+            books_are_clean(env)
+    finally:
+        for generator in (orders_dbs, payments_dbs):
+            next(generator, None)
+
+
+def platform_env(orders_url: str, payments_url: str, kafka: Kafka) -> dict[str, str]:
+    """The seven processes' environment: free ports, the two databases, the broker."""
+    ports: list[int] = []
+    for _ in PROCESSES:
+        ports.append(port_for.select_random(exclude_ports=ports))
+    env = {p.port_setting: str(port) for p, port in zip(PROCESSES, ports, strict=True)}
+    return env | {
+        "GOZON_ORDERS_DATABASE_URL": orders_url,
+        "GOZON_PAYMENTS_DATABASE_URL": payments_url,
+        "GOZON_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap,
+        "GOZON_GATEWAY_ORDERS_URL": f"http://127.0.0.1:{env['GOZON_ORDERS_API_PORT']}",
+        "GOZON_GATEWAY_PAYMENTS_URL": f"http://127.0.0.1:{env['GOZON_PAYMENTS_API_PORT']}",
+        "GOZON_LOG_LEVEL": "INFO",
+        "GOZON_GATEWAY_BREAKER_RESET_S": "1",
+    }
+
+
+@contextlib.contextmanager
+def running_platform(env: dict[str, str], logs: Path) -> Iterator[Platform]:
+    """The seven processes started (the gateway last, once its upstreams answer), stopped
+    with SIGTERM at the end."""
     platform = Platform(env=env, logs=logs)
     try:
-        # the gateway last, once its upstreams answer
         for entry in sorted(PROCESSES, key=lambda p: p.kind == "gateway"):
             platform.start(entry.name)
         yield platform
-        books_are_clean(env)
     finally:
         for process in platform.processes.values():
             process.stop()
-        for generator in (orders_dbs, payments_dbs):
-            next(generator, None)

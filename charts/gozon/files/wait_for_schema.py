@@ -1,13 +1,21 @@
-"""Init container of the gozon chart: waits until a service's database schema is at head.
+"""Init container of the gozon chart: waits until a service's database schema suits the image.
 
 `gozon <service> migrate` (a hook Job, or with bundled PostgreSQL an ordinary Job of the
 release) upgrades the schema; a process that started before it finished would fail on a
-missing table or column. This compares the database's `alembic_version` with the heads of the
-migrations shipped in the same image, prints what it sees whenever that changes, and exits 0
-once they are equal. It never migrates anything itself.
+missing table or column. This reads the database's `alembic_version` and judges it against the
+migrations shipped in the same image (`gozon.core.migrations.check_schema`), prints what it
+sees whenever that changes, and
 
-With `--database-only` it waits only until the database answers (the migration Job's own init
-container, while a bundled database starts).
+- exits 0 once the schema is at the image's head, or at a later revision that descends from
+  it (a newer release migrated it: migrations are expand/contract, so this release's code runs
+  on it; a rollback's pods start at once);
+- keeps waiting while the schema is empty or behind (the migration has not run yet);
+- exits 1 with the reason when the schema is unrelated to the image's history (another
+  history, or a newer one that recorded no lineage): the kubelet restarts the container, so
+  the pod shows Init:CrashLoopBackOff with that line in its log instead of waiting silently.
+
+It never migrates anything itself. With `--database-only` it waits only until the database
+answers (the migration Job's own init container, while a bundled database starts).
 
 Usage: python3 wait_for_schema.py [--database-only] orders|payments
        (reads GOZON_<SERVICE>_DATABASE_URL)
@@ -20,59 +28,53 @@ import os
 import sys
 from pathlib import Path
 
-import asyncpg
-from alembic.config import Config
-from alembic.script import ScriptDirectory
+from sqlalchemy.exc import SQLAlchemyError
 
 import gozon
+from gozon.core.migrations import SchemaCheck, SchemaState, check_schema
 
 
-def heads(service: str) -> set[str]:
-    config = Config()
-    migrations = Path(gozon.__file__).parent / service / "migrations"
-    config.set_main_option("script_location", str(migrations))
-    return set(ScriptDirectory.from_config(config).get_heads())
+def why(error: BaseException) -> str:
+    """The driver's own error (SQLAlchemy wraps asyncpg's) with its message."""
+    cause = getattr(error, "orig", None) or error
+    cause = cause.__cause__ or cause
+    return f"{type(cause).__name__}: {cause}"
 
 
-def dsn(url: str) -> str:
-    """SQLAlchemy's URL to asyncpg's (`ssl=` is SQLAlchemy's spelling of libpq's `sslmode=`)."""
-    return url.replace("postgresql+asyncpg://", "postgresql://", 1).replace("ssl=", "sslmode=")
-
-
-async def current(url: str) -> set[str] | str:
-    """The database's revisions, or why they could not be read."""
+async def current(service: str, url: str) -> SchemaCheck | str:
+    """The schema judged against the image, or why the database could not be read."""
     try:
-        connection = await asyncpg.connect(dsn(url), timeout=5)
-    except (OSError, asyncpg.PostgresError, TimeoutError) as error:
-        return f"database not reachable ({type(error).__name__}: {error})"
-    try:
-        rows = await connection.fetch("SELECT version_num FROM alembic_version")
-    except asyncpg.UndefinedTableError:
-        return set()
-    finally:
-        await connection.close()
-    return {row["version_num"] for row in rows}
+        return await check_schema(
+            service, Path(gozon.__file__).parent / service / "migrations", url
+        )
+    except (OSError, SQLAlchemyError, TimeoutError) as error:
+        return f"database not reachable ({why(error)})"
 
 
-async def wait(service: str, database_only: bool) -> None:
+async def wait(service: str, database_only: bool) -> int:
     url = os.environ[f"GOZON_{service.upper()}_DATABASE_URL"]
-    wanted = heads(service)
     last: object = None
     while True:
-        seen = await current(url)
-        if database_only and not isinstance(seen, str):
-            print(f"{service} database answers", flush=True)
-            return
-        if seen == wanted:
-            print(f"{service} schema at head {sorted(wanted)}", flush=True)
-            return
-        if seen != last:
-            print(
-                f"waiting for the {service} migration: want {sorted(wanted)}, "
-                f"database has {seen if isinstance(seen, str) else sorted(seen)}",
-                flush=True,
+        seen = await current(service, url)
+        if isinstance(seen, SchemaCheck):
+            if database_only:
+                print(f"{service} database answers", flush=True)
+                return 0
+            if seen.accepted:
+                print(seen.message(), flush=True)
+                return 0
+            if seen.state is SchemaState.UNRELATED:
+                print(seen.message(), flush=True)
+                return 1
+            line = (
+                f"waiting for the {service} migration: want {list(seen.heads)}, "
+                f"database has {list(seen.found)}"
             )
-            last = seen
+        else:
+            line = seen
+        if line != last:
+            print(line if line.startswith("waiting") else f"waiting: {line}", flush=True)
+            last = line
         await asyncio.sleep(2)
 
 
@@ -82,4 +84,4 @@ if __name__ == "__main__":
     services = [arg for arg in args if arg != "--database-only"]
     if len(services) != 1 or services[0] not in ("orders", "payments"):
         sys.exit("usage: wait_for_schema.py [--database-only] orders|payments")
-    asyncio.run(wait(services[0], database_only))
+    sys.exit(asyncio.run(wait(services[0], database_only)))
