@@ -27,6 +27,23 @@ from scripts.processes import http_status, wait_for
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 
+# docker-compose.yml's service of each process and migration of the process table: the spec's
+# names (its README runs `docker-compose logs order-service`, `exec db_order psql …`) and the
+# rest in their style (README, "With Docker").
+COMPOSE_SERVICES: Mapping[str, str] = {
+    "gateway": "gateway",
+    "orders-api": "order-service",
+    "orders-relay": "order-relay",
+    "orders-consumer": "order-consumer",
+    "payments-api": "payment-service",
+    "payments-relay": "payment-relay",
+    "payments-consumer": "payment-consumer",
+    "orders-migrate": "order-migrate",
+    "payments-migrate": "payment-migrate",
+}
+# The databases' services, by the service that owns them.
+COMPOSE_DATABASES: Mapping[str, str] = {"orders": "db_order", "payments": "db_account"}
+
 
 @dataclass(frozen=True)
 class ComposeStack:

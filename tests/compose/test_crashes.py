@@ -28,12 +28,13 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from gozon.reconcile import reconcile
-from scripts.compose import ComposeStack
+from scripts.compose import COMPOSE_SERVICES, ComposeStack
 from tests.conftest import until
 from tests.e2e.conftest import Platform
 
 pytestmark = pytest.mark.compose
 
+# processes of the process table (their compose services: COMPOSE_SERVICES)
 CRASHED = ["orders-relay", "payments-consumer", "payments-relay", "orders-consumer", "orders-api"]
 USERS = 12
 DEPOSIT = Decimal("1500.00")  # most orders paid, the last ones of each user cancelled
@@ -94,7 +95,7 @@ async def test_crashed_containers_come_back_and_no_accepted_order_is_lost(
     orders_db, accounts_db = databases
     run = uuid.uuid4().hex[:8]
     users = [f"crash-{run}-{n}" for n in range(USERS)]
-    restarts_before = {service: stack.restart_count(service) for service in CRASHED}
+    restarts_before = {name: stack.restart_count(COMPOSE_SERVICES[name]) for name in CRASHED}
     accepted: list[str] = []
     answers: Counter[int] = Counter()
     async with httpx.AsyncClient(base_url=platform.gateway, timeout=30) as client:
@@ -102,16 +103,16 @@ async def test_crashed_containers_come_back_and_no_accepted_order_is_lost(
             await deposit(client, user)
         workers = [asyncio.create_task(load(client, users, accepted, answers)) for _ in range(6)]
         try:
-            for service in CRASHED:
+            for name in CRASHED:
                 seen = len(accepted)
                 # each crash lands while orders are flowing
-                await until(at_least(accepted, seen + 20), 60, f"orders before {service}")
-                killed_at = stack.crash(service)
+                await until(at_least(accepted, seen + 20), 60, f"orders before {name}")
+                killed_at = stack.crash(COMPOSE_SERVICES[name])
                 await asyncio.to_thread(
                     stack.wait_restarted,
-                    service,
+                    COMPOSE_SERVICES[name],
                     killed_at,
-                    health_url=f"{platform.url(service)}/health/ready",
+                    health_url=f"{platform.url(name)}/health/ready",
                 )
             seen = len(accepted)
             await until(at_least(accepted, seen + 20), 60, "orders after the last crash")
@@ -123,8 +124,8 @@ async def test_crashed_containers_come_back_and_no_accepted_order_is_lost(
                     await worker
 
     assert len(accepted) >= 120, answers
-    for service in CRASHED:
-        assert stack.restart_count(service) == restarts_before[service] + 1, service
+    for name in CRASHED:
+        assert stack.restart_count(COMPOSE_SERVICES[name]) == restarts_before[name] + 1, name
 
     # Every order of these users, including any whose 201 was lost to a crashing API: an
     # order that exists is paid or cancelled like any other.

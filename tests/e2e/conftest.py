@@ -26,7 +26,12 @@ import pytest
 
 from gozon.processes import PROCESSES, process
 from gozon.reconcile import ReconcileReport, reconcile
-from scripts.compose import ComposeProcess, ComposeStack
+from scripts.compose import (
+    COMPOSE_DATABASES,
+    COMPOSE_SERVICES,
+    ComposeProcess,
+    ComposeStack,
+)
 from scripts.processes import GozonProcess
 from scripts.stack import Kafka, Postgres, StackConfig
 from tests.conftest import fresh_database
@@ -81,22 +86,21 @@ class Platform:
 def compose_platform(stack: ComposeStack, logs: Path) -> Platform:
     """The compose stack's processes, databases and broker, as this machine reaches them."""
     password = os.environ.get("GOZON_PG_PASSWORD", "postgres")
+    orders_db = stack.published(COMPOSE_DATABASES["orders"], 5432)
+    payments_db = stack.published(COMPOSE_DATABASES["payments"], 5432)
     env = {
-        "GOZON_ORDERS_DATABASE_URL": (
-            f"postgresql+asyncpg://postgres:{password}@{stack.published('orders-db', 5432)}"
-            "/order_db"
-        ),
+        "GOZON_ORDERS_DATABASE_URL": f"postgresql+asyncpg://postgres:{password}@{orders_db}/order_db",
         "GOZON_PAYMENTS_DATABASE_URL": (
-            f"postgresql+asyncpg://postgres:{password}@{stack.published('payments-db', 5432)}"
-            "/account_db"
+            f"postgresql+asyncpg://postgres:{password}@{payments_db}/account_db"
         ),
         "GOZON_KAFKA_BOOTSTRAP_SERVERS": stack.published("kafka", 9092),
     }
     platform = Platform(env=env, logs=logs, compose=stack)
     for entry in PROCESSES:
-        address = stack.published(entry.name, entry.default_port)
+        service = COMPOSE_SERVICES[entry.name]
+        address = stack.published(service, entry.default_port)
         env[entry.port_setting] = address.rpartition(":")[2]
-        platform.processes[entry.name] = ComposeProcess(stack, entry.name, f"http://{address}")
+        platform.processes[entry.name] = ComposeProcess(stack, service, f"http://{address}")
     return platform
 
 

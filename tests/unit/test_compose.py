@@ -13,13 +13,14 @@ import pytest
 import yaml
 
 from gozon.processes import MIGRATIONS, PROCESSES, READINESS_PATH, Migration, Process
+from scripts.compose import COMPOSE_DATABASES, COMPOSE_SERVICES
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_TEXT = (ROOT / "docker-compose.yml").read_text()
 COMPOSE: dict[str, Any] = yaml.safe_load(COMPOSE_TEXT)
 SERVICES: dict[str, Any] = COMPOSE["services"]
 GOZON_IMAGE = "${GOZON_IMAGE:-gozon:latest}"
-DATABASES = {"orders": ("orders-db", "order_db"), "payments": ("payments-db", "account_db")}
+DATABASES = {"orders": ("db_order", "order_db"), "payments": ("db_account", "account_db")}
 
 
 def env(service: dict[str, Any]) -> dict[str, str]:
@@ -28,14 +29,40 @@ def env(service: dict[str, Any]) -> dict[str, str]:
 
 def test_the_gozon_services_are_exactly_the_processes_and_the_migrations() -> None:
     gozon = {name for name, service in SERVICES.items() if service.get("image") == GOZON_IMAGE}
-    assert gozon == {p.name for p in PROCESSES} | {m.name for m in MIGRATIONS}
+    table = [p.name for p in PROCESSES] + [m.name for m in MIGRATIONS]
+    assert set(COMPOSE_SERVICES) == set(table)
+    assert gozon == {COMPOSE_SERVICES[name] for name in table}
+
+
+def test_the_services_carry_the_spec_readme_names() -> None:
+    """The spec's README runs `docker-compose exec db_order psql …`, `exec db_account psql …`,
+    `logs order-service`, `logs payment-service` and `exec kafka kafka-topics …`."""
+    assert {"db_order", "db_account", "kafka", "order-service", "payment-service"} <= set(SERVICES)
+    assert {service: host for service, (host, _) in DATABASES.items()} == COMPOSE_DATABASES
+    assert COMPOSE_SERVICES["orders-api"] == "order-service"
+    assert COMPOSE_SERVICES["payments-api"] == "payment-service"
+
+
+def test_the_kafka_container_has_the_spec_readme_tools_and_listener() -> None:
+    """`kafka-topics --list --bootstrap-server localhost:29092` and `kafka-console-consumer`
+    inside the kafka container: wrappers of Kafka's own scripts on the PATH, and a listener on
+    port 29092 of every interface (localhost included)."""
+    kafka = SERVICES["kafka"]
+    for tool in ("kafka-topics", "kafka-console-consumer"):
+        assert mounted("kafka", f"./docker/kafka/{tool}") == f"/usr/local/bin/{tool}"
+        script = ROOT / "docker" / "kafka" / tool
+        assert script.stat().st_mode & 0o111, f"{tool} is not executable"
+        assert f"exec /opt/kafka/bin/{tool}.sh" in script.read_text()
+        # the offline stand-in has the script the wrapper runs
+        assert (ROOT / "docker" / "offline" / "kafka" / "bin" / f"{tool}.sh").exists()
+    assert "INTERNAL://:29092" in env(kafka)["KAFKA_LISTENERS"]
 
 
 @pytest.mark.parametrize("process", PROCESSES, ids=lambda p: p.name)
 def test_each_process_runs_its_command_waits_for_its_migration_and_is_probed_ready(
     process: Process,
 ) -> None:
-    service = SERVICES[process.name]
+    service = SERVICES[COMPOSE_SERVICES[process.name]]
     assert service["command"] == list(process.args)
     assert service["restart"] == "unless-stopped"
     assert service["healthcheck"]["test"][-1] == (
@@ -44,12 +71,16 @@ def test_each_process_runs_its_command_waits_for_its_migration_and_is_probed_rea
     depends = service["depends_on"]
     if process.service is not None:
         migration = next(m for m in MIGRATIONS if m.service == process.service)
-        assert depends[migration.name] == {"condition": "service_completed_successfully"}
+        assert depends[COMPOSE_SERVICES[migration.name]] == {
+            "condition": "service_completed_successfully"
+        }
     if process.kind in ("relay", "consumer"):
         assert depends["kafka"] == {"condition": "service_started"}
     if process.kind == "gateway":
         assert depends == {
-            p.name: {"condition": "service_started"} for p in PROCESSES if p.kind == "api"
+            COMPOSE_SERVICES[p.name]: {"condition": "service_started"}
+            for p in PROCESSES
+            if p.kind == "api"
         }
     # the container listens on the table's port; only the gateway is published beyond loopback
     (published,) = service["ports"]
@@ -59,7 +90,7 @@ def test_each_process_runs_its_command_waits_for_its_migration_and_is_probed_rea
 
 @pytest.mark.parametrize("migration", MIGRATIONS, ids=lambda m: m.name)
 def test_each_migration_is_one_shot_after_its_database(migration: Migration) -> None:
-    service = SERVICES[migration.name]
+    service = SERVICES[COMPOSE_SERVICES[migration.name]]
     assert service["command"] == list(migration.args)
     assert service["restart"] == "no"
     database, _ = DATABASES[migration.service]
@@ -74,13 +105,13 @@ def test_the_processes_reach_the_spec_databases_and_the_internal_listener() -> N
         assert env(SERVICES[host])["POSTGRES_DB"] == name
     assert settings["GOZON_KAFKA_BOOTSTRAP_SERVERS"] == "kafka:29092"
     assert "INTERNAL://kafka:29092" in env(SERVICES["kafka"])["KAFKA_ADVERTISED_LISTENERS"]
-    assert settings["GOZON_GATEWAY_ORDERS_URL"] == "http://orders-api:8081"
-    assert settings["GOZON_GATEWAY_PAYMENTS_URL"] == "http://payments-api:8082"
+    assert settings["GOZON_GATEWAY_ORDERS_URL"] == "http://order-service:8081"
+    assert settings["GOZON_GATEWAY_PAYMENTS_URL"] == "http://payment-service:8082"
 
 
 def test_the_spec_ports_are_published() -> None:
-    assert SERVICES["orders-db"]["ports"] == ["127.0.0.1:${GOZON_ORDERS_DB_PUBLISH:-5433}:5432"]
-    assert SERVICES["payments-db"]["ports"] == ["127.0.0.1:${GOZON_PAYMENTS_DB_PUBLISH:-5432}:5432"]
+    assert SERVICES["db_order"]["ports"] == ["127.0.0.1:${GOZON_ORDERS_DB_PUBLISH:-5433}:5432"]
+    assert SERVICES["db_account"]["ports"] == ["127.0.0.1:${GOZON_PAYMENTS_DB_PUBLISH:-5432}:5432"]
     assert SERVICES["gateway"]["ports"] == ["${GOZON_GATEWAY_PUBLISH:-8080}:8080"]
 
 
@@ -89,7 +120,7 @@ def test_every_image_is_a_variable_with_a_public_default() -> None:
         image = service["image"]
         match = re.fullmatch(r"\$\{(GOZON_[A-Z_]*IMAGE):-([a-z0-9./_-]+:[\w.-]+)\}", image)
         assert match, f"{name}: {image}"
-        assert match.group(2) != "latest" or name in {p.name for p in PROCESSES}
+        assert match.group(2) != "latest" or name in set(COMPOSE_SERVICES.values())
 
 
 def test_traces_are_behind_the_observability_profile_and_nothing_else_is() -> None:
@@ -129,7 +160,7 @@ def test_prometheus_scrapes_every_process_by_name_and_loads_the_shipped_rules() 
         for job in config["scrape_configs"]
     }
     assert {name: targets for name, targets in jobs.items() if name != "prometheus"} == {
-        p.name: [f"{p.name}:{p.default_port}"] for p in PROCESSES
+        p.name: [f"{COMPOSE_SERVICES[p.name]}:{p.default_port}"] for p in PROCESSES
     }
     rules = mounted("prometheus", "./charts/gozon/dashboards/alerts.yaml")
     (pattern,) = config["rule_files"]
