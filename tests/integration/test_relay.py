@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator
@@ -291,6 +293,50 @@ async def test_relay_keeps_rows_pending_while_kafka_is_down_and_loses_none(
         assert published == created
         assert relay.stop() == 0  # SIGTERM: a clean exit
     finally:
+        relay.kill()
+
+
+async def test_a_frozen_broker_counts_transient_publish_errors_while_rows_wait(
+    orders_db: str, engine: AsyncEngine, private_kafka: Kafka, process_logs: Path
+) -> None:
+    """Kafka frozen (SIGSTOP: its sockets stay open, nothing answers) with rows pending: the
+    relay's transient publish-error counter rises, as the runbook's first step expects."""
+    relay = relay_process(orders_db, private_kafka.bootstrap, process_logs / "relay.log")
+    relay.start(ready=True)
+    pid = private_kafka.running_pid()
+    assert pid is not None
+    try:
+        async with serve(build_app(OrdersSettings(orders_database_url=orders_db))) as client:
+            response = await client.post(
+                "/api/orders",
+                headers={"X-User-Id": "user-0"},
+                json={"amount": 1, "description": "a"},
+            )
+            assert response.status_code == 201
+        await until(lambda: _all_sent(engine), 120, "the first row to be SENT")
+        before = transient_errors(relay)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            async with serve(build_app(OrdersSettings(orders_database_url=orders_db))) as client:
+                for n in range(5):
+                    response = await client.post(
+                        "/api/orders",
+                        headers={"X-User-Id": f"user-{n}"},
+                        json={"amount": n + 1, "description": f"order {n}"},
+                    )
+                    assert response.status_code == 201
+            await asyncio.to_thread(
+                wait_for,
+                lambda: transient_errors(relay) > before,
+                timeout=120,
+                what="a transient publish error counted against the frozen broker",
+            )
+            assert (await statuses(engine)).get("PENDING", 0) >= 1
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await until(lambda: _all_sent(engine), 180, "every row to be SENT after the thaw")
+    finally:
+        os.kill(pid, signal.SIGCONT)
         relay.kill()
 
 

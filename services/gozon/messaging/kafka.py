@@ -227,11 +227,17 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, KafkaError) and bool(getattr(exc, "retriable", False))
 
 
+# How long `broker_answers` waits: a frozen broker keeps its sockets open and never answers.
+METADATA_TIMEOUT_S = 10.0
+
+
 async def broker_answers(producer: AIOKafkaProducer) -> bool:
-    """Readiness: a metadata round trip to the cluster through the producer's connection."""
+    """Readiness: a metadata round trip to the cluster through the producer's connection,
+    within METADATA_TIMEOUT_S."""
     try:
-        await producer.client.fetch_all_metadata()
-    except KafkaError:
+        async with asyncio.timeout(METADATA_TIMEOUT_S):
+            await producer.client.fetch_all_metadata()
+    except (KafkaError, TimeoutError):
         return False
     return True
 

@@ -14,11 +14,15 @@ Guarantees:
   partition; two relays, or a row waiting for a retry, may let a later one overtake.
 - A broker outage does not burn attempts: the rows not acknowledged while the broker does not
   answer go back to PENDING without an attempt (the acknowledged ones commit SENT) and the
-  relay backs off (its readiness probe fails meanwhile). An error about the message itself
-  (too large, its topic missing while the broker answers) counts an attempt, with exponential
-  backoff, and does not hold up the rows behind it; after the limit the row is FAILED
-  (counted, and requeued by `requeue_failed`). After a transient error the rows behind it in
-  the batch are not tried: PENDING again, no attempt.
+  relay backs off (its readiness probe fails meanwhile). Each such batch counts one
+  `transient` publish error, whether the broker refuses connections or is frozen: a batch
+  waits at most `ack_timeout` for its acknowledgements (the producer itself retries a frozen
+  broker for ever), so a frozen broker neither hides from the metrics nor holds the batch's
+  row locks. A message acknowledged after that is published twice; consumers deduplicate.
+  An error about the message itself (too large, its topic missing while the broker answers)
+  counts an attempt, with exponential backoff, and does not hold up the rows behind it;
+  after the limit the row is FAILED (counted, and requeued by `requeue_failed`). After a
+  transient error the rows behind it in the batch are not tried: PENDING again, no attempt.
 - Wake-up without taxing the writers: no NOTIFY in the writers' transactions (it takes a
   database-wide lock at commit). Writers send a coalesced notification after their commit
   (`gozon.messaging.wakeup`); the relay re-polls at once while batches come back full, else
@@ -43,6 +47,7 @@ from typing import Any, Final, NamedTuple
 import asyncpg
 import structlog
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaTimeoutError
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from sqlalchemy import Table, delete, func, select, update
@@ -82,6 +87,9 @@ class RelayConfig:
     retention: timedelta = timedelta(hours=72)
     prune_interval: float = 60.0
     outage_backoff_max: float = 5.0
+    ack_timeout: float = 10.0
+    """How long a batch waits for the broker's acknowledgements (the producer's request
+    timeout): past it, the rows not acknowledged are an outage."""
 
 
 def retry_delay(attempts: int, base: float, cap: float) -> float:
@@ -318,12 +326,17 @@ class OutboxRelay:
                     break  # the rows after it are not tried: back to PENDING, no attempt
         sent: list[Claimed] = []
         failed: list[tuple[Claimed, BaseException]] = []
+        deadline = asyncio.get_running_loop().time() + self.config.ack_timeout
         for row, delivery in deliveries:
             if isinstance(delivery, BaseException):
                 failed.append((row, delivery))
                 continue
             try:
-                await delivery
+                # shielded: the producer owns the future (and may still deliver it later)
+                async with asyncio.timeout_at(deadline):
+                    await asyncio.shield(delivery)
+            except TimeoutError:
+                failed.append((row, KafkaTimeoutError("no acknowledgement in time")))
             except Exception as exc:
                 failed.append((row, exc))
             else:
