@@ -116,6 +116,9 @@ async def count_stuck_orders(pool: asyncpg.Pool, after: timedelta) -> int:
 
 def subscription(settings: OrdersSettings) -> Subscription[PaymentProcessed]:
     """The orders consumer reads payment results; it writes no outbox."""
+    for status in (FINISHED, CANCELLED):  # every series at 0 from the start
+        ORDERS_FINAL.labels(status)
+        ORDER_TO_FINAL.labels(status)
 
     def handler(pool: asyncpg.Pool, _: Notify) -> BatchHandler[PaymentProcessed]:
         return make_handler(pool)

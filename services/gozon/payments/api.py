@@ -20,6 +20,7 @@ from gozon.core.inputs import AMOUNT_PATTERN, StrictRoute
 from gozon.core.problems import Problem
 from gozon.core.settings import PaymentsSettings
 from gozon.payments import service
+from gozon.payments.metrics import start_api_series
 from gozon.payments.models import MAX_BALANCE
 from gozon.payments.schemas import AccountRead, DepositRead
 
@@ -128,6 +129,8 @@ async def get_balance(user_id: UserIdDep, sessions: SessionsDep) -> Any:
 
 
 def build_app(settings: PaymentsSettings) -> FastAPI:
+    start_api_series()
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, Any]]:
         engine = create_engine(

@@ -39,7 +39,7 @@ from gozon.core.settings import PaymentsSettings
 from gozon.messaging.consumer import BatchHandler, Delivery, Outcome
 from gozon.messaging.subscription import Notify, Subscription
 from gozon.payments import service
-from gozon.payments.metrics import PAYMENT_AMOUNT, PAYMENT_OUTCOMES
+from gozon.payments.metrics import PAYMENT_AMOUNT, PAYMENT_OUTCOMES, start_consumer_series
 from gozon.payments.models import payment_outbox
 from gozon.payments.service import Decided, Decision, OrderToPay
 
@@ -144,6 +144,7 @@ def _report(delivery: Delivery[OrderCreated], decision: Decision) -> Outcome:
 
 def subscription(_: PaymentsSettings) -> Subscription[OrderCreated]:
     """The payments consumer reads created orders and answers each through payment_outbox."""
+    start_consumer_series()
 
     def handler(pool: asyncpg.Pool, notify: Notify) -> BatchHandler[OrderCreated]:
         return make_handler(pool, notify=notify)
