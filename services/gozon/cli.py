@@ -55,7 +55,12 @@ def _start(process: str, settings_class: type[T]) -> T:
     except ValidationError as exc:
         raise SystemExit(f"gozon: invalid settings:\n{exc}") from exc
     configure_logging(process, level=settings.log_level, json=settings.log_json)
-    configure_tracing(process, trace_background_db=settings.trace_background_db)
+    configure_tracing(
+        process,
+        trace_background_db=settings.trace_background_db,
+        namespace=settings.service_namespace,
+        environment=settings.deployment_environment_name,
+    )
     return settings
 
 

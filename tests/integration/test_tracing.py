@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -37,7 +38,7 @@ from gozon.contracts import (
 )
 from gozon.core.db import create_engine, session_factory
 from gozon.core.settings import GatewaySettings, OrdersSettings, PaymentsSettings
-from gozon.core.telemetry import QuietBackground
+from gozon.core.telemetry import SCHEMA_URL, QuietBackground, package_version
 from gozon.gateway.app import build_app as gateway_app
 from gozon.messaging.kafka import dlq_topic, new_producer
 from gozon.messaging.relay import OutboxRelay, RelayConfig
@@ -55,6 +56,12 @@ from tests.integration.test_gateway import uvicorn_serving
 from tests.integration.test_relay_batch import relay_for
 
 pytestmark = pytest.mark.integration
+
+# An order's trace here (docs/observability.md, "Only traces that mean something"): 9 hops
+# (gateway SERVER and CLIENT, the API's SERVER, send/process and the batch's process span on
+# both topics) and the statements they ran.
+ORDER_TRACE_SPANS = 17
+ORDER_TRACE_STATEMENTS = 8
 
 TOPICS = (
     ORDER_CREATED_TOPIC,
@@ -136,8 +143,17 @@ def is_statement(span: ReadableSpan) -> bool:
     return span.kind == SpanKind.CLIENT and "db.system.name" in (span.attributes or {})
 
 
+def is_batch(span: ReadableSpan) -> bool:
+    return "messaging.batch.message_count" in (span.attributes or {})
+
+
+def only(spans: Sequence[ReadableSpan], name: str, kind: SpanKind, *, batch: bool) -> ReadableSpan:
+    """The one span of that name and kind that is (or is not) a consumer's batch span."""
+    return one([s for s in spans if is_batch(s) == batch], name, kind)
+
+
 async def test_an_orders_trace_holds_its_hops_and_statements_with_current_conventions(
-    orders_db: str, payments_db: str, kafka: Kafka, spans: InMemorySpanExporter
+    orders_db: str, payments_db: str, kafka: Kafka, spans: InMemorySpanExporter, logs_dir: Path
 ) -> None:
     await create_topics_async(kafka.bootstrap, *TOPICS)
     user = f"u-{uuid.uuid4().hex[:10]}"
@@ -197,6 +213,10 @@ async def test_an_orders_trace_holds_its_hops_and_statements_with_current_conven
         await payments_engine.dispose()
 
     exported = list(spans.get_finished_spans())
+    # The export, as OTLP would carry it, kept with the run's logs for a reader to look at.
+    (logs_dir / "order-trace.json").write_text(
+        "[\n" + ",\n".join(span.to_json() for span in exported) + "\n]\n", encoding="utf-8"
+    )
     # Nothing but the order's trace: no relay poll, claim, commit, notification or pruning.
     assert {s.context.trace_id for s in exported} == {trace_id}, sorted(
         (s.name, format(s.context.trace_id, "032x")) for s in exported
@@ -231,12 +251,13 @@ async def test_an_orders_trace_holds_its_hops_and_statements_with_current_conven
 
     # Every statement sits under a hop, in the current names: a server span, or a consumer's
     # batch span (the batch's one transaction), itself a child of the message's CONSUMER span.
+    # Each is named by its query summary (`INSERT orders`, `BEGIN`), never by a bare first
+    # word such as `WITH` or `BEGIN;`.
     statements = [s for s in exported if is_statement(s)]
     assert statements
     for statement in statements:
         hop = parent_of(statement, exported)
-        if hop.kind == SpanKind.INTERNAL:
-            assert hop.name.endswith(" process batch"), hop.name
+        if is_batch(hop):
             message = parent_of(hop, exported)
             assert any(link.context.span_id == message.context.span_id for link in hop.links)
             hop = message
@@ -245,9 +266,22 @@ async def test_an_orders_trace_holds_its_hops_and_statements_with_current_conven
         assert attributes["db.system.name"] == "postgresql"
         assert attributes["db.query.text"]
         assert attributes["server.address"]
+        assert attributes["db.query.summary"] == statement.name
+        assert attributes["db.operation.name"] == statement.name.split()[0]
+        assert not statement.name.endswith(";"), statement.name
+        assert statement.name != "WITH", statement.name
+        if statement.name.split()[0] in ("SELECT", "INSERT", "UPDATE", "DELETE"):
+            assert attributes["db.collection.name"] == statement.name.split()[1], statement.name
         assert "db.statement" not in attributes
         assert "net.peer.name" not in attributes
     assert any(parent_of(s, exported) is api for s in statements)
+    summaries = {s.name for s in statements}
+    # the order and its outbox row: one statement, a CTE (`WITH inserted AS (INSERT …)`)
+    assert any(name.startswith("INSERT orders INSERT order_outbox") for name in summaries), (
+        summaries
+    )
+    assert "COMMIT" in summaries, summaries
+    assert any(name.startswith("BEGIN") for name in summaries), summaries
     other = [s for s in exported if not is_statement(s)]
     assert sorted(s.name for s in other) == sorted(
         [
@@ -256,26 +290,55 @@ async def test_an_orders_trace_holds_its_hops_and_statements_with_current_conven
             "POST /api/orders",
             f"send {ORDER_CREATED_TOPIC}",
             f"process {ORDER_CREATED_TOPIC}",
+            f"process {ORDER_CREATED_TOPIC}",  # the message's, and its batch's
             f"send {PAYMENT_PROCESSED_TOPIC}",
             f"process {PAYMENT_PROCESSED_TOPIC}",
-            f"{ORDER_CREATED_TOPIC} process batch",
-            f"{PAYMENT_PROCESSED_TOPIC} process batch",
+            f"process {PAYMENT_PROCESSED_TOPIC}",
         ]
     )
+    # docs/observability.md gives these figures: keep them true
+    assert (len(exported), len(statements)) == (ORDER_TRACE_SPANS, ORDER_TRACE_STATEMENTS), sorted(
+        s.name for s in exported
+    )
 
+    # Every span says which service, version, namespace and environment made it, and the
+    # project's own spans which conventions they follow.
+    for span in exported:
+        resource = dict(span.resource.attributes)
+        assert resource["service.name"] == "gozon-tests"
+        assert resource["service.namespace"] == "gozon"
+        assert resource["service.version"] == package_version() != "0+unknown"
+        assert resource["deployment.environment.name"] == "local"
+        assert span.resource.schema_url == SCHEMA_URL
+        if not is_statement(span):
+            assert span.instrumentation_scope is not None
+            assert span.instrumentation_scope.schema_url == SCHEMA_URL, span.name
+
+    broker_host, broker_port = kafka.bootstrap.rsplit(":", 1)
     for topic in (ORDER_CREATED_TOPIC, PAYMENT_PROCESSED_TOPIC):
         send = one(exported, f"send {topic}", SpanKind.PRODUCER)
-        process = one(exported, f"process {topic}", SpanKind.CONSUMER)
+        process = only(exported, f"process {topic}", SpanKind.CONSUMER, batch=False)
         assert parent_of(process, exported) is send  # the Kafka headers carried it
-        batch = one(exported, f"{topic} process batch", SpanKind.INTERNAL)
+        batch = only(exported, f"process {topic}", SpanKind.CONSUMER, batch=True)
         assert parent_of(batch, exported) is process  # a batch of one: this message's
         assert any(is_statement(s) and parent_of(s, exported) is batch for s in exported)
+        assert [link.context.span_id for link in batch.links] == [process.context.span_id]
         sent, got = dict(send.attributes or {}), dict(process.attributes or {})
-        for attributes, operation in ((sent, "send"), (got, "process")):
+        batched = dict(batch.attributes or {})
+        assert batched["messaging.batch.message_count"] == 1
+        assert batched["messaging.consumer.group.name"] == group
+        for attributes, operation in ((sent, "send"), (got, "process"), (batched, "process")):
             assert attributes["messaging.system"] == "kafka"
             assert attributes["messaging.destination.name"] == topic
             assert attributes["messaging.operation.name"] == operation
             assert attributes["messaging.operation.type"] == operation
+            assert attributes["server.address"] == broker_host
+            assert attributes["server.port"] == int(broker_port)
+            assert (
+                attributes["messaging.destination.partition.id"]
+                == (got["messaging.destination.partition.id"])
+            )
+        for attributes in (sent, got):
             assert attributes["messaging.kafka.message.key"] == user
         assert got["messaging.consumer.group.name"] == group
         # The same message on both sides: its id, its partition and its offset there.
@@ -290,7 +353,7 @@ async def test_an_orders_trace_holds_its_hops_and_statements_with_current_conven
     # The payment's outbox row was written inside the payments consumer's span.
     assert parent_of(
         one(exported, f"send {PAYMENT_PROCESSED_TOPIC}", SpanKind.PRODUCER), exported
-    ) is one(exported, f"process {ORDER_CREATED_TOPIC}", SpanKind.CONSUMER)
+    ) is only(exported, f"process {ORDER_CREATED_TOPIC}", SpanKind.CONSUMER, batch=False)
 
 
 @contextlib.asynccontextmanager
@@ -424,9 +487,12 @@ async def test_the_pools_connection_check_is_not_traced(
     finally:
         await engine.dispose()
     statements = [s for s in spans.get_finished_spans() if is_statement(s)]
-    assert [s.name for s in statements].count("SELECT") == 3
+    assert [s.name for s in statements].count("SELECT orders") == 3
     assert not [s for s in statements if (s.attributes or {}).get("db.query.text") == ";"]
-    assert [s.name for s in statements if s.name in ("BEGIN", "ROLLBACK")] == []
+    # one transaction per checkout's work, and the dialect's first-connect one; a traced
+    # ping would add a BEGIN and a ROLLBACK to each checkout after the first
+    names = [s.name for s in statements]
+    assert names.count("BEGIN") == names.count("ROLLBACK") == 3 + 1, names
 
 
 async def test_a_batch_span_links_to_each_rows_trace_only_when_background_tracing_is_on(

@@ -1,5 +1,6 @@
-"""The sampling rules and the W3C carrier (pure functions; the real hops are in
-tests/integration/test_tracing.py and test_gateway_trace_context.py)."""
+"""The sampling rules, the W3C carrier, the resource and the database spans' query summaries
+(pure functions; the real hops are in tests/integration/test_tracing.py and
+test_gateway_trace_context.py)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ from opentelemetry.util.types import Attributes
 
 from gozon.core.telemetry import (
     BACKGROUND,
+    SCHEMA_URL,
     QuietBackground,
     flag,
     http_method,
+    package_version,
+    query_summary,
     recording_sampler,
     sampler_from,
+    service_resource,
     w3c_carrier,
 )
 
@@ -143,3 +148,69 @@ def test_the_carrier_drops_conflicting_traceparents_and_joins_tracestates() -> N
 def test_unknown_http_methods_are_reported_as_other() -> None:
     assert http_method("POST") == "POST"
     assert http_method("BREW") == "_OTHER"
+
+
+@pytest.mark.parametrize(
+    ("query", "summary", "operation", "collection"),
+    [
+        ("BEGIN;", "BEGIN", "BEGIN", None),
+        ("BEGIN; SET LOCAL statement_timeout = 2500", "BEGIN SET", "BEGIN", None),
+        ("COMMIT;", "COMMIT", "COMMIT", None),
+        ("SELECT 1", "SELECT", "SELECT", None),
+        ("select pg_notify($1, $2)", "SELECT", "SELECT", None),
+        (
+            "SELECT orders.id, orders.amount \nFROM orders WHERE orders.user_id = $1",
+            "SELECT orders",
+            "SELECT",
+            "orders",
+        ),
+        (
+            "INSERT INTO order_outbox (topic) VALUES ($1)",
+            "INSERT order_outbox",
+            "INSERT",
+            "order_outbox",
+        ),
+        (
+            'DELETE FROM "public"."order_outbox" WHERE id < 3',
+            "DELETE public.order_outbox",
+            "DELETE",
+            "public.order_outbox",
+        ),
+        (
+            "UPDATE order_outbox SET status = 'SENT' WHERE id IN (SELECT id FROM order_outbox "
+            "WHERE status = 'PENDING' ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) RETURNING id",
+            "UPDATE order_outbox SELECT order_outbox",
+            "UPDATE",
+            "order_outbox",
+        ),
+        (
+            "WITH new AS (INSERT INTO payment_inbox (event_id) SELECT * FROM unnest($1::uuid[]) "
+            "ON CONFLICT DO NOTHING RETURNING event_id) "
+            "UPDATE accounts SET balance = balance - 1 FROM new -- 'FROM x'",
+            "INSERT payment_inbox UPDATE accounts",
+            "INSERT",
+            "payment_inbox",
+        ),
+        (
+            "WITH inserted AS (INSERT INTO orders (id) VALUES ($1) RETURNING id), "
+            "o AS (INSERT INTO order_outbox (aggregate_id) SELECT id FROM inserted) "
+            "SELECT orders.id FROM orders, inserted",
+            "INSERT orders INSERT order_outbox SELECT orders",
+            "INSERT",
+            "orders",
+        ),
+    ],
+)
+def test_a_statement_is_summarised_by_its_operations_and_collections(
+    query: str, summary: str, operation: str, collection: str | None
+) -> None:
+    assert query_summary(query) == (summary, operation, collection)
+
+
+def test_the_resource_names_the_service_its_version_namespace_and_environment() -> None:
+    resource = service_resource("orders-api", namespace="shop", environment="staging")
+    assert resource.attributes["service.name"] == "gozon-orders-api"
+    assert resource.attributes["service.namespace"] == "shop"
+    assert resource.attributes["service.version"] == package_version() != "0+unknown"
+    assert resource.attributes["deployment.environment.name"] == "staging"
+    assert resource.schema_url == SCHEMA_URL

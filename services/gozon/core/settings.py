@@ -43,6 +43,14 @@ class CommonSettings(BaseSettings):
     # Background work's traces (relay polls, wake-up notifications, pruning): off, so that an
     # idle platform exports nothing (gozon.core.telemetry.QuietBackground).
     trace_background_db: bool = False
+    # The traces' resource: `service.namespace`, and `deployment.environment.name` (empty:
+    # the value of GOZON_ENVIRONMENT); docs/observability.md, "Resource".
+    service_namespace: str = Field(default="gozon", min_length=1)
+    deployment_environment: str = ""
+
+    @property
+    def deployment_environment_name(self) -> str:
+        return self.deployment_environment or self.environment
 
     @model_validator(mode="after")
     def _kafka_security_complete(self) -> Self:

@@ -19,19 +19,27 @@ Guarantees (docs/observability.md, "Traces"):
 - A request with two different `traceparent` headers, or a malformed one, starts a fresh
   trace (W3C Trace Context: the vendor must not guess); `tracestate` travels with a valid
   `traceparent` only.
+- Every span says where it comes from and which conventions it follows: the resource carries
+  `service.name`, `service.namespace`, `service.version` (the package's) and
+  `deployment.environment.name`; every tracer of the project declares `SCHEMA_URL`; database
+  statements are named by their query summary (`SELECT orders`, `BEGIN`) with
+  `db.query.summary`, `db.operation.name` and `db.collection.name` (`DatabaseSpanNames`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from importlib.metadata import PackageNotFoundError, version
 
 import structlog
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import Span as SdkSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
@@ -48,6 +56,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gozon.core.metrics import route_template
 
+# The semantic conventions the project's spans follow (docs/observability.md): the newest
+# schema of the `opentelemetry-semantic-conventions` package in the lock.
+SCHEMA_URL = "https://opentelemetry.io/schemas/1.44.0"
 TRACE_HEADERS = ("traceparent", "tracestate")
 BACKGROUND = "gozon.background"
 """Set (True) on the root span of background work: dropped unless background tracing is on."""
@@ -55,6 +66,109 @@ BACKGROUND = "gozon.background"
 # chose otherwise: the stable names (db.query.text, db.system.name, server.address, …) only.
 DEFAULT_SEMCONV_OPT_IN = "database"
 access_log = structlog.get_logger("gozon.access")
+
+
+def get_tracer(name: str) -> trace.Tracer:
+    """The project's tracers: named by module, declaring the conventions' schema URL."""
+    return trace.get_tracer(name, schema_url=SCHEMA_URL)
+
+
+def package_version() -> str:
+    try:
+        return version("gozon")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
+
+
+def service_resource(service: str, *, namespace: str, environment: str) -> Resource:
+    """The resource of a process's spans; `OTEL_RESOURCE_ATTRIBUTES` may add to it."""
+    return Resource.create(
+        {
+            "service.name": f"gozon-{service}",
+            "service.namespace": namespace,
+            "service.version": package_version(),
+            "deployment.environment.name": environment,
+        },
+        schema_url=SCHEMA_URL,
+    )
+
+
+# -- database spans: named by their query summary
+
+_LITERALS = re.compile(r"'(?:[^']|'')*'|--[^\n]*|/\*.*?\*/", re.DOTALL)
+# a table, maybe schema-qualified and quoted; after FROM, not a function (`unnest(...)`)
+_TABLE = r'("?[A-Za-z_][\w$]*"?(?:\."?[A-Za-z_][\w$]*"?)?)'
+_FROM_TABLE = _TABLE + r"(?![\w$.]|\s?\()"
+_OPERATIONS = re.compile(
+    r"\b(?:(INSERT) INTO "
+    + _TABLE
+    # not the row locks `FOR [NO KEY] UPDATE` nor the upsert's `DO UPDATE`
+    + r"|(?<!FOR )(?<!KEY )(?<!DO )(UPDATE) (?:ONLY )?"
+    + _TABLE
+    + r"|(DELETE) FROM "
+    + _TABLE
+    + r"|(SELECT)\b(?:(?!\b(?:SELECT|INSERT|UPDATE|DELETE)\b).)*?\bFROM "
+    + _FROM_TABLE
+    + r"|(SELECT)\b)",
+    re.IGNORECASE,
+)
+_CTE = re.compile(
+    r"(?:\bWITH(?: RECURSIVE)?|,) ?(\w+) AS (?:NOT )?(?:MATERIALIZED )?\(", re.IGNORECASE
+)
+_SUMMARY_MAX = 255
+
+
+def query_summary(query: str) -> tuple[str, str | None, str | None]:
+    """The summary of a SQL statement as the database conventions describe it (each operation
+    with its collection, in order, once: `UPDATE order_outbox SELECT order_outbox`; a common
+    table expression's name is not a collection; a statement of another kind by its first
+    word: `BEGIN`), its first operation and its first collection.
+    """
+    text = " ".join(_LITERALS.sub(" ", query).split()).rstrip(";").strip()
+    words = [w.upper() for w in re.findall(r"(?:^|;)\s*([A-Za-z]+)", text)]
+    first = words[0] if words else ""
+    if first not in ("SELECT", "INSERT", "UPDATE", "DELETE", "WITH"):
+        # a command, or several in one string (`BEGIN; SET LOCAL …`): their first words
+        return (" ".join(words) or "SQL"), (first or None), None
+    ctes = {name.lower() for name in _CTE.findall(text)}  # names, not collections
+    parts: list[str] = []
+    for match in _OPERATIONS.finditer(text):
+        groups = [g for g in match.groups() if g is not None]
+        op = groups[0].upper()
+        table = groups[1].replace('"', "") if len(groups) > 1 else None
+        part = f"{op} {table}" if table and table.lower() not in ctes else op
+        if part not in parts:
+            parts.append(part)
+    if any(" " in part for part in parts):  # a bare SELECT beside tables says nothing more
+        parts = [part for part in parts if " " in part]
+    summary = " ".join(parts) or first
+    if len(summary) > _SUMMARY_MAX:
+        summary = summary[:_SUMMARY_MAX].rsplit(" ", 1)[0]
+    operation = parts[0].split()[0] if parts else first
+    collection = next((part.split()[1] for part in parts if " " in part), None)
+    return summary, operation, collection
+
+
+class DatabaseSpanNames(SpanProcessor):
+    """Names each database statement's CLIENT span by its query summary and adds
+    `db.query.summary`, `db.operation.name` and `db.collection.name` (the asyncpg
+    instrumentation names it by the statement's first word: `WITH`, `BEGIN;`)."""
+
+    def on_start(self, span: SdkSpan, parent_context: Context | None = None) -> None:
+        attributes = span.attributes or {}
+        query = attributes.get("db.query.text", attributes.get("db.statement"))
+        if span.kind != SpanKind.CLIENT or not isinstance(query, str):
+            return
+        summary, operation, collection = query_summary(query)
+        span.update_name(summary)
+        span.set_attribute("db.query.summary", summary)
+        if operation:
+            span.set_attribute("db.operation.name", operation)
+        if collection:
+            span.set_attribute("db.collection.name", collection)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        pass
 
 
 def exporting(env: Mapping[str, str]) -> bool:
@@ -179,6 +293,8 @@ def configure_tracing(
     env: Mapping[str, str] = os.environ,
     *,
     trace_background_db: bool | None = None,
+    namespace: str = "gozon",
+    environment: str = "local",
 ) -> TracerProvider:
     """Installs the SDK tracer provider (idempotent per process).
 
@@ -188,6 +304,8 @@ def configure_tracing(
     database driver is instrumented too (a span per query is worth its cost only then).
     `trace_background_db` (default: `GOZON_TRACE_BACKGROUND_DB`, false) keeps background
     work's traces (see `QuietBackground`). The sampler is `recording_sampler(env)`'s.
+    `namespace` and `environment` are the resource's `service.namespace` and
+    `deployment.environment.name` (`service_resource`).
     """
     current = trace.get_tracer_provider()
     if isinstance(current, TracerProvider):
@@ -195,9 +313,10 @@ def configure_tracing(
     if trace_background_db is None:
         trace_background_db = flag(env, "GOZON_TRACE_BACKGROUND_DB")
     provider = TracerProvider(
-        resource=Resource.create({"service.name": f"gozon-{service}"}),
+        resource=service_resource(service, namespace=namespace, environment=environment),
         sampler=QuietBackground(recording_sampler(env), trace_background=trace_background_db),
     )
+    provider.add_span_processor(DatabaseSpanNames())
     if exporting(env):
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
@@ -315,7 +434,7 @@ class ServerSpanMiddleware:
 
     def __init__(self, app: ASGIApp, service: str, *, edge: bool = False) -> None:
         self.app = app
-        self.tracer = trace.get_tracer(f"gozon.{service}")
+        self.tracer = get_tracer(f"gozon.{service}")
         self.edge = edge
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -63,7 +63,7 @@ from yarl import URL
 from gozon.core.headers import DEADLINE_HEADER
 from gozon.core.problems import Problem, problem_response
 from gozon.core.settings import GatewaySettings
-from gozon.core.telemetry import TRACE_HEADERS, http_method
+from gozon.core.telemetry import TRACE_HEADERS, get_tracer, http_method
 from gozon.gateway.breaker import CircuitBreaker, State
 from gozon.gateway.headers import downstream_headers, upstream_headers
 from gozon.gateway.identity import IDENTITY_HEADERS, identity_from
@@ -74,6 +74,15 @@ UPSTREAM_REQUESTS = Counter(
     "Requests for an upstream, by outcome: answered, unavailable (not sent), timeout, lost "
     "(sent, connection lost), bad_response, breaker_open, shed (at the in-flight limit).",
     ["upstream", "outcome"],
+)
+UPSTREAM_OUTCOMES = (
+    "answered",
+    "unavailable",
+    "timeout",
+    "lost",
+    "bad_response",
+    "breaker_open",
+    "shed",
 )
 BREAKER_STATE = Gauge(
     "gozon_gateway_breaker_state",
@@ -97,7 +106,7 @@ NOT_PROCESSED = "not_processed"
 UNKNOWN = "unknown"
 
 log = structlog.get_logger(__name__)
-tracer = trace.get_tracer("gozon.gateway")
+tracer = get_tracer("gozon.gateway")
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +147,8 @@ def open_upstream(name: str, url: str, settings: GatewaySettings) -> Upstream:
         log.warning("circuit breaker changed", upstream=name, state=state.name)
 
     BREAKER_STATE.labels(name).set(State.CLOSED)
+    for outcome in UPSTREAM_OUTCOMES:  # every series at 0 from the start
+        UPSTREAM_REQUESTS.labels(name, outcome)
     breaker = CircuitBreaker(
         failure_threshold=settings.gateway_breaker_failures,
         reset_timeout_s=settings.gateway_breaker_reset_s,

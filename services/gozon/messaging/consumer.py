@@ -64,7 +64,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import ConsumerRecord
 from opentelemetry import propagate, trace
-from opentelemetry.trace import Link, Span
+from opentelemetry.trace import Span
 from pydantic import BaseModel, ValidationError
 
 from gozon.core import jsontext
@@ -74,10 +74,14 @@ from gozon.core.runtime import sleep_unless
 from gozon.core.telemetry import TRACE_HEADERS, context_from_headers
 from gozon.messaging.kafka import dlq_topic, is_transient
 from gozon.messaging.metrics import CONSUMER_HANDLE_SECONDS, CONSUMER_LAG, CONSUMER_MESSAGES
-from gozon.messaging.spans import consumer_group, start_process_span
+from gozon.messaging.spans import (
+    batch_process_span,
+    consumer_cluster,
+    consumer_group,
+    start_process_span,
+)
 
 log = structlog.get_logger(__name__)
-tracer = trace.get_tracer(__name__)
 
 E = TypeVar("E", bound=BaseModel)
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
@@ -425,6 +429,7 @@ class ConsumerRunner(Generic[E]):
             context=context_from_headers(record.headers),
             group=consumer_group(self.consumer),
             message_id=str(getattr(event, "event_id", "")),
+            cluster=consumer_cluster(self.consumer),
         )
 
     def parse(self, record: Record) -> E:
@@ -442,11 +447,12 @@ class ConsumerRunner(Generic[E]):
                 # The batch's statements sit in the first message's trace (alone in its batch
                 # at a low rate, every order's trace holds its statements); the batch's span
                 # links to every message's span.
-                with tracer.start_as_current_span(
-                    f"{self.topic} process batch",
-                    context=trace.set_span_in_context(deliveries[0].span),
-                    links=[Link(d.span.get_span_context()) for d in deliveries],
-                    attributes={"messaging.batch.message_count": len(deliveries)},
+                with batch_process_span(
+                    self.topic,
+                    deliveries[0].record.partition,
+                    [d.span for d in deliveries],
+                    group=consumer_group(self.consumer),
+                    cluster=consumer_cluster(self.consumer),
                 ):
                     outcomes = list(await self.handler(deliveries))
                 if len(outcomes) != len(deliveries):

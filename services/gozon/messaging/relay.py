@@ -380,6 +380,7 @@ class OutboxRelay:
             key=row.message_key,
             message_id=row.event_id or "",
             context=row.context,
+            cluster=self.producer.client.cluster,
             attributes={"gozon.outbox.row_id": row.id},
         )
         headers = dict(row.headers)
@@ -394,7 +395,8 @@ class OutboxRelay:
         except BaseException as exc:
             end_send_span(span, exc)
             raise
-        future.add_done_callback(lambda done: end_send_span(span, done))
+        cluster = self.producer.client.cluster
+        future.add_done_callback(lambda done: end_send_span(span, done, cluster))
         return future
 
     def _count_attempt(self, release: _Release, row: Any, exc: BaseException) -> None:
