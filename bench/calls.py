@@ -2,7 +2,7 @@
 
 `bench.capacity` times what an order costs in CPU, and its figures move with the host: main
 cost 27.6 and then 20.1 ms per order at 50/s in two runs ten minutes apart on one machine
-(docs/benchmarks.md, "Round eight"). A change that saves a few per cent is lost in that. This
+(docs/benchmarks.md, "Comparing runs"). A change that saves a few per cent is lost in that. This
 bench counts instead: how many function calls (Python functions and the C functions they
 call, as cProfile counts them) each of the platform's Python processes makes per order, and
 in which library. A count does not depend on the host's speed directly, only on how often two

@@ -31,7 +31,7 @@ one of many users who were funded beforehand. For each rate the bench prints:
   worker-like batch (BEGIN, a statement, COMMIT on uvloop and asyncpg, against the stack's
   PostgreSQL) done once every 20 ms, as each process works at 50 orders/s (`bench.event_loop`).
   The same code cost 12 ms per order at 50/s on a host where it was ~210 µs and 25 ms where it
-  was ~900 (docs/benchmarks.md, rounds ten and twelve): it says which host a run had.
+  was ~900 (docs/benchmarks.md, "Comparing runs"): it says which host a run had.
 
 After a warm-up (`--warm-rate` × `--warm-seconds`, 9,000 orders by default: a running
 platform is measured, not one whose JVM is still compiling), before the first rate, it
@@ -155,7 +155,7 @@ VEGETA = "vegeta"
 BENCH = "bench (this script)"
 NOT_PLATFORM = frozenset({VEGETA, BENCH})
 """The load generator and this script: listed in the CPU table, but not the platform's cost (the
-issue's CPU budget per order, like round one's ~36 ms, counts the platform's processes only)."""
+CPU budget per order counts the platform's processes only)."""
 KAFKA_JIT = "kafka: of which its JIT compiler threads"
 """The CPU table's row for the part of Kafka's figure that `jit_seconds` reads."""
 
@@ -348,7 +348,7 @@ def start_stack(args: argparse.Namespace) -> Stack:
 
 
 def _scale(stack: Stack, env: Mapping[str, str], args: argparse.Namespace) -> None:
-    """A scale knob (docs/benchmarks.md, "Scale knobs"): more replicas of a relay or a
+    """A scale knob (docs/adr/0012-partitions-and-replicas.md): more replicas of a relay or a
     consumer, started beside supervisord's one with the same settings and a side port of their
     own, each watched like the others."""
     by_name = {process.name: process for process in PROCESSES}
@@ -644,7 +644,7 @@ async def warm_up(stack: Stack, users: list[str], rate: int, seconds: int) -> No
     thousands of orders; pools and prepared statements fill). The figures are meant to be a
     running platform's, so the default warm-up is 9,000 orders (150/s for 60 s): after 3,000
     the broker's JIT compiler threads still used 16% of a core through a 50/s window, 3.2 ms
-    per order, and after 6,000 up to 1.1 ms (docs/benchmarks.md, "Round seven"); the CPU
+    per order, and after 6,000 up to 1.1 ms (docs/benchmarks.md, "Capacity"); the CPU
     table's JIT row shows what is left. Past the machine's capacity the warm-up's excess is
     shed, as any attack's."""
     if seconds <= 0:
@@ -776,7 +776,7 @@ def platform_per_vegeta(r: RateResult) -> str:
     """The platform's CPU in units of the load generator's, which does the same work per
     order in every run of a rate that sheds nothing: on one host this ratio moved ±5% over
     six runs at 50/s while the platform's ms per order moved ±22% with the host (docs/
-    benchmarks.md, "Round nine"). A rate that shed requests gives vegeta work that no order
+    benchmarks.md, "Comparing runs"). A rate that shed requests gives vegeta work that no order
     pays back, so it shows none."""
     codes = {str(k): int(v) for k, v in r.vegeta.get("status_codes", {}).items()}
     vegeta = r.cpu_s.get("vegeta", 0.0)
@@ -877,7 +877,7 @@ async def measure(
     if args.idle:
         # after the warm-up: the broker's JIT compilations and log housekeeping that it set
         # off, the relays' and consumers' last batches, and PostgreSQL's autovacuum of the
-        # warm-up's rows are over (after 30 s they were not: docs/benchmarks.md, round seven)
+        # warm-up's rows are over (after 30 s they were not: docs/benchmarks.md, "Capacity")
         await asyncio.sleep(args.settle)
         idle_window = Idle(*await idle(stack, args.idle))
     results = []
