@@ -121,6 +121,24 @@ async def test_an_expired_token_is_401(gateway: httpx.AsyncClient, orders: Upstr
     assert orders.hits == 0
 
 
+async def test_a_token_that_claims_too_long_a_life_or_no_issue_time_is_401(
+    gateway: httpx.AsyncClient, orders: Upstream
+) -> None:
+    now = int(time.time())
+    a_day = 86_400  # the default GOZON_GATEWAY_JWT_MAX_LIFETIME_S
+    without_iat = {name: value for name, value in claims().items() if name != "iat"}
+    for token, detail in (
+        (hs256(iat=now, exp=now + 10 * 365 * a_day), "lifetime"),
+        (hs256(iat=now - a_day, exp=now + 60), "lifetime"),
+        (jwt.encode(without_iat, SECRET, algorithm="HS256"), "iat"),
+    ):
+        response = await gateway.get("/api/orders/x", headers=bearer(token))
+        assert response.status_code == 401, response.text
+        assert detail in response.json()["detail"]
+    assert (await gateway.get("/api/orders/x", headers=bearer(hs256(exp=now + a_day)))).is_success
+    assert orders.hits == 1
+
+
 async def test_two_authorization_headers_are_400(
     gateway: httpx.AsyncClient, orders: Upstream
 ) -> None:

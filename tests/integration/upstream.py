@@ -59,6 +59,14 @@ class Upstream:
         await response.write_eof()
         return response
 
+    async def _status(self, request: web.Request) -> web.Response:
+        status = int(request.match_info["code"])
+        return web.json_response({"upstream": self.name, "status": status}, status=status)
+
+    async def _redirect(self, request: web.Request) -> web.Response:
+        # What a framework's trailing-slash redirect builds: the URL it was called by.
+        raise web.HTTPTemporaryRedirect(f"{self.url}/api/{self.name}/x?y=1")
+
     async def _openapi(self, _: web.Request) -> web.Response:
         return web.json_response(
             {
@@ -74,6 +82,8 @@ class Upstream:
         app.router.add_get("/health/live", self._live)
         app.router.add_get("/openapi.json", self._openapi)
         app.router.add_get(f"/api/{self.name}/big", self._big)
+        app.router.add_get(f"/api/{self.name}/status/{{code}}", self._status)
+        app.router.add_get(f"/api/{self.name}/redirect", self._redirect)
         app.router.add_route("*", "/{tail:.*}", self._echo)
         self._runner = web.AppRunner(app, shutdown_timeout=0.1)
         await self._runner.setup()

@@ -71,6 +71,9 @@ def create_app(
         description=f"{description} {FAILURE_CONTRACT}",
         version=__version__,
         lifespan=lifespan,
+        # `/api/orders/` is a 404, never a 307 to `http://<this server's address>/api/orders`:
+        # a redirect built from the Host the gateway sends would name an internal address.
+        redirect_slashes=False,
         # Spans and metrics are ours (ServerSpanMiddleware, HttpMetricsMiddleware): FastAPI's
         # own would add a second server span per request, in a trace of its own.
         telemetry={"tracing": False, "metrics": False, "logs": False},

@@ -11,6 +11,16 @@ route's dependencies or any database call run:
   deeper than `jsontext.MAX_DEPTH`, or has a string with NUL or a lone surrogate (PostgreSQL
   stores neither).
 
+A body larger than `MAX_BODY_BYTES` is refused with a 413 before it is parsed, and, when its
+`Content-Length` says so, before it is read (the APIs' bodies are an amount and a description
+of at most 500 characters; the gateway's limit is the same by default). FastAPI's own
+`max_body_size` answers in plain text, not problem+json, hence this check.
+
+A body object with keys its model forbids (`extra="forbid"`) is refused with a 422 before
+validation, by one pass over its keys: pydantic would build an error per unknown
+key (a 1 MiB body of 85,000 keys cost seconds of CPU and a 12 MB answer), this lists the first
+`MAX_LISTED_ERRORS` and counts the rest.
+
 JSON numbers are parsed from their text as `Decimal` (`loads`, on `gozon.core.jsontext`, as the
 consumers parse event values), never through a float, so `5.0000000000000000001` reaches the
 amount rule as written and is refused for its places instead of being rounded to 5 on the way.
@@ -28,12 +38,13 @@ from typing import Annotated, Any, TypeAlias
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
-from pydantic import BeforeValidator, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, WithJsonSchema
 
 from gozon.contracts import MAX_AMOUNT, Amount
 from gozon.core import jsontext
-from gozon.core.problems import Problem
+from gozon.core.problems import MAX_LISTED_ERRORS, Problem
 
+MAX_BODY_BYTES = 64 * 1024
 SINGLE_VALUED_HEADERS = frozenset(
     {b"x-user-id", b"idempotency-key", b"content-type", b"authorization"}
 )
@@ -126,18 +137,60 @@ class _ParsedRequest(Request):
         return self.parsed
 
 
+def _known_keys(route: APIRoute) -> frozenset[str] | None:
+    """The keys the route's body model accepts, when it forbids all others (else None)."""
+    field = route.body_field
+    model = field.field_info.annotation if field is not None else None
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return None
+    if model.model_config.get("extra") != "forbid":
+        return None
+    return frozenset(info.alias or name for name, info in model.model_fields.items())
+
+
+def _refuse_unknown_keys(body: Any, known: frozenset[str]) -> None:
+    if not isinstance(body, dict):
+        return
+    unknown = [key for key in body if key not in known]
+    if not unknown:
+        return
+    listed = [key if len(key) <= 64 else key[:61] + "..." for key in unknown[:MAX_LISTED_ERRORS]]
+    raise Problem(
+        422,
+        f"The request body has {len(unknown)} unknown field(s), {', '.join(map(repr, listed[:3]))}"
+        f"{' …' if len(unknown) > 3 else ''}; the fields are: {', '.join(sorted(known))}.",
+        title="Invalid request",
+        errors=[
+            {"location": f"body.{key}", "message": "Unknown field", "type": "extra_forbidden"}
+            for key in listed
+        ],
+    )
+
+
+def _too_large() -> Problem:
+    return Problem(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.")
+
+
 class StrictRoute(APIRoute):
     """An `APIRoute` that applies this module's rules before the route runs."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handle = super().get_route_handler()
+        known = _known_keys(self)
 
         async def strict(request: Request) -> Response:
             _refuse_repeats(request)
             parsed = _ParsedRequest(request.scope, request.receive)
+            declared = parsed.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+                raise _too_large()
             body = await parsed.body()
+            if len(body) > MAX_BODY_BYTES:
+                raise _too_large()
             if body and _is_json(parsed.headers.get("content-type")):
                 parsed.parsed = loads(body)
+                if known is not None:
+                    _refuse_unknown_keys(parsed.parsed, known)
             return await handle(parsed)
 
         return strict

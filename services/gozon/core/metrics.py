@@ -1,7 +1,9 @@
 """Prometheus metrics shared by every process (the `gozon_` prefix, bounded labels only).
 
 HTTP metrics are labelled by the route template (`/api/orders/{order_id}`), never by the raw
-path, so an id can never create a new time series.
+path, so an id can never create a new time series. A request whose client went away before
+any answer was started is counted with status `499` (nginx's "client closed request"), not as
+a server error: a client's disconnect must not fire the 5xx alerts.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import time
 
 from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+CLIENT_CLOSED = 499
 
 HTTP_REQUESTS = Counter(
     "gozon_http_requests_total",
@@ -42,16 +46,27 @@ class HttpMetricsMiddleware:
             return
         started = time.perf_counter()
         status = 500
+        answered = gone = False
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, answered
             if message["type"] == "http.response.start":
                 status = message["status"]
+                answered = True
             await send(message)
 
+        async def receive_wrapper() -> Message:
+            nonlocal gone
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                gone = True
+            return message
+
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive_wrapper, send_wrapper)
         finally:
+            if gone and not answered:
+                status = CLIENT_CLOSED
             route = route_template(scope)
             method = scope["method"]
             HTTP_REQUESTS.labels(method, route, str(status)).inc()

@@ -4,7 +4,10 @@ Raise `Problem` from a route or a service call; FastAPI's own validation errors 
 exceptions are translated too, and an unexpected exception becomes a 500 that names nothing
 internal (the details go to the log, with the trace id). A request whose headers are missing or
 malformed is a 400 (the client sent a bad request, not a bad entity); other validation errors
-are 422 with the list of `errors`. `ProblemDetails` is the body's schema, for the OpenAPI
+are 422 with the list of `errors`, at most `MAX_LISTED_ERRORS` of them (the detail says how
+many there were): an answer never grows with what the client sent. A client that disconnected
+before the answer gets none; it is logged at info, without a traceback, and counted as 499
+(core.metrics), never as a server error. `ProblemDetails` is the body's schema, for the OpenAPI
 documents (`core.openapi`). Every 503 says `"outcome": "not_processed"`: nothing was done, a
 retry is safe (see gozon.core.deadline).
 """
@@ -21,6 +24,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 from starlette.routing import Match, Route
 
 PROBLEM_JSON = "application/problem+json"
@@ -32,6 +37,9 @@ FAILURE_CONTRACT = (
     "Idempotency-Key, which the APIs process once. A 429 means the per-user rate limit was "
     "reached (not processed; see Retry-After)."
 )
+# A 422 lists this many problems at most; the detail names the first few and the count.
+MAX_LISTED_ERRORS = 20
+_SUMMARISED = 3
 log = structlog.get_logger(__name__)
 
 
@@ -109,7 +117,7 @@ def problem_response(
 
 def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     errors = []
-    for error in exc.errors():
+    for error in exc.errors()[:MAX_LISTED_ERRORS]:
         errors.append(
             {
                 "location": ".".join(str(part) for part in error.get("loc", ())),
@@ -140,7 +148,9 @@ async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
         return problem_response(
             400, "The request body is not valid JSON.", instance=request.url.path
         )
-    summary = "; ".join(f"{e['location']}: {e['message']}" for e in errors)
+    summary = "; ".join(f"{e['location']}: {e['message']}" for e in errors[:_SUMMARISED])
+    if (total := len(exc.errors())) > _SUMMARISED:
+        summary += f" (and {total - _SUMMARISED} more; {len(errors)} listed in errors)"
     if all(error["location"].startswith("header.") for error in errors):
         return problem_response(
             400,
@@ -183,6 +193,12 @@ async def _on_http(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _on_client_gone(request: Request, exc: Exception) -> Response:
+    # Nobody to answer: the status is for the metrics (core.metrics counts it as 499 anyway).
+    log.info("client closed the request", path=request.url.path)
+    return Response(status_code=499)
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error", path=request.url.path, exc_info=exc)
     return problem_response(
@@ -194,4 +210,5 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Problem, _on_problem)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)
+    app.add_exception_handler(ClientDisconnect, _on_client_gone)
     app.add_exception_handler(Exception, _on_unexpected)

@@ -245,6 +245,10 @@ class GatewaySettings(CommonSettings):
     gateway_header_timeout_s: float = Field(default=10.0, gt=0)
     gateway_body_timeout_s: float = Field(default=30.0, gt=0)
     gateway_max_connections_per_client: int = Field(default=256, ge=1)
+    # Requests from one address whose body is still arriving (each may buffer up to the body
+    # limit in the gateway before it is admitted upstream).
+    gateway_max_incomplete_per_client: int = Field(default=64, ge=1)
+    gateway_write_timeout_s: float = Field(default=10.0, gt=0)  # a client not reading an answer
     # Who a request acts for (gateway/identity.py): the client's X-User-Id, or a verified JWT.
     gateway_identity: Literal["header", "jwt"] = "header"
     gateway_jwt_secret: SecretStr | None = None  # HS256
@@ -252,6 +256,9 @@ class GatewaySettings(CommonSettings):
     gateway_jwt_audience: str | None = None
     gateway_jwt_issuer: str | None = None
     gateway_jwt_leeway_s: float = Field(default=30.0, ge=0, le=300)
+    # jwt mode: the longest lifetime (exp - iat) a token may claim; 0 turns the check off.
+    # Tokens then need `iat`. Header mode has no tokens, so nothing to check.
+    gateway_jwt_max_lifetime_s: float = Field(default=86_400.0, ge=0)
 
     @field_validator("gateway_orders_url", "gateway_payments_url")
     @classmethod

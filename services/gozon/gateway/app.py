@@ -186,6 +186,8 @@ def build_app(settings: GatewaySettings) -> FastAPI:
         openapi_url=None,
         docs_url=None,
         redoc_url=None,
+        # No redirect is built from the client's Host: `/docs/` is a 404, not a 307 elsewhere.
+        redirect_slashes=False,
         lifespan=lifespan,
         # core's middlewares trace and count each request; FastAPI's own would do it twice.
         telemetry={"tracing": False, "metrics": False, "logs": False},

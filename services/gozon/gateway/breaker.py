@@ -9,9 +9,9 @@ Guarantees: while OPEN, `allow()` answers False at once (the caller says 503 wit
 `retry_after()`), so no request waits on a service known to be down. After the reset timeout
 exactly one request is let through as a probe; its outcome closes or reopens the breaker. A
 probe whose outcome is never reported (its client went away) stops blocking after another
-reset timeout, so the breaker cannot stick half-open. A failure is "no answer" (refused,
-unreachable, timed out, broken response); any HTTP answer, 5xx included, is a success: the
-service is there.
+reset timeout, so the breaker cannot stick half-open. What is a failure is the proxy's call
+(gateway/proxy.py): only the upstream's own (no connection, no answer in time to a request
+sent whole, a broken answer, a 5xx other than 503), never anything a client did.
 
 Pure logic with an injectable clock; one instance per upstream, used from one event loop.
 """

@@ -7,8 +7,10 @@ gateway, never trusted from the client: the gateway is the edge); `X-Request-Id`
 trace headers and `X-Request-Timeout-Ms` (the deadline) are replaced by the gateway's;
 identity headers (`X-User-Id` and its kin) are dropped and `X-User-Id` set to the user the
 gateway decided on (`gateway.identity`). Towards the client: hop-by-hop headers are dropped
-too, `Date` and `Server` are the gateway's own, `X-Request-Id` appears exactly once (the
-request's), and the rest (several `Set-Cookie` included) passes unchanged, names lower-cased.
+too, `Date` is the gateway's own and `Server` is not sent, `X-Request-Id` appears exactly
+once (the request's), a `Location` on the upstream's internal address becomes a path (a client
+must never learn, or be sent around the gateway to, an internal address), and the rest
+(several `Set-Cookie` included) passes unchanged, names lower-cased.
 
 Pure functions over raw header pairs: no I/O, unit-tested.
 """
@@ -48,6 +50,7 @@ _REPLACED_UPSTREAM = frozenset(
 )
 # The gateway's server writes its own (as nginx does not pass a proxied server's either).
 _REPLACED_DOWNSTREAM = frozenset({b"date", b"server"})
+_LOCATIONS = frozenset({b"location", b"content-location"})
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -107,11 +110,22 @@ def upstream_headers(
     return out
 
 
-def downstream_headers(headers: RawHeaders) -> list[tuple[bytes, bytes]]:
-    """The upstream's response headers as the client gets them."""
+def downstream_headers(headers: RawHeaders, *, origin: str = "") -> list[tuple[bytes, bytes]]:
+    """The upstream's response headers as the client gets them; a `Location` or
+    `Content-Location` on the upstream's own `origin` (its internal address) becomes a path."""
     pairs = [(name.lower(), value) for name, value in headers]
     drop = HOP_BY_HOP | _REPLACED_DOWNSTREAM | connection_named(pairs)
-    return [(name, value) for name, value in pairs if name not in drop]
+    internal = origin.encode("latin-1")
+    out: list[tuple[bytes, bytes]] = []
+    for name, value in pairs:
+        if name in drop:
+            continue
+        if internal and name in _LOCATIONS and value.lower().startswith(internal.lower()):
+            value = value[len(internal) :]
+            if not value.startswith(b"/"):
+                value = b"/" + value
+        out.append((name, value))
+    return out
 
 
 def with_request_id(headers: list[tuple[bytes, bytes]], value: bytes) -> list[tuple[bytes, bytes]]:

@@ -5,7 +5,9 @@
 - `jwt`: a bearer token in `Authorization`, verified with PyJWT: the signature (HS256 with
   `GOZON_GATEWAY_JWT_SECRET`, or an asymmetric key from the JWKS file
   `GOZON_GATEWAY_JWT_JWKS_FILE`, chosen by the token's `kid`), `exp`, `aud` and `iss` (all
-  required), and a `sub` that is a valid user id. Missing → 401 with `WWW-Authenticate:
+  required), and a `sub` that is a valid user id; with `GOZON_GATEWAY_JWT_MAX_LIFETIME_S`
+  (a day by default, 0 is off) also `iat`, and `exp − iat` at most that long, so a leaked
+  token issued to live for years is refused. Missing → 401 with `WWW-Authenticate:
   Bearer realm="gozon"`; anything wrong → 401 with `error="invalid_token"` (RFC 6750 §3). The
   client's `X-User-Id` is ignored in this mode: the upstream gets the token's subject.
 
@@ -85,6 +87,7 @@ class JwtIdentity:
     audience: str
     issuer: str
     leeway_s: float
+    max_lifetime_s: float = 0.0
     secret: str | None = None
     jwks: jwt.PyJWKSet | None = None
     drops: frozenset[bytes] = frozenset({b"authorization"})
@@ -101,6 +104,7 @@ class JwtIdentity:
             audience=settings.gateway_jwt_audience,
             issuer=settings.gateway_jwt_issuer,
             leeway_s=settings.gateway_jwt_leeway_s,
+            max_lifetime_s=settings.gateway_jwt_max_lifetime_s,
             secret=secret.get_secret_value() if secret is not None else None,
             jwks=jwks,
         )
@@ -128,12 +132,19 @@ class JwtIdentity:
                 audience=self.audience,
                 issuer=self.issuer,
                 leeway=self.leeway_s,
-                options={"require": ["exp", "sub", "aud", "iss"]},
+                options={
+                    "require": ["exp", "sub", "aud", "iss"]
+                    + (["iat"] if self.max_lifetime_s else [])
+                },
             )
         except jwt.ExpiredSignatureError as exc:
             raise _unauthorized("The token has expired.") from exc
         except jwt.PyJWTError as exc:
             raise _unauthorized(f"The token is not valid: {exc}.") from exc
+        if self.max_lifetime_s and claims["exp"] - claims["iat"] > self.max_lifetime_s:
+            raise _unauthorized(
+                f"The token's lifetime (exp - iat) is longer than {self.max_lifetime_s:g} s."
+            )
         return claims
 
     def _key_for(self, token: str) -> tuple[Any, list[str]]:

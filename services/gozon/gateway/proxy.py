@@ -8,14 +8,18 @@ answer that never reaches the upstream:
     malformed (header mode)             400
     bearer token missing or invalid
     (jwt mode)                          401 + WWW-Authenticate
-    Content-Length over the limit       413 (a body without one is counted while it streams)
+    Content-Length over the limit       413 (a body without one is counted as it arrives)
     per-user rate limit exceeded        429 + Retry-After (only when configured)
+    ... the whole body is read (over the limit: 413; too slow: the server's 408) ...
     upstream's in-flight limit reached  503 + Retry-After, at once (load shedding)
     upstream's breaker open             503 + Retry-After, at once
 
-Then the request goes upstream on that upstream's pooled aiohttp session, its body streamed
-(or, when it is small and its length known, read first so that a retry can resend it), and the
-answer comes back streamed, headers filtered as `gateway.headers` says. The request carries
+Admission comes after the request is whole: a client that sends its body slowly, or never,
+waits in the gateway holding no upstream slot, and the server protocol's body deadline
+(gateway/server.py) ends it with a 408 that the upstream and its breaker never see. Then the
+request goes upstream on that upstream's pooled aiohttp session, and the answer comes back
+(small ones read whole, which frees the slot before the client reads them; large ones
+streamed), headers filtered as `gateway.headers` says. The request carries
 `X-Request-Timeout-Ms`, the time the gateway will still wait (its timeout, less what has
 passed and a margin for the answer's way back): the API refuses work it cannot finish in time
 and never commits after it (`gozon.core.deadline`). Each attempt is a CLIENT span (HTTP client
@@ -42,14 +46,17 @@ connection errors, never on a timeout (the upstream may still be working on it),
 The gateway retries a connection that could not be made (refused, unreachable: a replica going
 away) up to `gateway_upstream_retries` times; a pooled connection that the upstream closed under
 a sent request is retried once by aiohttp itself (RFC 9112 §9.3.1, idempotent methods only).
-A request that never got an answer counts as a failure for the upstream's circuit breaker; any
-answer is a success.
+The circuit breaker hears only of the upstream's own failures: no connection, no answer
+within the timeout to a request that was sent whole, a lost or malformed answer, and an
+answered 5xx other than 503 (an upstream's 503 is its deliberate "not processed", shedding
+load or waiting out its database: counting it would turn the upstream's shedding into a
+gateway-wide outage). Anything the client does (a slow or abandoned body, a disconnect, a
+4xx) happens before admission or is the upstream's success, so it can never open it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
@@ -91,8 +98,8 @@ BREAKER_STATE = Gauge(
 )
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
-# Bodies up to this size with a known length are read before the upstream is called (so a
-# retry can resend them) and answers up to it are sent in one piece; larger ones stream.
+# Answers up to this size with a known length are read whole (the upstream slot is freed
+# before the client reads them) and sent in one piece; larger ones stream.
 BUFFERED_BYTES = 64 * 1024
 # Below uvicorn's default keep-alive (5 s): the gateway drops an idle pooled connection before
 # the upstream closes it, so a request rarely meets a connection closing under it.
@@ -157,44 +164,29 @@ def open_upstream(name: str, url: str, settings: GatewaySettings) -> Upstream:
     return Upstream(name, url, session, breaker)
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 class _ClientGone(Exception):
     pass
 
 
-class _Body:
-    """The client's request body, read from ASGI `receive` once and counted against the limit."""
+async def read_body(receive: Receive, limit: int) -> bytes:
+    """The client's whole request body; 413 past `limit`, `_ClientGone` if it disconnects.
 
-    def __init__(self, receive: Receive, limit: int) -> None:
-        self._receive = receive
-        self._limit = limit
-        self._size = 0
-        self.started = False
-        self.too_large = False
-        self.client_gone = False
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        self.started = True
-        while True:
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                self.client_gone = True
-                raise _ClientGone
-            chunk: bytes = message.get("body", b"")
-            self._size += len(chunk)
-            if self._size > self._limit:
-                self.too_large = True
-                raise _BodyTooLarge
-            if chunk:
-                yield chunk
-            if not message.get("more_body", False):
-                return
-
-    async def read(self) -> bytes:
-        return b"".join([chunk async for chunk in self.chunks()])
+    The server protocol bounds how long this may take (its body deadline answers 408 and
+    disconnects the request), so a slow client waits here, holding no upstream slot."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        if chunk:
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 class Gateway:
@@ -218,6 +210,9 @@ class Gateway:
             else None
         )
 
+    def in_flight(self, name: str) -> int:
+        return self._in_flight[name]
+
     async def close(self) -> None:
         for upstream in self.upstreams.values():
             await upstream.session.close()
@@ -225,58 +220,87 @@ class Gateway:
     async def forward(self, name: str, scope: Scope, receive: Receive, send: Send) -> None:
         upstream = self.upstreams[name]
         try:
-            length = self._check(scope, upstream)
+            self._check(scope)
+            # Admission after the request is whole: a slow body costs no upstream slot.
+            body = await read_body(receive, self.max_body)
+            self._admit(upstream)
         except Problem as problem:
             await _refuse(problem, scope, receive, send)
             return
+        except _ClientGone:
+            log.info("client closed the request before its body was complete", upstream=name)
+            return
         self._in_flight[name] += 1
+        held = True
         try:
-            await self._forward(upstream, length, scope, receive, send)
+            outcome = await self._exchange_and_read(upstream, scope, body)
+            if isinstance(outcome, Problem):
+                held = False
+                self._in_flight[name] -= 1
+                await _refuse(outcome, scope, receive, send)
+                return
+            response, span, data = outcome
+            if data is not None:  # read whole: the upstream is done, the slot is free
+                held = False
+                self._in_flight[name] -= 1
+            try:
+                await _relay(response, data, send)
+            except BaseException as exc:
+                _end_client_span(span, exc)
+                raise
+            else:
+                span.end()
+            finally:
+                response.release()
         finally:
-            self._in_flight[name] -= 1
+            if held:
+                self._in_flight[name] -= 1
 
-    async def _forward(
-        self, upstream: Upstream, length: int | None, scope: Scope, receive: Receive, send: Send
-    ) -> None:
-        body = _Body(receive, self.max_body)
+    async def _exchange_and_read(
+        self, upstream: Upstream, scope: Scope, body: bytes
+    ) -> tuple[aiohttp.ClientResponse, Span, bytes | None] | Problem:
+        """One exchange under the upstream timeout: the response, its span and, when it is
+        small, its whole body; or the problem to answer when there was no answer."""
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        answer: tuple[aiohttp.ClientResponse, Span] | None = None
         data: bytes | None = None
         try:
-            if length is not None and length <= BUFFERED_BYTES:
-                data = await body.read() if length else None
-            deadline = asyncio.get_running_loop().time() + self.timeout_s
             async with asyncio.timeout_at(deadline):
-                response, span = await self._exchange(upstream, scope, body, data, length, deadline)
+                answer = await self._exchange(upstream, scope, body, deadline)
+                length = answer[0].content_length
+                if length is not None and length <= BUFFERED_BYTES:
+                    data = await answer[0].read()
         except Exception as exc:
-            answer = self._failure(upstream, body, exc)
-            if answer is not None:
-                await _refuse(answer, scope, receive, send)
-            return
-        UPSTREAM_REQUESTS.labels(upstream.name, "answered").inc()
-        upstream.breaker.success()
-        try:
-            await _relay(response, send)
-        except BaseException as exc:
-            _end_client_span(span, exc)
-            raise
-        else:
-            span.end()
-        finally:
-            response.release()
+            if answer is not None:  # the answer's body failed to arrive
+                _end_client_span(answer[1], exc)
+                answer[0].release()
+            return self._failure(upstream, exc)
+        response, span = answer
+        self._answered(upstream, response.status)
+        return response, span, data
 
-    def _check(self, scope: Scope, upstream: Upstream) -> int | None:
-        """The edge checks; answers the request body's declared length."""
+    def _answered(self, upstream: Upstream, status: int) -> None:
+        """An answer: the breaker hears of a server error (a 503 is the upstream shedding or
+        refusing work it could not do, answered on purpose: it keeps its own schedule)."""
+        if status >= 500 and status != 503:
+            UPSTREAM_REQUESTS.labels(upstream.name, "server_error").inc()
+            upstream.breaker.failure()
+        else:
+            UPSTREAM_REQUESTS.labels(upstream.name, "answered").inc()
+            upstream.breaker.success()
+
+    def _check(self, scope: Scope) -> None:
+        """The edge checks that need no body: identity, declared length, rate limit."""
         user = self.identity.user(scope["headers"])
         scope[USER_KEY] = user
         length_header: bytes | None = None
         for name, value in scope["headers"]:
             if name == b"content-length":
                 length_header = value
-        length: int | None = None
         if length_header is not None:
             if not length_header.isdigit():
                 raise Problem(400, "Content-Length must be a whole number of bytes.")
-            length = int(length_header)
-            if length > self.max_body:
+            if int(length_header) > self.max_body:
                 raise _too_large(self.max_body)
         if self.limiter is not None and (wait := self.limiter.acquire(user)):
             raise Problem(
@@ -284,6 +308,9 @@ class Gateway:
                 "Too many requests for this user; retry after the time in Retry-After.",
                 headers={"Retry-After": str(retry_after(wait))},
             )
+
+    def _admit(self, upstream: Upstream) -> None:
+        """The upstream's checks, once the request is whole: in-flight limit, then breaker."""
         if self._in_flight[upstream.name] >= self.max_in_flight:
             # Shed here, before the breaker (whose half-open probe slot it must not take):
             # the upstream's own queue is full or nearly, and a request sent now would wait.
@@ -304,16 +331,9 @@ class Gateway:
                 headers={"Retry-After": str(upstream.breaker.retry_after())},
                 outcome=NOT_PROCESSED,
             )
-        return length
 
     async def _exchange(
-        self,
-        upstream: Upstream,
-        scope: Scope,
-        body: _Body,
-        data: bytes | None,
-        length: int | None,
-        deadline: float,
+        self, upstream: Upstream, scope: Scope, body: bytes, deadline: float
     ) -> tuple[aiohttp.ClientResponse, Span]:
         """Sends the request (again, on a connection error, if it may), each attempt in a
         CLIENT span whose context goes upstream; answers the response and its open span."""
@@ -334,7 +354,6 @@ class Gateway:
             user_id=scope[USER_KEY],
             dropped=self.dropped,
         )
-        streamed = data is None and _has_body(scope, length)
         loop = asyncio.get_running_loop()
         attempt = 0
         while True:
@@ -352,7 +371,7 @@ class Gateway:
                     method,
                     url,
                     headers=sent,
-                    data=body.chunks() if streamed else data,
+                    data=body or None,
                     allow_redirects=False,
                 )
             except BaseException as exc:
@@ -372,12 +391,8 @@ class Gateway:
                 span.set_status(Status(StatusCode.ERROR))
             return response, span
 
-    def _failure(self, upstream: Upstream, body: _Body, exc: Exception) -> Problem | None:
-        """The answer to a request that got no response (None: the client is gone)."""
-        if body.client_gone:
-            return None
-        if body.too_large:
-            return _too_large(self.max_body)
+    def _failure(self, upstream: Upstream, exc: Exception) -> Problem:
+        """The answer to a request that was whole and got no answer from the upstream."""
         retry = (
             f"The {upstream.name} service may or may not have processed the request. "
             "Retrying with the same Idempotency-Key is safe: a key is processed once."
@@ -450,12 +465,6 @@ def retryable(method: str, exc: BaseException) -> bool:
     return method in IDEMPOTENT and isinstance(exc, aiohttp.ClientConnectorError)
 
 
-def _has_body(scope: Scope, length: int | None) -> bool:
-    if length is not None:
-        return length > 0
-    return any(name == b"transfer-encoding" for name, _ in scope["headers"])
-
-
 def _too_large(limit: int) -> Problem:
     return Problem(413, f"The request body is larger than {limit} bytes.")
 
@@ -472,17 +481,17 @@ async def _refuse(problem: Problem, scope: Scope, receive: Receive, send: Send) 
     await response(scope, receive, send)
 
 
-async def _relay(response: aiohttp.ClientResponse, send: Send) -> None:
-    """Sends the upstream's answer on: small ones in one piece, the rest as it arrives."""
+async def _relay(response: aiohttp.ClientResponse, data: bytes | None, send: Send) -> None:
+    """Sends the upstream's answer on: in one piece when it was read whole, else as it arrives."""
     await send(
         {
             "type": "http.response.start",
             "status": response.status,
-            "headers": downstream_headers(response.raw_headers),
+            "headers": downstream_headers(response.raw_headers, origin=str(response.url.origin())),
         }
     )
-    if response.content_length is not None and response.content_length <= BUFFERED_BYTES:
-        await send({"type": "http.response.body", "body": await response.read()})
+    if data is not None:
+        await send({"type": "http.response.body", "body": data})
         return
     async for chunk in response.content.iter_any():
         await send({"type": "http.response.body", "body": chunk, "more_body": True})

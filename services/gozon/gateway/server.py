@@ -14,6 +14,21 @@ address may hold any number of connections. `EdgeProtocol` adds exactly those li
                                                                 connection closed
     more than `max_connections_per_client` open connections
     from one address                                            429 to the new one, closed
+    more than `max_incomplete_per_client` requests from one
+    address whose body is still arriving                        429 to the new one, closed
+    a body's bytes on the wire (framing and trailers included)
+    over twice `max_body_bytes` plus `max_head_bytes`           413, connection closed
+    HTTP/1.1 without exactly one `Host` header                  400, connection closed
+    an answer the client does not read: writing stalled for
+    `write_timeout_s`                                           connection aborted
+    `Upgrade` (WebSocket, h2c) or CONNECT                       not upgraded: the request is
+                                                                served, then the connection closed
+
+Chunked trailer fields are read and dropped: they never join the request's headers (uvicorn
+appends them to the very list the application reads) and never go upstream. Every connection
+is counted against its address from `connection_made` to `connection_lost`, whatever ends it
+(an answer, a refusal, a parse error, a reset, an abort); the server runs with `ws="none"`, so
+no connection is ever handed to another protocol object that would not release the count.
 
 Each refusal is written by the protocol itself (problem+json, `Connection: close`) before the
 request reaches the application, so nothing is forwarded: a head refused is never parsed into
@@ -21,7 +36,7 @@ a request, and a body cut short by its deadline reaches an upstream, if at all, 
 incomplete request. A head's size is counted from the bytes received while it is incomplete,
 so a client cannot make the parser buffer an endless header value either.
 
-Why subclass rather than configure: uvicorn has no setting for any of these with httptools
+Why subclass rather than configure: uvicorn has no setting for these with httptools
 (h11's `max_incomplete_event_size` covers only the head size, and only with the slower h11
 parser); the subclass keeps httptools' speed and touches only its parser callbacks.
 """
@@ -39,6 +54,7 @@ from typing import Any
 import structlog
 import uvicorn
 from prometheus_client import Counter as PrometheusCounter
+from prometheus_client import Gauge
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gozon.core.problems import PROBLEM_JSON
@@ -50,6 +66,18 @@ EDGE_REFUSALS = PrometheusCounter(
     "Connections the gateway's server refused before a request reached the app, by status: "
     "400 unparseable, 408 too slow, 414/431 too large, 429 too many connections.",
     ["status"],
+)
+OPEN_CONNECTIONS = Gauge(
+    "gozon_gateway_open_connections", "Client connections the gateway's server holds open."
+)
+INCOMPLETE_REQUESTS = Gauge(
+    "gozon_gateway_incomplete_requests",
+    "Requests whose head has arrived and whose body is still arriving (they hold no upstream "
+    "slot yet).",
+)
+WRITE_TIMEOUTS = PrometheusCounter(
+    "gozon_gateway_write_timeouts_total",
+    "Connections aborted because the client stopped reading an answer for the write timeout.",
 )
 # After a refusal the connection is half-closed (FIN after the answer) and what the client
 # still sends is read and dropped for this long, so its kernel does not turn our close into a
@@ -69,7 +97,17 @@ class EdgeLimits:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     max_connections_per_client: int = 256
+    max_incomplete_per_client: int = 64
+    max_body_bytes: int = 1024 * 1024
+    write_timeout_s: float = 10.0
     open_connections: Counter[str] = field(default_factory=Counter)
+    incomplete_requests: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def max_body_wire_bytes(self) -> int:
+        """A body's bytes on the wire: the body, its chunk framing (chunks of 8 bytes or more
+        cost less than double), its trailers."""
+        return 2 * self.max_body_bytes + self.max_head_bytes
 
 
 class _Refused(Exception):
@@ -105,14 +143,18 @@ class EdgeProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._counted_as: str | None = None
+        self._incomplete_as: str | None = None  # counted in `incomplete_requests`
         self._in_head = True
         self._head_bytes = 0  # received while the head is incomplete
+        self._body_bytes = 0  # received while the body is incomplete (framing included)
         self._line_and_headers = 0  # the parsed head's size
         self._header_count = 0
+        self._hosts = 0
         self._refused: _Refused | None = None
         self._discarding = False
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
         self._head_turn_taken = self._body_turn_taken = False
 
     # ------------------------------------------------------------------ connection
@@ -130,15 +172,17 @@ class EdgeProtocol(HttpToolsProtocol):
             )
             return
         self.limits.open_connections[host] += 1
+        OPEN_CONNECTIONS.inc()
         self._counted_as = host
         self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_late)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
+        self._cancel_write_timer()
+        self._body_done()
         if self._counted_as is not None:
-            self.limits.open_connections[self._counted_as] -= 1
-            if self.limits.open_connections[self._counted_as] <= 0:
-                del self.limits.open_connections[self._counted_as]
+            _release(self.limits.open_connections, self._counted_as)
+            OPEN_CONNECTIONS.dec()
             self._counted_as = None
         super().connection_lost(exc)
 
@@ -151,9 +195,15 @@ class EdgeProtocol(HttpToolsProtocol):
                 self._head_timer = self.loop.call_later(
                     self.limits.header_timeout_s, self._head_late
                 )
+        else:
+            self._body_bytes += len(data)
         super().data_received(data)
+        if self._discarding or self.transport.is_closing():
+            return
         if self._in_head and self._head_bytes > self.limits.max_head_bytes:
             self._close_with(431, self._head_too_large())
+        elif not self._in_head:
+            self._body_arriving()
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a parser error: ours, when a limit of ours stopped the parser."""
@@ -162,6 +212,21 @@ class EdgeProtocol(HttpToolsProtocol):
         else:
             self._close_with(400, "The request is not valid HTTP/1.1.")
 
+    def _unsupported_upgrade_warning(self) -> None:
+        """uvicorn's note on an `Upgrade` it will not do: the request is served without it (and
+        the connection closed after the answer, see `on_headers_complete`), nothing to warn."""
+
+    def pause_writing(self) -> None:
+        """The client is not reading as fast as the answer is written: it has `write_timeout_s`
+        to catch up before the connection is aborted (nginx's `send_timeout`)."""
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.limits.write_timeout_s, self._write_late)
+
+    def resume_writing(self) -> None:
+        self._cancel_write_timer()
+        super().resume_writing()
+
     # ------------------------------------------------------------------ parser callbacks
 
     def on_message_begin(self) -> None:
@@ -169,6 +234,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self._in_head = True
         self._line_and_headers = 0
         self._header_count = 0
+        self._hosts = 0
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
@@ -186,19 +252,68 @@ class EdgeProtocol(HttpToolsProtocol):
             self._refuse(431, f"The request has more than {self.limits.max_headers} headers.")
         if self._line_and_headers > self.limits.max_head_bytes:
             self._refuse(431, self._head_too_large())
+        if not self._in_head:
+            return  # a chunked body's trailer field: read, counted, never a request header
+        if name.lower() == b"host":
+            self._hosts += 1
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._head_bytes = 0
+        self._body_bytes = 0
         self._cancel_timers()
+        if self.parser.get_http_version() == "1.1" and self._hosts != 1:
+            # RFC 9112 §3.2: which host was meant is unknown, so neither copy may be guessed.
+            self._refuse(
+                400,
+                "An HTTP/1.1 request needs exactly one Host header."
+                if self._hosts == 0
+                else "The Host header is given more than once.",
+            )
         self._body_timer = self.loop.call_later(self.limits.body_timeout_s, self._body_late)
         super().on_headers_complete()
+        if self.parser.should_upgrade() and self.cycle is not None:
+            # Not upgraded (`ws="none"`): the request is served as plain HTTP, after which the
+            # parser, stopped at the upgrade, could read nothing more on this connection.
+            self.cycle.keep_alive = False
 
     def on_message_complete(self) -> None:
         self._cancel_timers()
+        self._body_done()
         self._in_head = True  # the next request's head, if any, starts now
         super().on_message_complete()
+
+    # ------------------------------------------------------------------ incomplete bodies
+
+    def _body_arriving(self) -> None:
+        """After a read that left a body incomplete: it now counts against its address."""
+        if self._body_bytes > self.limits.max_body_wire_bytes:
+            self._close_with(
+                413, f"The request body is larger than {self.limits.max_body_bytes} bytes."
+            )
+            return
+        if self._incomplete_as is not None or self._counted_as is None:
+            return
+        host = self._counted_as
+        if self.limits.incomplete_requests[host] >= self.limits.max_incomplete_per_client:
+            log.warning("request refused: too many incomplete from one address", client=host)
+            self._close_with(
+                429,
+                f"More than {self.limits.max_incomplete_per_client} requests from this address "
+                "are still sending their bodies; finish one, or retry later.",
+                {"retry-after": "1"},
+            )
+            return
+        self.limits.incomplete_requests[host] += 1
+        INCOMPLETE_REQUESTS.inc()
+        self._incomplete_as = host
+
+    def _body_done(self) -> None:
+        if self._incomplete_as is not None:
+            _release(self.limits.incomplete_requests, self._incomplete_as)
+            INCOMPLETE_REQUESTS.dec()
+            self._incomplete_as = None
 
     # ------------------------------------------------------------------ refusals
 
@@ -240,16 +355,26 @@ class EdgeProtocol(HttpToolsProtocol):
             self._body_timer = self._after_a_turn(self._body_late)
             return
         self._body_timer = None
-        log.warning("request body too slow; closing", client=self._counted_as)
+        log.info("request body too slow; closing", client=self._counted_as)
         self._close_with(
             408, f"The request body did not arrive within {self.limits.body_timeout_s:g} s."
         )
+
+    def _write_late(self) -> None:
+        self._write_timer = None
+        if self.transport.is_closing() and self.transport.get_write_buffer_size() == 0:
+            return
+        WRITE_TIMEOUTS.inc()
+        log.info("client stopped reading the answer; aborting", client=self._counted_as)
+        self._abandon_cycle()
+        self.transport.abort()  # close() would wait for the buffer the client does not read
 
     def _close_with(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
         """Answers `status` (unless an answer is being sent) and closes the connection."""
         if self._discarding or self.transport.is_closing():
             return  # refused already (a parser callback's refusal, then the size check)
         self._cancel_timers()
+        self._body_done()
         EDGE_REFUSALS.labels(str(status)).inc()
         answering = self.cycle is not None and self.cycle.response_started
         self._abandon_cycle()
@@ -262,7 +387,15 @@ class EdgeProtocol(HttpToolsProtocol):
             return
         self.transport.write_eof()
         self._discarding = True
-        self.loop.call_later(LINGER_S, self.transport.close)
+        self.loop.call_later(LINGER_S, self._end_linger)
+
+    def _end_linger(self) -> None:
+        # A client that reads nothing leaves our answer in the buffer, and close() would wait
+        # for it forever (holding the address's count): abort that one.
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()
+        else:
+            self.transport.close()
 
     def _abandon_cycle(self) -> None:
         # The application, if it runs, now sees the client gone: its reads end, its writes drop.
@@ -276,6 +409,17 @@ class EdgeProtocol(HttpToolsProtocol):
                 timer.cancel()
         self._head_timer = self._body_timer = None
         self._head_turn_taken = self._body_turn_taken = False
+
+    def _cancel_write_timer(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+
+def _release(counts: Counter[str], host: str) -> None:
+    counts[host] -= 1
+    if counts[host] <= 0:
+        del counts[host]
 
 
 def edge_protocol(limits: EdgeLimits) -> type[EdgeProtocol]:
@@ -291,6 +435,9 @@ def limits_from(settings: GatewaySettings) -> EdgeLimits:
         header_timeout_s=settings.gateway_header_timeout_s,
         body_timeout_s=settings.gateway_body_timeout_s,
         max_connections_per_client=settings.gateway_max_connections_per_client,
+        max_incomplete_per_client=settings.gateway_max_incomplete_per_client,
+        max_body_bytes=settings.gateway_max_body_bytes,
+        write_timeout_s=settings.gateway_write_timeout_s,
     )
 
 
@@ -304,4 +451,6 @@ def uvicorn_config(app: Any, settings: GatewaySettings) -> uvicorn.Config:
         log_config=None,
         access_log=False,
         proxy_headers=False,  # the edge: the peer is the client; X-Forwarded-For is not trusted
+        server_header=False,  # no version banner on the public port
+        ws="none",  # nothing to upgrade to: a WebSocket protocol would take the connection over
     )
