@@ -14,7 +14,8 @@ address as the attackers (the per-address limits apply to it too):
     half_sent      100 connections each holding a half-sent body (Content-Length: 40, 1 byte)
     trickle        50 chunked bodies, a byte every 100 ms
     upgrades       500 `Upgrade: websocket` attempts, 20 at a time
-    unknown_keys   8 clients each posting ~1 MiB bodies of unknown keys, back to back on one
+    unknown_keys   8 clients each posting bodies of unknown keys just under the gateway's body
+                   limit (64 KiB, ~5,000 keys), back to back on one
                    connection, never reading an answer
 
 It prints, per scenario, the user's requests, errors, p50 / p99 / max latency, the orders
@@ -30,14 +31,17 @@ import argparse
 import asyncio
 import contextlib
 import json
+import multiprocessing
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
 from bench.gateway import USER, create_order, own_stack
+from gozon.core.settings import GatewaySettings
 
 HALF_SENT = (
     b"POST /api/orders HTTP/1.1\r\nHost: bench\r\nX-User-Id: attacker\r\n"
@@ -55,8 +59,10 @@ UPGRADE = (
 
 
 def unknown_keys_request() -> bytes:
-    keys = {f"k{n:05d}": 0 for n in range(85_000)}
-    body = json.dumps({"amount": 1, "description": "x", **keys}).encode()
+    limit: int = GatewaySettings.model_fields["gateway_max_body_bytes"].default
+    keys = {f"k{n:05d}": 0 for n in range(limit // 13)}  # `"k00000": 0, ` is 13 bytes
+    body = json.dumps({"amount": 1, "description": "x", **keys}).encode()[: limit - 2]
+    body = body[: body.rindex(b",")] + b"}"
     head = (
         b"POST /api/orders HTTP/1.1\r\nHost: bench\r\nX-User-Id: attacker\r\n"
         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
@@ -64,7 +70,7 @@ def unknown_keys_request() -> bytes:
     return head + body
 
 
-Attack = Callable[[str, int, asyncio.Event], Awaitable[None]]
+Attack = Callable[[str, int, asyncio.Event], Coroutine[Any, Any, None]]
 
 
 async def _open(host: str, port: int) -> asyncio.StreamWriter:
@@ -179,6 +185,20 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
+def _attack_main(name: str, host: str, port: int, seconds: float) -> None:
+    """The attackers' own process: they must not slow the user's client down themselves."""
+    attack = SCENARIOS[name]
+    assert attack is not None
+
+    async def attacking() -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(seconds, stop.set)
+        with contextlib.suppress(ConnectionError):
+            await attack(host, port, stop)
+
+    asyncio.run(attacking())
+
+
 async def run(args: argparse.Namespace, base: str, metrics_base: str) -> None:
     order_id = await create_order(base)
     host, port = base.removeprefix("http://").rsplit(":", 1)
@@ -186,16 +206,20 @@ async def run(args: argparse.Namespace, base: str, metrics_base: str) -> None:
         f"{'scenario':<14}{'requests':>9}{'errors':>7}{'p50 ms':>8}{'p99 ms':>8}{'max ms':>8}"
         f"{'breaker':>8}{'open':>6}{'incompl':>8}"
     )
+    spawn = multiprocessing.get_context("spawn")
     for name in args.scenarios:
-        attack = SCENARIOS[name]
-        stop = asyncio.Event()
-        attacker = asyncio.create_task(attack(host, int(port), stop)) if attack else None
-        await asyncio.sleep(1.0 if attack else 0)  # the attack in place before the user starts
+        attacker = None
+        if SCENARIOS[name] is not None:
+            attacker = spawn.Process(
+                target=_attack_main, args=(name, host, int(port), args.duration + 1.5)
+            )
+            attacker.start()
+            await asyncio.sleep(1.0)  # the attack in place before the user starts
         latencies, errors = await user(base, order_id, args.duration)
-        stop.set()
         if attacker is not None:
-            with contextlib.suppress(ConnectionError):
-                await attacker
+            await asyncio.to_thread(attacker.join, 60)
+            if attacker.is_alive():
+                attacker.kill()
         await asyncio.sleep(args.settle)
         counts = await gateway_metrics(metrics_base)
         print(
@@ -215,14 +239,10 @@ def main() -> None:
     )
     parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
     args = parser.parse_args()
-    with (
-        tempfile.TemporaryDirectory(prefix="gozon-bench-") as work,
-        own_stack(Path(work)) as (
-            _,
-            gateway,
-        ),
-    ):
-        asyncio.run(run(args, gateway, gateway))
+    with tempfile.TemporaryDirectory(prefix="gozon-bench-") as work:
+        Path(work).chmod(0o755)  # PostgreSQL runs as the postgres user when the bench is root
+        with own_stack(Path(work)) as (_, gateway):
+            asyncio.run(run(args, gateway, gateway))
 
 
 if __name__ == "__main__":

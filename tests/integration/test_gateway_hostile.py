@@ -168,7 +168,7 @@ async def test_one_address_may_have_only_so_many_incomplete_requests(
         await counts_return_to_zero()
 
 
-async def test_upgrade_attempts_are_served_without_upgrading_and_release_their_count(
+async def test_upgrade_attempts_are_never_upgraded_and_release_their_count(
     orders: Upstream, payments: Upstream
 ) -> None:
     attempts = [
@@ -180,15 +180,21 @@ async def test_upgrade_attempts_are_served_without_upgrading_and_release_their_c
     ]
     async with edge(orders, payments) as port:
         for _ in range(10 * MAX_CONNECTIONS):
-            for attempt in attempts:
-                reader, writer = await connect(port)
-                await send(writer, attempt)
-                answer = await asyncio.wait_for(reader.read(), 30)  # served, then closed
-                assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
-                writer.close()
+            reader, writer = await connect(port)  # a WebSocket: refused at the edge
+            await send(writer, attempts[0])
+            status, problem = await answer_and_close(reader)
+            assert status == 400
+            assert "WebSocket" in problem["detail"]
+            writer.close()
+            reader, writer = await connect(port)  # h2c: served as HTTP/1.1, then closed
+            await send(writer, attempts[1])
+            answer = await asyncio.wait_for(reader.read(), 30)
+            assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
+            writer.close()
         async with user(port) as client:
             assert (await client.get("/api/orders/1")).status_code == 200
         await counts_return_to_zero()
+    assert orders.hits == 10 * MAX_CONNECTIONS + 1  # the h2c ones and the user's
     assert "upgrade" not in {name.lower() for name in orders.last["headers"]}
 
 

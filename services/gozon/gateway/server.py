@@ -21,7 +21,8 @@ address may hold any number of connections. `EdgeProtocol` adds exactly those li
     HTTP/1.1 without exactly one `Host` header                  400, connection closed
     an answer the client does not read: writing stalled for
     `write_timeout_s`                                           connection aborted
-    `Upgrade` (WebSocket, h2c) or CONNECT                       not upgraded: the request is
+    `Upgrade: websocket`                                        400, connection closed
+    another `Upgrade` (h2c) or CONNECT                          not upgraded: the request is
                                                                 served, then the connection closed
 
 Chunked trailer fields are read and dropped: they never join the request's headers (uvicorn
@@ -98,7 +99,7 @@ class EdgeLimits:
     body_timeout_s: float = 30.0
     max_connections_per_client: int = 256
     max_incomplete_per_client: int = 64
-    max_body_bytes: int = 1024 * 1024
+    max_body_bytes: int = 64 * 1024
     write_timeout_s: float = 10.0
     open_connections: Counter[str] = field(default_factory=Counter)
     incomplete_requests: Counter[str] = field(default_factory=Counter)
@@ -271,6 +272,12 @@ class EdgeProtocol(HttpToolsProtocol):
                 if self._hosts == 0
                 else "The Host header is given more than once.",
             )
+        if self.parser.should_upgrade() and any(
+            name == b"upgrade" and b"websocket" in value.lower() for name, value in self.headers
+        ):
+            # No upstream serves one: refused here, at no upstream's cost (it was a 403 from
+            # the gateway's own router, after the connection had been handed over).
+            self._refuse(400, "The gateway does not upgrade connections to WebSocket.")
         self._body_timer = self.loop.call_later(self.limits.body_timeout_s, self._body_late)
         super().on_headers_complete()
         if self.parser.should_upgrade() and self.cycle is not None:
