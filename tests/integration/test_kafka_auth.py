@@ -27,7 +27,9 @@ from gozon.contracts import ORDER_CREATED_TOPIC, PAYMENT_PROCESSED_TOPIC
 from gozon.messaging.kafka import (
     KafkaAccess,
     KafkaAccessRefused,
+    TopicsNotCreated,
     dlq_topic,
+    ensure_topics,
     new_producer,
     start_client,
 )
@@ -236,3 +238,22 @@ async def test_a_wrong_password_is_refused_in_words(
     producer = new_producer(right, client_id="test-right")
     await start_client(producer, right)
     await producer.stop()
+
+
+async def test_a_user_without_create_is_told_so_instead_of_a_silent_success(
+    sasl_kafka: Kafka,
+) -> None:
+    name = f"auth.none.{uuid.uuid4().hex[:8]}"
+    access = KafkaAccess(
+        sasl_kafka.sasl_bootstrap, "SASL_PLAINTEXT", "SCRAM-SHA-512", USER, PASSWORD
+    )
+    with pytest.raises(TopicsNotCreated, match="this user may not create topics"):
+        await ensure_topics(access, [name], with_dlq=False)
+    assert name not in await topics_on(sasl_kafka)
+
+
+async def test_a_topic_the_broker_cannot_make_is_an_error(kafka: Kafka) -> None:
+    """One broker cannot hold three replicas: the broker's refusal, not a silent success."""
+    name = f"auth.rf3.{uuid.uuid4().hex[:8]}"
+    with pytest.raises(TopicsNotCreated, match=rf"{name} \(error 38: .*replication factor"):
+        await ensure_topics(kafka.bootstrap, [name], replication_factor=3, with_dlq=False)

@@ -130,3 +130,9 @@ def test_an_incomplete_or_contradictory_kafka_security_setting_fails_at_start(
 ) -> None:
     with pytest.raises(ValidationError, match=message):
         MessagingSettings(**values)  # type: ignore[arg-type]
+
+
+def test_a_refused_setting_does_not_echo_a_password() -> None:
+    with pytest.raises(ValidationError, match="needs GOZON_KAFKA_SASL_USERNAME") as caught:
+        MessagingSettings(kafka_security_protocol="SASL_PLAINTEXT", kafka_sasl_password="t0psecret")
+    assert "t0psecret" not in str(caught.value)

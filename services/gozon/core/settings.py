@@ -19,7 +19,11 @@ DEV_PASSWORD = "postgres"  # noqa: S105 (the local stack's password, refused in 
 class CommonSettings(BaseSettings):
     """Knobs every process reads."""
 
-    model_config = SettingsConfigDict(env_prefix="GOZON_", extra="ignore", frozen=True)
+    # A refused value is not echoed back: it may be a password (GOZON_KAFKA_SASL_PASSWORD,
+    # GOZON_GATEWAY_JWT_SECRET), and the messages name the variable anyway.
+    model_config = SettingsConfigDict(
+        env_prefix="GOZON_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     environment: Literal["local", "test", "production"] = "local"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

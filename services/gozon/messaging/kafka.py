@@ -115,6 +115,16 @@ class KafkaAccessRefused(KafkaError):  # type: ignore[misc]  # aiokafka.errors i
     certificate that does not verify. Waiting does not help; the settings must change."""
 
 
+class TopicsNotCreated(KafkaError):  # type: ignore[misc]
+    """The broker refused to create topics (a right, a replication factor it cannot meet)."""
+
+
+# CreateTopics answers: the topic was there already (made meanwhile by another worker or the
+# operator), and the rights a user lacks to create it.
+_TOPIC_ALREADY_EXISTS = 36
+_NOT_ALLOWED = {29: "TOPIC_AUTHORIZATION_FAILED", 31: "CLUSTER_AUTHORIZATION_FAILED"}
+
+
 class TopicsMissing(KafkaError):  # type: ignore[misc]
     """Topics the process needs do not exist, and it is not to create them."""
 
@@ -269,10 +279,31 @@ async def ensure_topics(
                 "them); GOZON_KAFKA_CREATE_TOPICS=false leaves creating them to an operator"
             )
         if missing:
-            await admin.create_topics(
+            response = await admin.create_topics(
                 [NewTopic(name, partitions, replication_factor) for name in missing]
             )
+            # aiokafka returns the broker's per-topic answers without looking at them.
+            refused = {
+                topic: (code, rest[0] if rest else None)
+                for topic, code, *rest in response.topic_errors
+                if code not in (0, _TOPIC_ALREADY_EXISTS)
+            }
+            if refused:
+                raise TopicsNotCreated(_refusal(refused))
         return missing
     finally:
         with contextlib.suppress(Exception):  # a client that never started has nothing open
             await admin.close()
+
+
+def _refusal(refused: dict[str, tuple[int, str | None]]) -> str:
+    if any(code in _NOT_ALLOWED for code, _ in refused.values()):
+        return (
+            f"Kafka refused to create topics {', '.join(sorted(refused))}: this user may not "
+            "create topics. Give it the right (Create), or make the topics otherwise and set "
+            "GOZON_KAFKA_CREATE_TOPICS=false"
+        )
+    return "Kafka refused to create " + "; ".join(
+        f"{topic} (error {code}: {message or 'no message'})"
+        for topic, (code, message) in sorted(refused.items())
+    )
