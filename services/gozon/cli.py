@@ -1,7 +1,8 @@
 """`gozon …`: the only place that picks a process to run.
 
-    gozon orders   api | relay | consumer | migrate | outbox requeue-failed | dlq list|redrive
-    gozon payments api | relay | consumer | migrate | outbox requeue-failed | dlq list|redrive
+    gozon orders   api | relay | consumer | migrate | outbox requeue-failed|replay-sent
+                   | dlq list|redrive
+    gozon payments (the same)
     gozon gateway
     gozon reconcile
 
@@ -207,6 +208,29 @@ def _requeue_failed(service: _Service[S, E]) -> int:
     return 0
 
 
+def _replay_sent(args: argparse.Namespace) -> int:
+    from gozon.core.db import create_engine
+    from gozon.messaging.relay import replay_sent
+
+    service = _orders() if args.service == "orders" else _payments()
+    settings = _settings(service.settings)
+    since = _since(args)
+    assert since is not None  # --since is required
+
+    async def run() -> int:
+        engine = create_engine(settings.database_url, pool_size=1)
+        try:
+            return await replay_sent(engine, service.outbox, since)
+        finally:
+            await engine.dispose()
+
+    print(
+        f"requeued {asyncio.run(run())} SENT {service.outbox.name} rows created since "
+        f"{since.isoformat()}: the relay publishes them again"
+    )
+    return 0
+
+
 def _settings(settings_class: type[T]) -> T:
     """An operator command's settings; a bad value is a clear message, no logging set up."""
     try:
@@ -407,6 +431,15 @@ def build_parser() -> argparse.ArgumentParser:
         outbox = processes.add_parser("outbox", help=f"{outbox_table} maintenance")
         actions = outbox.add_subparsers(dest="action", metavar="ACTION", required=True)
         add(actions, "requeue-failed", run_requeue_failed, "requeue FAILED rows")
+        replay = add(
+            actions,
+            "replay-sent",
+            _replay_sent,
+            "publish SENT rows again (after a restore; docs/operations.md)",
+        )
+        replay.add_argument(
+            "--since", required=True, help="rows created since: a time or an age (2h, 1d)"
+        )
         dlq = processes.add_parser("dlq", help=f"dead letters of {consumed[name]}.dlq")
         dlq_actions = dlq.add_subparsers(dest="action", metavar="ACTION", required=True)
         listing = add(dlq_actions, "list", _dlq_list, "list the dead letters, oldest first")

@@ -9,9 +9,10 @@ import re
 import signal
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import TypeAlias
@@ -28,7 +29,13 @@ from gozon.core.db import session_factory
 from gozon.core.settings import OrdersSettings
 from gozon.messaging.kafka import new_producer
 from gozon.messaging.outbox import add_to_outbox
-from gozon.messaging.relay import OutboxRelay, RelayConfig, prune_sent, requeue_failed
+from gozon.messaging.relay import (
+    OutboxRelay,
+    RelayConfig,
+    prune_sent,
+    replay_sent,
+    requeue_failed,
+)
 from gozon.messaging.wakeup import OutboxListener
 from gozon.orders.api import build_app
 from gozon.orders.models import order_outbox
@@ -466,6 +473,31 @@ async def test_sent_rows_are_pruned_after_the_retention_period(
     assert await prune_sent(sessions, order_outbox, timedelta(hours=1)) == 0
     assert await prune_sent(sessions, order_outbox, timedelta(0), chunk=2) == 5
     assert await statuses(engine) == {"PENDING": 2}
+
+
+async def test_replay_publishes_the_sent_rows_since_a_time_again(
+    engine: AsyncEngine, kafka: Kafka, topic: str
+) -> None:
+    """After a restore (docs/operations.md): SENT rows created since the cut go out again;
+    older ones and those still pending are left as they are."""
+    await insert_events(engine, topic, 4)
+    async with running_relay(engine, kafka.bootstrap):
+        await until(lambda: _all_sent(engine), 120, "the rows to be SENT")
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(order_outbox)
+            .where(order_outbox.c.id <= 2)
+            .values(created_at=func.now() - timedelta(hours=2))
+        )
+    await insert_events(engine, topic, 1)
+    cut = datetime.now(UTC) - timedelta(hours=1)
+    assert await replay_sent(engine, order_outbox, cut) == 2
+    assert await statuses(engine) == {"SENT": 2, "PENDING": 3}
+    async with running_relay(engine, kafka.bootstrap):
+        await until(lambda: _all_sent(engine), 120, "the replayed rows to be SENT")
+    records = await consume(kafka.bootstrap, topic, at_least=7)
+    published = Counter(event_ids(records))
+    assert sorted(published.values()) == [1, 1, 1, 2, 2]
 
 
 async def test_the_requeue_command_reports_what_it_requeued(orders_db: str) -> None:

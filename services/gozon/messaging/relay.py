@@ -557,6 +557,21 @@ async def requeue_failed(engine: AsyncEngine, table: Table) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
+async def replay_sent(engine: AsyncEngine, table: Table, since: datetime) -> int:
+    """Puts every SENT row created at or after `since` back in the queue, to be published
+    again: after a database is restored from a backup, the events of its last minutes may not
+    have reached the other service's (restored) database. The consumers are idempotent (the
+    payments inbox, the orders' guarded status change), so what was already applied is
+    skipped as a duplicate (docs/operations.md, "Restoring from a backup")."""
+    async with engine.begin() as conn:
+        result = await conn.execute(
+            update(table)
+            .where(table.c.status == SENT, table.c.created_at >= since)
+            .values(status=PENDING, attempts=0, next_attempt_at=func.now(), sent_at=None)
+        )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
 def _trace_ids(headers: dict[str, str]) -> dict[str, str]:
     """The row's own trace and span ids (its `traceparent` is 00-<trace>-<span>-<flags>), for
     a log line written inside the batch's span, which belongs to no order's trace."""
