@@ -158,6 +158,39 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("zero partitions", {"kafka": {"topics": {"partitions": 0}}}, "at '/kafka/topics/partitions'"),
     (
+        "a Kafka version Strimzi 1.2 does not run",
+        {"kafka": {"strimzi": {"version": "4.1.0"}}},
+        "at '/kafka/strimzi/version'",
+    ),
+    (
+        "SASL with an external broker and no user",
+        {
+            "kafka": {
+                "mode": "external",
+                "external": {
+                    "bootstrapServers": "b:9092",
+                    "securityProtocol": "SASL_PLAINTEXT",
+                    "passwordSecret": "kafka-password",
+                },
+            }
+        },
+        "at '/kafka/external/username'",
+    ),
+    (
+        "SASL with an external broker and no password",
+        {
+            "kafka": {
+                "mode": "external",
+                "external": {
+                    "bootstrapServers": "b:9092",
+                    "securityProtocol": "SASL_SSL",
+                    "username": "gozon",
+                },
+            }
+        },
+        "at '/kafka/external/passwordSecret'",
+    ),
+    (
         "retention as text",
         {"kafka": {"topics": {"retentionHours": "a week"}}},
         "at '/kafka/topics/retentionHours'",

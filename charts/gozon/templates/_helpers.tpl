@@ -200,6 +200,46 @@ Usage: {{ include "gozon.kafkaBootstrap" . }}
 {{- end }}
 
 {{/*
+gozon.kafkaUserName -- the Strimzi KafkaUser of a relay or consumer (`<cluster>-<process>`),
+which is also its SCRAM user name and the name of the Secret holding its password.
+Usage: {{ include "gozon.kafkaUserName" (dict "ctx" $ "process" "orders-relay") }}
+*/}}
+{{- define "gozon.kafkaUserName" -}}
+{{- printf "%s-%s" (include "gozon.kafkaClusterName" .ctx) .process }}
+{{- end }}
+
+{{/*
+gozon.kafkaAuth -- how a process that uses Kafka logs in, as YAML: `protocol`, `mechanism`,
+`username`, `passwordSecret` (key `password`) and `caSecret` (key `ca.crt`), or {} for
+plaintext. Strimzi mode with authentication: SCRAM-SHA-512 as the process's own KafkaUser;
+external mode: kafka.external's protocol and credentials.
+Usage: {{ $auth := include "gozon.kafkaAuth" (dict "ctx" $ "process" $name) | fromYaml }}
+*/}}
+{{- define "gozon.kafkaAuth" -}}
+{{- $kafka := .ctx.Values.kafka }}
+{{- if eq $kafka.mode "strimzi" }}
+{{- if $kafka.strimzi.authentication.enabled }}
+{{- $user := include "gozon.kafkaUserName" . }}
+protocol: SASL_PLAINTEXT
+mechanism: SCRAM-SHA-512
+username: {{ $user }}
+passwordSecret: {{ $user }}
+{{- end }}
+{{- else if ne $kafka.external.securityProtocol "PLAINTEXT" }}
+{{- $e := $kafka.external }}
+protocol: {{ $e.securityProtocol }}
+{{- if hasPrefix "SASL_" $e.securityProtocol }}
+mechanism: {{ $e.saslMechanism }}
+username: {{ required "kafka.external.username is required with SASL" $e.username | quote }}
+passwordSecret: {{ required "kafka.external.passwordSecret is required with SASL" $e.passwordSecret }}
+{{- end }}
+{{- with $e.caSecret }}
+caSecret: {{ . }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
 gozon.kafkaPorts -- the broker ports the NetworkPolicies open, as a YAML list of integers.
 Usage: {{ range include "gozon.kafkaPorts" . | fromYamlArray }}
 */}}
@@ -299,6 +339,10 @@ Usage: {{ include "gozon.config" . | fromYaml }}
 {{- $_ = set $env "GOZON_KAFKA_BOOTSTRAP_SERVERS" (include "gozon.kafkaBootstrap" .) }}
 {{- $_ = set $env "GOZON_KAFKA_TOPIC_PARTITIONS" (toString .Values.kafka.topics.partitions) }}
 {{- $_ = set $env "GOZON_KAFKA_REPLICATION_FACTOR" (toString .Values.kafka.topics.replicationFactor) }}
+{{- if eq .Values.kafka.mode "strimzi" }}
+{{- /* the topic operator makes the topics; a process only waits for them */}}
+{{- $_ = set $env "GOZON_KAFKA_CREATE_TOPICS" "false" }}
+{{- end }}
 {{- range $name, $value := .Values.config }}
 {{- $_ = set $env $name (toString $value) }}
 {{- end }}
