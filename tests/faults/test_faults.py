@@ -4,8 +4,9 @@ invariant (tests/faults/invariants.py) over both databases and what the clients 
 Faults, in order: SIGKILL of each of the seven processes (restarted at once, as a supervisor
 would), SIGSTOP of the orders API for 10 s, SIGSTOP of Kafka for 15 s, SIGKILL and restart of
 Kafka, a PostgreSQL restart, both databases read-only for 10 s (a standby after a failover),
-every PostgreSQL process frozen (SIGSTOP) for 10 s (with deposits sent through it too), and 3×
-the platform's capacity for 10 s (vegeta, open loop). After each, the test waits until every
+every PostgreSQL process frozen (SIGSTOP) for 10 s (with deposits sent through it too), 3×
+the platform's capacity for 10 s (vegeta, open loop), and a second payments consumer frozen
+for 30 s inside a batch's transaction. After each, the test waits until every
 order is final and the outboxes are empty (a deadline, not a timing assertion), checks the
 invariants, and records what the clients saw: answers by status, how long after the fault the
 last failed answer was sent (recovery), the unknown outcomes, how long the backlog took to
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import statistics
 import time
@@ -29,12 +31,13 @@ from typing import Any
 
 import asyncpg
 import httpx
+import port_for
 import pytest
 from sqlalchemy import make_url
 
 from gozon.core.pg import driver_dsn
-from gozon.core.settings import OrdersSettings
-from gozon.processes import PROCESSES
+from gozon.core.settings import OrdersSettings, PaymentsSettings
+from gozon.processes import PROCESSES, process
 from scripts.processes import GozonProcess
 from scripts.stack import Kafka, Postgres
 from tests.conftest import until
@@ -495,3 +498,144 @@ async def test_three_times_capacity_is_shed_fast_and_nothing_is_lost(
     # by the invariants).
     assert report.unknown_outcomes <= 0.005 * len(everything), figures
     assert all(r.status in (201, 429, 503, 502, 504) for r in excess), figures
+
+
+# ------------------------------------------------------------ a peer frozen in its transaction
+
+SESSION_TIMEOUT_S = PaymentsSettings.model_fields["consumer_session_timeout_ms"].default / 1000
+# A rebalance after the session timeout: the coordinator notices, the others learn at their
+# next heartbeat (every 3 s) and rejoin, then fetch; generous on a busy machine.
+REBALANCE_SLACK_S = 10.0
+
+
+def tcp_ports(pid: int) -> set[int]:
+    """The local TCP ports of the sockets process `pid` holds (its database connections)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+async def frozen_inside_a_transaction(pid: int, admin: asyncpg.Connection, within: float) -> int:
+    """Stops process `pid` (SIGSTOP) at a moment when one of its database sessions is inside
+    a transaction that has written rows (it holds their locks: the payments consumer between
+    its claims and its commit), trying again (SIGCONT, a short random wait) until it is so;
+    returns that backend's pid. The process stays stopped."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        os.kill(pid, signal.SIGSTOP)
+        ports = await asyncio.to_thread(tcp_ports, pid)
+        backend = await admin.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE client_port = ANY($1::int[]) "
+            "AND backend_xid IS NOT NULL AND state IN ('active', 'idle in transaction')",
+            list(ports),
+        )
+        if backend is not None:
+            # A statement in flight finishes on the server, which then waits for the next
+            # one: idle in transaction, its locks held, as long as the process is stopped.
+            async def idle(backend: int = backend) -> bool:
+                state = await admin.fetchval(
+                    "SELECT state FROM pg_stat_activity WHERE pid = $1", backend
+                )
+                return bool(state == "idle in transaction")
+
+            await until(idle, 10, "the frozen consumer's session to be idle in transaction")
+            return int(backend)
+        os.kill(pid, signal.SIGCONT)
+        await asyncio.sleep(random.uniform(0, 0.03))
+    raise AssertionError(f"process {pid} never caught inside a transaction in {within} s")
+
+
+async def test_a_consumer_frozen_inside_its_transaction_stalls_payments_one_session_at_most(
+    platform: Platform, users: Users
+) -> None:
+    """A second payments consumer joins the group; under load it is stopped (SIGSTOP) while
+    its session is idle inside a batch's transaction, holding the locks of the rows it wrote.
+    The server ends that session after `GOZON_CONSUMER_IDLE_IN_TRANSACTION_TIMEOUT_MS` (5 s),
+    before the group moves its partitions (the 10 s session timeout): the consumer that takes
+    them over never waits for its locks, and it goes on paying its own partitions meanwhile.
+    So every order created during the 30 s freeze is decided within one session timeout
+    (plus a rebalance), not when the frozen process resumes; invariants clean."""
+    payments_url = driver_dsn(platform.env["GOZON_PAYMENTS_DATABASE_URL"])
+    orders_url = driver_dsn(platform.env["GOZON_ORDERS_DATABASE_URL"])
+    entry = process("payments-consumer")
+    port = port_for.select_random()
+    second = GozonProcess(
+        entry.args,
+        env={**platform.env, entry.port_setting: str(port)},
+        log=platform.logs / "payments-consumer-second.log",
+        health_url=f"http://127.0.0.1:{port}",
+    )
+    await asyncio.to_thread(second.start, ready=True, timeout=180)
+    admin = await asyncpg.connect(payments_url)
+    frozen_backend = 0
+    try:
+
+        async def freeze_inside_a_transaction() -> Window:
+            nonlocal frozen_backend
+            assert second.process is not None
+            frozen_backend = await frozen_inside_a_transaction(second.process.pid, admin, 90)
+            start = time.time()
+            try:
+                await asyncio.sleep(30)  # the fault's length
+            finally:
+                os.kill(second.process.pid, signal.SIGCONT)
+            return Window(start, time.time())
+
+        log, window, report = await under_load(
+            platform,
+            users,
+            "a payments consumer frozen in its transaction 30 s",
+            freeze_inside_a_transaction,
+        )
+        assert_sound(report, log)
+    finally:
+        await admin.close()
+        await asyncio.to_thread(second.stop)
+    # The orders created while it was frozen, and how long each waited for its decision.
+    orders = await _fetch_rows(
+        orders_url,
+        "SELECT id, created_at FROM orders WHERE created_at BETWEEN to_timestamp($1) "
+        "AND to_timestamp($2)",
+        window.start,
+        window.end,
+    )
+    decided = dict(
+        await _fetch_rows(
+            payments_url,
+            "SELECT order_id, decided_at FROM payment_decisions WHERE order_id = ANY($1)",
+            [row[0] for row in orders],
+        )
+    )
+    waits = sorted((decided[order_id] - created).total_seconds() for order_id, created in orders)
+    assert waits, "no order was created during the freeze"
+    record(
+        {
+            "fault": "payments consumer frozen in its transaction 30 s: decision waits",
+            "orders": len(waits),
+            "wait_p50_s": round(statistics.median(waits), 2),
+            "wait_max_s": round(waits[-1], 2),
+            "session_timeout_s": SESSION_TIMEOUT_S,
+        }
+    )
+    assert waits[-1] <= SESSION_TIMEOUT_S + REBALANCE_SLACK_S, (
+        f"an order waited {waits[-1]:.1f} s for its payment decision during the freeze "
+        f"(session timeout {SESSION_TIMEOUT_S:g} s): the frozen consumer's locks held it"
+    )
+
+
+async def _fetch_rows(url: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
+    conn = await asyncpg.connect(url)
+    try:
+        return [tuple(row) for row in await conn.fetch(query, *args)]
+    finally:
+        await conn.close()

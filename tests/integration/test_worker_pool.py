@@ -1,5 +1,6 @@
 """The workers' asyncpg pool against the real PostgreSQL: which connections a failed batch
-gives back to the pool (`gozon.core.pg.batch_connection`) and which it drops."""
+gives back to the pool (`gozon.core.pg.batch_connection`) and which it drops, and the bounded
+waits every worker session carries (`SessionLimits`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import contextlib
 import asyncpg
 import pytest
 
-from gozon.core.pg import batch_connection, worker_pool
+from gozon.core.db import is_database_busy, is_database_refusal
+from gozon.core.pg import batch_connection, driver_dsn, worker_pool
+from gozon.core.settings import SessionLimits
+from gozon.messaging.consumer import is_retryable
 from tests.conftest import until
 from tests.integration.conftest import read_only_switch
 
@@ -97,4 +101,91 @@ async def test_a_batch_refused_as_read_only_drops_its_connection(orders_db: str)
                 assert await conn.fetchval(_PID) != first
                 assert await conn.execute(write) == "UPDATE 0"
     finally:
+        await pool.close()
+
+
+# --------------------------------------------------------------------------- bounded waits
+
+QUICK = SessionLimits(lock_timeout_s=0.3, statement_timeout_s=2, idle_in_transaction_s=0.5)
+_LOCK_ONE_ORDER = "SELECT id FROM orders ORDER BY id LIMIT 1 FOR UPDATE"
+
+
+async def an_order(orders_db: str) -> None:
+    conn = await asyncpg.connect(driver_dsn(orders_db))
+    try:
+        await conn.execute(
+            "INSERT INTO orders (id, user_id, amount, description, status, created_at) "
+            "VALUES (gen_random_uuid(), 'u-pool', 1, 'x', 'NEW', now())"
+        )
+    finally:
+        await conn.close()
+
+
+async def test_every_worker_session_carries_its_bounded_waits(orders_db: str) -> None:
+    pool = await worker_pool(orders_db, size=1, application_name="test-pool-limits")
+    try:
+        async with batch_connection(pool) as conn:
+            shown = {
+                name: await conn.fetchval(f"SHOW {name}")
+                for name in (
+                    "lock_timeout",
+                    "statement_timeout",
+                    "idle_in_transaction_session_timeout",
+                )
+            }
+    finally:
+        await pool.close()
+    assert shown == {
+        "lock_timeout": "2s",
+        "statement_timeout": "5s",
+        "idle_in_transaction_session_timeout": "5s",
+    }
+
+
+async def test_a_session_frozen_inside_its_transaction_is_ended_and_its_locks_released(
+    orders_db: str,
+) -> None:
+    """A worker that stops between two statements of its transaction (frozen, say) keeps its
+    row locks only until `idle_in_transaction_session_timeout`: the server ends its session,
+    a peer then takes the lock, and the frozen worker's next statement fails as an outage
+    (retried on a fresh connection, never a bad message)."""
+    await an_order(orders_db)
+    frozen = await worker_pool(orders_db, size=1, application_name="test-pool-frozen", limits=QUICK)
+    peer = await worker_pool(orders_db, size=1, application_name="test-pool-peer")
+    try:
+        ended: BaseException | None = None
+        try:
+            async with batch_connection(frozen) as conn, conn.transaction():
+                await conn.fetch(_LOCK_ONE_ORDER)
+                async with batch_connection(peer) as other:  # its lock_timeout is 2 s
+                    assert await other.fetch(_LOCK_ONE_ORDER)  # granted once the server ends it
+                await conn.fetch("SELECT 1")
+        except Exception as exc:  # any error: it is classified below
+            ended = exc
+        assert ended is not None, "the frozen session was not ended"
+        assert is_retryable(ended), repr(ended)
+        assert not is_database_refusal(ended)
+        async with batch_connection(frozen) as conn:  # a fresh session: the old one was dropped
+            assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await frozen.close()
+        await peer.close()
+
+
+async def test_a_statement_waiting_for_a_lock_gives_up_and_says_retry(orders_db: str) -> None:
+    await an_order(orders_db)
+    holder = await asyncpg.connect(driver_dsn(orders_db))
+    pool = await worker_pool(orders_db, size=1, application_name="test-pool-lock", limits=QUICK)
+    try:
+        async with holder.transaction():
+            await holder.fetch(_LOCK_ONE_ORDER)
+            with pytest.raises(asyncpg.LockNotAvailableError) as waited:
+                async with batch_connection(pool) as conn, conn.transaction():
+                    await conn.fetch(_LOCK_ONE_ORDER)
+        assert is_retryable(waited.value)
+        assert is_database_busy(waited.value)
+        async with batch_connection(pool) as conn:  # the connection is as good as new
+            assert await conn.fetch(_LOCK_ONE_ORDER)
+    finally:
+        await holder.close()
         await pool.close()

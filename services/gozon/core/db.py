@@ -35,12 +35,13 @@ def create_engine(
     pre_ping: bool = True,
     pool_timeout_s: float = 10,
     command_timeout_s: float = 30,
+    server_settings: dict[str, str] | None = None,
 ) -> AsyncEngine:
     """The engine. `pre_ping` tests each pooled connection before use (three round trips); the
     processes on their hot paths turn it off: the workers retry a failed transaction anyway,
     and the payments API answers a dead connection 503 (the orders API uses `gozon.core.pg`).
     The APIs pass pool and statement timeouts that nest under the gateway's (see
-    `gozon.core.deadline`)."""
+    `gozon.core.deadline`); the relays pass their session limits (`server_settings`)."""
     engine = create_async_engine(
         url,
         pool_size=pool_size,
@@ -48,7 +49,7 @@ def create_engine(
         pool_pre_ping=pre_ping,
         pool_timeout=pool_timeout_s,
         connect_args={
-            "server_settings": {"application_name": application_name},
+            "server_settings": {"application_name": application_name, **(server_settings or {})},
             "timeout": 5,
             "command_timeout": command_timeout_s,
         },
@@ -112,6 +113,23 @@ def is_database_refusal(exc: BaseException) -> bool:
     return code is not None and (code[:2] in REFUSAL_SQLSTATE_CLASSES or code == READ_ONLY_SQLSTATE)
 
 
+# SQLSTATEs of a transaction that lost a wait, not of bad work: a serialization failure or a
+# deadlock (40001, 40P01), rolled back by the server, and a lock not granted within the
+# session's `lock_timeout` (55P03, lock_not_available: someone else holds the row, a frozen
+# peer say, until its own session's idle_in_transaction_session_timeout ends it). Retry the
+# whole transaction later; never skip its work.
+BUSY_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
+# The server ended this session because it sat idle inside a transaction past
+# `idle_in_transaction_session_timeout` (its process frozen, say): rolled back, and the
+# connection is gone, as in an outage.
+IDLE_IN_TRANSACTION_TIMEOUT = "25P03"
+
+
+def is_database_busy(exc: BaseException) -> bool:
+    """A transaction that lost a wait (`BUSY_SQLSTATES`): retry it, never skip its work."""
+    return sqlstate(exc) in BUSY_SQLSTATES
+
+
 def is_database_outage(exc: BaseException) -> bool:
     """A lost, refused or timed-out database connection: retry later, never skip the work."""
     if isinstance(exc, OSError | TimeoutError | ConnectionError):
@@ -126,10 +144,13 @@ def is_database_outage(exc: BaseException) -> bool:
         return True
     if isinstance(exc, asyncpg.PostgresError):
         code = exc.sqlstate
-        return isinstance(code, str) and code[:2] in OUTAGE_SQLSTATE_CLASSES
+        return isinstance(code, str) and (
+            code[:2] in OUTAGE_SQLSTATE_CLASSES or code == IDLE_IN_TRANSACTION_TIMEOUT
+        )
     if not isinstance(exc, DBAPIError):
         return False
     code = sqlstate(exc)
     return bool(exc.connection_invalidated) or (
-        code is not None and code[:2] in OUTAGE_SQLSTATE_CLASSES
+        code is not None
+        and (code[:2] in OUTAGE_SQLSTATE_CLASSES or code == IDLE_IN_TRANSACTION_TIMEOUT)
     )

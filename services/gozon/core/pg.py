@@ -44,6 +44,7 @@ from gozon.core.deadline import (
     OutcomeUnknown,
     current_budget,
 )
+from gozon.core.settings import MessagingSettings, SessionLimits
 
 log = structlog.get_logger(__name__)
 
@@ -280,15 +281,25 @@ class Database:
 
 # ---------------------------------------------------------------------- the workers' pool
 
+# The consumers' limits at their documented defaults (GOZON_WORKER_*_MS and
+# GOZON_CONSUMER_IDLE_IN_TRANSACTION_TIMEOUT_MS): what a pool gets unless told otherwise.
+CONSUMER_LIMITS: Final = MessagingSettings.model_construct().consumer_session_limits
+
 
 async def worker_pool(
-    url: str, *, size: int, application_name: str, command_timeout_s: float = 30
+    url: str,
+    *,
+    size: int,
+    application_name: str,
+    limits: SessionLimits = CONSUMER_LIMITS,
 ) -> asyncpg.Pool:
     """A worker's pool: `size` connections at most, made on demand (the worker starts while
     its database is down), no pre-ping, no reset query on release (a batch leaves no session
     state: its transaction ended, or its connection is dropped by `batch_connection`).
 
-    `command_timeout_s` as the engines' (gozon.core.db): a stalled server fails the batch,
+    Every session is bounded by `limits` (`lock_timeout`, `statement_timeout`,
+    `idle_in_transaction_session_timeout`; the consumer's from its settings), and every round
+    trip by the client too (`limits.command_timeout_s`): a stalled server fails the batch,
     which is retried as an outage, instead of holding its rows' locks for ever.
 
     The batches' statements are planned once per connection (`plan_cache_mode =
@@ -307,10 +318,11 @@ async def worker_pool(
         max_inactive_connection_lifetime=60,
         reset=_no_reset,
         timeout=5,  # connect
-        command_timeout=command_timeout_s,
+        command_timeout=limits.command_timeout_s,
         server_settings={
             "application_name": application_name,
             "plan_cache_mode": "force_generic_plan",
+            **limits.server_settings(),
         },
     )
 
@@ -343,7 +355,13 @@ async def batch_connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connecti
     try:
         yield conn
     except BaseException as exc:
-        if unusable_after(conn, exc):
+        try:
+            drop = unusable_after(conn, exc)
+        except asyncpg.InterfaceError:
+            # The pool has let go of it already: its server closed it (ended the session for
+            # sitting idle in a transaction, say), and the batch's error says so.
+            drop = False
+        if drop:
             conn.terminate()
         raise
     finally:

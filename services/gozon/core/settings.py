@@ -7,6 +7,7 @@ message naming the variable; production refuses the development database passwor
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal, Self
 
@@ -111,8 +112,46 @@ class CommonSettings(BaseSettings):
         return None
 
 
+@dataclass(frozen=True)
+class SessionLimits:
+    """How long a worker's database session may wait, set on each of its connections as
+    PostgreSQL settings (`gozon.core.pg.worker_pool`, the relays' connections): a statement
+    waiting for a lock fails after `lock_timeout_s` (55P03), any statement after
+    `statement_timeout_s` (57014), and the server ends a session left idle inside a
+    transaction after `idle_in_transaction_s` (25P03), rolling it back and releasing its locks.
+    Each failure retries the batch (never skips or dead-letters a message)."""
+
+    lock_timeout_s: float
+    statement_timeout_s: float
+    idle_in_transaction_s: float
+
+    def server_settings(self) -> dict[str, str]:
+        return {
+            "lock_timeout": str(int(self.lock_timeout_s * 1000)),
+            "statement_timeout": str(int(self.statement_timeout_s * 1000)),
+            "idle_in_transaction_session_timeout": str(int(self.idle_in_transaction_s * 1000)),
+        }
+
+    @property
+    def command_timeout_s(self) -> float:
+        """The client's own bound on a round trip, for a server that stopped answering (its
+        statement_timeout fires first on one that answers)."""
+        return self.statement_timeout_s + 1
+
+
 class MessagingSettings(CommonSettings):
-    """The relay and consumer knobs, shared by both services' workers."""
+    """The relay and consumer knobs, shared by both services' workers.
+
+    Every worker transaction is bounded (`SessionLimits`; docs/messaging.md, "Bounded waits"):
+    `worker_lock_timeout_ms` and `worker_statement_timeout_ms` for relays and consumers,
+    `consumer_idle_in_transaction_timeout_ms` for consumers, all under
+    `consumer_session_timeout_ms` (the consumer group's session timeout), so that a consumer
+    frozen inside its transaction has its locks released by the server before the group
+    moves its partitions to a peer, which then never waits for them. A relay's transaction
+    spans its publish (up to the producer's 10 s request timeout, twice with a retry), and no
+    one waits for its rows (`SKIP LOCKED`): `relay_idle_in_transaction_timeout_ms` is longer,
+    and only hands a frozen relay's claimed rows back to its peers.
+    """
 
     relay_batch_size: int = Field(default=200, ge=1, le=5000)
     relay_fallback_poll_ms: int = Field(default=1000, ge=1, le=600_000)
@@ -128,6 +167,44 @@ class MessagingSettings(CommonSettings):
     # (docs/messaging.md; measured in docs/benchmarks.md, "Consumer offset commits").
     consumer_commit_interval_ms: int = Field(default=250, ge=0, le=60_000)
     db_pool_size: int = Field(default=10, ge=1, le=100)
+    # The consumer group's session timeout: a member silent this long (frozen, its machine
+    # gone) loses its partitions to the others. Kafka's broker refuses less than 6 s by default.
+    consumer_session_timeout_ms: int = Field(default=10_000, ge=6_000, le=300_000)
+    worker_lock_timeout_ms: int = Field(default=2_000, ge=100, le=60_000)
+    worker_statement_timeout_ms: int = Field(default=5_000, ge=100, le=300_000)
+    consumer_idle_in_transaction_timeout_ms: int = Field(default=5_000, ge=100, le=300_000)
+    relay_idle_in_transaction_timeout_ms: int = Field(default=30_000, ge=100, le=600_000)
+
+    @model_validator(mode="after")
+    def _waits_end_before_the_partitions_move(self) -> Self:
+        session = self.consumer_session_timeout_ms
+        for name in (
+            "worker_lock_timeout_ms",
+            "worker_statement_timeout_ms",
+            "consumer_idle_in_transaction_timeout_ms",
+        ):
+            if getattr(self, name) >= session:
+                raise ValueError(
+                    f"{name} must be under consumer_session_timeout_ms ({session}): a frozen "
+                    "consumer's locks must be released before its partitions move"
+                )
+        return self
+
+    @property
+    def consumer_session_limits(self) -> SessionLimits:
+        return SessionLimits(
+            lock_timeout_s=self.worker_lock_timeout_ms / 1000,
+            statement_timeout_s=self.worker_statement_timeout_ms / 1000,
+            idle_in_transaction_s=self.consumer_idle_in_transaction_timeout_ms / 1000,
+        )
+
+    @property
+    def relay_session_limits(self) -> SessionLimits:
+        return SessionLimits(
+            lock_timeout_s=self.worker_lock_timeout_ms / 1000,
+            statement_timeout_s=self.worker_statement_timeout_ms / 1000,
+            idle_in_transaction_s=self.relay_idle_in_transaction_timeout_ms / 1000,
+        )
 
 
 class _ServiceSettings(MessagingSettings):

@@ -211,7 +211,11 @@ def new_consumer(
     client_id: str,
     topics: Iterable[str] = (),
     fetch_max_wait_ms: int = FETCH_MAX_WAIT_MS,
+    session_timeout_ms: int = 10_000,
 ) -> AIOKafkaConsumer:
+    """`session_timeout_ms`: how long the group waits for a silent member before moving its
+    partitions (GOZON_CONSUMER_SESSION_TIMEOUT_MS); heartbeats go every third of it, at most
+    every 3 s."""
     return AIOKafkaConsumer(
         *topics,
         **kafka_access(kafka).client_args(),
@@ -224,8 +228,8 @@ def new_consumer(
         fetch_min_bytes=1,
         consumer_timeout_ms=FETCHER_TIMEOUT_MS,
         max_poll_records=100,
-        session_timeout_ms=10_000,
-        heartbeat_interval_ms=3_000,
+        session_timeout_ms=session_timeout_ms,
+        heartbeat_interval_ms=min(3_000, session_timeout_ms // 3),
         retry_backoff_ms=100,
     )
 

@@ -30,6 +30,11 @@ Guarantees:
 - No outage ends the relay: a lost database or broker, or a database that refuses the relay
   itself (`is_database_refusal`), means not ready, back off, try again (`refused` and an
   error logged for the latter).
+- Every wait is bounded (`SessionLimits` on the relay's sessions): a claim waiting for a lock
+  fails after `lock_timeout` and is tried again; a statement stops after `statement_timeout`;
+  a relay frozen inside its transaction has its session ended after
+  `idle_in_transaction_session_timeout` (above the producer's request timeout, so a slow
+  broker never cuts a live batch), which hands its claimed rows back PENDING.
 - SIGTERM: the batch in hand is finished and committed, then the relay exits.
 """
 
@@ -53,9 +58,10 @@ from opentelemetry.context import Context
 from sqlalchemy import Table, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from gozon.core.db import is_database_outage, is_database_refusal
+from gozon.core.db import is_database_busy, is_database_outage, is_database_refusal
 from gozon.core.pg import driver_dsn, unusable_after
 from gozon.core.runtime import sleep_unless
+from gozon.core.settings import MessagingSettings, SessionLimits
 from gozon.core.telemetry import context_from_headers
 from gozon.messaging.kafka import broker_answers, is_transient
 from gozon.messaging.metrics import (
@@ -71,6 +77,11 @@ from gozon.messaging.outbox import FAILED, PENDING, SENT
 from gozon.messaging.spans import end_send_span, relay_batch_span, start_send_span
 
 log = structlog.get_logger(__name__)
+
+
+# The relays' limits at their documented defaults (GOZON_WORKER_*_MS and
+# GOZON_RELAY_IDLE_IN_TRANSACTION_TIMEOUT_MS).
+RELAY_LIMITS: Final = MessagingSettings.model_construct().relay_session_limits
 
 
 class BrokerUnavailable(Exception):
@@ -217,6 +228,7 @@ class OutboxRelay:
         config: RelayConfig,
         database_url: str,
         application_name: str = "gozon-relay",
+        limits: SessionLimits = RELAY_LIMITS,
     ) -> None:
         self.table = table
         self.name = table.name
@@ -240,6 +252,7 @@ class OutboxRelay:
             OUTBOX_PUBLISH_ERRORS.labels(self.name, kind)
         self._dsn = driver_dsn(database_url)
         self._application_name = application_name
+        self._limits = limits
         self.connection: asyncpg.Connection | None = None
         """The relay's own connection for its batches (made at the first batch, made again
         after a loss); the prune and the gauges use `sessions`."""
@@ -290,10 +303,13 @@ class OutboxRelay:
             self.connection = await asyncpg.connect(
                 self._dsn,
                 timeout=5,
-                # as the engines' (gozon.core.db): a stalled server fails the batch, which is
-                # retried as an outage, instead of holding its rows' locks for ever
-                command_timeout=30,
-                server_settings={"application_name": self._application_name},
+                # a stalled server fails the batch, which is retried as an outage, instead
+                # of holding its rows' locks for ever; the server bounds every wait
+                command_timeout=self._limits.command_timeout_s,
+                server_settings={
+                    "application_name": self._application_name,
+                    **self._limits.server_settings(),
+                },
             )
         return self.connection
 
@@ -448,6 +464,11 @@ class OutboxRelay:
                 outage_delay = min(outage_delay * 2, self.config.outage_backoff_max)
                 continue
             except Exception as exc:
+                if is_database_busy(exc):  # a lock not granted in time, say: try again
+                    log.warning("database busy, claiming again", outbox=self.name, error=repr(exc))
+                    await sleep_unless(stop, outage_delay)
+                    outage_delay = min(outage_delay * 2, self.config.outage_backoff_max)
+                    continue
                 if not (is_database_outage(exc) or is_database_refusal(exc)):
                     raise
                 self._database_down(exc)
@@ -501,6 +522,8 @@ class OutboxRelay:
         except Exception as exc:
             if is_database_outage(exc):
                 self._database_down(exc)
+            elif is_database_busy(exc):
+                log.warning("pruning waited too long for a lock", outbox=self.name, error=repr(exc))
             else:
                 log.error("pruning sent outbox rows failed", outbox=self.name, exc_info=exc)
             return

@@ -122,8 +122,14 @@ async def run_relay(
     spec: WorkerSpec, settings: MessagingSettings, table: Table, topics: list[str]
 ) -> None:
     stop = stop_on_signals()
+    limits = settings.relay_session_limits
     engine = create_engine(
-        spec.database_url, pool_size=2, application_name=f"{spec.service}-relay", pre_ping=False
+        spec.database_url,
+        pool_size=2,
+        application_name=f"{spec.service}-relay",
+        pre_ping=False,
+        command_timeout_s=limits.command_timeout_s,
+        server_settings=limits.server_settings(),
     )
     sessions = session_factory(engine)
     kafka = KafkaAccess.from_settings(settings)
@@ -135,6 +141,7 @@ async def run_relay(
         config=relay_config(settings),
         database_url=spec.database_url,
         application_name=f"{spec.service}-relay",
+        limits=limits,
     )
     readiness = Readiness()
     readiness.add("database", lambda: database_answers(engine))
@@ -184,6 +191,7 @@ async def run_consumer(
         spec.database_url,
         size=settings.kafka_topic_partitions + 1,
         application_name=f"{spec.service}-consumer",
+        limits=settings.consumer_session_limits,
     )
     kafka = KafkaAccess.from_settings(settings)
     producer = new_producer(kafka, client_id=f"{spec.service}-consumer-dlq")
@@ -191,6 +199,7 @@ async def run_consumer(
         kafka,
         group_id=group_id,
         client_id=f"{spec.service}-consumer",
+        session_timeout_ms=settings.consumer_session_timeout_ms,
     )  # the runner subscribes it to the topic, with its rebalance listener
     notifier = (  # on a connection of its own
         OutboxNotifier(spec.database_url, subscription.outbox.name)
