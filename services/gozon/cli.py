@@ -321,6 +321,13 @@ def _dlq_redrive(args: argparse.Namespace) -> int:
         f"passed over (older than --since) {result.passed_over}; "
         f"left for a next run (--limit) {result.remaining}; cursor: consumer group {group}"
     )
+    if result.bounded:
+        print(
+            f"not redriven: {len(result.bounded)} bounded dead letters (the message was too "
+            "large to copy; the dead letter holds its size, SHA-256 and first bytes). The "
+            "original is at its ORIGIN while that topic's retention keeps it:"
+        )
+        print(table(result.bounded))
     if args.pushgateway and not args.dry_run:
         _push_redrive_count(args.pushgateway, service.name, service.consumes, len(result.redriven))
     return 0

@@ -6,6 +6,8 @@ the consumer starts, so one fetch holds them all (checked: the handler saw one b
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from decimal import Decimal
@@ -14,6 +16,7 @@ from typing import Literal, TypeVar
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import REGISTRY
 from pydantic import BaseModel
@@ -29,6 +32,7 @@ from gozon.contracts import (
 from gozon.core.db import session_factory
 from gozon.core.pg import worker_pool
 from gozon.messaging.consumer import DLQ_REASON, BatchHandler, Delivery, Outcome, Record
+from gozon.messaging.dlq import list_dead_letters, redrive, table
 from gozon.messaging.kafka import dlq_topic
 from gozon.orders.consumer import make_handler as orders_handler
 from gozon.orders.models import Order
@@ -37,7 +41,7 @@ from gozon.payments.consumer import make_handler as payments_handler
 from gozon.payments.models import Account, LedgerEntry, PaymentDecision, payment_outbox
 from scripts.stack import Kafka
 from tests.conftest import holds, running_consumer, until
-from tests.integration.conftest import new_topic, role_of_its_own
+from tests.integration.conftest import create_topics_async, new_topic, role_of_its_own
 from tests.integration.test_orders_consumer import committed, until_committed
 from tests.integration.test_payments_consumer import order_created
 from tests.integration.test_relay import consume
@@ -692,3 +696,162 @@ async def test_orders_dead_letter_a_result_with_an_inexact_amount_and_leave_the_
     assert states == {**dict.fromkeys(waiting, "NEW"), paid: "FINISHED"}
     dead = await consume(kafka.bootstrap, dlq_topic(topic), at_least=len(inexact))
     assert [record.value for record in dead] == inexact
+
+
+# --------------------------------------------------------------------------- bounded waits
+
+
+async def test_a_lock_held_past_the_lock_timeout_retries_the_batch_never_skips_it(
+    payments_db: str,
+    payments: AsyncEngine,
+    kafka: Kafka,
+    topic: str,
+    producer: AIOKafkaProducer,
+) -> None:
+    """The account's row is locked by someone else (a frozen peer, until the server ends its
+    session) for longer than the consumer's `lock_timeout` (2 s), several times over: each
+    attempt gives up (55P03) and the batch is retried whole — never dead-lettered as a
+    handler failure, its offset never committed before the debit, the order debited once."""
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    await deposit(payments, user, "100")
+    order = order_created(user, "10")
+    await produce(producer, topic, [value(order)])
+    sizes: list[int] = []
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    holder = await asyncpg.connect(payments_db.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        transaction = holder.transaction()
+        await transaction.start()
+        await holder.execute("SELECT 1 FROM accounts WHERE user_id = $1 FOR UPDATE", user)
+        handler = recording(payments_handler, sizes)
+        async with running_consumer(payments_db, kafka, topic, group, OrderCreated, handler):
+            # more attempts than a failing handler gets (running_consumer's 3)
+            await until(lambda: asyncio.sleep(0, len(sizes) >= 4), 60, "four attempts")
+            assert await committed(kafka, topic, group) is None  # nothing recorded yet
+            assert await debits(payments, user) == []
+            await transaction.rollback()
+            await until_committed(kafka, topic, group, 1, within=60)
+    finally:
+        await holder.close()
+    assert await debits(payments, user) == [
+        (order.payload.order_id, Decimal("10.00"), Decimal("90.00"))
+    ]
+    assert set(sizes) == {1}  # retried whole, never as a message that failed on its own
+    assert messages_count(topic, "dead_lettered") == 0
+
+
+# --------------------------------------------------------------------------- poison of any size
+
+
+async def largest_value_the_broker_accepts(bootstrap: str) -> int:
+    """The largest value (small key, no headers) the broker takes on a topic of its defaults,
+    found by sending (a producer whose own size limit is out of the way); a few kilobytes
+    either side of `message.max.bytes` (1,048,588 by default)."""
+    scratch = f"test.sizes.{uuid.uuid4().hex[:10]}"
+    await create_topics_async(bootstrap, scratch, partitions=1)
+    big = AIOKafkaProducer(bootstrap_servers=bootstrap, max_request_size=4 * 1024 * 1024)
+    await big.start()
+    try:
+        accepted, refused = 1_040_000, 1_060_000
+        while refused - accepted > 1:
+            size = (accepted + refused) // 2
+            try:
+                await big.send_and_wait(scratch, value=b"x" * size, key=b"k")
+            except (MessageSizeTooLargeError, RecordListTooLargeError):
+                refused = size
+            else:
+                accepted = size
+        return accepted
+    finally:
+        await big.stop()
+
+
+def huge_poison(size: int) -> bytes:
+    """A value of exactly `size` bytes that is JSON but no event."""
+    head, tail = b'{"poison": "', b'"}'
+    return head + b"p" * (size - len(head) - len(tail)) + tail
+
+
+@pytest.mark.parametrize("service", ["payments", "orders"])
+async def test_a_message_of_the_largest_size_the_broker_accepts_is_dead_lettered_bounded(
+    service: str,
+    payments_db: str,
+    orders_db: str,
+    orders: AsyncEngine,
+    kafka: Kafka,
+    topic: str,
+    producer: AIOKafkaProducer,
+) -> None:
+    """Its copy with the `x-dlq-*` headers is over the producer's (and the broker's) limit:
+    it is dead-lettered as a bounded record, the consumer goes on with the next message, and
+    `dlq list` / `dlq redrive` show it and pass over it."""
+    size = await largest_value_the_broker_accepts(kafka.bootstrap)
+    assert size > 1_000_000
+    poison = huge_poison(size)
+    if service == "payments":
+        user = f"u-{uuid.uuid4().hex[:8]}"
+        after: bytes = value(order_created(user, "3"))
+        database, schema, handler = payments_db, OrderCreated, payments_handler
+    else:
+        paid = await new_order(orders)
+        after = payment_result(paid, "PAID")
+        database, schema, handler = orders_db, PaymentProcessed, orders_handler  # type: ignore[assignment]
+    big = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, max_request_size=4 * 1024 * 1024)
+    await big.start()
+    try:
+        traceparent = f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01".encode()
+        await big.send_and_wait(topic, value=poison, key=b"k", headers=[])
+        await big.send_and_wait(
+            topic, value=after, key=b"k", headers=[("traceparent", traceparent)]
+        )
+    finally:
+        await big.stop()
+    bounded_before = (
+        REGISTRY.get_sample_value("gozon_consumer_dead_letters_bounded_total", {"topic": topic})
+        or 0.0
+    )
+
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    async with running_consumer(database, kafka, topic, group, schema, handler) as runner:
+        await until_committed(kafka, topic, group, 2, within=60)
+        assert runner.database_ok
+
+    if service == "orders":
+        async with orders.connect() as conn:
+            status = await conn.scalar(select(Order.status).where(Order.id == paid))
+        assert status == "FINISHED"
+    dead = await consume(kafka.bootstrap, dlq_topic(topic), at_least=1)
+    assert len(dead) == 1
+    record = dead[0]
+    assert record.value is not None
+    assert len(record.value) < 8 * 1024  # bounded, whatever the message's size
+    headers = dict(record.headers)
+    assert headers[DLQ_REASON].decode().startswith("invalid message: ")
+    assert headers["x-dlq-original-offset"] == b"0"
+    assert headers["x-dlq-bounded"].decode().startswith("too large to copy")
+    assert headers["x-dlq-original-size"] == str(size).encode()
+    summary = json.loads(record.value)
+    assert summary["origin"] == {
+        "topic": topic,
+        "partition": 0,
+        "offset": 0,
+        "timestamp_ms": summary["origin"]["timestamp_ms"],
+    }
+    assert summary["key"] == "k"
+    assert summary["value_bytes"] == size
+    assert summary["value_sha256"] == hashlib.sha256(poison).hexdigest()
+    assert summary["value_prefix"] == poison[:1024].decode()
+    assert (
+        REGISTRY.get_sample_value("gozon_consumer_dead_letters_bounded_total", {"topic": topic})
+        == bounded_before + 1
+    )
+
+    letters, total = await list_dead_letters(kafka.bootstrap, dlq_topic(topic))
+    assert total == 1
+    assert letters[0].bounded
+    assert letters[0].original_size == size
+    assert "[bounded: " in table(letters)
+    result = await redrive(kafka.bootstrap, dlq_topic(topic), group=f"{group}.dlq-redrive")
+    assert (result.redriven, [letter.offset for letter in result.bounded]) == ([], [0])
+    again = await redrive(kafka.bootstrap, dlq_topic(topic), group=f"{group}.dlq-redrive")
+    assert (again.redriven, again.bounded) == ([], [])  # the cursor moved past it

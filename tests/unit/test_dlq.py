@@ -10,6 +10,7 @@ from gozon.messaging.dlq import (
     REDRIVEN_AT,
     REDRIVEN_FROM,
     DeadLetter,
+    bounded_record,
     redrive_headers,
     table,
 )
@@ -60,3 +61,41 @@ def test_a_redrive_drops_the_dead_letter_headers_and_says_whence_and_how_often()
         (REDRIVEN_AT, AT.isoformat().encode()),
         (REDRIVE_COUNT, b"2"),
     ]
+
+
+def test_a_bounded_record_stays_small_whatever_the_message_and_reads_back_as_bounded() -> None:
+    huge_value = b"v" * 5_000_000
+    record = bounded_record(
+        topic="order.created.event",
+        partition=1,
+        offset=7,
+        timestamp_ms=1,
+        key=b"k" * 100_000,
+        value=huge_value,
+        headers=[("traceparent", b"00-abc"), ("x-big", b"h" * 200_000)],
+        reason="invalid message: " + "r" * 100_000,
+        why_bounded="too large to copy: MessageSizeTooLargeError",
+        at=AT,
+    )
+    assert len(record.value) + sum(len(n) + len(v) for n, v in record.headers) < 16 * 1024
+    assert record.key == b"k" * 256
+    summary = json.loads(record.value)
+    assert summary["value_bytes"] == 5_000_000
+    assert summary["value_prefix"] == "v" * 1024
+    assert summary["headers"] == [["traceparent", 6], ["x-big", 200_000]]
+    dead = DeadLetter(
+        partition=0,
+        offset=3,
+        at=AT,
+        key=record.key,
+        value=record.value,
+        headers=tuple(record.headers),
+    )
+    assert dead.bounded
+    assert dead.original_size == 5_000_000
+    assert dead.origin == "order.created.event/1/7"
+    assert dead.header("traceparent") == "00-abc"  # the trace context is kept, the rest is not
+    assert dead.header("x-big") is None
+    assert (dead.order_id, dead.event_id) == (None, None)
+    assert dead.as_dict()["bounded"] is True
+    assert "[bounded: 5000000 bytes] invalid message" in table([dead], reason_width=200)

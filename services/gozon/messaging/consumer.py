@@ -25,8 +25,15 @@ Guarantees:
 - A message that cannot be parsed or validated, or that the handler rejects (`Rejected`: it
   refers to something that does not exist, say), is published to `<topic>.dlq` with the
   reason and its origin in headers; the rest of its batch commits. It is never lost and never
-  blocks the partition.
-- A transient failure (the database unreachable, a deadlock or serialization failure, or a
+  blocks the partition. A message of any size: one whose copy is too large for the producer
+  or the broker (the largest value the broker accepts, plus the `x-dlq-*` headers) is
+  dead-lettered as a bounded record (`gozon.messaging.dlq.bounded_record`: reason, origin,
+  key, the value's size, SHA-256 and first bytes), counted by
+  `gozon_consumer_dead_letters_bounded_total`. No message ends the process: a dead letter the
+  broker refuses for another reason is sent again with backoff, its partition waiting.
+- A transient failure (the database unreachable, a deadlock or serialization failure, a
+  lock not granted within the session's `lock_timeout`, a statement past its
+  `statement_timeout`, the session ended by `idle_in_transaction_session_timeout`, or a
   handler's `RetryLater`) retries the whole batch with capped backoff, for as long as it
   lasts: the batch's transaction was rolled back, so nothing is done twice and nothing is
   skipped. So does a database that refuses the consumer itself (a revoked grant, a migration
@@ -53,6 +60,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -61,19 +69,32 @@ from typing import Any, Generic, Literal, TypeAlias, TypeVar
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+)
 from aiokafka.structs import ConsumerRecord
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span
 from pydantic import BaseModel, ValidationError
 
 from gozon.core import jsontext
-from gozon.core.db import is_database_outage, is_database_refusal, sqlstate
+from gozon.core.db import is_database_busy, is_database_outage, is_database_refusal
 from gozon.core.errors import RetryLater
 from gozon.core.runtime import sleep_unless
 from gozon.core.telemetry import TRACE_HEADERS, context_from_headers
+from gozon.messaging.dlq import bounded_record
 from gozon.messaging.kafka import dlq_topic, is_transient
-from gozon.messaging.metrics import CONSUMER_HANDLE_SECONDS, CONSUMER_LAG, CONSUMER_MESSAGES
+from gozon.messaging.metrics import (
+    CONSUMER_HANDLE_SECONDS,
+    CONSUMER_LAG,
+    CONSUMER_MESSAGES,
+    DLQ_BOUNDED,
+)
 from gozon.messaging.spans import (
     batch_process_span,
     consumer_cluster,
@@ -87,10 +108,10 @@ E = TypeVar("E", bound=BaseModel)
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 
 DLQ_REASON = "x-dlq-reason"
+# The producer's own size check and the broker's answers for a message over its limits.
+TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError)
 # How long a commit at a stop or before a revocation may take (the broker may be away).
 LAST_COMMIT_TIMEOUT = 5.0
-# A deadlock or a serialization failure rolls the whole transaction back: retry the batch.
-CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})
 # How long one fetch call waits for records before the loop turns anyway (to commit at idle,
 # update the lag gauge, notice a stop or a failed commit task). Records end the wait at once,
 # so it adds no latency; it bounds how often an idle consumer wakes (5 times a second at
@@ -149,7 +170,7 @@ def is_retryable(exc: BaseException) -> bool:
         is_database_outage(exc)
         or is_database_refusal(exc)
         or isinstance(exc, RetryLater)
-        or sqlstate(exc) in CONFLICT_SQLSTATES
+        or is_database_busy(exc)  # a deadlock, a serialization failure, a lock timeout
     )
 
 
@@ -217,6 +238,7 @@ class ConsumerRunner(Generic[E]):
             outcome: CONSUMER_MESSAGES.labels(topic, outcome)
             for outcome in ("processed", "duplicate", "dead_lettered", "failed")
         }
+        DLQ_BOUNDED.labels(topic)
         self._handle_seconds = CONSUMER_HANDLE_SECONDS.labels(topic)
         self._lag = CONSUMER_LAG.labels(topic)
 
@@ -513,7 +535,11 @@ class ConsumerRunner(Generic[E]):
             return outcomes
 
     async def dead_letter(self, record: Record, reason: str, stop: asyncio.Event) -> None:
-        """Publishes the record unchanged to `<topic>.dlq` with why and whence in headers."""
+        """Publishes the record unchanged to `<topic>.dlq` with why and whence in headers; if
+        that copy is too large for the producer or the broker, a bounded record in its place
+        (`gozon.messaging.dlq.bounded_record`). Never gives up on a message: the broker's
+        unavailability is waited out, and any other refusal is retried with backoff (the
+        partition waits, the process does not exit)."""
         headers = [
             *[(key, value) for key, value in record.headers if not key.startswith("x-dlq-")],
             (DLQ_REASON, reason[:4000].encode()),
@@ -522,26 +548,69 @@ class ConsumerRunner(Generic[E]):
             ("x-dlq-original-offset", str(record.offset).encode()),
             ("x-dlq-at", datetime.now(UTC).isoformat().encode()),
         ]
-        delay = 0.1
-        while True:
-            try:
-                await self.producer.send_and_wait(
-                    dlq_topic(record.topic), value=record.value, key=record.key, headers=headers
-                )
-                break
-            except Exception as exc:
-                if not is_transient(exc) or stop.is_set():
-                    raise
-                await sleep_unless(stop, delay)
-                delay = min(delay * 2, self.retry_backoff_max)
+        bounded = False
+        try:
+            await self._publish_dead_letter(record.key, record.value, headers, stop)
+        except TOO_LARGE as exc:
+            bounded = True
+            letter = bounded_record(
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                timestamp_ms=record.timestamp,
+                key=record.key,
+                value=record.value,
+                headers=list(record.headers),
+                reason=reason,
+                why_bounded=f"too large to copy: {_one_line(exc)}",
+            )
+            await self._publish_dead_letter(letter.key, letter.value, letter.headers, stop)
         self._messages["dead_lettered"].inc()
+        if bounded:
+            DLQ_BOUNDED.labels(record.topic).inc()
         log.warning(
             "message dead-lettered",
             topic=record.topic,
             partition=record.partition,
             offset=record.offset,
-            reason=reason,
+            reason=reason[:1000],
+            bounded=bounded,
+            value_bytes=len(record.value or b""),
         )
+
+    async def _publish_dead_letter(
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]],
+        stop: asyncio.Event,
+    ) -> None:
+        """Sends one dead letter, retrying until the broker takes it. A message too large is
+        raised (the caller sends a bounded record instead); any other refusal (the dead-letter
+        topic missing or not writable, say) is retried with capped backoff: the partition
+        waits for it, and nothing is skipped or committed past it."""
+        delay = 0.1
+        while True:
+            try:
+                await self.producer.send_and_wait(
+                    dlq_topic(self.topic), value=value, key=key, headers=headers
+                )
+                return
+            except TOO_LARGE:
+                raise
+            except Exception as exc:
+                if not (is_transient(exc) or isinstance(exc, KafkaError)):
+                    raise  # a bug, not the broker's answer
+                if stop.is_set():
+                    raise _Stopping from exc
+                log.log(
+                    logging.WARNING if is_transient(exc) else logging.ERROR,
+                    "dead letter not accepted, sending again",
+                    topic=self.topic,
+                    error=repr(exc),
+                )
+                await sleep_unless(stop, delay)
+                delay = min(delay * 2, self.retry_backoff_max)
 
     def _update_lag(self) -> None:
         """Messages past the done offsets (in the database), not past the committed ones."""

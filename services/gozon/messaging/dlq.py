@@ -2,8 +2,12 @@
 
 The consumer runner (`messaging/consumer.py`) publishes a message it cannot handle, unchanged,
 to `<topic>.dlq` with headers saying why (`x-dlq-reason`) and whence (`x-dlq-original-topic`,
-`-partition`, `-offset`, `x-dlq-at`). This module reads them back (`gozon <service> dlq list`)
-and puts them back (`gozon <service> dlq redrive`).
+`-partition`, `-offset`, `x-dlq-at`). A message that cannot be copied whole (with those headers
+it is over the producer's or the broker's size limit) is dead-lettered as a *bounded record*
+instead (`bounded_record`): a small JSON document with the reason, the origin, the key, the
+value's size, SHA-256 and first `VALUE_PREFIX_BYTES` bytes, marked by the header
+`x-dlq-bounded`. This module writes that record, reads dead letters back (`gozon <service> dlq
+list`) and puts them back (`gozon <service> dlq redrive`).
 
 Guarantees of a redrive:
 - A dead letter goes back to the topic its dead-letter topic belongs to, with its key (so it
@@ -23,6 +27,10 @@ Guarantees of a redrive:
   back, and redriving one twice is harmless, see above). `--limit N` redrives the N oldest.
 - Dead letters are read up to the end offsets seen when the command started: a message that
   fails again during the run is not redriven in a loop by the same run.
+- A bounded record is never redriven: it holds a digest of the message, not the message. The
+  redrive passes over it (the cursor moves past it, it still shows in `list`) and reports it;
+  the original is at its origin (topic, partition, offset) for as long as that topic's
+  retention keeps it.
 
 Dead-letter topics are small (a message lands there only when it cannot be handled), so a
 command reads the selected range into memory.
@@ -30,6 +38,7 @@ command reads the selected range into memory.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import json
 import re
@@ -57,6 +66,86 @@ REDRIVEN_FROM = "x-redrive-from"
 REDRIVEN_AT = "x-redrive-at"
 REDRIVE_COUNT = "x-redrive-count"
 REDRIVE_GROUP_SUFFIX = ".dlq-redrive"
+BOUNDED = f"{DLQ_HEADER_PREFIX}bounded"
+# What a bounded record keeps of the message: the value's first bytes, the key's, the reason's.
+VALUE_PREFIX_BYTES = 1024
+KEY_MAX_BYTES = 256
+REASON_MAX_CHARS = 4000
+# Headers of the original a bounded record keeps (the trace context), when this small.
+KEPT_HEADER_MAX_BYTES = 512
+KEPT_HEADERS = frozenset({"traceparent", "tracestate"})
+
+
+@dataclass(frozen=True, slots=True)
+class BoundedRecord:
+    """What is published to the dead-letter topic in place of a message too large to copy."""
+
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
+def _text_prefix(data: bytes, limit: int) -> str:
+    return data[:limit].decode("utf-8", errors="replace")
+
+
+def bounded_record(
+    *,
+    topic: str,
+    partition: int,
+    offset: int,
+    timestamp_ms: int,
+    key: bytes | None,
+    value: bytes | None,
+    headers: Sequence[tuple[str, bytes]],
+    reason: str,
+    why_bounded: str,
+    at: datetime | None = None,
+) -> BoundedRecord:
+    """The dead letter of a message that cannot be copied whole: a few kilobytes at most,
+    whatever the message's size. Its value is a JSON document (reason, origin, key, the
+    value's size, SHA-256 and first bytes, the original headers' names and sizes); its
+    headers are the usual `x-dlq-*` ones, `x-dlq-bounded` (why it is bounded), the value's
+    size and digest, and the original's trace context when small."""
+    value = value or b""
+    digest = hashlib.sha256(value).hexdigest()
+    key_kept = key if key is None or len(key) <= KEY_MAX_BYTES else key[:KEY_MAX_BYTES]
+    document = {
+        "bounded_dead_letter": why_bounded,
+        "reason": reason[:REASON_MAX_CHARS],
+        "origin": {
+            "topic": topic,
+            "partition": partition,
+            "offset": offset,
+            "timestamp_ms": timestamp_ms,
+        },
+        "key": _text_prefix(key, KEY_MAX_BYTES) if key is not None else None,
+        "key_bytes": len(key) if key is not None else None,
+        "value_bytes": len(value),
+        "value_sha256": digest,
+        "value_prefix": _text_prefix(value, VALUE_PREFIX_BYTES),
+        "headers": [[name[:KEY_MAX_BYTES], len(data)] for name, data in headers[:64]],
+    }
+    kept = [
+        (name, bytes(data))
+        for name, data in headers
+        if name in KEPT_HEADERS and len(data) <= KEPT_HEADER_MAX_BYTES
+    ]
+    return BoundedRecord(
+        key=key_kept,
+        value=json.dumps(document).encode(),
+        headers=[
+            *kept,
+            (f"{DLQ_HEADER_PREFIX}reason", reason[:REASON_MAX_CHARS].encode()),
+            (f"{DLQ_HEADER_PREFIX}original-topic", topic.encode()),
+            (f"{DLQ_HEADER_PREFIX}original-partition", str(partition).encode()),
+            (f"{DLQ_HEADER_PREFIX}original-offset", str(offset).encode()),
+            (f"{DLQ_HEADER_PREFIX}at", (at or datetime.now(UTC)).isoformat().encode()),
+            (BOUNDED, why_bounded[:REASON_MAX_CHARS].encode()),
+            (f"{DLQ_HEADER_PREFIX}original-size", str(len(value)).encode()),
+            (f"{DLQ_HEADER_PREFIX}original-sha256", digest.encode()),
+        ],
+    )
 
 
 class DeadLetterError(Exception):
@@ -95,6 +184,16 @@ class DeadLetter:
     def redrives(self) -> int:
         return int(self.header(REDRIVE_COUNT) or 0)
 
+    @property
+    def bounded(self) -> bool:
+        """A bounded record: the message was too large to copy; its value is a summary."""
+        return self.header(BOUNDED) is not None
+
+    @property
+    def original_size(self) -> int | None:
+        size = self.header(f"{DLQ_HEADER_PREFIX}original-size")
+        return int(size) if size and size.isdigit() else None
+
     def _envelope(self) -> dict[str, object]:
         try:
             envelope = json.loads(self.value or b"")
@@ -104,11 +203,15 @@ class DeadLetter:
 
     @property
     def event_id(self) -> str | None:
+        if self.bounded:
+            return None
         value = self._envelope().get("event_id")
         return str(value) if value is not None else None
 
     @property
     def order_id(self) -> str | None:
+        if self.bounded:
+            return None
         payload = self._envelope().get("payload")
         value = payload.get("order_id") if isinstance(payload, dict) else None
         return str(value) if value is not None else None
@@ -124,6 +227,8 @@ class DeadLetter:
             "order_id": self.order_id,
             "event_id": self.event_id,
             "redrives": self.redrives,
+            "bounded": self.bounded,
+            "original_size": self.original_size,
         }
 
 
@@ -134,6 +239,7 @@ _ORIGIN = ("topic", "partition", "offset")
 class RedriveResult:
     redriven: list[DeadLetter] = field(default_factory=list)
     passed_over: int = 0  # behind --since: the cursor moved past them
+    bounded: list[DeadLetter] = field(default_factory=list)  # not redrivable: passed over
     remaining: int = 0  # left for the next run by --limit
     dry_run: bool = False
 
@@ -325,8 +431,9 @@ async def redrive(
         letters = _oldest_first(await reader.read(starts))
         chosen = letters if limit is None else letters[:limit]
         result.remaining = len(letters) - len(chosen)
+        result.bounded = [letter for letter in chosen if letter.bounded]
         if dry_run:
-            result.redriven = chosen
+            result.redriven = [letter for letter in chosen if not letter.bounded]
             return result
         if result.passed_over:
             # The cursor moves past what --since left out, even if nothing else is redriven.
@@ -344,15 +451,17 @@ async def redrive(
             ) from exc
         try:
             for letter in chosen:
+                cursor_past = {TopicPartition(topic, letter.partition): letter.offset + 1}
+                if letter.bounded:  # a summary, not the message: never published back
+                    await reader.consumer.commit(cursor_past)
+                    continue
                 await producer.send_and_wait(
                     target,
                     value=letter.value,
                     key=letter.key,
                     headers=redrive_headers(letter, topic),
                 )
-                await reader.consumer.commit(
-                    {TopicPartition(topic, letter.partition): letter.offset + 1}
-                )
+                await reader.consumer.commit(cursor_past)
                 DLQ_REDRIVEN.labels(target).inc()
                 result.redriven.append(letter)
         finally:
@@ -366,6 +475,8 @@ def table(letters: Iterable[DeadLetter], *, reason_width: int = 60) -> str:
     rows: list[Sequence[str]] = [columns]
     for letter in letters:
         reason = letter.reason
+        if letter.bounded:
+            reason = f"[bounded: {letter.original_size} bytes] {reason}"
         if len(reason) > reason_width:
             reason = reason[: reason_width - 1] + "…"
         rows.append(

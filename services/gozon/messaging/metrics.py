@@ -57,3 +57,9 @@ DLQ_REDRIVEN = Counter(
     "Dead letters published back to their topic by `gozon <service> dlq redrive`.",
     ["topic"],
 )
+DLQ_BOUNDED = Counter(
+    "gozon_consumer_dead_letters_bounded_total",
+    "Dead letters published as a bounded record (reason, origin, key, the value's size, digest "
+    "and first bytes): the message was too large to copy whole. Also counted as dead_lettered.",
+    ["topic"],
+)
