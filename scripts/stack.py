@@ -1015,6 +1015,8 @@ class StackConfig:
             # the gateway follows the APIs wherever their ports were moved
             "GOZON_GATEWAY_ORDERS_URL": f"http://127.0.0.1:{orders_port}",
             "GOZON_GATEWAY_PAYMENTS_URL": f"http://127.0.0.1:{payments_port}",
+            # supervisord restarts a crashing process at once: the workers back off themselves
+            "GOZON_CRASH_STATE_DIR": str(self.data_dir / "crashes"),
         }
 
 

@@ -40,6 +40,7 @@ SEVERITIES = {"warning", "critical"}
 # The modules that define the `gozon_` metrics; importing one registers its metrics.
 METRIC_MODULES = (
     "gozon.core.metrics",
+    "gozon.core.crashloop",
     "gozon.messaging.metrics",
     "gozon.orders.consumer",
     "gozon.payments.metrics",

@@ -48,6 +48,9 @@ class CommonSettings(BaseSettings):
     # Background work's traces (relay polls, wake-up notifications, pruning): off, so that an
     # idle platform exports nothing (gozon.core.telemetry.QuietBackground).
     trace_background_db: bool = False
+    # Where a worker remembers its crashes across restarts, to back off from a crash loop
+    # (gozon.core.crashloop); unset: nothing remembered. `make up` sets its data folder's.
+    crash_state_dir: Path | None = None
     # The traces' resource: `service.namespace`, and `deployment.environment.name` (empty:
     # the value of GOZON_ENVIRONMENT); docs/observability.md, "Resource".
     service_namespace: str = Field(default="gozon", min_length=1)

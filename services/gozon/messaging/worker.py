@@ -2,6 +2,7 @@
 
 Each builds its engine, Kafka clients and side port in `main`, waits (reporting not ready)
 while Kafka or the database is not there yet, runs until SIGTERM, and closes what it built.
+A worker that crashed in a row before this start first backs off (`gozon.core.crashloop`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from aiokafka.errors import KafkaError
 from pydantic import BaseModel
 from sqlalchemy import Table
 
+from gozon.core.crashloop import CrashMemory
 from gozon.core.db import create_engine, database_answers, session_factory
 from gozon.core.health import Readiness
 from gozon.core.pg import pool_answers, worker_pool
@@ -118,10 +120,25 @@ async def _until_started(
     return False
 
 
+async def _backed_off(memory: CrashMemory, stop: asyncio.Event) -> bool:
+    """Waits out the crash-loop back-off (`gozon.core.crashloop`) before the worker starts its
+    work, live and not ready, its metrics served; False if stopped first."""
+    if memory.backoff_s:
+        log.warning(
+            "crashed in a row before this start: waiting before starting its work",
+            crashes=memory.crashes,
+            backoff_s=memory.backoff_s,
+            last_error=memory.last_error,
+        )
+        await sleep_unless(stop, memory.backoff_s)
+    return not stop.is_set()
+
+
 async def run_relay(
     spec: WorkerSpec, settings: MessagingSettings, table: Table, topics: list[str]
 ) -> None:
     stop = stop_on_signals()
+    memory = CrashMemory.load(settings.crash_state_dir, f"{spec.service}-relay")
     limits = settings.relay_session_limits
     engine = create_engine(
         spec.database_url,
@@ -153,26 +170,33 @@ async def run_relay(
             spec.metrics_host, spec.metrics_port, readiness, before_scrape=[relay.refresh_gauges]
         ):
             listener = OutboxListener(spec.database_url, table.name, relay.wake)
-            if await _until_started(
-                "producer", lambda: start_client(producer, kafka), stop
-            ) and await _until_started(
-                "topics",
-                lambda: ensure_topics(
-                    kafka,
-                    topics,
-                    partitions=settings.kafka_topic_partitions,
-                    replication_factor=settings.kafka_replication_factor,
-                    # Creating, it makes the topic's dead-letter twin too; only checking, it
-                    # looks at what it writes (its user need not see the other's DLQ).
-                    with_dlq=settings.kafka_create_topics,
-                    create=settings.kafka_create_topics,
-                ),
-                stop,
+            if (
+                await _backed_off(memory, stop)
+                and await _until_started("producer", lambda: start_client(producer, kafka), stop)
+                and await _until_started(
+                    "topics",
+                    lambda: ensure_topics(
+                        kafka,
+                        topics,
+                        partitions=settings.kafka_topic_partitions,
+                        replication_factor=settings.kafka_replication_factor,
+                        # Creating, it makes the topic's dead-letter twin too; only checking, it
+                        # looks at what it writes (its user need not see the other's DLQ).
+                        with_dlq=settings.kafka_create_topics,
+                        create=settings.kafka_create_topics,
+                    ),
+                    stop,
+                )
             ):
                 log.info("relay started", outbox=table.name, topics=topics)
                 started.set()
                 async with listener.running():
                     await relay.run(stop)
+    except Exception as exc:
+        memory.crashed(exc)
+        raise
+    else:
+        memory.stopped_cleanly()
     finally:
         await producer.stop()
         await engine.dispose()
@@ -185,6 +209,7 @@ async def run_consumer(
     """Runs the service's subscription (see `gozon.messaging.subscription`) until SIGTERM."""
     topic = subscription.topic
     stop = stop_on_signals()
+    memory = CrashMemory.load(settings.crash_state_dir, f"{spec.service}-consumer")
     # The batches' pool: one connection per partition handled side by side, one spare (the
     # scrape hooks, readiness). Made on demand: the process starts while the database is down.
     pool = await worker_pool(
@@ -224,7 +249,8 @@ async def run_consumer(
         hooks = [partial(hook, pool) for hook in subscription.scrape_hooks]
         async with side_port(spec.metrics_host, spec.metrics_port, readiness, hooks):
             if (
-                await _until_started("producer", lambda: start_client(producer, kafka), stop)
+                await _backed_off(memory, stop)
+                and await _until_started("producer", lambda: start_client(producer, kafka), stop)
                 and await _until_started(
                     "topics",
                     lambda: ensure_topics(
@@ -244,6 +270,11 @@ async def run_consumer(
                     if notifier:
                         await stack.enter_async_context(notifier.running())
                     await runner.run(stop)
+    except Exception as exc:
+        memory.crashed(exc)
+        raise
+    else:
+        memory.stopped_cleanly()
     finally:
         await consumer.stop()
         await producer.stop()
