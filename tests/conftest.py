@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -27,6 +28,8 @@ import asyncpg
 import httpx
 import port_for
 import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -37,7 +40,7 @@ from gozon.core.pg import worker_pool
 from gozon.core.settings import MessagingSettings
 from gozon.messaging.consumer import BatchHandler, ConsumerRunner
 from gozon.messaging.kafka import new_consumer, new_producer
-from scripts.stack import Kafka, Postgres, StackConfig
+from scripts.stack import Kafka, Postgres, StackConfig, create_topics
 
 E = TypeVar("E", bound=BaseModel)
 ROOT = Path(__file__).resolve().parent.parent
@@ -299,3 +302,32 @@ async def running_consumer(
         await consumer.stop()
         await producer.stop()
         await pool.close()
+
+
+async def largest_value_the_broker_accepts(bootstrap: str) -> int:
+    """The largest value (small key, no headers) the broker takes on a topic of its defaults,
+    found by sending (a producer whose own size limit is out of the way); a few kilobytes
+    either side of `message.max.bytes` (1,048,588 by default)."""
+    scratch = f"test.sizes.{uuid.uuid4().hex[:10]}"
+    await asyncio.to_thread(lambda: asyncio.run(create_topics(bootstrap, [scratch], partitions=1)))
+    big = AIOKafkaProducer(bootstrap_servers=bootstrap, max_request_size=4 * 1024 * 1024)
+    await big.start()
+    try:
+        accepted, refused = 1_040_000, 1_060_000
+        while refused - accepted > 1:
+            size = (accepted + refused) // 2
+            try:
+                await big.send_and_wait(scratch, value=b"x" * size, key=b"k")
+            except (MessageSizeTooLargeError, RecordListTooLargeError):
+                refused = size
+            else:
+                accepted = size
+        return accepted
+    finally:
+        await big.stop()
+
+
+def huge_poison(size: int) -> bytes:
+    """A value of exactly `size` bytes that is JSON but no event."""
+    head, tail = b'{"poison": "', b'"}'
+    return head + b"p" * (size - len(head) - len(tail)) + tail

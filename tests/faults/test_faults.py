@@ -5,8 +5,9 @@ Faults, in order: SIGKILL of each of the seven processes (restarted at once, as 
 would), SIGSTOP of the orders API for 10 s, SIGSTOP of Kafka for 15 s, SIGKILL and restart of
 Kafka, a PostgreSQL restart, both databases read-only for 10 s (a standby after a failover),
 every PostgreSQL process frozen (SIGSTOP) for 10 s (with deposits sent through it too), 3×
-the platform's capacity for 10 s (vegeta, open loop), and a second payments consumer frozen
-for 30 s inside a batch's transaction. After each, the test waits until every
+the platform's capacity for 10 s (vegeta, open loop), a second payments consumer frozen
+for 30 s inside a batch's transaction, and a message of the largest size the broker accepts on
+both topics. After each, the test waits until every
 order is final and the outboxes are empty (a deadline, not a timing assertion), checks the
 invariants, and records what the clients saw: answers by status, how long after the fault the
 last failed answer was sent (recovery), the unknown outcomes, how long the backlog took to
@@ -33,14 +34,16 @@ import asyncpg
 import httpx
 import port_for
 import pytest
+from aiokafka import AIOKafkaProducer
 from sqlalchemy import make_url
 
+from gozon.contracts import ORDER_CREATED_TOPIC, PAYMENT_PROCESSED_TOPIC
 from gozon.core.pg import driver_dsn
 from gozon.core.settings import OrdersSettings, PaymentsSettings
 from gozon.processes import PROCESSES, process
 from scripts.processes import GozonProcess
 from scripts.stack import Kafka, Postgres
-from tests.conftest import until
+from tests.conftest import huge_poison, largest_value_the_broker_accepts, until
 from tests.e2e.conftest import Platform
 from tests.faults.conftest import Users, record
 from tests.faults.invariants import ClientRecord, Report, check, wait_until_settled
@@ -639,3 +642,67 @@ async def _fetch_rows(url: str, query: str, *args: Any) -> list[tuple[Any, ...]]
         return [tuple(row) for row in await conn.fetch(query, *args)]
     finally:
         await conn.close()
+
+
+# ------------------------------------------------------------ a message of the largest size
+
+
+def _bounded_dead_letters(metrics: str, topic: str) -> float:
+    name = "gozon_consumer_dead_letters_bounded_total"
+    for line in metrics.splitlines():
+        if line.startswith(f'{name}{{topic="{topic}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_the_largest_message_on_both_topics_is_dead_lettered_and_no_consumer_restarts(
+    platform: Platform, users: Users
+) -> None:
+    """A value of the largest size the broker accepts, on `order.created.event` and on
+    `payment.processed.event`: its copy with the dead-letter headers is over the producer's
+    limit, so each consumer dead-letters it as a bounded record and goes on — same process
+    (no crash, no restart), orders paid and finished meanwhile, invariants clean."""
+    bootstrap = platform.env["GOZON_KAFKA_BOOTSTRAP_SERVERS"]
+    consumers = {
+        ORDER_CREATED_TOPIC: platform.processes["payments-consumer"],
+        PAYMENT_PROCESSED_TOPIC: platform.processes["orders-consumer"],
+    }
+    pids = {}
+    for topic, consumer in consumers.items():
+        assert isinstance(consumer, GozonProcess)
+        assert consumer.process is not None
+        pids[topic] = consumer.process.pid
+    size = await largest_value_the_broker_accepts(bootstrap)
+
+    async def bounded(http: httpx.AsyncClient, topic: str) -> float:
+        metrics = (await http.get(f"{consumers[topic].health_url}/metrics")).text
+        return _bounded_dead_letters(metrics, topic)
+
+    async def send_the_largest() -> Window:
+        async with httpx.AsyncClient(timeout=10) as http:
+            before = {topic: await bounded(http, topic) for topic in consumers}
+            big = AIOKafkaProducer(bootstrap_servers=bootstrap, max_request_size=4 * size)
+            await big.start()
+            start = time.time()
+            try:
+                for topic in consumers:
+                    # the key the size was found with: a longer one would not fit
+                    await big.send_and_wait(topic, value=huge_poison(size), key=b"k")
+            finally:
+                await big.stop()
+
+            async def dead_lettered() -> bool:
+                return all([await bounded(http, t) > before[t] for t in consumers])
+
+            await until(dead_lettered, 60, "both consumers to dead-letter a bounded record")
+        return Window(start, time.time())
+
+    log, _, report = await under_load(
+        platform, users, f"a {size}-byte message on both topics", send_the_largest
+    )
+    assert_sound(report, log)
+    for topic, consumer in consumers.items():
+        assert isinstance(consumer, GozonProcess)
+        assert consumer.process is not None
+        assert consumer.process.poll() is None, f"the consumer of {topic} exited"
+        assert consumer.process.pid == pids[topic], f"the consumer of {topic} restarted"

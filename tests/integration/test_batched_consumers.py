@@ -16,7 +16,6 @@ from typing import Literal, TypeVar
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import REGISTRY
 from pydantic import BaseModel
@@ -40,8 +39,14 @@ from gozon.payments import service
 from gozon.payments.consumer import make_handler as payments_handler
 from gozon.payments.models import Account, LedgerEntry, PaymentDecision, payment_outbox
 from scripts.stack import Kafka
-from tests.conftest import holds, running_consumer, until
-from tests.integration.conftest import create_topics_async, new_topic, role_of_its_own
+from tests.conftest import (
+    holds,
+    huge_poison,
+    largest_value_the_broker_accepts,
+    running_consumer,
+    until,
+)
+from tests.integration.conftest import new_topic, role_of_its_own
 from tests.integration.test_orders_consumer import committed, until_committed
 from tests.integration.test_payments_consumer import order_created
 from tests.integration.test_relay import consume
@@ -741,35 +746,6 @@ async def test_a_lock_held_past_the_lock_timeout_retries_the_batch_never_skips_i
 
 
 # --------------------------------------------------------------------------- poison of any size
-
-
-async def largest_value_the_broker_accepts(bootstrap: str) -> int:
-    """The largest value (small key, no headers) the broker takes on a topic of its defaults,
-    found by sending (a producer whose own size limit is out of the way); a few kilobytes
-    either side of `message.max.bytes` (1,048,588 by default)."""
-    scratch = f"test.sizes.{uuid.uuid4().hex[:10]}"
-    await create_topics_async(bootstrap, scratch, partitions=1)
-    big = AIOKafkaProducer(bootstrap_servers=bootstrap, max_request_size=4 * 1024 * 1024)
-    await big.start()
-    try:
-        accepted, refused = 1_040_000, 1_060_000
-        while refused - accepted > 1:
-            size = (accepted + refused) // 2
-            try:
-                await big.send_and_wait(scratch, value=b"x" * size, key=b"k")
-            except (MessageSizeTooLargeError, RecordListTooLargeError):
-                refused = size
-            else:
-                accepted = size
-        return accepted
-    finally:
-        await big.stop()
-
-
-def huge_poison(size: int) -> bytes:
-    """A value of exactly `size` bytes that is JSON but no event."""
-    head, tail = b'{"poison": "', b'"}'
-    return head + b"p" * (size - len(head) - len(tail)) + tail
 
 
 @pytest.mark.parametrize("service", ["payments", "orders"])
