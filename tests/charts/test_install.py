@@ -209,6 +209,11 @@ class Release:
                 return False
         return True
 
+    def jobs(self) -> dict[str, str]:
+        """The Jobs there now: name → uid."""
+        found = self.batch.list_namespaced_job(self.namespace).items
+        return {str(j.metadata.name): str(j.metadata.uid) for j in found if j.metadata}
+
     def completed_jobs(self) -> set[tuple[str, str]]:
         """(name, uid) of the Jobs the job controller reported complete: events outlive the
         hook Jobs Helm deletes, and a Job recreated under the same name has a new uid."""
@@ -313,6 +318,7 @@ class TestInstallUpgradeUninstall:
         before = {d.metadata.name: d.metadata.generation for d in release.deployments()}
         assert before, "install left no Deployment to upgrade"
         jobs_before = release.completed_jobs()
+        migration_jobs_before = release.jobs()
         kube_helm(
             "upgrade",
             *helm_install_args(chart, scenario),
@@ -332,12 +338,56 @@ class TestInstallUpgradeUninstall:
         for d in release.deployments():
             annotations = d.spec.template.metadata.annotations or {}
             assert annotations.get("gozon.dev/upgrade-check") == "2", d.metadata.name
-        # the migrations ran again for the new revision: Jobs with new uids completed
+        if scenario.values:
+            # external: the hooks run again at every upgrade (Jobs with new uids completed)
+            wait_for(
+                lambda: release.completed_jobs() - jobs_before, what="the upgrade's migration Jobs"
+            )
+        else:
+            # bundled: nothing the Jobs run changed, so the revision-2 render names the same
+            # Jobs with the same spec, and Kubernetes keeps the completed objects (what a
+            # `helm template`-based GitOps tool needs: no patch of an immutable spec)
+            assert release.jobs() == migration_jobs_before
+        history = kube_helm("history", RELEASE, "-n", scenario.namespace, "-o", "json").stdout
+        assert '"revision":2' in history.replace(" ", "")
+        assert not release.warnings(), release.warnings()
+
+    def test_upgrade_to_a_new_image_runs_the_migrations_again(
+        self,
+        kube_helm: Helm,
+        chart: Path,
+        scenario: Scenario,
+        release: Release,
+        diagnostics: list[str],
+    ) -> None:
+        diagnostics.append(scenario.namespace)
+        jobs_before = release.completed_jobs()
+        names_before = set(release.jobs())
+        kube_helm(
+            "upgrade",
+            *helm_install_args(chart, scenario),
+            *WAIT,
+            "--reuse-values",
+            "--set-string",
+            "image.tag=0.1.1-upgrade-check",
+        )
+        wait_for(
+            lambda: not release.rolled_out(),
+            what="the rollout after the upgrade",
+            explain=release.rolled_out,
+        )
         wait_for(
             lambda: release.completed_jobs() - jobs_before, what="the upgrade's migration Jobs"
         )
+        if not scenario.values:
+            # bundled: new Jobs, named by the new spec; the previous image's are pruned
+            wait_for(
+                lambda: len(release.jobs()) == 2 and not names_before & set(release.jobs()),
+                what="the previous image's migration Jobs to be replaced",
+                explain=release.jobs,
+            )
         history = kube_helm("history", RELEASE, "-n", scenario.namespace, "-o", "json").stdout
-        assert '"revision":2' in history.replace(" ", "")
+        assert '"revision":3' in history.replace(" ", "")
         assert not release.warnings(), release.warnings()
 
     def test_uninstall_leaves_nothing(
