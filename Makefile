@@ -74,6 +74,12 @@ lock: bootstrap
 image: bootstrap
 	@docker/build-image
 
+# The image built and loaded into the local cluster of kubectl's current context: kind
+# (`kind load docker-image`) or minikube (`minikube image load`). README, "With Kubernetes".
+.PHONY: image-load
+image-load:
+	@docker/load-image
+
 # Stand-ins for the public images (no registry needed) and the Gozon image on them; prints
 # the variables to use: eval "$$(make -s images)"
 images: bootstrap
