@@ -1,6 +1,6 @@
 # The two commands: `make up` runs the platform, `make test` runs the tests.
 # Ports and folders come from GOZON_* variables (see README, "Changing ports").
-.PHONY: up down status logs test test-chart test-k8s test-faults lock bootstrap image images compose-up \
+.PHONY: up down status logs test test-chart test-k8s test-strimzi strimzi test-faults lock bootstrap image images compose-up \
 	compose-down test-compose bench-capacity bench-calls
 
 PY := .venv/bin/python
@@ -37,6 +37,18 @@ test-chart: bootstrap
 # docs/kubernetes.md, "Verified on a real node". Extra pytest arguments: K8S_ARGS="-k saga".
 test-k8s: bootstrap
 	@scripts/test-k8s
+
+# The chart's default Kafka path on the same node: Strimzi 1.2.0's operator and Kafka image built
+# from ../shared/vendor's source (scripts/strimzi-build), installed from Strimzi's own Helm chart,
+# reconciling the chart's Kafka, topics and SCRAM users; helm test, a broker pod deleted under
+# load, a helm upgrade rolled by the operator. Root only; docs/kubernetes.md, "Strimzi on the
+# node". Extra pytest arguments: STRIMZI_ARGS="-k acls".
+test-strimzi: bootstrap
+	@scripts/test-strimzi
+
+# Only the Strimzi operator and Kafka images (cached; docs/kubernetes.md, "Strimzi on the node").
+strimzi:
+	@scripts/strimzi-build
 
 # The fault suite (tests/faults, docs/reliability.md): kills, restarts and overloads the
 # platform under load and checks that nothing is lost. About 6-10 minutes.
