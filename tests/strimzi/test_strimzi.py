@@ -33,6 +33,7 @@ from tests.strimzi.conftest import (
     CLUSTER_NAME,
     HERE,
     IMAGE,
+    POOL,
     POSTGRES_IMAGE,
     RELEASE,
     STRIMZI_REPOSITORY,
@@ -59,7 +60,8 @@ INSPECTOR = f"{CLUSTER_NAME}-test-inspector"
 _CLIENT = """
 import asyncio, json, os, sys
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, ConfigResource, ConfigResourceType
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 USER = os.environ.get("INSPECTOR_USER") or os.environ["GOZON_KAFKA_SASL_USERNAME"]
 
@@ -245,7 +247,7 @@ def test_kafka_ready_with_its_broker_in_a_pod_the_operator_made(cluster: Strimzi
     assert kafka["status"]["kafkaVersion"] == "4.3.1"
     pod = _broker(cluster)
     (owner,) = pod.metadata.owner_references
-    assert (owner.kind, owner.name) == ("StrimziPodSet", f"{CLUSTER_NAME}-dual"), owner
+    assert (owner.kind, owner.name) == ("StrimziPodSet", f"{CLUSTER_NAME}-{POOL}"), owner
     (container,) = pod.spec.containers
     assert container.image.startswith(f"{STRIMZI_REPOSITORY}/kafka:"), container.image
     (status,) = pod.status.container_statuses
