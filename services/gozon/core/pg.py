@@ -352,6 +352,13 @@ async def batch_connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connecti
         # The server refused a new connection (starting up, too many clients, the database
         # or role not there yet): an outage to wait out, never a reason to dead-letter.
         raise ConnectionError(f"cannot connect: {exc!r}") from exc
+    if conn.is_in_transaction():
+        # Left inside a transaction (a statement the client gave up on ran when the server
+        # resumed): a batch would only nest in it. Dropped; the server rolls it back.
+        conn.terminate()
+        with contextlib.suppress(Exception):
+            await pool.release(conn, timeout=1)
+        raise ConnectionError("a pooled connection was left inside a transaction: dropped")
     try:
         yield conn
     except BaseException as exc:

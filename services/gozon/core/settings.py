@@ -137,9 +137,12 @@ class SessionLimits:
 
     @property
     def command_timeout_s(self) -> float:
-        """The client's own bound on a round trip, for a server that stopped answering (its
-        statement_timeout fires first on one that answers)."""
-        return self.statement_timeout_s + 1
+        """The client's own bound on a round trip, for a server that stopped answering: well
+        past the statement timeout (which fires first on a server that answers) and past a
+        stall of the whole server. A client-side timeout that fires mid-stall leaves the
+        statement to run when the server resumes (a BEGIN, say) while the client has given up
+        on it, so it is kept for servers that are really gone."""
+        return max(30.0, self.statement_timeout_s + 1)
 
 
 class MessagingSettings(CommonSettings):

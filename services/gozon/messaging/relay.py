@@ -299,6 +299,11 @@ class OutboxRelay:
         return len(rows)
 
     async def _connect(self) -> asyncpg.Connection:
+        if self.connection is not None and self.connection.is_in_transaction():
+            # Left inside a transaction (a statement the client gave up on ran when the server
+            # resumed): a new batch would only nest in it. Dropped; the server rolls it back.
+            self.connection.terminate()
+            self.connection = None
         if self.connection is None or self.connection.is_closed():
             self.connection = await asyncpg.connect(
                 self._dsn,
