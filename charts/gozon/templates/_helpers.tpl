@@ -582,6 +582,8 @@ Usage: {{- include "gozon.identityEnv" $ | nindent 12 }}
   value: {{ $id.jwt.issuer | quote }}
 - name: GOZON_GATEWAY_JWT_LEEWAY_S
   value: {{ $id.jwt.leewaySeconds | quote }}
+- name: GOZON_GATEWAY_JWT_MAX_LIFETIME_S
+  value: {{ $id.jwt.maxLifetimeSeconds | quote }}
 {{- if $id.jwt.secretName }}
 - name: GOZON_GATEWAY_JWT_SECRET
   valueFrom:
