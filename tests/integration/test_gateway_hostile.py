@@ -328,11 +328,11 @@ async def test_a_client_disconnect_is_counted_as_499_never_as_a_server_error(
     assert orders.hits == 0
 
 
-async def test_the_breaker_counts_upstream_5xx_but_not_503_nor_4xx(
+async def test_the_breaker_counts_upstream_5xx_but_not_503_504_nor_4xx(
     orders: Upstream, payments: Upstream
 ) -> None:
     async with edge(orders, payments) as port, user(port) as client:
-        for code in (503, 404, 422, 503, 400, 503):
+        for code in (503, 404, 422, 503, 400, 503, 504, 504, 504):
             assert (await client.get(f"/api/orders/status/{code}")).status_code == code
         assert breaker("orders") == 0
         for _ in range(2):  # the tests' threshold

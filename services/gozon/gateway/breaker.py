@@ -11,7 +11,7 @@ exactly one request is let through as a probe; its outcome closes or reopens the
 probe whose outcome is never reported (its client went away) stops blocking after another
 reset timeout, so the breaker cannot stick half-open. What is a failure is the proxy's call
 (gateway/proxy.py): only the upstream's own (no connection, no answer in time to a request
-sent whole, a broken answer, a 5xx other than 503), never anything a client did.
+sent whole, a broken answer, a 5xx other than 503 and 504), never anything a client did.
 
 Pure logic with an injectable clock; one instance per upstream, used from one event loop.
 """

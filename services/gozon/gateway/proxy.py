@@ -48,10 +48,11 @@ away) up to `gateway_upstream_retries` times; a pooled connection that the upstr
 a sent request is retried once by aiohttp itself (RFC 9112 §9.3.1, idempotent methods only).
 The circuit breaker hears only of the upstream's own failures: no connection, no answer
 within the timeout to a request that was sent whole, a lost or malformed answer, and an
-answered 5xx other than 503 (an upstream's 503 is its deliberate "not processed", shedding
-load or waiting out its database: counting it would turn the upstream's shedding into a
-gateway-wide outage). Anything the client does (a slow or abandoned body, a disconnect, a
-4xx) happens before admission or is the upstream's success, so it can never open it.
+answered 5xx other than 503 and 504 (the APIs' deadline answers, "not processed" and "outcome
+unknown", given on purpose while they shed load or wait out their database: counting them would
+turn the upstream's own bounded answers into a gateway-wide outage). Anything the client does
+(a slow or abandoned body, a disconnect, a 4xx) happens before admission or is the upstream's
+success, so it can never open it.
 """
 
 from __future__ import annotations
@@ -280,9 +281,11 @@ class Gateway:
         return response, span, data
 
     def _answered(self, upstream: Upstream, status: int) -> None:
-        """An answer: the breaker hears of a server error (a 503 is the upstream shedding or
-        refusing work it could not do, answered on purpose: it keeps its own schedule)."""
-        if status >= 500 and status != 503:
+        """An answer: the breaker hears of a server error. A 503 (not processed) and a 504
+        (outcome unknown) are the APIs' deadline answers (docs/reliability.md), given on
+        purpose by their deadline while a dependency stalls: the service is there and keeps
+        its own schedule, so neither opens the breaker for every user."""
+        if status >= 500 and status not in (503, 504):
             UPSTREAM_REQUESTS.labels(upstream.name, "server_error").inc()
             upstream.breaker.failure()
         else:
