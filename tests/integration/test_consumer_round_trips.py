@@ -23,10 +23,9 @@ from gozon.contracts import OrderCreated, PaymentProcessed
 from gozon.core.pg import worker_pool
 from gozon.messaging.consumer import Delivery, Outcome, Rejected, is_retryable
 from gozon.orders.consumer import make_handler as orders_handler
-from gozon.payments import consumer as payments_consumer
+from gozon.payments import decisions
 from gozon.payments.consumer import make_handler as payments_handler
 from gozon.payments.models import LedgerEntry, PaymentDecision
-from gozon.payments.service import Decided
 from tests.integration.roundtrips import counting_proxy
 from tests.integration.test_batched_consumers import (
     answers,
@@ -356,18 +355,19 @@ async def test_a_lost_swap_is_read_again_decided_again_and_recorded_once(
     await deposit(payments, racer, "50")
     await deposit(payments, calm, "50")
     batch = [order_created(racer, "40"), order_created(calm, "20"), order_created(racer, "30")]
-    real_rows = payments_consumer._batch_rows
+    real_decide = decisions.decide
     calls: list[list[str]] = []
 
-    def racing_rows(
-        batch: Sequence[Delivery[OrderCreated]], decided: Decided
-    ) -> Mapping[str, object]:
-        calls.append([d.status for d in decided.decisions])
+    def racing_decide(
+        batch: decisions.Batch, accounts: Mapping[str, decisions.AccountState]
+    ) -> decisions.Round:
+        decided = real_decide(batch, accounts)
+        calls.append([d.status for d in decided.decided.decisions])
         if len(calls) == 1:  # a deposit commits before the first swap (its own connection)
             in_thread(deposit_elsewhere(payments_db, racer, "100"))
-        return real_rows(batch, decided)
+        return decided
 
-    monkeypatch.setattr(payments_consumer, "_batch_rows", racing_rows)
+    monkeypatch.setattr(decisions, "decide", racing_decide)
     conflicts = cas_conflicts()
     handle = payments_handler(pool)
 

@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import REGISTRY
-from sqlalchemy import func, select, text
+from sqlalchemy import func, insert, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -347,16 +347,28 @@ async def test_concurrent_new_envelopes_of_one_order_decide_it_once(
     assert await rows_for_order(sessions, order_id) == (5, 1, 5)
 
 
-async def test_the_ledger_refuses_a_second_debit_of_one_order(sessions: Sessions) -> None:
+async def test_the_ledger_refuses_a_second_debit_of_one_order(
+    sessions: Sessions, pool: asyncpg.Pool
+) -> None:
     """Belt and braces behind the decision: the database allows one debit per order."""
     uid = user()
     await deposit(sessions, uid, "100")
-    order_id = uuid.uuid4()
-    async with sessions() as session, session.begin():
-        await service.pay_for_order(session, order_id=order_id, user_id=uid, amount=Decimal(30))
+    event = order_created(uid, "30")
+    assert await make_handler(pool)(event, record_of(event)) == "processed"
+    async with sessions() as session:
+        account_id = await session.scalar(select(Account.id).where(Account.user_id == uid))
     with pytest.raises(IntegrityError, match="uq_account_ledger_debit_order_id"):
         async with sessions() as session, session.begin():
-            await service.pay_for_order(session, order_id=order_id, user_id=uid, amount=Decimal(30))
+            await session.execute(
+                insert(LedgerEntry).values(
+                    account_id=account_id,
+                    user_id=uid,
+                    kind=DEBIT,
+                    amount=Decimal(30),
+                    balance_after=Decimal(40),
+                    order_id=event.payload.order_id,
+                )
+            )
     assert await balance_of(sessions, uid) == Decimal("70")
 
 

@@ -20,28 +20,20 @@ Guarantees (the runner commits the offsets only after this transaction has commi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
-from functools import partial
 
 import asyncpg
 import structlog
 
-from gozon.contracts import (
-    ORDER_CREATED_TOPIC,
-    PAYMENT_PROCESSED_TOPIC,
-    OrderCreated,
-    PaymentProcessed,
-    PaymentProcessedPayload,
-)
+from gozon.contracts import ORDER_CREATED_TOPIC, OrderCreated
 from gozon.core.pg import batch_connection
 from gozon.core.settings import PaymentsSettings
 from gozon.messaging.consumer import BatchHandler, Delivery, Outcome
 from gozon.messaging.subscription import Notify, Subscription
 from gozon.payments import service
+from gozon.payments.decisions import Decision, OrderToPay
 from gozon.payments.metrics import PAYMENT_AMOUNT, PAYMENT_OUTCOMES, start_consumer_series
 from gozon.payments.models import payment_outbox
-from gozon.payments.service import Decided, Decision, OrderToPay
 
 log = structlog.get_logger(__name__)
 
@@ -59,54 +51,16 @@ def make_handler(
                 order_id=d.event.payload.order_id,
                 user_id=d.event.payload.user_id,
                 amount=d.event.payload.amount,
+                trace_headers=d.trace_headers(),
             )
             for d in batch
         ]
         async with batch_connection(pool) as conn, conn.transaction():
-            decided = await service.decide_order_payments(conn, orders, partial(_batch_rows, batch))
+            decided = await service.decide_order_payments(conn, orders)
         notify()
         return [_report(d, decision) for d, decision in zip(batch, decided.decisions, strict=True)]
 
     return handle
-
-
-def _batch_rows(batch: Sequence[Delivery[OrderCreated]], decided: Decided) -> dict[str, object]:
-    """SWAP_AND_RECORD's records: ledger rows, decision outcomes, inbox rows, answers."""
-    answers = [
-        PaymentProcessed(
-            aggregate_id=str(decision.order_id),
-            payload=PaymentProcessedPayload(
-                order_id=decision.order_id,
-                user_id=decision.user_id,
-                amount=decision.amount,
-                status=decision.status,
-                reason=decision.reason,
-                processed_at=decision.decided_at,
-            ),
-        ).model_dump_json()
-        for decision in decided.decisions
-    ]
-    return {
-        "debit_account_ids": [d.account_id for d in decided.debits],
-        "debit_user_ids": [d.user_id for d in decided.debits],
-        "debit_amounts": [d.amount for d in decided.debits],
-        "debit_balances_after": [d.balance_after for d in decided.debits],
-        "debit_order_ids": [d.order_id for d in decided.debits],
-        "decided_order_ids": [d.order_id for d in decided.made],
-        "decided_statuses": [d.status for d in decided.made],
-        "decided_reasons": [d.reason for d in decided.made],
-        "inbox_event_ids": [d.event.event_id for d in batch],
-        "inbox_order_ids": [d.event.payload.order_id for d in batch],
-        "inbox_user_ids": [d.event.payload.user_id for d in batch],
-        "inbox_amounts": [d.event.payload.amount for d in batch],
-        "inbox_statuses": [decision.status for decision in decided.decisions],
-        "inbox_reasons": [decision.reason for decision in decided.decisions],
-        "topic": PAYMENT_PROCESSED_TOPIC,
-        "outbox_order_ids": [decision.order_id for decision in decided.decisions],
-        "outbox_user_ids": [decision.user_id for decision in decided.decisions],
-        "outbox_payloads": answers,
-        "outbox_headers": [json.dumps(d.trace_headers()) for d in batch],
-    }
 
 
 def _report(delivery: Delivery[OrderCreated], decision: Decision) -> Outcome:

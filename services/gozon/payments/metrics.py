@@ -29,8 +29,8 @@ PAYMENT_AMOUNT = Histogram(
     buckets=(1, 10, 100, 1_000, 10_000, 100_000, 1_000_000, 1_000_000_000),
 )
 
-# The operations that compare-and-swap a balance (gozon.payments.service.change_balance and
-# the consumer's batched debit).
+# The operations that compare-and-swap a balance (gozon.payments.service.credit and the
+# consumer's batched debit).
 CAS_OPERATIONS = ("deposit", "debit")
 OUTCOMES = tuple(status.lower() for status in get_args(PaymentStatus))
 

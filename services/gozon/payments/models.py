@@ -15,7 +15,6 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from decimal import Decimal
-from typing import Final
 
 from sqlalchemy import (
     BigInteger,
@@ -36,14 +35,12 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from gozon.core.db import new_metadata
 from gozon.messaging.outbox import outbox_table
+from gozon.payments.decisions import ACCOUNT_NOT_FOUND, INSUFFICIENT_FUNDS, PAID
 
 MAX_BALANCE = Decimal("9999999999999.99")
 """The largest balance: 15 significant digits, so a balance travels as an exact JSON number."""
 
 
-PAID: Final = "PAID"
-INSUFFICIENT_FUNDS: Final = "INSUFFICIENT_FUNDS"
-ACCOUNT_NOT_FOUND: Final = "ACCOUNT_NOT_FOUND"
 DEPOSIT, DEBIT = "DEPOSIT", "DEBIT"
 
 

@@ -149,7 +149,7 @@ SWAP_AND_RECORD: Final = """
     )
     SELECT (SELECT every_swap FROM won) AS recorded, ARRAY(SELECT id FROM swapped) AS swapped
 """
-"""swap_and_record($1 … $22: the arrays SWAP_AND_RECORD_PARAMS names, in that order).
+"""swap_and_record($1 … $22: the fields of `decisions.BatchRecord`, in that order).
 
 Compare-and-swap of many accounts at once, then — in the same statement, only when every
 swap won — everything else the batch writes. One row: `recorded`, and the accounts `swapped`.
@@ -169,31 +169,3 @@ When a swap lost (`recorded` false), nothing is recorded, and the swaps that won
 transaction: the caller reads the lost accounts again (READ_ACCOUNTS), decides their orders
 again and calls this again with only their swaps and the whole batch's records, until it is
 `recorded`, or rolls the transaction back."""
-
-SWAP_AND_RECORD_PARAMS: Final = (
-    "ids",
-    "versions",
-    "balances",
-    "debit_account_ids",
-    "debit_user_ids",
-    "debit_amounts",
-    "debit_balances_after",
-    "debit_order_ids",
-    "decided_order_ids",
-    "decided_statuses",
-    "decided_reasons",
-    "inbox_event_ids",
-    "inbox_order_ids",
-    "inbox_user_ids",
-    "inbox_amounts",
-    "inbox_statuses",
-    "inbox_reasons",
-    "topic",
-    "outbox_order_ids",
-    "outbox_user_ids",
-    "outbox_payloads",
-    "outbox_headers",
-)
-"""SWAP_AND_RECORD's parameters by name, in `$n` order: the swaps' `ids`, `versions` and
-`balances` (one entry per account debited), then the batch's records (`service.BatchRecords`):
-the debits', the decisions' and the inbox's arrays, the answers' topic, and the outbox's."""
