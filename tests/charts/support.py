@@ -81,19 +81,26 @@ class Helm:
         return run([self.binary, *args], env=self.env, check=check, timeout=timeout)
 
 
-def _strict(schema: object) -> object:
+_CONSTRAINTS = ("oneOf", "anyOf", "allOf", "not")
+
+
+def _strict(schema: object, constraint: bool = False) -> object:
     """An OpenAPI v3 CRD schema as a JSON schema that refuses unknown fields.
 
     What the API server does with `fieldValidation=Strict`: an object that lists its
     properties accepts no others, unless it says it preserves unknown fields; int-or-string
-    and nullable become JSON schema types.
+    and nullable become JSON schema types. The branches of oneOf/anyOf/allOf/not are value
+    constraints on the object around them (a structural schema's rule), never closed objects:
+    `{properties: {value: {}}, required: [value]}` says "value is set", not "only value".
     """
     if isinstance(schema, list):
-        return [_strict(item) for item in schema]
+        return [_strict(item, constraint) for item in schema]
     if not isinstance(schema, dict):
         return schema
     out = {
-        key: _strict(value) for key, value in schema.items() if not key.startswith("x-kubernetes-")
+        key: _strict(value, constraint or key in _CONSTRAINTS)
+        for key, value in schema.items()
+        if not key.startswith("x-kubernetes-")
     }
     if schema.get("x-kubernetes-int-or-string"):
         out.pop("type", None)
@@ -103,6 +110,7 @@ def _strict(schema: object) -> object:
     out.pop("nullable", None)
     if (
         "properties" in out
+        and not constraint
         and "additionalProperties" not in out
         and not schema.get("x-kubernetes-preserve-unknown-fields")
     ):

@@ -159,7 +159,8 @@ def cluster(node: NodeCluster, helm: Helm) -> Iterator[StrimziCluster]:  # noqa:
 
     def teardown() -> None:
         _CLUSTER.clear()
-        helm("uninstall", RELEASE, "--namespace", namespace, "--wait", check=False)
+        # checked: an uninstall that hangs (e.g. on KafkaTopic finalizers) is a defect
+        helm("uninstall", RELEASE, "--namespace", namespace, "--wait", "--timeout", "5m")
         # the operator deletes the Kafka's pods and (deleteClaim) its claim, then goes
         helm("uninstall", "strimzi", "--namespace", namespace, "--wait", check=False)
         core.delete_namespace(namespace)
