@@ -278,7 +278,7 @@ def _own_stack_env(partitions: int) -> dict[str, str]:
     """GOZON_* settings for a throwaway stack: a temporary folder and free ports."""
     data_dir = Path(tempfile.mkdtemp(prefix="gozon-capacity-"))
     data_dir.chmod(0o755)  # PostgreSQL runs as its own user and must reach its folder
-    ports = iter(_free_ports(3 + len(PROCESSES)))
+    ports = iter(_free_ports(3 + sum(len(p.ports) for p in PROCESSES)))
     cache = StackConfig.from_env().cache_dir  # Kafka's jars: reuse `make up`'s download
     env = {
         "GOZON_DATA_DIR": str(data_dir),
@@ -289,7 +289,8 @@ def _own_stack_env(partitions: int) -> dict[str, str]:
         "GOZON_KAFKA_TOPIC_PARTITIONS": str(partitions),
     }
     for process in PROCESSES:
-        env[process.port_setting] = str(next(ports))
+        for setting in process.ports:
+            env[setting] = str(next(ports))
     return env
 
 

@@ -124,10 +124,16 @@ def stub_app() -> FastAPI:
     return app
 
 
+def metrics_url(gateway: GozonProcess) -> str:
+    """The gateway's `/metrics`, on its side port."""
+    return f"http://127.0.0.1:{gateway.env['GOZON_GATEWAY_METRICS_PORT']}/metrics"
+
+
 def gateway_process(work: Path, upstream: str) -> GozonProcess:
     port = port_for.select_random()
     env = {
         "GOZON_GATEWAY_PORT": str(port),
+        "GOZON_GATEWAY_METRICS_PORT": str(port_for.select_random(exclude_ports=[port])),
         "GOZON_GATEWAY_ORDERS_URL": upstream,
         "GOZON_GATEWAY_PAYMENTS_URL": upstream,
         "GOZON_LOG_LEVEL": "WARNING",
@@ -138,7 +144,7 @@ def gateway_process(work: Path, upstream: str) -> GozonProcess:
 
 
 @contextlib.contextmanager
-def stub_and_gateway(work: Path) -> Iterator[tuple[str, str]]:
+def stub_and_gateway(work: Path) -> Iterator[tuple[str, str, str]]:
     stub = f"http://127.0.0.1:{port_for.select_random()}"
     command = [sys.executable, "-m", "bench.gateway", "--serve-stub", stub.rsplit(":", 1)[1]]
     process = subprocess.Popen(command)
@@ -146,7 +152,7 @@ def stub_and_gateway(work: Path) -> Iterator[tuple[str, str]]:
     try:
         wait_for(lambda: http_status(f"{stub}/health/live") == 200, timeout=20, what="the stub")
         gateway.start(ready=True)
-        yield stub, gateway.health_url
+        yield stub, gateway.health_url, metrics_url(gateway)
     finally:
         gateway.stop()
         process.terminate()
@@ -154,7 +160,7 @@ def stub_and_gateway(work: Path) -> Iterator[tuple[str, str]]:
 
 
 @contextlib.contextmanager
-def own_stack(work: Path) -> Iterator[tuple[str, str]]:
+def own_stack(work: Path) -> Iterator[tuple[str, str, str]]:
     port = port_for.select_random()
     with postgres(work, "order_db", migrations={"order_db": ORDERS_MIGRATIONS}) as pg:
         env = {
@@ -172,7 +178,7 @@ def own_stack(work: Path) -> Iterator[tuple[str, str]]:
         try:
             orders.start(ready=True)
             gateway.start(ready=True)
-            yield orders.health_url, gateway.health_url
+            yield orders.health_url, gateway.health_url, metrics_url(gateway)
         finally:
             gateway.stop()
             orders.stop()
@@ -248,7 +254,7 @@ def main() -> None:
         asyncio.run(run(args, args.direct, args.gateway))
         return
     stack = own_stack if args.own_stack else stub_and_gateway
-    with workdir("gozon-bench-") as work, stack(work) as (direct, gateway):
+    with workdir("gozon-bench-") as work, stack(work) as (direct, gateway, _):
         asyncio.run(run(args, direct, gateway))
 
 

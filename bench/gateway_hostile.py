@@ -164,13 +164,13 @@ async def user(base: str, order_id: str, duration_s: float) -> tuple[list[float]
     return latencies, errors
 
 
-async def gateway_metrics(base: str) -> dict[str, float]:
+async def gateway_metrics(url: str) -> dict[str, float]:
     wanted = {
         'gozon_gateway_breaker_state{upstream="orders"}': "breaker",
         "gozon_gateway_open_connections": "open",
         "gozon_gateway_incomplete_requests": "incomplete",
     }
-    async with aiohttp.ClientSession() as session, session.get(f"{base}/metrics") as answer:
+    async with aiohttp.ClientSession() as session, session.get(url) as answer:
         text = await answer.text()
     found: dict[str, float] = {}
     for line in text.splitlines():
@@ -199,7 +199,7 @@ def _attack_main(name: str, host: str, port: int, seconds: float) -> None:
     asyncio.run(attacking())
 
 
-async def run(args: argparse.Namespace, base: str, metrics_base: str) -> None:
+async def run(args: argparse.Namespace, base: str, metrics: str) -> None:
     order_id = await create_order(base)
     host, port = base.removeprefix("http://").rsplit(":", 1)
     print(
@@ -221,7 +221,7 @@ async def run(args: argparse.Namespace, base: str, metrics_base: str) -> None:
             if attacker.is_alive():
                 attacker.kill()
         await asyncio.sleep(args.settle)
-        counts = await gateway_metrics(metrics_base)
+        counts = await gateway_metrics(metrics)
         print(
             f"{name:<14}{len(latencies):>9}{errors:>7}{quantile(latencies, 0.5):>8.1f}"
             f"{quantile(latencies, 0.99):>8.1f}{max(latencies, default=float('nan')):>8.1f}"
@@ -241,8 +241,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="gozon-bench-") as work:
         Path(work).chmod(0o755)  # PostgreSQL runs as the postgres user when the bench is root
-        with own_stack(Path(work)) as (_, gateway):
-            asyncio.run(run(args, gateway, gateway))
+        with own_stack(Path(work)) as (_, gateway, metrics):
+            asyncio.run(run(args, gateway, metrics))
 
 
 if __name__ == "__main__":

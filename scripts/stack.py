@@ -1186,6 +1186,15 @@ def _health_urls(
     }
 
 
+def _ports(env: Mapping[str, str], processes: Sequence[Process]) -> list[tuple[str, int]]:
+    """Every port the processes listen on (the gateway's side port too), named by process."""
+    return [
+        (p.name, int(env.get(setting, default)))
+        for p in processes
+        for setting, default in p.ports.items()
+    ]
+
+
 def _http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 (loopback)
@@ -1278,8 +1287,8 @@ class Platform:
         urls = _health_urls({**os.environ, **env}, self.processes)
         pid = self.pidfile.pid()
         if pid is None:
-            for name, url in urls.items():
-                require_free_port(int(url.rsplit(":", 1)[1]), name)
+            for name, port in _ports({**os.environ, **env}, self.processes):
+                require_free_port(port, name)
             self.logs.mkdir(parents=True, exist_ok=True)
             self.conf.write_text(
                 supervisor_config(

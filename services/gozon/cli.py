@@ -401,7 +401,8 @@ def gateway(_: argparse.Namespace) -> int:
     from gozon.gateway.server import uvicorn_config
 
     settings = _start("gateway", GatewaySettings)
-    serve(uvicorn_config(build_app(settings), settings))
+    app = build_app(settings, metrics_port=settings.gateway_metrics_port)
+    serve(uvicorn_config(app, settings))
     return 0
 
 
@@ -464,7 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
         again.add_argument("--dry-run", action="store_true", help="show them, publish nothing")
         again.add_argument("--pushgateway", help="push the run's count to this Pushgateway URL")
     gateway_command = services.add_parser(
-        "gateway", help="the API gateway, the one entry point (port GOZON_GATEWAY_PORT)"
+        "gateway",
+        help="the API gateway, the one entry point (port GOZON_GATEWAY_PORT; "
+        "/metrics on GOZON_GATEWAY_METRICS_PORT)",
     )
     gateway_command.set_defaults(run=gateway)
     check = add(

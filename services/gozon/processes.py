@@ -2,9 +2,11 @@
 
 Seven long-running processes and two one-shot migrations, each with the `gozon …` command that
 starts it and the `GOZON_*` setting that names its HTTP port (the APIs' own port, the workers'
-side port). Everything that starts the platform is checked against this table: the local
-supervisor (`make up`), the test fixtures, docker-compose and the Helm chart. A test fails when
-one of them disagrees, so a process added here and forgotten there cannot go unnoticed.
+side port). The gateway's port is public, so it has a side port too: its `/metrics` is served
+there only, never to clients. Everything that starts the platform is checked against this
+table: the local supervisor (`make up`), the test fixtures, docker-compose and the Helm chart. A
+test fails when one of them disagrees, so a process added here and forgotten there cannot go
+unnoticed.
 
 This module imports nothing from the rest of the package: launchers read it without loading
 the services.
@@ -30,10 +32,30 @@ class Process:
     service: Literal["orders", "payments"] | None  # the database it owns; None for the gateway
     port_setting: str  # the GOZON_* variable naming its HTTP port
     default_port: int
+    # A side port for /metrics (and the health checks) when the HTTP port is public.
+    side_port_setting: str | None = None
+    default_side_port: int | None = None
 
     @property
     def command(self) -> str:
         return " ".join(("gozon", *self.args))
+
+    @property
+    def metrics_port_setting(self) -> str:
+        """The GOZON_* variable naming the port that serves its `/metrics`."""
+        return self.side_port_setting or self.port_setting
+
+    @property
+    def default_metrics_port(self) -> int:
+        return self.default_side_port or self.default_port
+
+    @property
+    def ports(self) -> dict[str, int]:
+        """Every port it listens on: its GOZON_* setting → the default."""
+        ports = {self.port_setting: self.default_port}
+        if self.side_port_setting is not None and self.default_side_port is not None:
+            ports[self.side_port_setting] = self.default_side_port
+        return ports
 
     @property
     def serves_api(self) -> bool:
@@ -55,7 +77,16 @@ class Migration:
 
 
 PROCESSES: tuple[Process, ...] = (
-    Process("gateway", ("gateway",), "gateway", None, "GOZON_GATEWAY_PORT", 8080),
+    Process(
+        "gateway",
+        ("gateway",),
+        "gateway",
+        None,
+        "GOZON_GATEWAY_PORT",
+        8080,
+        side_port_setting="GOZON_GATEWAY_METRICS_PORT",
+        default_side_port=9105,
+    ),
     Process("orders-api", ("orders", "api"), "api", "orders", "GOZON_ORDERS_API_PORT", 8081),
     Process(
         "orders-relay",

@@ -17,7 +17,14 @@ import pytest
 import yaml
 
 from gozon.core.settings import OrdersSettings, PaymentsSettings
-from gozon.processes import LIVENESS_PATH, MIGRATIONS, PROCESSES, READINESS_PATH, Process
+from gozon.processes import (
+    LIVENESS_PATH,
+    METRICS_PATH,
+    MIGRATIONS,
+    PROCESSES,
+    READINESS_PATH,
+    Process,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "gozon"
@@ -96,8 +103,10 @@ def test_each_deployment_runs_its_process(manifests: list[Manifest], process: Pr
     main = container(deployment)
     assert " ".join([*main["command"], *main["args"]]) == process.command
     port_name = "http" if process.serves_api else "metrics"
+    side = [] if process.default_side_port is None else [process.default_side_port]
     assert main["ports"] == [
-        {"name": port_name, "containerPort": process.default_port, "protocol": "TCP"}
+        {"name": port_name, "containerPort": process.default_port, "protocol": "TCP"},
+        *({"name": "metrics", "containerPort": port, "protocol": "TCP"} for port in side),
     ]
     assert main["livenessProbe"]["httpGet"] == {"path": LIVENESS_PATH, "port": port_name}
     # The gateway's readiness is its liveness: its /health/ready fails while either upstream
@@ -109,7 +118,45 @@ def test_each_deployment_runs_its_process(manifests: list[Manifest], process: Pr
 def test_the_settings_name_each_process_port(manifests: list[Manifest]) -> None:
     config = of_kind(manifests, "ConfigMap")[FULLNAME]["data"]
     for process in PROCESSES:
-        assert config[process.port_setting] == str(process.default_port), process.name
+        for setting, port in process.ports.items():
+            assert config[setting] == str(port), process.name
+
+
+def test_every_process_is_scraped_on_its_metrics_port_and_only_from_monitoring(
+    tmp_path: Path,
+) -> None:
+    """The gateway's public port and Service carry no /metrics: it is scraped on its side port,
+    which, as every metrics port, only the monitoring namespace may reach."""
+    manifests = render(
+        tmp_path, sets=("metrics.serviceMonitor.enabled=true", "metrics.podMonitor.enabled=true")
+    )
+    scraped: dict[str, str] = {}
+    monitors = [*of_kind(manifests, "ServiceMonitor").values()]
+    monitors += [m for m in of_kind(manifests, "PodMonitor").values() if "jobLabel" in m["spec"]]
+    for monitor in monitors:
+        (expression,) = monitor["spec"]["selector"]["matchExpressions"]
+        endpoints = monitor["spec"].get("endpoints") or monitor["spec"]["podMetricsEndpoints"]
+        (endpoint,) = endpoints
+        assert endpoint["path"] == METRICS_PATH
+        for name in expression["values"]:
+            assert name not in scraped, f"{name} scraped twice"
+            scraped[name] = endpoint["port"]
+    # the port serving /metrics: the APIs' own (reached only in-cluster), everyone else's side port
+    expected = {p.name: "http" if p.kind == "api" else "metrics" for p in PROCESSES}
+    assert scraped == expected
+    gateway_service = of_kind(manifests, "Service")[f"{FULLNAME}-gateway"]
+    assert [p["targetPort"] for p in gateway_service["spec"]["ports"]] == ["http"]
+    policies = of_kind(manifests, "NetworkPolicy")
+    monitoring = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+    }
+    for process in PROCESSES:
+        port = {"port": expected[process.name], "protocol": "TCP"}
+        ingress = policies[f"{FULLNAME}-{process.name}"]["spec"]["ingress"]
+        reaching = [rule.get("from") for rule in ingress if port in rule["ports"]]
+        if process.kind == "api":  # the gateway calls the API on that port too
+            reaching = [peers for peers in reaching if peers and "namespaceSelector" in peers[0]]
+        assert reaching == [[monitoring]], process.name
 
 
 @pytest.mark.parametrize("process", PROCESSES, ids=lambda p: p.name)

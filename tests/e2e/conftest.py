@@ -24,7 +24,7 @@ from pathlib import Path
 import port_for
 import pytest
 
-from gozon.processes import PROCESSES, process
+from gozon.processes import METRICS_PATH, PROCESSES, process
 from gozon.reconcile import ReconcileReport, reconcile
 from scripts.compose import (
     COMPOSE_DATABASES,
@@ -49,6 +49,13 @@ class Platform:
 
     def url(self, name: str) -> str:
         return self.processes[name].health_url
+
+    def metrics_url(self, name: str) -> str:
+        """Where the process serves `/metrics`: its own port, or its side port (the gateway)."""
+        entry = process(name)
+        if entry.side_port_setting is None:
+            return f"{self.url(name)}{METRICS_PATH}"
+        return f"http://127.0.0.1:{self.env[entry.side_port_setting]}{METRICS_PATH}"
 
     @property
     def gateway(self) -> str:
@@ -99,7 +106,9 @@ def compose_platform(stack: ComposeStack, logs: Path) -> Platform:
     for entry in PROCESSES:
         service = COMPOSE_SERVICES[entry.name]
         address = stack.published(service, entry.default_port)
-        env[entry.port_setting] = address.rpartition(":")[2]
+        for setting, port in entry.ports.items():
+            published = address if port == entry.default_port else stack.published(service, port)
+            env[setting] = published.rpartition(":")[2]
         platform.processes[entry.name] = ComposeProcess(stack, service, f"http://{address}")
     return platform
 
@@ -179,10 +188,11 @@ def platform(request: pytest.FixtureRequest, logs_dir: Path) -> Iterator[Platfor
 
 def platform_env(orders_url: str, payments_url: str, kafka: Kafka) -> dict[str, str]:
     """The seven processes' environment: free ports, the two databases, the broker."""
+    settings = [setting for p in PROCESSES for setting in p.ports]
     ports: list[int] = []
-    for _ in PROCESSES:
+    for _ in settings:
         ports.append(port_for.select_random(exclude_ports=ports))
-    env = {p.port_setting: str(port) for p, port in zip(PROCESSES, ports, strict=True)}
+    env = {setting: str(port) for setting, port in zip(settings, ports, strict=True)}
     return env | {
         "GOZON_ORDERS_DATABASE_URL": orders_url,
         "GOZON_PAYMENTS_DATABASE_URL": payments_url,

@@ -36,7 +36,7 @@ class LivePrometheus:
         folder.mkdir(parents=True, exist_ok=True)
         jobs = []
         for entry in PROCESSES:
-            address = urllib.parse.urlsplit(platform.url(entry.name)).netloc
+            address = urllib.parse.urlsplit(platform.metrics_url(entry.name)).netloc
             jobs.append({"job_name": entry.name, "static_configs": [{"targets": [address]}]})
         config = {
             "global": {

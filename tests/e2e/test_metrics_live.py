@@ -51,7 +51,7 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
 
 async def scrape_all(client: httpx.AsyncClient, platform: Platform) -> dict[str, Scrape]:
     async def one(name: str) -> Scrape:
-        response = await client.get(f"{platform.url(name)}/metrics")
+        response = await client.get(platform.metrics_url(name))
         assert response.status_code == 200, f"{name}: {response.status_code}"
         return Scrape(response.text)
 
@@ -108,6 +108,17 @@ async def test_every_metric_in_the_dashboards_and_alerts_is_in_a_live_scrape(
         if all(family_of(name, scrape.types) is None for scrape in scrapes.values())
     }
     assert not missing, f"named in charts/gozon/dashboards but never scraped: {missing}"
+
+
+async def test_the_gateway_serves_its_metrics_on_its_side_port_only(
+    platform: Platform, client: httpx.AsyncClient
+) -> None:
+    public = await client.get(f"{platform.gateway}/metrics")
+    assert public.status_code == 404
+    assert public.headers["content-type"] == "application/problem+json"
+    side = await client.get(platform.metrics_url("gateway"))
+    assert side.status_code == 200
+    assert "gozon_gateway_breaker_state" in Scrape(side.text).types
 
 
 async def test_the_spec_scenario_shows_in_every_process_metrics(

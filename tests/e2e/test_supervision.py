@@ -62,9 +62,10 @@ def _launch(
     payments_dbs = fresh_database(postgres, payments_template)
     ports: list[int] = []
     for entry in PROCESSES:
-        ports.append(port_for.select_random(exclude_ports=ports))
-        # `status` reads the ports from the environment, as `make status` does
-        monkeypatch.setenv(entry.port_setting, str(ports[-1]))
+        for setting in entry.ports:
+            ports.append(port_for.select_random(exclude_ports=ports))
+            # `status` reads the ports from the environment, as `make status` does
+            monkeypatch.setenv(setting, str(ports[-1]))
     monkeypatch.setenv("GOZON_PG_PORT", str(postgres.port))
     monkeypatch.setenv("GOZON_KAFKA_PORT", str(kafka.port))
     monkeypatch.setenv("GOZON_KAFKA_CONTROLLER_PORT", str(kafka.controller_port))

@@ -21,6 +21,7 @@ import port_for
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from prometheus_client import REGISTRY
 
 from gozon.core.settings import GatewaySettings
 from gozon.gateway.app import build_app
@@ -133,8 +134,8 @@ async def test_stopped_upstream_gets_503_fast_the_other_keeps_working_and_it_rec
         assert response.status_code == 503
         assert (await gateway.get("/api/orders/1", headers=USER)).status_code == 200
     assert "retry-after" in response.headers  # the breaker is open: no upstream call at all
-    metrics = (await gateway.get("/metrics")).text.splitlines()
-    assert 'gozon_gateway_breaker_state{upstream="payments"} 2.0' in metrics
+    # the app in-process has no side port: its metrics are the process's registry
+    assert REGISTRY.get_sample_value("gozon_gateway_breaker_state", {"upstream": "payments"}) == 2
     ready = await gateway.get("/health/ready")
     assert ready.status_code == 503
     assert ready.json()["checks"] == {"orders": True, "payments": False}
@@ -346,11 +347,15 @@ async def uvicorn_serving(app: FastAPI) -> AsyncIterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def gateway_serving(gateway_settings: GatewaySettings) -> AsyncIterator[str]:
-    """The gateway on a free port, served as `gozon gateway` serves it."""
-    port = port_for.select_random()
+async def gateway_serving(
+    gateway_settings: GatewaySettings, metrics_port: int | None = None
+) -> AsyncIterator[str]:
+    """The gateway on a free port, served as `gozon gateway` serves it (with its side port
+    when `metrics_port` is given)."""
+    port = port_for.select_random(exclude_ports=[metrics_port] if metrics_port else None)
     gateway_settings = gateway_settings.model_copy(update={"gateway_port": port})
-    async with _serving(uvicorn_config(build_app(gateway_settings), gateway_settings)):
+    app = build_app(gateway_settings, metrics_port=metrics_port)
+    async with _serving(uvicorn_config(app, gateway_settings)):
         yield f"http://127.0.0.1:{port}"
 
 
@@ -395,6 +400,29 @@ async def test_over_a_real_socket_a_chunked_body_goes_up_whole_and_no_banner_com
         async with client.get(f"{url}/api/payments/balance") as response:
             assert response.status == 503
             assert response.content_type == "application/problem+json"
+
+
+async def test_metrics_are_served_on_the_side_port_and_refused_on_the_public_one(
+    orders: Upstream, payments: Upstream
+) -> None:
+    side = port_for.select_random()
+    async with (
+        gateway_serving(settings(orders, payments), metrics_port=side) as url,
+        httpx.AsyncClient(timeout=10) as client,
+    ):
+        public = await client.get(f"{url}/metrics")
+        assert public.status_code == 404
+        assert public.headers["content-type"] == "application/problem+json"
+        assert "gozon_" not in public.text
+        scraped = await client.get(f"http://127.0.0.1:{side}/metrics")
+        assert scraped.status_code == 200
+        assert 'gozon_gateway_breaker_state{upstream="orders"}' in scraped.text
+        # the side port answers the health checks too, with the gateway's own readiness
+        assert (await client.get(f"http://127.0.0.1:{side}/health/live")).status_code == 200
+        ready = await client.get(f"http://127.0.0.1:{side}/health/ready")
+        assert ready.json()["checks"] == {"orders": True, "payments": True}
+        # the public port keeps its probes (a load balancer's health check)
+        assert (await client.get(f"{url}/health/live")).status_code == 200
 
 
 async def test_past_its_in_flight_limit_the_gateway_sheds_503_without_calling_the_upstream(

@@ -82,10 +82,14 @@ def test_each_process_runs_its_command_waits_for_its_migration_and_is_probed_rea
             for p in PROCESSES
             if p.kind == "api"
         }
-    # the container listens on the table's port; only the gateway is published beyond loopback
-    (published,) = service["ports"]
+    # the container listens on the table's ports; only the gateway's API port is published
+    # beyond loopback (its metrics port is not)
+    published, *side = service["ports"]
     assert published.endswith(f":{process.default_port}")
     assert published.startswith("127.0.0.1:") != (process.kind == "gateway")
+    expected_side = [] if process.default_side_port is None else [process.default_side_port]
+    assert [int(port.rpartition(":")[2]) for port in side] == expected_side
+    assert all(port.startswith("127.0.0.1:") for port in side)
 
 
 @pytest.mark.parametrize("migration", MIGRATIONS, ids=lambda m: m.name)
@@ -112,7 +116,7 @@ def test_the_processes_reach_the_spec_databases_and_the_internal_listener() -> N
 def test_the_spec_ports_are_published() -> None:
     assert SERVICES["db_order"]["ports"] == ["127.0.0.1:${GOZON_ORDERS_DB_PUBLISH:-5433}:5432"]
     assert SERVICES["db_account"]["ports"] == ["127.0.0.1:${GOZON_PAYMENTS_DB_PUBLISH:-5432}:5432"]
-    assert SERVICES["gateway"]["ports"] == ["${GOZON_GATEWAY_PUBLISH:-8080}:8080"]
+    assert SERVICES["gateway"]["ports"][0] == "${GOZON_GATEWAY_PUBLISH:-8080}:8080"
 
 
 def test_every_image_is_a_variable_with_a_public_default() -> None:
@@ -160,7 +164,7 @@ def test_prometheus_scrapes_every_process_by_name_and_loads_the_shipped_rules() 
         for job in config["scrape_configs"]
     }
     assert {name: targets for name, targets in jobs.items() if name != "prometheus"} == {
-        p.name: [f"{COMPOSE_SERVICES[p.name]}:{p.default_port}"] for p in PROCESSES
+        p.name: [f"{COMPOSE_SERVICES[p.name]}:{p.default_metrics_port}"] for p in PROCESSES
     }
     rules = mounted("prometheus", "./charts/gozon/dashboards/alerts.yaml")
     (pattern,) = config["rule_files"]

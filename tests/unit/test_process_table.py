@@ -23,6 +23,19 @@ def test_names_ports_and_settings_are_unique() -> None:
         values = [getattr(p, attribute) for p in PROCESSES]
         assert len(values) == len(set(values)), f"duplicate {attribute}: {values}"
     assert len(PROCESSES) == 7
+    # side ports included: no two processes listen on the same port or read the same setting
+    settings = [setting for p in PROCESSES for setting in p.ports]
+    ports = [port for p in PROCESSES for port in p.ports.values()]
+    assert len(settings) == len(set(settings)), settings
+    assert len(ports) == len(set(ports)), ports
+
+
+def test_only_the_gateway_serves_its_metrics_on_a_side_port() -> None:
+    # its own port is public; the APIs' are reached only from the gateway, the workers'
+    # port is a side port already
+    assert {p.name: p.metrics_port_setting for p in PROCESSES if p.side_port_setting} == {
+        "gateway": "GOZON_GATEWAY_METRICS_PORT"
+    }
 
 
 @pytest.mark.parametrize("entry", [*PROCESSES, *MIGRATIONS], ids=lambda p: p.name)

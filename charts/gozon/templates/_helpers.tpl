@@ -91,7 +91,8 @@ Usage: serviceAccountName: {{ include "gozon.serviceAccountName" . }}
 
 {{/*
 gozon.processTable -- the facts of services/gozon/processes.py that the chart needs, as YAML:
-process name -> args (of `gozon`), kind, service, port, portSetting. Tunables live in values
+process name -> args (of `gozon`), kind, service, port, portSetting, and for the gateway (whose
+port is public) sidePort and sidePortSetting: where its /metrics is served. Tunables live in values
 (`processes.<name>`); tests/charts/test_process_table_chart.py renders the chart and checks its
 Deployments against the Python table, so the two cannot drift apart.
 Usage: {{ $table := include "gozon.processTable" . | fromYaml }}
@@ -103,6 +104,8 @@ gateway:
   service: ""
   port: 8080
   portSetting: GOZON_GATEWAY_PORT
+  sidePort: 9105
+  sidePortSetting: GOZON_GATEWAY_METRICS_PORT
 orders-api:
   args: [orders, api]
   kind: api
@@ -142,8 +145,10 @@ payments-consumer:
 {{- end }}
 
 {{/*
-gozon.process -- one process's facts merged with its values: the dict a Deployment is built from.
-Fails with the known names when `name` is not in the table.
+gozon.process -- one process's facts merged with its values: the dict a Deployment is built from,
+with `portName` (its port's name: http or metrics) and `metricsPortName` (the port serving its
+/metrics: the side port `metrics` when it has one). Fails with the known names when `name` is not
+in the table.
 Usage: {{ $p := include "gozon.process" (dict "ctx" $ "name" "orders-api") | fromYaml }}
 */}}
 {{- define "gozon.process" -}}
@@ -154,7 +159,8 @@ Usage: {{ $p := include "gozon.process" (dict "ctx" $ "name" "orders-api") | fro
 {{- $facts := get $table .name }}
 {{- $values := get .ctx.Values.processes .name | default dict }}
 {{- $port := ternary "http" "metrics" (has $facts.kind (list "gateway" "api")) }}
-{{- toYaml (merge (dict "name" .name "portName" $port) $facts (deepCopy $values)) }}
+{{- $metricsPort := ternary "metrics" $port (hasKey $facts "sidePort") }}
+{{- toYaml (merge (dict "name" .name "portName" $port "metricsPortName" $metricsPort) $facts (deepCopy $values)) }}
 {{- end }}
 
 {{/*
@@ -330,6 +336,9 @@ Usage: {{ include "gozon.config" . | fromYaml }}
 {{- $env := dict }}
 {{- range $name, $facts := include "gozon.processTable" . | fromYaml }}
 {{- $_ := set $env $facts.portSetting (toString $facts.port) }}
+{{- if $facts.sidePortSetting }}
+{{- $_ := set $env $facts.sidePortSetting (toString $facts.sidePort) }}
+{{- end }}
 {{- end }}
 {{- $_ := set $env "GOZON_GATEWAY_HOST" "0.0.0.0" }}
 {{- $_ = set $env "GOZON_ORDERS_API_HOST" "0.0.0.0" }}

@@ -25,15 +25,15 @@ from gozon.core.openapi import install_problem_document
 from gozon.core.problems import FAILURE_CONTRACT, install_problem_handlers
 from gozon.core.telemetry import ServerSpanMiddleware
 
-ops = APIRouter(include_in_schema=False)
+health = APIRouter(include_in_schema=False)
 
 
-@ops.get("/health/live")
+@health.get("/health/live")
 async def live() -> dict[str, str]:
     return {"status": "live"}
 
 
-@ops.get("/health/ready")
+@health.get("/health/ready")
 async def ready(request: Request) -> JSONResponse:
     readiness: Readiness = request.state.readiness
     checks = await readiness.report()
@@ -41,6 +41,10 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse(
         {"status": "ready" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503
     )
+
+
+ops = APIRouter(include_in_schema=False)
+ops.include_router(health)
 
 
 @ops.get("/metrics")

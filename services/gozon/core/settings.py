@@ -310,6 +310,8 @@ class GatewaySettings(CommonSettings):
 
     gateway_host: str = "127.0.0.1"
     gateway_port: int = Field(default=8080, ge=1, le=65535)
+    # The side port of /metrics and the health checks: the public port serves no metrics.
+    gateway_metrics_port: int = Field(default=9105, ge=0, le=65535)
     gateway_orders_url: str = "http://127.0.0.1:8081"
     gateway_payments_url: str = "http://127.0.0.1:8082"
     gateway_upstream_connect_timeout_s: float = Field(default=1.0, gt=0)

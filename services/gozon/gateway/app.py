@@ -3,8 +3,12 @@
     /api/orders, /api/orders/**        → the orders API     (gozon.gateway.proxy)
     /api/payments, /api/payments/**    → the payments API
     /openapi.json, /docs               both APIs merged     (gozon.gateway.openapi)
-    /health/live, /health/ready, /metrics                   (core's; ready = upstreams live)
-    anything else                      404 problem+json
+    /health/live, /health/ready        core's; ready = upstreams live
+    anything else (/metrics too)       404 problem+json
+
+The gateway's port is the public one: its metrics (breaker states, connection counts, the
+interpreter's version) are served on a side port of their own (`metrics_port`, core.sideport,
+with the same health checks), as the workers' are, and never to clients.
 
 Every answer carries `X-Request-Id` (the client's, when it sent a sane one) and, when CORS
 origins are configured, the CORS headers, problem answers included. The app is assembled from
@@ -27,11 +31,12 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gozon import __version__
-from gozon.core.app import ops
+from gozon.core.app import health
 from gozon.core.health import Readiness
 from gozon.core.metrics import HttpMetricsMiddleware
 from gozon.core.problems import install_problem_handlers
 from gozon.core.settings import GatewaySettings
+from gozon.core.sideport import side_port
 from gozon.core.telemetry import ServerSpanMiddleware
 from gozon.gateway.headers import request_id, with_request_id
 from gozon.gateway.openapi import OpenApiDocs, Source
@@ -132,7 +137,11 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send_with_id)
 
 
-def build_app(settings: GatewaySettings) -> FastAPI:
+def build_app(settings: GatewaySettings, *, metrics_port: int | None = None) -> FastAPI:
+    """The gateway's app; while it runs, `metrics_port` (0: a free one, its number in the
+    lifespan state as `metrics_port`) serves `/metrics` and the health checks on
+    `gateway_host`. `gozon gateway` passes GOZON_GATEWAY_METRICS_PORT; without one (a test
+    in-process) the metrics are only in the process's registry."""
     routes = settings.gateway_routes
 
     @asynccontextmanager
@@ -148,8 +157,17 @@ def build_app(settings: GatewaySettings) -> FastAPI:
             version=__version__,
             jwt=settings.gateway_identity == "jwt",
         )
+        state: dict[str, Any] = {
+            "gateway": gateway,
+            "readiness": readiness,
+            "openapi": openapi_docs,
+        }
         try:
-            yield {"gateway": gateway, "readiness": readiness, "openapi": openapi_docs}
+            if metrics_port is None:
+                yield state
+            else:
+                async with side_port(settings.gateway_host, metrics_port, readiness) as bound:
+                    yield state | {"metrics_port": bound}
         finally:
             await gateway.close()
 
@@ -195,6 +213,6 @@ def build_app(settings: GatewaySettings) -> FastAPI:
     install_problem_handlers(app)
     app.add_middleware(HttpMetricsMiddleware)
     app.add_middleware(ServerSpanMiddleware, service="gateway", edge=True)
-    app.include_router(ops)
+    app.include_router(health)
     app.include_router(docs)
     return app
