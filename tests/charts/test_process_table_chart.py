@@ -294,3 +294,25 @@ def test_jwt_identity_takes_its_key_from_a_secret_or_a_mounted_jwks(
         mounts = {m["name"]: m for m in container(gateway)["volumeMounts"]}
         assert mounts["jwks"]["mountPath"] == "/etc/gozon/jwks"
         assert "GOZON_GATEWAY_JWT_SECRET" not in env
+
+
+@pytest.mark.parametrize("process", PROCESSES, ids=lambda p: p.name)
+def test_a_worker_counts_its_crashes_on_a_volume_that_outlives_its_container(
+    manifests: list[Manifest], process: Process
+) -> None:
+    """GOZON_CRASH_STATE_DIR on an emptyDir of the pod: a restarted container reads the
+    crashes before it (gozon_process_crashes_in_a_row, GozonProcessCrashLooping)."""
+    deployment = of_kind(manifests, "Deployment")[f"{FULLNAME}-{process.name}"]
+    env = env_of(deployment)
+    mounts = {m["name"]: m for m in container(deployment)["volumeMounts"]}
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    if process.kind not in ("relay", "consumer"):  # only the workers keep crash state
+        assert "GOZON_CRASH_STATE_DIR" not in env
+        assert "crash-state" not in mounts
+        assert "crash-state" not in volumes
+        return
+    assert "crash_state_dir" in OrdersSettings.model_fields  # the name the settings read
+    directory = env["GOZON_CRASH_STATE_DIR"]["value"]
+    assert mounts["crash-state"]["mountPath"] == directory
+    assert not mounts["crash-state"].get("readOnly", False)
+    assert set(volumes["crash-state"]) == {"name", "emptyDir"}

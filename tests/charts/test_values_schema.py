@@ -46,6 +46,7 @@ CHART_SETS = {
     "GOZON_PAYMENTS_RELAY_METRICS_PORT",
     "GOZON_PAYMENTS_CONSUMER_METRICS_PORT",
     "GOZON_KAFKA_BOOTSTRAP_SERVERS",
+    "GOZON_CRASH_STATE_DIR",  # the workers', on an emptyDir of their pod
     "GOZON_KAFKA_TOPIC_PARTITIONS",
     "GOZON_KAFKA_REPLICATION_FACTOR",
     # from kafka.strimzi / kafka.external (gozon.kafkaAuth), on the relays and consumers
