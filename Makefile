@@ -9,16 +9,16 @@ bootstrap:
 	@scripts/bootstrap
 
 up: bootstrap
-	@$(PY) -m scripts.stack up
+	@$(PY) -m devstack up
 
 down:
-	@if [ -x $(PY) ]; then $(PY) -m scripts.stack down; else python3 -m scripts.stack down; fi
+	@if [ -x $(PY) ]; then $(PY) -m devstack down; else python3 -m devstack down; fi
 
 status:
-	@if [ -x $(PY) ]; then $(PY) -m scripts.stack status; else python3 -m scripts.stack status; fi
+	@if [ -x $(PY) ]; then $(PY) -m devstack status; else python3 -m devstack status; fi
 
 logs:
-	@python3 -m scripts.stack logs $(if $(FOLLOW),--follow)
+	@python3 -m devstack logs $(if $(FOLLOW),--follow)
 
 test:
 	@scripts/check

@@ -75,11 +75,10 @@ from typing import Any
 
 import aiohttp
 import asyncpg
-import port_for
 
 from bench.event_loop import child_cpu
+from devstack import Platform, StackConfig, free_ports, migrate_and_create_topics, stack_env
 from gozon.processes import PROCESSES, Process
-from scripts.stack import Platform, StackConfig, _migrate_and_create_topics
 from tests.faults.load import vegeta
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -265,33 +264,11 @@ class Stack:
     extras: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
 
-def _free_ports(count: int) -> list[int]:
-    ports: list[int] = []
-    while len(ports) < count:
-        port = port_for.select_random(exclude_ports=ports)
-        if port not in ports:
-            ports.append(port)
-    return ports
-
-
 def _own_stack_env(partitions: int) -> dict[str, str]:
     """GOZON_* settings for a throwaway stack: a temporary folder and free ports."""
     data_dir = Path(tempfile.mkdtemp(prefix="gozon-capacity-"))
     data_dir.chmod(0o755)  # PostgreSQL runs as its own user and must reach its folder
-    ports = iter(_free_ports(3 + sum(len(p.ports) for p in PROCESSES)))
-    cache = StackConfig.from_env().cache_dir  # Kafka's jars: reuse `make up`'s download
-    env = {
-        "GOZON_DATA_DIR": str(data_dir),
-        "GOZON_CACHE_DIR": os.environ.get("GOZON_CACHE_DIR", str(cache)),
-        "GOZON_PG_PORT": str(next(ports)),
-        "GOZON_KAFKA_PORT": str(next(ports)),
-        "GOZON_KAFKA_CONTROLLER_PORT": str(next(ports)),
-        "GOZON_KAFKA_TOPIC_PARTITIONS": str(partitions),
-    }
-    for process in PROCESSES:
-        for setting in process.ports:
-            env[setting] = str(next(ports))
-    return env
+    return {**stack_env(data_dir), "GOZON_KAFKA_TOPIC_PARTITIONS": str(partitions)}
 
 
 def start_stack(args: argparse.Namespace) -> Stack:
@@ -309,7 +286,7 @@ def start_stack(args: argparse.Namespace) -> Stack:
             pg.start()
             kafka.start()
             env = config.platform_env(pg, kafka)
-            _migrate_and_create_topics(env, kafka)
+            migrate_and_create_topics(env, kafka)
             platform.start(env)
         except BaseException:
             platform.stop()
@@ -360,7 +337,7 @@ def _scale(stack: Stack, env: Mapping[str, str], args: argparse.Namespace) -> No
             raise SystemExit(f"--replicas: {name} is not a relay or a consumer")
         gozon = _replica_gozon(name, dict(args.venv))
         for n in range(2, count + 1):
-            own_env = {**env, process.port_setting: str(_free_ports(1)[0])}
+            own_env = {**env, process.port_setting: str(free_ports(1)[0])}
             with (logs / f"{name}-{n}.log").open("ab") as log:
                 child = subprocess.Popen(
                     [str(gozon), *process.args],

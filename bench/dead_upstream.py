@@ -20,7 +20,7 @@ import urllib.request
 import port_for
 
 from bench.gateway import USER, gateway_process
-from bench.throwaway import workdir
+from devstack import workdir
 
 
 def main() -> None:

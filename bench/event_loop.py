@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 
-from bench.throwaway import postgres, workdir
+from devstack import throwaway_postgres, workdir
 
 STATEMENT = "SELECT x, x * 2 FROM unnest($1::bigint[]) AS x"
 
@@ -96,7 +96,7 @@ def main() -> int:
         return 0
 
     results: dict[str, list[tuple[float, float]]] = {"asyncio": [], "uvloop": []}
-    with workdir("gozon-bench-loop-") as work, postgres(work, "bench") as pg:
+    with workdir("gozon-bench-loop-") as work, throwaway_postgres(work / "pg", ("bench",)) as pg:
         url = pg.url("bench", driver="postgresql")
         for _ in range(args.rounds):
             for loop in ("asyncio", "uvloop"):

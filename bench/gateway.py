@@ -39,8 +39,13 @@ import port_for
 import uvicorn
 from fastapi import FastAPI
 
-from bench.throwaway import ORDERS_MIGRATIONS, postgres, workdir
+from devstack import throwaway_postgres, workdir
+from gozon.core.migrations import upgrade
 from scripts.processes import GozonProcess, http_status, wait_for
+
+ORDERS_MIGRATIONS = (
+    Path(__file__).resolve().parent.parent / "services" / "gozon" / "orders" / "migrations"
+)
 
 USER = {"X-User-Id": "bench-user"}
 STUB_ORDER_ID = "00000000-0000-0000-0000-000000000001"
@@ -162,7 +167,8 @@ def stub_and_gateway(work: Path) -> Iterator[tuple[str, str, str]]:
 @contextlib.contextmanager
 def own_stack(work: Path) -> Iterator[tuple[str, str, str]]:
     port = port_for.select_random()
-    with postgres(work, "order_db", migrations={"order_db": ORDERS_MIGRATIONS}) as pg:
+    with throwaway_postgres(work / "pg", ("order_db",)) as pg:
+        upgrade(ORDERS_MIGRATIONS, pg.url("order_db"))
         env = {
             "GOZON_ORDERS_DATABASE_URL": pg.url("order_db"),
             "GOZON_ORDERS_API_PORT": str(port),

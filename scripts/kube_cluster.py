@@ -40,7 +40,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scripts.stack import ROOT, PidFile, StackError, port_is_free, wait_until
+from devstack import StackError
+from devstack.system import ROOT, PidFile, port_is_free, wait_until
 
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 NODES = ("kwok-node-a", "kwok-node-b", "kwok-node-c")

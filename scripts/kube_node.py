@@ -55,8 +55,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from devstack import StackError
+from devstack.system import ROOT, wait_until
 from scripts.kube_cluster import LocalCluster, cli, tools_bin, tools_cache
-from scripts.stack import ROOT, StackError, wait_until
 
 NODE_COMPONENTS = (
     "etcd",

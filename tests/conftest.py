@@ -1,8 +1,9 @@
 """Session fixtures: a real PostgreSQL and a real Kafka of the test session's own.
 
 Each starts once per session, on free ports, in a throwaway folder, through the same launcher
-as `make up` (scripts/stack.py), and stops at the end. A test run never touches the `make up`
-stack. Fixtures start lazily: a unit-test run starts no server.
+as `make up` (devstack's `throwaway_postgres` and `throwaway_kafka`), and stops at the end.
+A test run never touches the `make up` stack. Fixtures start lazily: a unit-test run starts
+no server.
 
 Logging is configured once, here, as plain text (no colours, plain tracebacks). The logs of the
 processes the tests start go to a folder that outlives the run (`.gozon/test-logs/<run>/`, or
@@ -17,7 +18,6 @@ import contextlib
 import logging
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -26,7 +26,6 @@ from typing import TypeVar
 
 import asyncpg
 import httpx
-import port_for
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
@@ -36,11 +35,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from pydantic import BaseModel
 
+from devstack import Kafka, Postgres, create_topics, throwaway_kafka, throwaway_postgres, workdir
 from gozon.core.pg import worker_pool
 from gozon.core.settings import MessagingSettings
 from gozon.messaging.consumer import BatchHandler, ConsumerRunner
 from gozon.messaging.kafka import new_consumer, new_producer
-from scripts.stack import Kafka, Postgres, StackConfig, create_topics
 
 E = TypeVar("E", bound=BaseModel)
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,41 +100,27 @@ def logs_dir(request: pytest.FixtureRequest) -> Path:
 
 @pytest.fixture(scope="session")
 def servers_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="gozon-test-"))
-    # PostgreSQL runs as the postgres user when the session runs as root: it must reach in.
-    path.chmod(0o755)
-    yield path
-    if request.session.testsfailed:
-        kept = request.config.stash[_run_logs] / "servers"
-        for log in path.rglob("*.log"):
-            target = kept / log.relative_to(path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(OSError):
-                shutil.copy2(log, target)
-    shutil.rmtree(path, ignore_errors=True)
+    with workdir("gozon-test-") as path:
+        yield path
+        if request.session.testsfailed:
+            kept = request.config.stash[_run_logs] / "servers"
+            for log in path.rglob("*.log"):
+                target = kept / log.relative_to(path)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with contextlib.suppress(OSError):
+                    shutil.copy2(log, target)
 
 
 @pytest.fixture(scope="session")
 def postgres(servers_dir: Path) -> Iterator[Postgres]:
-    server = Postgres(servers_dir / "postgres", port_for.select_random(), durable=False)
-    server.start()
-    yield server
-    server.stop()
+    with throwaway_postgres(servers_dir / "postgres") as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
 def kafka(servers_dir: Path) -> Iterator[Kafka]:
-    port = port_for.select_random()
-    server = Kafka(
-        servers_dir / "kafka",
-        port=port,
-        controller_port=port_for.select_random(exclude_ports=[port]),
-        cache_dir=StackConfig.from_env().cache_dir,
-        heap="512m",
-    )
-    server.start()
-    yield server
-    server.stop()
+    with throwaway_kafka(servers_dir / "kafka", heap="512m") as server:
+        yield server
 
 
 # --------------------------------------------------------------------------- databases

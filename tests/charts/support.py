@@ -15,8 +15,8 @@ import pytest
 import yaml
 from kubernetes import client
 
+from devstack.system import ROOT
 from scripts.kube_cluster import LocalCluster, tools_bin
-from scripts.stack import ROOT
 
 CRD_DIR = ROOT / "k8s" / "crds"
 KUBE_VERSION = "1.37.0"  # the schemas and the local control plane: scripts/k8s-tools

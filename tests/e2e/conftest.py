@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-import port_for
 import pytest
 
+from devstack import Kafka, Postgres, free_ports, throwaway_kafka
 from gozon.processes import METRICS_PATH, PROCESSES, process
 from gozon.reconcile import ReconcileReport, reconcile
 from scripts.compose import (
@@ -33,7 +33,6 @@ from scripts.compose import (
     ComposeStack,
 )
 from scripts.processes import GozonProcess
-from scripts.stack import Kafka, Postgres, StackConfig
 from tests.conftest import fresh_database
 
 COMPOSE_PROJECT = os.environ.get("GOZON_E2E_COMPOSE_PROJECT", "")
@@ -134,28 +133,10 @@ def books_are_clean(env: dict[str, str], within: float = 120) -> None:
     assert report.ok, f"gozon reconcile after the e2e suite:\n{report.render()}"
 
 
-@contextlib.contextmanager
-def private_kafka(folder: Path) -> Iterator[Kafka]:
-    """A broker of its own on free ports: a platform's consumer groups and topics mix with no
-    other platform's."""
-    port = port_for.select_random()
-    server = Kafka(
-        folder,
-        port,
-        port_for.select_random(exclude_ports=[port]),
-        cache_dir=StackConfig.from_env().cache_dir,
-        heap="512m",
-    )
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture(scope="session")
 def e2e_kafka(servers_dir: Path) -> Iterator[Kafka]:
-    with private_kafka(servers_dir / "kafka-e2e") as server:
+    """A broker of the platform's own: its consumer groups and topics mix with no others'."""
+    with throwaway_kafka(servers_dir / "kafka-e2e") as server:
         yield server
 
 
@@ -189,9 +170,7 @@ def platform(request: pytest.FixtureRequest, logs_dir: Path) -> Iterator[Platfor
 def platform_env(orders_url: str, payments_url: str, kafka: Kafka) -> dict[str, str]:
     """The seven processes' environment: free ports, the two databases, the broker."""
     settings = [setting for p in PROCESSES for setting in p.ports]
-    ports: list[int] = []
-    for _ in settings:
-        ports.append(port_for.select_random(exclude_ports=ports))
+    ports = free_ports(len(settings))
     env = {setting: str(port) for setting, port in zip(settings, ports, strict=True)}
     return env | {
         "GOZON_ORDERS_DATABASE_URL": orders_url,

@@ -1,4 +1,4 @@
-"""A real Prometheus (Debian's, `scripts.stack.prometheus_tool`) scraping the e2e platform.
+"""A real Prometheus (Debian's, `devstack.prometheus_tool`) scraping the e2e platform.
 
 It scrapes every process of the process table under its name as `job`, as compose and the
 chart do, every second, and evaluates the shipped alert rules (charts/gozon/dashboards/
@@ -18,9 +18,9 @@ import httpx
 import port_for
 import yaml
 
+from devstack import prometheus_tool
 from gozon.processes import PROCESSES
 from scripts.processes import http_status, wait_for
-from scripts.stack import prometheus_tool
 from tests.e2e.conftest import Platform
 
 ROOT = Path(__file__).resolve().parents[2]

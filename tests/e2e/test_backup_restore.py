@@ -26,13 +26,13 @@ from pathlib import Path
 
 import asyncpg
 import httpx
-import port_for
 import pytest
 
+from devstack import Kafka, Postgres, throwaway_kafka, throwaway_postgres
+from devstack.postgres import postgres_bin_dir
 from gozon.reconcile import ReconcileReport, reconcile
 from scripts.processes import GOZON
-from scripts.stack import Kafka, Postgres, postgres_bin_dir
-from tests.e2e.conftest import platform_env, private_kafka, running_platform
+from tests.e2e.conftest import platform_env, running_platform
 from tests.e2e.test_order_payment_flow import deposit, new_user, post_as_a_client_does
 
 # Two platform starts, a dump, a new cluster and a restore: minutes on a busy machine.
@@ -44,16 +44,14 @@ USERS = 4
 
 @pytest.fixture(scope="module")
 def own_kafka(servers_dir: Path) -> Iterator[Kafka]:
-    with private_kafka(servers_dir / "kafka-backup-restore") as server:
+    with throwaway_kafka(servers_dir / "kafka-backup-restore") as server:
         yield server
 
 
 @pytest.fixture
 def own_postgres(servers_dir: Path) -> Iterator[Postgres]:
-    server = Postgres(servers_dir / "pg-backup-restore", port_for.select_random(), durable=False)
-    server.start()
-    yield server
-    server.stop()
+    with throwaway_postgres(servers_dir / "pg-backup-restore") as server:
+        yield server
 
 
 def libpq_env(postgres: Postgres, database: str) -> dict[str, str]:

@@ -20,12 +20,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from devstack import Kafka, Postgres, throwaway_kafka
 from gozon.core.migrations import upgrade
 from gozon.reconcile import reconcile
 from scripts.processes import GOZON
-from scripts.stack import Kafka, Postgres
 from tests.conftest import _psql
-from tests.e2e.conftest import platform_env, private_kafka, running_platform
+from tests.e2e.conftest import platform_env, running_platform
 from tests.e2e.test_order_payment_flow import balance, deposit, final_order, new_user, order
 from tests.next_release import NEXT_REVISION, next_release_migrations
 
@@ -36,7 +36,7 @@ GATE = Path(__file__).resolve().parents[2] / "charts" / "gozon" / "files" / "wai
 
 @pytest.fixture(scope="module")
 def own_kafka(servers_dir: Path) -> Iterator[Kafka]:
-    with private_kafka(servers_dir / "kafka-expand-contract") as server:
+    with throwaway_kafka(servers_dir / "kafka-expand-contract") as server:
         yield server
 
 

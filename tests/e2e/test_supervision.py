@@ -14,17 +14,12 @@ from pathlib import Path
 import port_for
 import pytest
 
+from devstack import Kafka, Platform, Postgres, StackConfig
+from devstack.cli import status
+from devstack.supervisor import processes_marked
+from devstack.system import pid_alive
 from gozon.processes import PROCESSES, process
 from scripts.processes import http_status, wait_for
-from scripts.stack import (
-    Kafka,
-    Platform,
-    Postgres,
-    StackConfig,
-    _pid_alive,
-    _processes_marked,
-    status,
-)
 from tests.conftest import fresh_database
 
 pytestmark = pytest.mark.e2e
@@ -145,9 +140,9 @@ def test_stopping_stops_what_was_started_even_after_supervisord_was_killed(
     supervisord = launched.pidfile.pid()
     assert supervisord is not None
     os.kill(supervisord, signal.SIGKILL)  # its processes are left running on their own
-    wait_for(lambda: not _pid_alive(supervisord), timeout=10, what="supervisord gone")
-    assert sorted(_processes_marked(str(launched.conf))) == sorted(pids)
+    wait_for(lambda: not pid_alive(supervisord), timeout=10, what="supervisord gone")
+    assert sorted(processes_marked(str(launched.conf))) == sorted(pids)
 
     assert launched.stop() is True
-    assert not [pid for pid in pids if _pid_alive(pid)]
-    assert _processes_marked(str(launched.conf)) == []
+    assert not [pid for pid in pids if pid_alive(pid)]
+    assert processes_marked(str(launched.conf)) == []

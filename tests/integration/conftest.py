@@ -15,16 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
-import port_for
 import pytest
 from aiokafka import AIOKafkaProducer
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from devstack import Kafka, Postgres, create_topics, throwaway_kafka, throwaway_postgres
 from gozon.core.migrations import upgrade
 from gozon.core.pg import driver_dsn
 from gozon.messaging.kafka import dlq_topic, new_producer
-from scripts.stack import Kafka, Postgres, StackConfig, create_topics
 from tests.conftest import MIGRATIONS, until
 from tests.integration.upstream import Upstream
 
@@ -62,16 +61,9 @@ def process_logs(logs_dir: Path, request: pytest.FixtureRequest) -> Path:
 @pytest.fixture
 def private_postgres(servers_dir: Path) -> Iterator[Postgres]:
     """A PostgreSQL of this test's own with a migrated order_db."""
-    server = Postgres(
-        servers_dir / f"pg-{uuid.uuid4().hex[:6]}",
-        port_for.select_random(),
-        durable=False,
-        databases=("order_db",),
-    )
-    server.start()
-    upgrade(MIGRATIONS / "orders" / "migrations", server.url("order_db"))
-    yield server
-    server.stop()
+    with throwaway_postgres(servers_dir / f"pg-{uuid.uuid4().hex[:6]}", ("order_db",)) as server:
+        upgrade(MIGRATIONS / "orders" / "migrations", server.url("order_db"))
+        yield server
 
 
 @contextlib.asynccontextmanager
@@ -151,17 +143,8 @@ async def frozen_when_it_waits_for_a_lock(
 @pytest.fixture
 def private_kafka(servers_dir: Path) -> Iterator[Kafka]:
     """A Kafka broker of this test's own."""
-    port = port_for.select_random()
-    server = Kafka(
-        servers_dir / f"kafka-{uuid.uuid4().hex[:6]}",
-        port,
-        port_for.select_random(exclude_ports=[port]),
-        cache_dir=StackConfig.from_env().cache_dir,
-        heap="384m",
-    )
-    server.start()
-    yield server
-    server.stop()
+    with throwaway_kafka(servers_dir / f"kafka-{uuid.uuid4().hex[:6]}", heap="384m") as server:
+        yield server
 
 
 @pytest.fixture

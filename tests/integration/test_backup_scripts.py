@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts.stack import Postgres, postgres_bin_dir
+from devstack import Postgres
+from devstack.postgres import postgres_bin_dir
 from tests.conftest import _psql
 from tests.integration.test_migrations import fetch
 

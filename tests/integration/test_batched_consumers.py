@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from sqlalchemy import insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from devstack import Kafka
 from gozon.contracts import (
     OrderCreated,
     PaymentProcessed,
@@ -38,7 +39,6 @@ from gozon.orders.models import Order
 from gozon.payments import service
 from gozon.payments.consumer import make_handler as payments_handler
 from gozon.payments.models import Account, LedgerEntry, PaymentDecision, payment_outbox
-from scripts.stack import Kafka
 from tests.conftest import (
     holds,
     huge_poison,

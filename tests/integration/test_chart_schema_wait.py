@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from devstack import Postgres
 from gozon.core.migrations import LINEAGE_TABLE, upgrade
-from scripts.stack import Postgres
 from tests.conftest import MIGRATIONS, _psql
 from tests.next_release import NEXT_REVISION, head, next_release_migrations
 

@@ -25,12 +25,12 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from devstack import Kafka
 from gozon.contracts import PaymentProcessed
 from gozon.core.pg import worker_pool
 from gozon.messaging.consumer import BatchHandler, ConsumerRunner, Delivery, Outcome
 from gozon.messaging.kafka import new_consumer, new_producer
 from gozon.orders.consumer import make_handler
-from scripts.stack import Kafka
 from tests.conftest import until
 from tests.integration.conftest import new_topic
 from tests.integration.test_batched_consumers import messages_count

@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from devstack import Kafka
 from gozon.contracts import PAYMENT_PROCESSED_TOPIC, PaymentProcessed, utc_now
 from gozon.messaging.dlq import (
     REDRIVE_COUNT,
@@ -31,7 +32,6 @@ from gozon.messaging.kafka import dlq_topic, new_producer
 from gozon.messaging.metrics import DLQ_REDRIVEN
 from gozon.orders.consumer import make_handler
 from gozon.orders.models import Order
-from scripts.stack import Kafka
 from tests.conftest import running_consumer, until
 from tests.integration.conftest import create_topics_async, new_topic
 from tests.integration.test_orders_consumer import order_state, result

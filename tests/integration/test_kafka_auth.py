@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from devstack import Kafka, throwaway_kafka
 from gozon.contracts import ORDER_CREATED_TOPIC, PAYMENT_PROCESSED_TOPIC
 from gozon.messaging.kafka import (
     KafkaAccess,
@@ -34,7 +35,6 @@ from gozon.messaging.kafka import (
     start_client,
 )
 from scripts.processes import GozonProcess, wait_for
-from scripts.stack import Kafka, StackConfig
 from tests.integration.test_relay import insert_events
 
 pytestmark = pytest.mark.integration
@@ -48,19 +48,8 @@ def sasl_kafka(servers_dir: Path) -> Iterator[Kafka]:
     """A broker with a SCRAM listener and ACLs: the orders user may write the topic its relay
     publishes, read the one its consumer consumes (in its group) and write that one's DLQ.
     No Create anywhere; the payments topic's DLQ does not exist yet."""
-    port = port_for.select_random()
-    controller = port_for.select_random(exclude_ports=[port])
-    server = Kafka(
-        servers_dir / f"kafka-sasl-{uuid.uuid4().hex[:6]}",
-        port,
-        controller,
-        cache_dir=StackConfig.from_env().cache_dir,
-        heap="384m",
-        sasl_port=port_for.select_random(exclude_ports=[port, controller]),
-        scram_users={USER: PASSWORD},
-    )
-    server.start()
-    try:
+    folder = servers_dir / f"kafka-sasl-{uuid.uuid4().hex[:6]}"
+    with throwaway_kafka(folder, heap="384m", scram_users={USER: PASSWORD}) as server:
         server.create_topics([ORDER_CREATED_TOPIC, PAYMENT_PROCESSED_TOPIC])
         server.allow(USER, ["WRITE", "DESCRIBE"], topics=[ORDER_CREATED_TOPIC])
         server.allow(USER, ["READ", "DESCRIBE"], topics=[PAYMENT_PROCESSED_TOPIC])
@@ -69,8 +58,6 @@ def sasl_kafka(servers_dir: Path) -> Iterator[Kafka]:
         )
         server.allow(USER, ["READ"], groups=[GROUP])
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -14,18 +14,11 @@ from pathlib import Path
 import port_for
 import pytest
 
+from devstack import Kafka, Platform, Postgres, StackConfig, StackError, system
+from devstack.supervisor import START_RETRIES
+from devstack.system import PidFile
 from gozon.processes import Process
-from scripts import stack
 from scripts.processes import wait_for
-from scripts.stack import (
-    START_RETRIES,
-    Kafka,
-    PidFile,
-    Platform,
-    Postgres,
-    StackConfig,
-    StackError,
-)
 
 pytestmark = pytest.mark.integration
 
@@ -183,13 +176,13 @@ def test_a_second_start_is_not_fooled_by_a_command_line_that_reads_empty(
             # the same stack, as a new `make up` finds it
             second = Platform(first.config, first.processes, first.command)
             reads = []
-            real = stack._cmdline
+            real = system.cmdline
 
             def empty_after_the_first_read(pid: int) -> str:
                 reads.append(pid)
                 return real(pid) if len(reads) == 1 else ""
 
-            monkeypatch.setattr(stack, "_cmdline", empty_after_the_first_read)
+            monkeypatch.setattr(system, "cmdline", empty_after_the_first_read)
             threading.Timer(2, (tmp_path / "gated.flag").touch).start()
             assert set(second.start({}, timeout=120)) == {"gated", "steady"}
             assert len(reads) > 1  # the empty reads did happen

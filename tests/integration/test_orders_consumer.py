@@ -17,13 +17,13 @@ from prometheus_client import REGISTRY
 from sqlalchemy import insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from devstack import Kafka, Postgres
 from gozon.contracts import PaymentProcessed, PaymentProcessedPayload, utc_now
 from gozon.core.pg import worker_pool
 from gozon.messaging.consumer import DLQ_REASON, BatchHandler, Delivery, Outcome
 from gozon.messaging.kafka import dlq_topic
 from gozon.orders.consumer import count_stuck_orders, make_handler
 from gozon.orders.models import Order
-from scripts.stack import Kafka, Postgres
 from tests.conftest import running_consumer, until
 from tests.integration.conftest import new_topic
 from tests.integration.test_relay import consume

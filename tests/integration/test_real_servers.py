@@ -10,7 +10,7 @@ from aiokafka.structs import ConsumerRecord
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from scripts.stack import Kafka, Postgres, create_topics
+from devstack import Kafka, Postgres, create_topics
 
 pytestmark = pytest.mark.integration
 
@@ -78,7 +78,8 @@ async def test_the_broker_runs_with_the_development_tuning(kafka: Kafka) -> None
     from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-    from scripts.stack import DEV_BROKER_CONFIG, DEV_JVM_OPTIONS, _cmdline
+    from devstack.kafka import DEV_BROKER_CONFIG, DEV_JVM_OPTIONS
+    from devstack.system import cmdline
 
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
     await admin.start()
@@ -94,4 +95,4 @@ async def test_the_broker_runs_with_the_development_tuning(kafka: Kafka) -> None
     assert applied == dict(DEV_BROKER_CONFIG)
     pid = kafka.running_pid()
     assert pid is not None
-    assert set(DEV_JVM_OPTIONS) <= set(_cmdline(pid).split())
+    assert set(DEV_JVM_OPTIONS) <= set(cmdline(pid).split())

@@ -24,6 +24,7 @@ from aiokafka.structs import ConsumerRecord
 from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from devstack import Kafka, Postgres
 from gozon.contracts import ORDER_CREATED_TOPIC, OrderCreated, OrderCreatedPayload, utc_now
 from gozon.core.db import session_factory
 from gozon.core.settings import OrdersSettings
@@ -40,7 +41,6 @@ from gozon.messaging.wakeup import OutboxListener
 from gozon.orders.api import build_app
 from gozon.orders.models import order_outbox
 from scripts.processes import GozonProcess, wait_for
-from scripts.stack import Kafka, Postgres
 from tests.conftest import serve, until
 from tests.integration.conftest import create_topics_async
 

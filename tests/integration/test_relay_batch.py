@@ -24,11 +24,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from sqlalchemy import Text, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from devstack import Kafka
 from gozon.core.db import is_database_outage, session_factory
 from gozon.messaging.kafka import new_producer
 from gozon.messaging.relay import BrokerUnavailable, OutboxRelay, RelayConfig
 from gozon.orders.models import order_outbox
-from scripts.stack import Kafka
 from tests.integration.conftest import create_topics_async
 from tests.integration.test_relay import consume, event_ids, insert_events
 

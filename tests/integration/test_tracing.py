@@ -30,6 +30,7 @@ from sqlalchemy import Table, insert, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from devstack import Kafka
 from gozon.contracts import (
     ORDER_CREATED_TOPIC,
     PAYMENT_PROCESSED_TOPIC,
@@ -49,7 +50,6 @@ from gozon.orders.models import Order, order_outbox
 from gozon.payments.api import build_app as payments_app
 from gozon.payments.consumer import make_handler as payments_handler
 from gozon.payments.models import payment_outbox
-from scripts.stack import Kafka
 from tests.conftest import running_consumer, serve, until
 from tests.integration.conftest import create_topics_async
 from tests.integration.test_gateway import uvicorn_serving

@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
+from devstack import prometheus_tool
 from gozon.processes import PROCESSES
-from scripts.stack import prometheus_tool
 from tests.unit.test_dashboards import ALERTS, load_alert_rules
 
 ROOT = Path(__file__).resolve().parents[2]

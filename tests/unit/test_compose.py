@@ -229,7 +229,7 @@ def test_the_image_is_non_root_on_the_public_base_and_installs_only_the_hashed_l
 
 def test_the_kafka_container_is_tuned_as_the_local_stack_broker() -> None:
     """A single-node development broker on both paths: the same settings as `make up`'s."""
-    from scripts.stack import DEV_BROKER_CONFIG, DEV_JVM_OPTIONS
+    from devstack.kafka import DEV_BROKER_CONFIG, DEV_JVM_OPTIONS
 
     kafka = env(SERVICES["kafka"])
     for key, value in DEV_BROKER_CONFIG.items():

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from devstack import supervisor_config
+from devstack.supervisor import START_RETRIES, process_log
 from gozon.cli import build_parser
 from gozon.processes import MIGRATIONS, PROCESSES, Migration, Process, process
-from scripts.stack import START_RETRIES, process_log, supervisor_config
 
 
 def test_names_ports_and_settings_are_unique() -> None:

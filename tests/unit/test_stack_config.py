@@ -1,11 +1,15 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from scripts.stack import StackConfig, StackError, port_is_free, restart_counts
+from devstack import StackConfig, StackError
+from devstack.supervisor import restart_counts
+from devstack.system import port_is_free
 
 
 def test_ports_and_folders_come_from_gozon_variables(tmp_path: Path) -> None:
@@ -46,3 +50,17 @@ def test_restarts_are_counted_from_supervisords_last_start(tmp_path: Path) -> No
     )
     assert restart_counts(log) == {"orders-api": 1, "gateway": 0}
     assert restart_counts(tmp_path / "missing.log") == {}
+
+
+def test_the_dev_stack_imports_only_the_standard_library() -> None:
+    """`make down` and `make status` run before `.venv` exists: without site-packages (-S),
+    the package and its CLI still import, and nothing but the process table comes along."""
+    root = Path(__file__).resolve().parents[2]
+    probe = (
+        "import sys, devstack.cli; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", probe], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.split("\n")[0] == "['__main__', 'devstack', 'gozon']"
