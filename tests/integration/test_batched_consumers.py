@@ -29,8 +29,7 @@ from gozon.contracts import (
     PaymentProcessedPayload,
     utc_now,
 )
-from gozon.core.db import session_factory
-from gozon.core.pg import worker_pool
+from gozon.core.pg import Database, worker_pool
 from gozon.messaging.consumer import DLQ_REASON, BatchHandler, Delivery, Outcome, Record
 from gozon.messaging.dlq import list_dead_letters, redrive, table
 from gozon.messaging.kafka import dlq_topic
@@ -115,12 +114,19 @@ def value(event: OrderCreated | PaymentProcessed) -> bytes:
 
 
 async def deposit(engine: AsyncEngine, user_id: str, amount: str) -> None:
-    await service.deposit(
-        sessions=session_factory(engine),
-        user_id=user_id,
-        amount=Decimal(amount),
-        idempotency_key=None,
+    """A deposit as the payments API makes it (`gozon.core.pg.Database`), into `engine`'s
+    database."""
+    db = await Database.open(
+        engine.url.render_as_string(hide_password=False),
+        pool_size=1,
+        application_name="test-deposit",
+        pool_timeout_s=60,
+        statement_timeout_s=60,
     )
+    try:
+        await service.deposit(db=db, user_id=user_id, amount=Decimal(amount), idempotency_key=None)
+    finally:
+        await db.close()
 
 
 async def balance_of(engine: AsyncEngine, user_id: str) -> Decimal | None:

@@ -20,10 +20,10 @@ import asyncpg
 import httpx
 import pytest
 from sqlalchemy import func, select, text
-from sqlalchemy.exc import DBAPIError
 
-from gozon.core.db import create_engine
-from gozon.core.deadline import DeadlineExceeded, api_session_factory, request_budget
+from gozon.core.db import create_engine, session_factory
+from gozon.core.deadline import DeadlineExceeded, request_budget
+from gozon.core.pg import Database
 from gozon.core.settings import OrdersSettings
 from gozon.orders.api import build_app
 from gozon.orders.models import Order
@@ -181,42 +181,52 @@ async def test_too_small_a_budget_is_refused_before_any_work(orders_db: str) -> 
     assert await orders_with(orders_db, "tiny") == 0
 
 
+async def transactions(url: str) -> Database:
+    """The APIs' database access (`Database.transaction` bounds the payments API's deposits)."""
+    return await Database.open(
+        url,
+        pool_size=1,
+        application_name="gozon",
+        pool_timeout_s=2,
+        statement_timeout_s=3,
+    )
+
+
 async def test_nothing_is_committed_once_the_deadline_has_passed(orders_db: str) -> None:
     engine = create_engine(orders_db, pool_size=1)
-    sessions = api_session_factory(engine, statement_timeout_s=3)
+    db = await transactions(orders_db)
 
     async def insert_then_wait_for_the_deadline() -> None:
         with request_budget(0.5) as budget:
-            async with sessions() as session, session.begin():
-                await session.execute(
-                    text(
-                        "INSERT INTO orders (id, user_id, amount, description, status, "
-                        "created_at, updated_at) VALUES (:id, 'u', 1, 'after', 'NEW', now(), now())"
-                    ),
-                    {"id": uuid.uuid4()},
+            async with db.transaction() as conn:
+                await conn.execute(
+                    "INSERT INTO orders (id, user_id, amount, description, status, "
+                    "created_at, updated_at) VALUES ($1, 'u', 1, 'after', 'NEW', now(), now())",
+                    uuid.uuid4(),
                 )
                 await until(lambda: asyncio.sleep(0, result=budget.left() <= 0), 5, "the deadline")
 
     try:
         with pytest.raises(DeadlineExceeded):
             await insert_then_wait_for_the_deadline()
-        async with sessions() as session:
+        async with session_factory(engine)() as session:
             count = await session.scalar(
                 select(func.count()).select_from(Order).where(Order.description == "after")
             )
         assert count == 0
     finally:
+        await db.close()
         await engine.dispose()
 
 
 async def test_a_commit_cut_at_the_deadline_is_of_unknown_outcome(orders_db: str) -> None:
-    """The payments API's sessions cut a transaction's connection at the deadline (a server
-    that stopped answering cancels nothing). If the COMMIT was already sent, the server may
-    have committed: the budget says `committing`, which the API answers 504 "outcome unknown"
-    rather than 503. The COMMIT is held here by a deferred constraint trigger that waits for
-    an advisory lock the test holds, and its backend is stopped (SIGSTOP) while it waits."""
-    engine = create_engine(orders_db, pool_size=1)
-    sessions = api_session_factory(engine, statement_timeout_s=3)
+    """The payments API's transactions (`Database.transaction`) have their connection cut at
+    the deadline (a server that stopped answering cancels nothing). If the COMMIT was already
+    sent, the server may have committed: the budget says `committing`, which the API answers
+    504 "outcome unknown" rather than 503. The COMMIT is held here by a deferred constraint
+    trigger that waits for an advisory lock the test holds, and its backend is stopped
+    (SIGSTOP) while it waits."""
+    db = await transactions(orders_db)
     key = 20261203
     admin = await asyncpg.connect(raw_url(orders_db))
     try:
@@ -225,7 +235,7 @@ async def test_a_commit_cut_at_the_deadline_is_of_unknown_outcome(orders_db: str
             started = time.monotonic()
 
             async def commit_that_waits_for_the_lock() -> None:
-                async with sessions() as session, session.begin():
+                async with db.transaction() as conn:
                     for statement in (
                         "CREATE TEMP TABLE held (x int) ON COMMIT DROP",
                         "CREATE FUNCTION pg_temp.wait_for_the_test() RETURNS trigger "
@@ -236,11 +246,11 @@ async def test_a_commit_cut_at_the_deadline_is_of_unknown_outcome(orders_db: str
                         "EXECUTE FUNCTION pg_temp.wait_for_the_test()",
                         "INSERT INTO held VALUES (1)",
                     ):
-                        await session.execute(text(statement))
+                        await conn.execute(statement)
 
             committing = asyncio.create_task(commit_that_waits_for_the_lock())
             async with frozen_when_it_waits_for_a_lock(admin, "gozon"):
-                with pytest.raises(DBAPIError):
+                with pytest.raises((asyncpg.PostgresConnectionError, asyncpg.InterfaceError)):
                     await asyncio.wait_for(committing, 30)
                 took = time.monotonic() - started
         assert budget.cut
@@ -248,7 +258,7 @@ async def test_a_commit_cut_at_the_deadline_is_of_unknown_outcome(orders_db: str
         assert took < 1.0 + 0.8, f"gave up {took:.2f} s after the transaction began"
     finally:
         await admin.close()
-        await engine.dispose()
+        await db.close()
 
 
 async def lock_waiter(url: str, spare: int) -> int | None:

@@ -31,7 +31,7 @@ from gozon.contracts import (
     utc_now,
 )
 from gozon.core.db import session_factory
-from gozon.core.pg import worker_pool
+from gozon.core.pg import Database, worker_pool
 from gozon.messaging.consumer import Delivery, Record
 from gozon.payments import service
 from gozon.payments.consumer import make_handler as batch_handler
@@ -68,6 +68,20 @@ async def engine(payments_db: str) -> AsyncIterator[AsyncEngine]:
 @pytest.fixture
 def sessions(engine: AsyncEngine) -> Sessions:
     return session_factory(engine)
+
+
+@pytest.fixture
+async def db(payments_db: str) -> AsyncIterator[Database]:
+    """The payments API's database access, for the deposits (room for 20 at once, patient)."""
+    db = await Database.open(
+        payments_db,
+        pool_size=10,
+        application_name="test-payments-deposits",
+        pool_timeout_s=120,
+        statement_timeout_s=120,
+    )
+    yield db
+    await db.close()
 
 
 @pytest.fixture
@@ -129,10 +143,8 @@ def record_of(event: OrderCreated) -> Record:
     )
 
 
-async def deposit(sessions: Sessions, user_id: str, amount: str) -> None:
-    await service.deposit(
-        sessions=sessions, user_id=user_id, amount=Decimal(amount), idempotency_key=None
-    )
+async def deposit(db: Database, user_id: str, amount: str) -> None:
+    await service.deposit(db=db, user_id=user_id, amount=Decimal(amount), idempotency_key=None)
 
 
 async def balance_of(sessions: Sessions, user_id: str) -> Decimal | None:
@@ -180,11 +192,12 @@ def outcome_count(outcome: str) -> float:
 
 
 async def test_an_order_within_the_balance_is_debited_recorded_and_answered(
+    db: Database,
     sessions: Sessions,
     pool: asyncpg.Pool,
 ) -> None:
     uid = user()
-    await deposit(sessions, uid, "5000")
+    await deposit(db, uid, "5000")
     event = order_created(uid, "1500.99")
     handle = make_handler(pool)
     paid_before = outcome_count("paid")
@@ -215,9 +228,11 @@ async def test_an_order_within_the_balance_is_debited_recorded_and_answered(
     assert outcome_count("paid") == paid_before + 1
 
 
-async def test_duplicate_order_event_debits_once(sessions: Sessions, pool: asyncpg.Pool) -> None:
+async def test_duplicate_order_event_debits_once(
+    db: Database, sessions: Sessions, pool: asyncpg.Pool
+) -> None:
     uid = user()
-    await deposit(sessions, uid, "100")
+    await deposit(db, uid, "100")
     event = order_created(uid, "60")
     handle = make_handler(pool)
 
@@ -230,10 +245,10 @@ async def test_duplicate_order_event_debits_once(sessions: Sessions, pool: async
 
 
 async def test_concurrent_deliveries_of_one_order_event_debit_once(
-    sessions: Sessions, pool: asyncpg.Pool
+    db: Database, sessions: Sessions, pool: asyncpg.Pool
 ) -> None:
     uid = user()
-    await deposit(sessions, uid, "100")
+    await deposit(db, uid, "100")
     event = order_created(uid, "60")
     handle = make_handler(pool)
 
@@ -245,10 +260,10 @@ async def test_concurrent_deliveries_of_one_order_event_debit_once(
 
 
 async def test_insufficient_funds_leaves_the_balance_unchanged(
-    sessions: Sessions, pool: asyncpg.Pool
+    db: Database, sessions: Sessions, pool: asyncpg.Pool
 ) -> None:
     uid = user()
-    await deposit(sessions, uid, "100")
+    await deposit(db, uid, "100")
     event = order_created(uid, "100.01")
 
     assert await make_handler(pool)(event, record_of(event)) == "processed"
@@ -261,10 +276,10 @@ async def test_insufficient_funds_leaves_the_balance_unchanged(
 
 
 async def test_an_order_of_the_whole_balance_is_paid_down_to_zero(
-    sessions: Sessions, pool: asyncpg.Pool
+    db: Database, sessions: Sessions, pool: asyncpg.Pool
 ) -> None:
     uid = user()
-    await deposit(sessions, uid, "100")
+    await deposit(db, uid, "100")
     event = order_created(uid, "100.00")
 
     await make_handler(pool)(event, record_of(event))
@@ -290,11 +305,12 @@ async def test_an_order_without_an_account_is_account_not_found_and_opens_none(
 
 
 async def test_a_new_envelope_for_a_paid_order_debits_nothing_and_answers_paid_again(
+    db: Database,
     sessions: Sessions,
     pool: asyncpg.Pool,
 ) -> None:
     uid = user()
-    await deposit(sessions, uid, "100")
+    await deposit(db, uid, "100")
     first = order_created(uid, "30")
     second = order_created(uid, "30", order_id=first.payload.order_id)  # another event id
     handle = make_handler(pool)
@@ -309,15 +325,16 @@ async def test_a_new_envelope_for_a_paid_order_debits_nothing_and_answers_paid_a
 
 
 async def test_a_cancelled_order_stays_unpaid_after_a_top_up_whatever_the_envelope(
+    db: Database,
     sessions: Sessions,
     pool: asyncpg.Pool,
 ) -> None:
     uid = user()
-    await deposit(sessions, uid, "10")
+    await deposit(db, uid, "10")
     first = order_created(uid, "50")
     handle = make_handler(pool)
     assert await handle(first, record_of(first)) == "processed"
-    await deposit(sessions, uid, "100")  # the user tops up after the cancellation
+    await deposit(db, uid, "100")  # the user tops up after the cancellation
 
     retry = order_created(uid, "50", order_id=first.payload.order_id)
     outcomes = await asyncio.gather(
@@ -332,10 +349,10 @@ async def test_a_cancelled_order_stays_unpaid_after_a_top_up_whatever_the_envelo
 
 
 async def test_concurrent_new_envelopes_of_one_order_decide_it_once(
-    sessions: Sessions, pool: asyncpg.Pool
+    db: Database, sessions: Sessions, pool: asyncpg.Pool
 ) -> None:
     uid = user()
-    await deposit(sessions, uid, "100")
+    await deposit(db, uid, "100")
     order_id = uuid.uuid4()
     events = [order_created(uid, "60", order_id=order_id) for _ in range(5)]
     handle = make_handler(pool)
@@ -348,11 +365,11 @@ async def test_concurrent_new_envelopes_of_one_order_decide_it_once(
 
 
 async def test_the_ledger_refuses_a_second_debit_of_one_order(
-    sessions: Sessions, pool: asyncpg.Pool
+    db: Database, sessions: Sessions, pool: asyncpg.Pool
 ) -> None:
     """Belt and braces behind the decision: the database allows one debit per order."""
     uid = user()
-    await deposit(sessions, uid, "100")
+    await deposit(db, uid, "100")
     event = order_created(uid, "30")
     assert await make_handler(pool)(event, record_of(event)) == "processed"
     async with sessions() as session:
@@ -373,12 +390,13 @@ async def test_the_ledger_refuses_a_second_debit_of_one_order(
 
 
 async def test_concurrent_orders_and_deposits_on_one_account_neither_create_nor_lose_money(
+    db: Database,
     sessions: Sessions,
     pool: asyncpg.Pool,
 ) -> None:
     uid = user()
     initial = Decimal("1000")
-    await deposit(sessions, uid, str(initial))
+    await deposit(db, uid, str(initial))
     rng = random.Random(20261124)
     orders = [order_created(uid, f"{rng.randint(100, 9999) / 100:.2f}") for _ in range(200)]
     deposits = [f"{rng.randint(100, 4999) / 100:.2f}" for _ in range(50)]
@@ -388,7 +406,7 @@ async def test_concurrent_orders_and_deposits_on_one_account_neither_create_nor_
         for op in ("debit", "deposit")
     )
     work: list[Awaitable[object]] = [handle(event, record_of(event)) for event in orders]
-    work += [deposit(sessions, uid, amount) for amount in deposits]
+    work += [deposit(db, uid, amount) for amount in deposits]
     rng.shuffle(work)
 
     await asyncio.gather(*work)
@@ -443,17 +461,20 @@ async def test_concurrent_orders_and_deposits_on_one_account_neither_create_nor_
 )
 async def test_the_ledger_refuses_to_be_rewritten(payments_db: str, statement: str) -> None:
     engine = create_async_engine(payments_db)
+    db = await Database.open(
+        payments_db,
+        pool_size=1,
+        application_name="test-ledger",
+        pool_timeout_s=60,
+        statement_timeout_s=60,
+    )
     try:
-        await service.deposit(
-            sessions=session_factory(engine),
-            user_id="ledger",
-            amount=Decimal("10"),
-            idempotency_key=None,
-        )
+        await service.deposit(db=db, user_id="ledger", amount=Decimal("10"), idempotency_key=None)
         with pytest.raises(DBAPIError, match="account_ledger is append-only"):
             async with engine.begin() as conn:
                 await conn.execute(text(statement))
         async with engine.connect() as conn:
             assert await conn.scalar(text("SELECT sum(amount) FROM account_ledger")) == 10
     finally:
+        await db.close()
         await engine.dispose()

@@ -171,8 +171,9 @@ def test_a_conflict_is_retried_whether_the_driver_raised_it_or_sqlalchemy_wrappe
 
 
 async def test_a_connection_cut_at_the_deadline_is_503_unless_its_commit_was_sent() -> None:
-    """A transaction's connection closed at the deadline (`DeadlineSession`): nothing can have
-    committed unless the COMMIT had been sent, which makes the outcome unknown."""
+    """A transaction's connection closed at the deadline (`gozon.core.pg.Database.transaction`):
+    nothing can have committed unless the COMMIT had been sent, which makes the outcome
+    unknown."""
     api = FastAPI()
     install_outage_handlers(api)
 
@@ -181,8 +182,7 @@ async def test_a_connection_cut_at_the_deadline_is_503_unless_its_commit_was_sen
         budget = current_budget()
         assert budget is not None
         budget.cut, budget.committing = True, committing
-        lost = asyncpg.ConnectionDoesNotExistError("closed in the middle of the operation")
-        raise DBAPIError("SELECT 1", None, lost)
+        raise asyncpg.ConnectionDoesNotExistError("closed in the middle of the operation")
 
     app = Admission(api, service="t", max_in_flight=1, max_queued=0, timeout_s=30)
     transport = httpx.ASGITransport(app=app)
@@ -194,3 +194,21 @@ async def test_a_connection_cut_at_the_deadline_is_503_unless_its_commit_was_sen
     assert "deadline" in before.json()["detail"]
     assert during.status_code == 504
     assert during.json()["outcome"] == "unknown"
+
+
+async def test_a_statement_on_a_connection_closed_under_it_is_503_not_a_500() -> None:
+    """The driver refuses a statement on a connection already closed (cut at the deadline, or
+    terminated): nothing was sent, so nothing was written."""
+    api = FastAPI()
+    install_outage_handlers(api)
+
+    @api.get("/closed")
+    async def closed() -> None:
+        raise asyncpg.InterfaceError("cannot call Connection.fetch(): connection is closed")
+
+    transport = httpx.ASGITransport(app=api)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        response = await client.get("/closed")
+    assert response.status_code == 503
+    assert response.json()["outcome"] == "not_processed"
+    assert response.headers["Retry-After"] == "1"

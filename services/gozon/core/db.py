@@ -37,11 +37,10 @@ def create_engine(
     command_timeout_s: float = 30,
     server_settings: dict[str, str] | None = None,
 ) -> AsyncEngine:
-    """The engine. `pre_ping` tests each pooled connection before use (three round trips); the
-    processes on their hot paths turn it off: the workers retry a failed transaction anyway,
-    and the payments API answers a dead connection 503 (the orders API uses `gozon.core.pg`).
-    The APIs pass pool and statement timeouts that nest under the gateway's (see
-    `gozon.core.deadline`); the relays pass their session limits (`server_settings`)."""
+    """The engine, for the migrations, the command-line tools and the relays' housekeeping (the
+    APIs' requests and the consumers' batches use `gozon.core.pg`). `pre_ping` tests each
+    pooled connection before use (three round trips); the relays turn it off (they retry a
+    failed transaction anyway) and pass their session limits (`server_settings`)."""
     engine = create_async_engine(
         url,
         pool_size=pool_size,

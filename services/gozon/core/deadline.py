@@ -8,14 +8,15 @@ The contract between the gateway and the APIs (docs/reliability.md):
   `max_in_flight` running and `max_queued` waiting; past that, or when a request's budget runs
   out in the queue or is too small to start, **503 with `Retry-After` at once, before the
   database is touched** (`"outcome": "not_processed"`).
-- `DeadlineSession`, the API's SQLAlchemy session: `SET LOCAL statement_timeout` = the time
-  left, no transaction begun and **nothing committed after the deadline**; a transaction still
-  open at the deadline has its connection invalidated. The defaults nest: gateway 5 s > API
-  budget 4 s > statement 3 s > pool wait 2 s.
+- `gozon.core.pg.Database`, the APIs' one way to PostgreSQL, holds every statement and
+  transaction to the request's deadline: **nothing committed after the deadline**, and a
+  transaction still open at the deadline has its connection closed. The defaults nest:
+  gateway 5 s > API budget 4 s > statement 3 s > pool wait 2 s.
 - `install_outage_handlers`: a lost, refused or timed-out connection, a cancelled statement,
   an exhausted pool, a passed deadline or a database that refuses the service is a 503 with
-  `Retry-After` ("not processed": the transaction rolled back), never a 500; a connection lost
-  *during COMMIT* is a 504 with `"outcome": "unknown"` (retry with the same `Idempotency-Key`).
+  `Retry-After` ("not processed": the transaction rolled back), never a 500; a write whose
+  connection was lost while it may have been committing is a 504 with `"outcome": "unknown"`
+  (retry with the same `Idempotency-Key`).
 """
 
 from __future__ import annotations
@@ -27,23 +28,16 @@ import time
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 import asyncpg
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import Counter, Gauge
-from sqlalchemy import event
-from sqlalchemy.engine import Connection, Dialect
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
-from sqlalchemy.orm import Session, SessionTransaction
-from sqlalchemy.pool import ConnectionPoolEntry
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gozon.core.db import is_database_outage, is_database_refusal, sqlstate
+from gozon.core.db import is_database_outage, is_database_refusal
 from gozon.core.headers import DEADLINE_HEADER
 from gozon.core.problems import problem_response
 
@@ -235,87 +229,6 @@ class Admission:
         await not_processed(detail, instance=scope["path"])(scope, receive, send)
 
 
-# --------------------------------------------------------------------------- the database
-
-
-class DeadlineSession(Session):
-    """The APIs' session class: each transaction bounded by the request's deadline."""
-
-
-# The session's key for the timer that cuts a transaction's connection at the deadline.
-_CUT: Final = "gozon_deadline_cut"
-
-
-@event.listens_for(DeadlineSession, "after_begin")
-def _bound_transaction(
-    session: Session, transaction: SessionTransaction, connection: Connection
-) -> None:
-    budget = _budget.get()
-    if budget is None:
-        return
-    left = budget.left_to_start()  # the pool wait may have taken it
-    # The server's statement_timeout stops one statement that runs too long, but neither a
-    # transaction whose statements together outlast the deadline nor a server that stopped
-    # answering (a stalled disk, a paused machine: the connection stays open, nothing is
-    # cancelled). For those the connection is cut at the deadline, on the client's side.
-    session.info[_CUT] = asyncio.get_running_loop().call_later(left, _cut, budget, connection)
-    cap = session.info.get("statement_timeout_s")
-    ms = int(1000 * (min(left, cap) if cap else left))
-    connection.exec_driver_sql(f"SET LOCAL statement_timeout = {ms}")
-
-
-def _cut(budget: RequestBudget, connection: Connection) -> None:
-    """The deadline passed with the transaction still open: its connection is invalidated
-    (closed at once, never pooled again), so a statement waiting on it fails at once and the
-    session's ROLLBACK is skipped instead of waiting for the server. The server rolls the
-    transaction back; a COMMIT already sent makes the outcome unknown (`committing`), as for
-    any connection lost during COMMIT."""
-    if connection.closed or connection.invalidated:  # the transaction ended meanwhile
-        return
-    budget.cut = True
-    log.warning("deadline passed inside a transaction; closing its connection")
-    connection.invalidate()
-
-
-def _connect_in_time(
-    dialect: Dialect, record: ConnectionPoolEntry, cargs: Any, cparams: dict[str, Any]
-) -> None:
-    """A connection made for a request: its connect timeout (the engine's, 5 s) no longer than
-    the time left. A server that stopped answering still accepts the TCP connection (the
-    kernel does) and then never answers the startup."""
-    budget = _budget.get()
-    if budget is None:
-        return
-    left = budget.left_to_start()
-    cparams["timeout"] = min(cparams.get("timeout", left), left)
-
-
-@event.listens_for(DeadlineSession, "after_transaction_end")
-def _transaction_ended(session: Session, transaction: SessionTransaction) -> None:
-    if transaction.parent is None and (handle := session.info.pop(_CUT, None)) is not None:
-        handle.cancel()
-
-
-@event.listens_for(DeadlineSession, "before_commit")
-def _commit_in_time(session: Session) -> None:
-    budget = _budget.get()
-    if budget is None:
-        return
-    if budget.left() <= 0:
-        raise DeadlineExceeded
-    budget.committing = True
-
-
-@event.listens_for(DeadlineSession, "after_commit")
-def _committed(session: Session) -> None:
-    if (budget := _budget.get()) is not None:
-        budget.committing = False
-
-
-def _is_cancelled_statement(exc: DBAPIError) -> bool:
-    return sqlstate(exc) == QUERY_CANCELED
-
-
 def _unknown_outcome(request: Request) -> JSONResponse:
     OUTAGES.labels(UNKNOWN).inc()
     return problem_response(
@@ -348,10 +261,6 @@ async def _on_database_error(request: Request, exc: Exception) -> JSONResponse:
         return _unknown_outcome(request)
     if isinstance(exc, NotProcessed):
         return _unavailable(request, str(exc))
-    if isinstance(exc, PoolTimeout):
-        return _unavailable(request, "pool exhausted")
-    if isinstance(exc, DBAPIError) and _is_cancelled_statement(exc):
-        return _unavailable(request, "statement timeout")
     if is_database_outage(exc):
         return _unavailable(request, repr(exc))
     if is_database_refusal(exc):
@@ -374,27 +283,12 @@ async def _on_database_error(request: Request, exc: Exception) -> JSONResponse:
 def install_outage_handlers(app: FastAPI) -> None:
     """503 (or 504 when a COMMIT was cut) for database failures, instead of a 500."""
     for exc_class in (
-        DBAPIError,
-        asyncpg.PostgresError,  # the statements the APIs run on the driver itself
-        PoolTimeout,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,  # a connection closed under a statement (cut at the deadline)
+        asyncpg.InternalClientError,
         OSError,
         DeadlineExceeded,
         NotProcessed,
         OutcomeUnknown,
     ):
         app.add_exception_handler(exc_class, _on_database_error)
-
-
-def api_session_factory(
-    engine: AsyncEngine, *, statement_timeout_s: float
-) -> async_sessionmaker[AsyncSession]:
-    """The APIs' sessions: each transaction bounded by the request's deadline, its statement
-    timeout capped at `statement_timeout_s`, and each new connection made for a request given
-    no longer than the request has left."""
-    event.listen(engine.sync_engine, "do_connect", _connect_in_time)
-    return async_sessionmaker(
-        engine,
-        expire_on_commit=False,
-        sync_session_class=DeadlineSession,
-        info={"statement_timeout_s": statement_timeout_s},
-    )

@@ -9,14 +9,8 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gozon.core.pg import Database
-
-
-async def get_sessions(request: Request) -> async_sessionmaker[AsyncSession]:
-    sessions: async_sessionmaker[AsyncSession] = request.state.sessions
-    return sessions
 
 
 async def get_db(request: Request) -> Database:
@@ -24,5 +18,4 @@ async def get_db(request: Request) -> Database:
     return db
 
 
-SessionsDep = Annotated[async_sessionmaker[AsyncSession], Depends(get_sessions)]
 DbDep = Annotated[Database, Depends(get_db)]

@@ -1,7 +1,7 @@
-"""The APIs' request path to PostgreSQL: one round trip per statement, on asyncpg directly.
+"""The services' one way to PostgreSQL at run time: asyncpg, named statements.
 
-SQLAlchemy keeps the schema, the migrations, the payments API and the relays' housekeeping;
-this module is the orders API's statements and the consumers' batches (docs/reliability.md,
+SQLAlchemy keeps the schema and the migrations (and the relays' housekeeping); both APIs'
+requests and the consumers' batches run here (docs/reliability.md,
 docs/adr/0005-orders-api-hot-path.md). Guarantees:
 
 - **One round trip per statement**: no pre-ping, no reset query (the statements leave no
@@ -10,6 +10,9 @@ docs/adr/0005-orders-api-hot-path.md). Guarantees:
   cap, and a request with less time left runs `BEGIN; SET LOCAL statement_timeout; …; COMMIT`
   instead. Nothing commits after the caller's deadline; each round trip is bounded on the
   client's side too, and a connection that ran out of time is dropped, never rolled back.
+- **A transaction of several statements** (`Database.transaction`: the payments API's
+  deposit) begins with `SET LOCAL statement_timeout` = the time left, has its connection cut
+  at the deadline, and sends no COMMIT past it; one lost during COMMIT is of unknown outcome.
 - **A dead pooled connection is retried once when that is safe**: closed before the statement
   was sent, terminated by the server with 57P01/57P02/57P03, or read-only (25006: a standby,
   dropped). A second failure is a 503.
@@ -42,6 +45,7 @@ from gozon.core.deadline import (
     DeadlineExceeded,
     NotProcessed,
     OutcomeUnknown,
+    RequestBudget,
     current_budget,
 )
 from gozon.core.settings import MessagingSettings, SessionLimits
@@ -191,6 +195,86 @@ class Database:
 
         return await self._run(run, write=True)
 
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        """A transaction of several statements, bounded by the request's deadline: `BEGIN;
+        SET LOCAL statement_timeout` = the time left (at most the cap), its connection cut
+        at the deadline on the client's side (a server that stopped answering cancels
+        nothing), and no COMMIT once the deadline has passed (`DeadlineExceeded`).
+
+        A connection found dead at BEGIN is retried once on a fresh one, as for `read`.
+        Inside, the driver's errors pass through (the outage handlers answer them); a
+        connection cut at the deadline sets `budget.cut` (503), one lost during COMMIT leaves
+        `budget.committing` set (504, the outcome unknown). A connection that failed unusable
+        (`unusable_after`) or ran out of time is dropped, never pooled again."""
+        conn = await self._begin()
+        budget = current_budget()
+        cut = (
+            asyncio.get_running_loop().call_later(max(0.0, budget.left()), _cut, budget, conn)
+            if budget is not None
+            else None
+        )
+        try:
+            try:
+                yield conn
+                if budget is not None and budget.left() <= 0:
+                    raise DeadlineExceeded
+            except BaseException as exc:
+                await _roll_back(conn, exc)
+                raise
+            if budget is not None:
+                budget.committing = True
+            try:
+                await conn.execute("COMMIT", timeout=self._time_left() + COMMIT_GRACE_S)
+            except BaseException:
+                _drop(conn)
+                raise
+            if budget is not None:
+                budget.committing = False
+        finally:
+            if cut is not None:
+                cut.cancel()
+            await self._release(conn)
+
+    async def _begin(self) -> asyncpg.pool.PoolConnectionProxy:
+        """A pooled connection inside a new transaction."""
+        for attempt in (1, 2):
+            left = self._left()
+            started = time.monotonic()
+            conn = await self._acquire(left)
+            left -= time.monotonic() - started
+            try:
+                if left < MIN_BUDGET_S:  # the pool wait took it
+                    raise DeadlineExceeded
+                ms = int(1000 * min(left, self.statement_timeout_s))
+                await conn.execute(f"BEGIN; SET LOCAL statement_timeout = {ms}", timeout=left)
+                return conn
+            except DeadlineExceeded:
+                await self._release(conn)
+                raise
+            except Exception as exc:
+                _drop(conn)  # nothing ran: the server ends whatever was begun
+                await self._release(conn)
+                if attempt == 1 and _dead_at_begin(exc):
+                    log.info("pooled connection unusable at BEGIN; retrying", error=repr(exc))
+                    continue
+                code = str(getattr(exc, "sqlstate", None) or "")
+                if (
+                    isinstance(exc, asyncpg.PostgresError)
+                    and code[:2] not in _NOT_PROCESSED_CLASSES
+                ):
+                    raise
+                raise NotProcessed(f"no transaction begun: {exc!r}") from exc
+            except BaseException:  # cancelled: the server ends whatever was begun
+                _drop(conn)
+                await self._release(conn)
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _time_left(self) -> float:
+        budget = current_budget()
+        return max(0.0, budget.left()) if budget is not None else self.statement_timeout_s
+
     # ------------------------------------------------------------------ failures
 
     def _left(self) -> float:
@@ -277,6 +361,64 @@ class Database:
             await self.pool.release(conn, timeout=1)
         except Exception as exc:  # a broken connection is dropped by the pool either way
             log.debug("releasing a connection failed", error=repr(exc))
+
+
+def _dead_at_begin(exc: Exception) -> bool:
+    """BEGIN failed on a connection that was dead or dying (closed, lost, or terminated by the
+    server saying so): nothing ran, and a fresh connection may well succeed."""
+    if isinstance(exc, TimeoutError):
+        return False  # the server does not answer: the time is spent
+    code = getattr(exc, "sqlstate", None)
+    return code in _RETRY_SQLSTATES or isinstance(
+        exc,
+        asyncpg.InterfaceError
+        | asyncpg.InternalClientError
+        | asyncpg.ConnectionDoesNotExistError
+        | OSError,
+    )
+
+
+def _closed(conn: asyncpg.Connection) -> bool:
+    try:
+        return bool(conn.is_closed())
+    except asyncpg.InterfaceError:  # the pool let go of it: its connection was closed
+        return True
+
+
+def _drop(conn: asyncpg.Connection) -> None:
+    """Closes the connection at once, never to be pooled again; the server rolls back."""
+    if not _closed(conn):
+        conn.terminate()
+
+
+def _cut(budget: RequestBudget, conn: asyncpg.Connection) -> None:
+    """The deadline passed with the transaction still open: its connection is closed at once
+    (never pooled again), so a statement waiting on it fails at once and no ROLLBACK waits
+    for the server. The server rolls the transaction back; a COMMIT already sent makes the
+    outcome unknown (`committing`), as for any connection lost during COMMIT."""
+    if _closed(conn):
+        return
+    budget.cut = True
+    log.warning("deadline passed inside a transaction; closing its connection")
+    conn.terminate()
+
+
+async def _roll_back(conn: asyncpg.Connection, exc: BaseException) -> None:
+    """Ends a failed transaction: ROLLBACK when the server is answering, else (out of time,
+    cancelled, lost) the connection is dropped and the server rolls back. A connection left
+    unusable (`unusable_after`: a read-only server, say) is dropped too."""
+    if _closed(conn):
+        return
+    if isinstance(exc, TimeoutError | asyncio.CancelledError):
+        conn.terminate()  # no ROLLBACK: it would first wait for the cancelled statement
+        return
+    try:
+        await conn.execute("ROLLBACK", timeout=COMMIT_GRACE_S)
+        unusable = unusable_after(conn, exc)
+    except Exception:
+        unusable = True
+    if unusable:
+        _drop(conn)
 
 
 # ---------------------------------------------------------------------- the workers' pool

@@ -11,12 +11,11 @@ import structlog
 from fastapi import APIRouter, FastAPI, Query, Response, status
 
 from gozon.core.app import ApiLimits, create_app
-from gozon.core.db import create_engine, database_answers
-from gozon.core.deadline import api_session_factory
-from gozon.core.deps import SessionsDep
+from gozon.core.deps import DbDep
 from gozon.core.headers import IdempotencyKeyDep, UserIdDep
 from gozon.core.health import Readiness
 from gozon.core.inputs import AMOUNT_PATTERN, StrictRoute
+from gozon.core.pg import Database
 from gozon.core.problems import Problem
 from gozon.core.settings import PaymentsSettings
 from gozon.payments import service
@@ -35,9 +34,9 @@ router = APIRouter(prefix="/api/payments", tags=["payments"], route_class=Strict
     responses={409: {"description": "This user already has an account."}},
     summary="Open the user's account (one per user), with a zero balance",
 )
-async def create_account(user_id: UserIdDep, sessions: SessionsDep, response: Response) -> Any:
+async def create_account(user_id: UserIdDep, db: DbDep, response: Response) -> Any:
     try:
-        account = await service.create_account(sessions=sessions, user_id=user_id)
+        account = await service.create_account(db=db, user_id=user_id)
     except service.AccountExists as exc:
         raise Problem(409, "This user already has an account.", title="Account exists") from exc
     response.headers["Location"] = "/api/payments/balance"
@@ -68,14 +67,14 @@ async def deposit(
         ),
     ],
     user_id: UserIdDep,
-    sessions: SessionsDep,
+    db: DbDep,
     response: Response,
     idempotency_key: IdempotencyKeyDep = None,
 ) -> Any:
     amount = Decimal(amount_text)  # exact: the pattern admits only plain decimals in range
     try:
         deposited = await service.deposit(
-            sessions=sessions, user_id=user_id, amount=amount, idempotency_key=idempotency_key
+            db=db, user_id=user_id, amount=amount, idempotency_key=idempotency_key
         )
     except service.IdempotencyKeyReused as exc:
         raise Problem(
@@ -103,15 +102,15 @@ async def deposit(
         "deposit",
         user_id=user_id,
         amount=str(amount),
-        balance=str(entry.balance_after),
+        balance=str(entry["balance_after"]),
         replayed=deposited.replayed,
     )
     return DepositRead(
-        account_id=entry.account_id,
-        user_id=entry.user_id,
-        amount=entry.amount,
-        balance=entry.balance_after,
-        created_at=entry.created_at,
+        account_id=entry["account_id"],
+        user_id=entry["user_id"],
+        amount=entry["amount"],
+        balance=entry["balance_after"],
+        created_at=entry["created_at"],
     )
 
 
@@ -121,8 +120,8 @@ async def deposit(
     responses={404: {"description": "This user has no account; a first deposit opens one."}},
     summary="The user's account and its balance",
 )
-async def get_balance(user_id: UserIdDep, sessions: SessionsDep) -> Any:
-    account = await service.get_account(sessions=sessions, user_id=user_id)
+async def get_balance(user_id: UserIdDep, db: DbDep) -> Any:
+    account = await service.get_account(db=db, user_id=user_id)
     if account is None:
         raise Problem(404, "This user has no account; a first deposit opens one.")
     return account
@@ -133,23 +132,19 @@ def build_app(settings: PaymentsSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        engine = create_engine(
+        db = await Database.open(
             settings.payments_database_url,
             pool_size=settings.db_pool_size,
             application_name="payments-api",
-            # No ping round trip per request: a connection found dead is a 503 (nothing was
-            # written) and SQLAlchemy then replaces every connection older than it.
-            pre_ping=False,
             pool_timeout_s=settings.db_pool_timeout_s,
-            command_timeout_s=settings.db_statement_timeout_s + 1,
+            statement_timeout_s=settings.db_statement_timeout_s,
         )
-        sessions = api_session_factory(engine, statement_timeout_s=settings.db_statement_timeout_s)
         readiness = Readiness()
-        readiness.add("database", lambda: database_answers(engine))
+        readiness.add("database", db.answers)
         try:
-            yield {"sessions": sessions, "readiness": readiness}
+            yield {"db": db, "readiness": readiness}
         finally:
-            await engine.dispose()
+            await db.close()
 
     return create_app(
         service="payments",

@@ -1,7 +1,12 @@
 """The payments service's hand-written SQL, in one place: each statement named, with what it
 guarantees. Every statement here is exercised against the real PostgreSQL by the integration
-tests (tests/integration/test_payments_consumer.py, test_batched_consumers.py,
-test_consumer_round_trips.py).
+tests (tests/integration/test_payments_api.py, test_payments_consumer.py,
+test_batched_consumers.py, test_consumer_round_trips.py).
+
+The API's statements run on its asyncpg pool (`gozon.core.pg.Database`): opening an account is
+one statement; a deposit is a transaction (`Database.transaction`, bounded by the request's
+deadline) of OPEN_ACCOUNT, DEPOSIT_BY_KEY (with an Idempotency-Key), READ_BALANCE + CREDIT
+(the compare-and-swap, again when it lost) and RECORD_DEPOSIT.
 
 Statements take arrays (`CAST($n AS type[])` + `unnest`): one round trip handles a whole batch,
 whatever its size, and the statement text — so its prepared plan — stays the same. They run on
@@ -17,6 +22,63 @@ waited, and accounts whose swap lost.
 from __future__ import annotations
 
 from typing import Final
+
+# --- API ---
+
+ACCOUNT_COLUMNS: Final = "id, user_id, balance, version, created_at, updated_at"
+LEDGER_COLUMNS: Final = (
+    "id, account_id, user_id, kind, amount, balance_after, order_id, idempotency_key, created_at"
+)
+
+CREATE_ACCOUNT: Final = f"""
+    INSERT INTO accounts (id, user_id) VALUES ($1, $2)
+    ON CONFLICT (user_id) DO NOTHING
+    RETURNING {ACCOUNT_COLUMNS}
+"""
+"""create_account($1 id, $2 user id): the new account, or no row when the user has one."""
+
+GET_ACCOUNT: Final = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE user_id = $1"
+"""get_account($1 user id): the user's account, or no row."""
+
+OPEN_ACCOUNT: Final = """
+    INSERT INTO accounts (id, user_id) VALUES ($1, $2)
+    ON CONFLICT (user_id) DO NOTHING
+"""
+"""open_account($1 id, $2 user id): the user's account, opened with a zero balance unless it
+exists (a deposit opens the account)."""
+
+DEPOSIT_BY_KEY: Final = f"""
+    SELECT {", ".join(f"ledger.{c}" for c in LEDGER_COLUMNS.split(", "))}
+    FROM account_ledger AS ledger JOIN accounts AS account ON account.id = ledger.account_id
+    WHERE account.user_id = $1 AND ledger.idempotency_key = $2
+"""
+"""deposit_by_key($1 user id, $2 Idempotency-Key): the deposit made before with this key, if
+any (one per account and key: a unique index)."""
+
+READ_BALANCE: Final = "SELECT id, balance, version FROM accounts WHERE user_id = $1"
+"""read_balance($1 user id): the account's balance and the version CREDIT compares against
+(READ COMMITTED: the latest commit)."""
+
+CREDIT: Final = """
+    UPDATE accounts
+    SET balance = balance + $3, version = version + 1, updated_at = now()
+    WHERE id = $1 AND version = $2 AND balance + $3 <= $4
+    RETURNING balance
+"""
+"""credit($1 account id, $2 version read, $3 amount, $4 the balance cap): compare-and-swap of
+a deposit: no row when the version moved on (a concurrent change: read again) or the cap
+would be passed."""
+
+RECORD_DEPOSIT: Final = f"""
+    INSERT INTO account_ledger (account_id, user_id, kind, amount, balance_after,
+                                idempotency_key)
+    VALUES ($1, $2, 'DEPOSIT', $3, $4, $5)
+    ON CONFLICT (account_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING {LEDGER_COLUMNS}
+"""
+"""record_deposit($1 account id, $2 user id, $3 amount, $4 balance after, $5 Idempotency-Key
+or NULL): the deposit's ledger row, or no row when a concurrent deposit with the same key
+committed first (the caller rolls back its credit and replays that one)."""
 
 # --- consumer ---
 # The batched `order.created.event` handler (gozon.payments.consumer,

@@ -28,17 +28,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 import asyncpg
-from sqlalchemy import func, select, update
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gozon.core.errors import RetryLater
+from gozon.core.pg import Database
 from gozon.payments import decisions, queries
 from gozon.payments.decisions import AccountState, Decided, Decision, OrderToPay
 from gozon.payments.metrics import CAS_CONFLICTS
-from gozon.payments.models import DEPOSIT, MAX_BALANCE, Account, LedgerEntry
+from gozon.payments.models import MAX_BALANCE
 
 CAS_ATTEMPTS = 20
 CAS_BACKOFF_BASE = 0.001
@@ -79,9 +78,14 @@ class Balance:
     balance: Decimal
 
 
+Row = dict[str, Any]
+"""A row as the API answers it: an account (`queries.ACCOUNT_COLUMNS`) or a ledger entry
+(`queries.LEDGER_COLUMNS`)."""
+
+
 @dataclass(frozen=True)
 class Deposited:
-    entry: LedgerEntry
+    entry: Row
     replayed: bool
 
 
@@ -91,125 +95,74 @@ def cas_backoff(attempt: int) -> float:
     return random.uniform(0, ceiling)  # noqa: S311 (spreading retries, not a secret)
 
 
-async def credit(session: AsyncSession, *, user_id: str, amount: Decimal) -> Balance:
-    """Adds `amount` to the user's balance by compare-and-swap.
+async def credit(conn: asyncpg.Connection, *, user_id: str, amount: Decimal) -> Balance:
+    """Adds `amount` to the user's balance by compare-and-swap (`queries.CREDIT`).
 
     Runs in the caller's transaction (READ COMMITTED: each read sees the latest commit).
     Raises AccountNotFound, BalanceLimitExceeded or AccountBusy, having changed nothing.
     """
     for attempt in range(CAS_ATTEMPTS):
-        seen = (
-            await session.execute(
-                select(Account.id, Account.balance, Account.version).where(
-                    Account.user_id == user_id
-                )
-            )
-        ).one_or_none()
+        seen = await conn.fetchrow(queries.READ_BALANCE, user_id)
         if seen is None:
             raise AccountNotFound(user_id)
-        if seen.balance + amount > MAX_BALANCE:
+        if seen["balance"] + amount > MAX_BALANCE:
             raise BalanceLimitExceeded(user_id)
-        swapped = (
-            await session.execute(
-                update(Account)
-                .where(
-                    Account.id == seen.id,
-                    Account.version == seen.version,
-                    Account.balance + amount <= MAX_BALANCE,
-                )
-                .values(
-                    balance=Account.balance + amount,
-                    version=Account.version + 1,
-                    updated_at=func.now(),
-                )
-                .returning(Account.balance)
-                .execution_options(synchronize_session=False)
-            )
-        ).scalar_one_or_none()
+        swapped = await conn.fetchval(
+            queries.CREDIT, seen["id"], seen["version"], amount, MAX_BALANCE
+        )
         if swapped is not None:
-            return Balance(seen.id, swapped)
+            return Balance(seen["id"], swapped)
         CAS_CONFLICTS.labels("deposit").inc()
         await asyncio.sleep(cas_backoff(attempt))
     raise AccountBusy(f"the balance of {user_id} changed under {CAS_ATTEMPTS} attempts")
 
 
-async def create_account(*, sessions: async_sessionmaker[AsyncSession], user_id: str) -> Account:
-    async with sessions() as session, session.begin():
-        account: Account | None = await session.scalar(
-            insert(Account)
-            .values(id=uuid.uuid4(), user_id=user_id)
-            .on_conflict_do_nothing(index_elements=[Account.user_id])
-            .returning(Account)
-        )
-    if account is None:
+async def create_account(*, db: Database, user_id: str) -> Row:
+    rows = await db.write(queries.CREATE_ACCOUNT, (uuid.uuid4(), user_id))
+    if not rows:
         raise AccountExists(user_id)
-    return account
+    return dict(rows[0])
 
 
-async def get_account(
-    *, sessions: async_sessionmaker[AsyncSession], user_id: str
-) -> Account | None:
-    async with sessions() as session:
-        return await session.scalar(select(Account).where(Account.user_id == user_id))
+async def get_account(*, db: Database, user_id: str) -> Row | None:
+    rows = await db.read(queries.GET_ACCOUNT, (user_id,))
+    return dict(rows[0]) if rows else None
 
 
 async def deposit(
-    *,
-    sessions: async_sessionmaker[AsyncSession],
-    user_id: str,
-    amount: Decimal,
-    idempotency_key: str | None,
+    *, db: Database, user_id: str, amount: Decimal, idempotency_key: str | None
 ) -> Deposited:
     """Credits the user's account, creating it on the first deposit."""
     try:
-        return await _deposit(sessions, user_id, amount, idempotency_key)
+        return await _deposit(db, user_id, amount, idempotency_key)
     except _KeyTakenMeanwhile:
         # The other request has committed: this attempt now finds its deposit and replays it.
-        return await _deposit(sessions, user_id, amount, idempotency_key)
+        return await _deposit(db, user_id, amount, idempotency_key)
 
 
 async def _deposit(
-    sessions: async_sessionmaker[AsyncSession],
-    user_id: str,
-    amount: Decimal,
-    idempotency_key: str | None,
+    db: Database, user_id: str, amount: Decimal, idempotency_key: str | None
 ) -> Deposited:
-    async with sessions() as session, session.begin():
-        await session.execute(
-            insert(Account)
-            .values(id=uuid.uuid4(), user_id=user_id)
-            .on_conflict_do_nothing(index_elements=[Account.user_id])
-        )
+    async with db.transaction() as conn:
+        await conn.execute(queries.OPEN_ACCOUNT, uuid.uuid4(), user_id)
         if idempotency_key is not None:
-            first = await session.scalar(
-                select(LedgerEntry)
-                .join(Account)
-                .where(Account.user_id == user_id, LedgerEntry.idempotency_key == idempotency_key)
-            )
+            first = await conn.fetchrow(queries.DEPOSIT_BY_KEY, user_id, idempotency_key)
             if first is not None:
-                if first.amount != amount:
+                if first["amount"] != amount:
                     raise IdempotencyKeyReused(idempotency_key)
-                return Deposited(first, replayed=True)
-        changed = await credit(session, user_id=user_id, amount=amount)
-        entry = await session.scalar(
-            insert(LedgerEntry)
-            .values(
-                account_id=changed.account_id,
-                user_id=user_id,
-                kind=DEPOSIT,
-                amount=amount,
-                balance_after=changed.balance,
-                idempotency_key=idempotency_key,
-            )
-            .on_conflict_do_nothing(
-                index_elements=[LedgerEntry.account_id, LedgerEntry.idempotency_key],
-                index_where=LedgerEntry.idempotency_key.is_not(None),
-            )
-            .returning(LedgerEntry)
+                return Deposited(dict(first), replayed=True)
+        changed = await credit(conn, user_id=user_id, amount=amount)
+        entry = await conn.fetchrow(
+            queries.RECORD_DEPOSIT,
+            changed.account_id,
+            user_id,
+            amount,
+            changed.balance,
+            idempotency_key,
         )
         if entry is None:
             raise _KeyTakenMeanwhile(idempotency_key)  # rolls this credit back
-    return Deposited(entry, replayed=False)
+    return Deposited(dict(entry), replayed=False)
 
 
 async def decide_order_payments(conn: asyncpg.Connection, orders: Sequence[OrderToPay]) -> Decided:
