@@ -138,6 +138,9 @@ class Kafka:
     # principal a super user: readiness, topic creation and `allow` go through it.
     sasl_port: int | None = None
     scram_users: Mapping[str, str] = field(default_factory=dict)
+    # With a PEM key store (PKCS#8 key, then its certificate chain) that listener is TLS
+    # (SASL_SSL), as Strimzi's TLS listener with SCRAM is.
+    sasl_tls_keystore: Path | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -207,21 +210,31 @@ class Kafka:
     def _sasl_config(self) -> dict[str, str]:
         if self.sasl_port is None:
             return {}
+        sasl = "SASL_SSL" if self.sasl_tls_keystore else "SASL_PLAINTEXT"
+        tls = (
+            {
+                "listener.name.sasl_ssl.ssl.keystore.type": "PEM",
+                "listener.name.sasl_ssl.ssl.keystore.location": str(self.sasl_tls_keystore),
+            }
+            if self.sasl_tls_keystore
+            else {}
+        )
         return {
             "listeners": (
-                f"PLAINTEXT://127.0.0.1:{self.port},SASL_PLAINTEXT://127.0.0.1:{self.sasl_port},"
+                f"PLAINTEXT://127.0.0.1:{self.port},{sasl}://127.0.0.1:{self.sasl_port},"
                 f"CONTROLLER://127.0.0.1:{self.controller_port}"
             ),
             "advertised.listeners": (
-                f"PLAINTEXT://127.0.0.1:{self.port},SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}"
+                f"PLAINTEXT://127.0.0.1:{self.port},{sasl}://127.0.0.1:{self.sasl_port}"
             ),
             "listener.security.protocol.map": (
-                "PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT"
+                f"PLAINTEXT:PLAINTEXT,{sasl}:{sasl},CONTROLLER:PLAINTEXT"
             ),
             "sasl.enabled.mechanisms": "SCRAM-SHA-512",
-            "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config": (
+            f"listener.name.{sasl.lower()}.scram-sha-512.sasl.jaas.config": (
                 "org.apache.kafka.common.security.scram.ScramLoginModule required;"
             ),
+            **tls,
             "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
             "super.users": "User:ANONYMOUS",
             "allow.everyone.if.no.acl.found": "false",

@@ -60,12 +60,18 @@ def throwaway_postgres(folder: Path, databases: Sequence[str] = DATABASES) -> It
 
 @contextlib.contextmanager
 def throwaway_kafka(
-    folder: Path, *, heap: str = "512m", scram_users: Mapping[str, str] | None = None
+    folder: Path,
+    *,
+    heap: str = "512m",
+    scram_users: Mapping[str, str] | None = None,
+    tls_keystore: Path | None = None,
 ) -> Iterator[Kafka]:
     """A Kafka node in `folder` on free ports, its jars from `make up`'s cache.
 
     With `scram_users` (name → password) it also has a SASL SCRAM-SHA-512 listener
-    (`sasl_bootstrap`) with ACLs enforced, as the chart's Strimzi Kafka has (`Kafka.allow`)."""
+    (`sasl_bootstrap`) with ACLs enforced, as the chart's Strimzi Kafka has (`Kafka.allow`);
+    with `tls_keystore` too (PEM: a PKCS#8 key, then its certificate chain) that listener is
+    TLS (SASL_SSL)."""
     port, controller, sasl = free_ports(3)
     server = Kafka(
         folder,
@@ -75,6 +81,7 @@ def throwaway_kafka(
         heap=heap,
         sasl_port=sasl if scram_users else None,
         scram_users=dict(scram_users or {}),
+        sasl_tls_keystore=tls_keystore,
     )
     try:
         server.start()

@@ -1,5 +1,6 @@
 """The processes against a Kafka that authenticates (SASL SCRAM-SHA-512) and authorizes (ACLs),
-as the chart's Strimzi Kafka does: a broker of this module's own with both listeners.
+as the chart's Strimzi Kafka does: a broker of this module's own with both listeners, and one
+whose SCRAM listener is TLS (SASL_SSL) with a certificate from a CA of the test's own.
 
 The orders relay and consumer and the `dlq` command connect with a user that has only the
 rights their jobs need, and no right to create topics: with `GOZON_KAFKA_CREATE_TOPICS=false`
@@ -19,8 +20,10 @@ from pathlib import Path
 
 import port_for
 import pytest
+import trustme
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
+from cryptography.hazmat.primitives import serialization
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from devstack import Kafka, throwaway_kafka
@@ -57,6 +60,36 @@ def sasl_kafka(servers_dir: Path) -> Iterator[Kafka]:
             USER, ["WRITE", "READ", "DESCRIBE"], topics=[dlq_topic(PAYMENT_PROCESSED_TOPIC)]
         )
         server.allow(USER, ["READ"], groups=[GROUP])
+        yield server
+
+
+@pytest.fixture(scope="module")
+def tls_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def tls_kafka(servers_dir: Path, tls_ca: trustme.CA) -> Iterator[Kafka]:
+    """A broker whose SCRAM listener is TLS, its certificate issued by `tls_ca` for
+    127.0.0.1; the orders user may write the orders topic."""
+    folder = servers_dir / f"kafka-tls-{uuid.uuid4().hex[:6]}"
+    folder.mkdir(parents=True)
+    cert = tls_ca.issue_cert("127.0.0.1", "localhost")
+    key = serialization.load_pem_private_key(cert.private_key_pem.bytes(), password=None)
+    keystore = folder / "keystore.pem"  # Kafka's PEM key store: a PKCS#8 key, then the chain
+    keystore.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        + b"".join(blob.bytes() for blob in cert.cert_chain_pems)
+    )
+    with throwaway_kafka(
+        folder / "kafka", heap="384m", scram_users={USER: PASSWORD}, tls_keystore=keystore
+    ) as server:
+        server.create_topics([ORDER_CREATED_TOPIC])
+        server.allow(USER, ["WRITE", "DESCRIBE"], topics=[ORDER_CREATED_TOPIC])
         yield server
 
 
@@ -244,3 +277,59 @@ async def test_a_topic_the_broker_cannot_make_is_an_error(kafka: Kafka) -> None:
     name = f"auth.rf3.{uuid.uuid4().hex[:8]}"
     with pytest.raises(TopicsNotCreated, match=rf"{name} \(error 38: .*replication factor"):
         await ensure_topics(kafka.bootstrap, [name], replication_factor=3, with_dlq=False)
+
+
+async def test_the_relay_publishes_over_tls_with_the_ca_it_is_given(
+    tls_kafka: Kafka,
+    tls_ca: trustme.CA,
+    orders_db: str,
+    engine: AsyncEngine,
+    password_file: Path,
+    tmp_path: Path,
+    process_logs: Path,
+) -> None:
+    """SASL_SSL with GOZON_KAFKA_SSL_CA_FILE (Strimzi's cluster CA in the chart): the relay
+    verifies the broker's certificate against that CA and publishes as its own user."""
+    ca_file = tmp_path / "ca.crt"
+    tls_ca.cert_pem.write_to_path(str(ca_file))
+    env = sasl_env(tls_kafka, password_file) | {
+        "GOZON_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "GOZON_KAFKA_SSL_CA_FILE": str(ca_file),
+    }
+    ids = await insert_events(engine, ORDER_CREATED_TOPIC, 5)
+    relay = worker("relay", orders_db, env, process_logs / "relay-tls.log").start()
+    try:
+        await asyncio.to_thread(
+            wait_for, lambda: relay.status() == 200, timeout=120, what="the relay ready"
+        )
+        published = await read_all(tls_kafka, ORDER_CREATED_TOPIC, len(ids))
+        assert {json.loads(value)["event_id"] for value in published} == ids
+        assert relay.stop() == 0
+    finally:
+        relay.kill()
+
+
+async def test_a_broker_certificate_from_another_ca_is_refused_in_words(
+    tls_kafka: Kafka, tmp_path: Path, password_file: Path
+) -> None:
+    """Trusting another CA (or the system's) the client refuses the broker: no fallback to an
+    unverified connection, and the reason names the CA setting."""
+    stranger = tmp_path / "other-ca.crt"
+    trustme.CA().cert_pem.write_to_path(str(stranger))
+    env = sasl_env(tls_kafka, password_file) | {
+        "GOZON_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "GOZON_KAFKA_SSL_CA_FILE": str(stranger),
+    }
+    listed = await asyncio.to_thread(gozon, "orders", "dlq", "list", env=env)
+    assert listed.returncode == 2, listed.stdout + listed.stderr
+    assert f"TLS with Kafka at {tls_kafka.sasl_bootstrap} failed" in listed.stderr
+    assert "CERTIFICATE_VERIFY_FAILED" in listed.stderr
+    assert "GOZON_KAFKA_SSL_CA_FILE" in listed.stderr
+
+    access = KafkaAccess(
+        tls_kafka.sasl_bootstrap, "SASL_SSL", "SCRAM-SHA-512", USER, PASSWORD
+    )  # the system's CAs
+    producer = new_producer(access, client_id="test-system-cas")
+    with pytest.raises(KafkaAccessRefused, match="CERTIFICATE_VERIFY_FAILED"):
+        await start_client(producer, access)
+    await producer.stop()
