@@ -385,16 +385,23 @@ def test_the_default_image_tag_is_the_package_version() -> None:
 
 
 def test_every_helper_is_namespaced_and_says_how_to_call_it() -> None:
-    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
-    parts = re.split(r"\{\{-? define ", helpers)
-    assert len(parts) > 20
-    for before, block in itertools.pairwise(parts):
-        name = block.split('"')[1]
-        assert name.startswith("gozon."), name
-        comment = before.rsplit("{{/*", 1)[-1]
-        assert comment.lstrip().startswith(f"{name} -- "), f"{name}: no comment of its own"
-        assert "Usage: " in comment, f"{name}: no usage line"
-        assert name in comment.split("Usage:")[1], f"{name}: the usage line calls something else"
+    """The shared helpers live in templates/_<topic>.tpl; each is `gozon.`-named, once, with its
+    own comment and usage line."""
+    names: list[str] = []
+    for path in sorted((CHART / "templates").glob("_*.tpl")):
+        parts = re.split(r"\{\{-? define ", path.read_text())
+        assert len(parts) > 1, f"{path.name}: no helper"
+        for before, block in itertools.pairwise(parts):
+            name = block.split('"')[1]
+            names.append(name)
+            assert name.startswith("gozon."), name
+            comment = before.rsplit("{{/*", 1)[-1]
+            assert comment.lstrip().startswith(f"{name} -- "), f"{name}: no comment of its own"
+            assert "Usage: " in comment, f"{name}: no usage line"
+            usage = comment.split("Usage:")[1]
+            assert name in usage, f"{name}: the usage line calls something else"
+    assert len(names) > 30
+    assert len(names) == len(set(names)), "a helper defined twice"
 
 
 def test_an_undocumented_key_is_named() -> None:
