@@ -4,9 +4,10 @@ Seven long-running processes and two one-shot migrations, each with the `gozon â
 starts it and the `GOZON_*` setting that names its HTTP port (the APIs' own port, the workers'
 side port). The gateway's port is public, so it has a side port too: its `/metrics` is served
 there only, never to clients. Everything that starts the platform is checked against this
-table: the local supervisor (`make up`), the test fixtures, docker-compose and the Helm chart. A
-test fails when one of them disagrees, so a process added here and forgotten there cannot go
-unnoticed.
+table: the local supervisor (`make up`), the test fixtures, docker-compose and the Helm chart
+(whose copy, charts/gozon/files/processes.yaml, is generated from it by
+`python -m scripts.chart_process_table`). A test fails when one of them disagrees, so a process
+added here and forgotten there cannot go unnoticed.
 
 This module imports nothing from the rest of the package: launchers read it without loading
 the services.

@@ -8,6 +8,7 @@ that drifted) fails here; so does a Deployment the table does not know.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from gozon.processes import (
     READINESS_PATH,
     Process,
 )
+from scripts import chart_process_table
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "gozon"
@@ -210,6 +212,22 @@ def test_one_job_per_migration(tmp_path: Path, mode: str) -> None:
         " ".join([*container(job)["command"], *container(job)["args"]]) for job in jobs
     )
     assert commands == sorted(m.command for m in MIGRATIONS)
+
+
+def test_the_chart_reads_the_process_table_generated_from_python() -> None:
+    assert chart_process_table.TABLE.read_text() == chart_process_table.render(), (
+        f"{chart_process_table.TABLE} is stale: run python -m scripts.chart_process_table"
+    )
+
+
+def test_no_template_writes_a_process_port_itself() -> None:
+    """Ports come from the table (gozon.processTable), never as numbers in a template."""
+    ports = {port for p in PROCESSES for port in p.ports.values()}
+    for path in sorted((CHART / "templates").rglob("*")):
+        if path.is_file():
+            text = path.read_text()
+            written = sorted(port for port in ports if re.search(rf"(?<!\d){port}(?!\d)", text))
+            assert not written, f"{path.relative_to(CHART)} writes {written}"
 
 
 def test_the_values_list_every_process_and_no_other() -> None:

@@ -16,24 +16,27 @@ Usage: {{ include "gozon.secretName" . }}
 
 {{/*
 gozon.config -- the non-secret GOZON_* settings of every process, as YAML (name -> string):
-the chart's own (hosts, ports from the process table, upstream URLs, Kafka) then `config`.
+the chart's own (hosts, ports and the gateway's upstream URLs from the process table, Kafka)
+then `config`.
 The schema refuses the chart's own names in `config`, so nothing here is overridden by accident.
 Usage: {{ include "gozon.config" . | fromYaml }}
 */}}
 {{- define "gozon.config" -}}
 {{- $fullname := include "gozon.fullname" . }}
 {{- $env := dict }}
+{{- $_ := set $env "GOZON_GATEWAY_HOST" "0.0.0.0" }}
 {{- range $name, $facts := include "gozon.processTable" . | fromYaml }}
 {{- $_ := set $env $facts.portSetting (toString $facts.port) }}
 {{- if $facts.sidePortSetting }}
 {{- $_ := set $env $facts.sidePortSetting (toString $facts.sidePort) }}
 {{- end }}
+{{- if eq $facts.kind "api" }}
+{{- $service := upper $facts.service }}
+{{- $_ := set $env (printf "GOZON_%s_API_HOST" $service) "0.0.0.0" }}
+{{- /* the gateway reaches each API at its Service, on the table's port */}}
+{{- $_ := set $env (printf "GOZON_GATEWAY_%s_URL" $service) (printf "http://%s-%s:%d" $fullname $name (int $facts.port)) }}
 {{- end }}
-{{- $_ := set $env "GOZON_GATEWAY_HOST" "0.0.0.0" }}
-{{- $_ = set $env "GOZON_ORDERS_API_HOST" "0.0.0.0" }}
-{{- $_ = set $env "GOZON_PAYMENTS_API_HOST" "0.0.0.0" }}
-{{- $_ = set $env "GOZON_GATEWAY_ORDERS_URL" (printf "http://%s-orders-api:8081" $fullname) }}
-{{- $_ = set $env "GOZON_GATEWAY_PAYMENTS_URL" (printf "http://%s-payments-api:8082" $fullname) }}
+{{- end }}
 {{- $_ = set $env "GOZON_KAFKA_BOOTSTRAP_SERVERS" (include "gozon.kafkaBootstrap" .) }}
 {{- $_ = set $env "GOZON_KAFKA_TOPIC_PARTITIONS" (toString .Values.kafka.topics.partitions) }}
 {{- $_ = set $env "GOZON_KAFKA_REPLICATION_FACTOR" (toString .Values.kafka.topics.replicationFactor) }}

@@ -8,56 +8,14 @@ over the `_*.tpl` files of this folder.
 {{/*
 gozon.processTable -- the facts of services/gozon/processes.py that the chart needs, as YAML:
 process name -> args (of `gozon`), kind, service, port, portSetting, and for the gateway (whose
-port is public) sidePort and sidePortSetting: where its /metrics is served. Tunables live in values
-(`processes.<name>`); tests/charts/test_process_table_chart.py renders the chart and checks its
-Deployments against the Python table, so the two cannot drift apart.
+port is public) sidePort and sidePortSetting: where its /metrics is served. The chart's copy,
+files/processes.yaml, is generated from the Python table (`python -m scripts.chart_process_table`;
+tests/charts/test_process_table_chart.py fails when it is stale and checks the rendered
+Deployments against the table). Tunables live in values (`processes.<name>`).
 Usage: {{ $table := include "gozon.processTable" . | fromYaml }}
 */}}
 {{- define "gozon.processTable" -}}
-gateway:
-  args: [gateway]
-  kind: gateway
-  service: ""
-  port: 8080
-  portSetting: GOZON_GATEWAY_PORT
-  sidePort: 9105
-  sidePortSetting: GOZON_GATEWAY_METRICS_PORT
-orders-api:
-  args: [orders, api]
-  kind: api
-  service: orders
-  port: 8081
-  portSetting: GOZON_ORDERS_API_PORT
-orders-relay:
-  args: [orders, relay]
-  kind: relay
-  service: orders
-  port: 9101
-  portSetting: GOZON_ORDERS_RELAY_METRICS_PORT
-orders-consumer:
-  args: [orders, consumer]
-  kind: consumer
-  service: orders
-  port: 9102
-  portSetting: GOZON_ORDERS_CONSUMER_METRICS_PORT
-payments-api:
-  args: [payments, api]
-  kind: api
-  service: payments
-  port: 8082
-  portSetting: GOZON_PAYMENTS_API_PORT
-payments-relay:
-  args: [payments, relay]
-  kind: relay
-  service: payments
-  port: 9103
-  portSetting: GOZON_PAYMENTS_RELAY_METRICS_PORT
-payments-consumer:
-  args: [payments, consumer]
-  kind: consumer
-  service: payments
-  port: 9104
-  portSetting: GOZON_PAYMENTS_CONSUMER_METRICS_PORT
+{{- .Files.Get "files/processes.yaml" }}
 {{- end }}
 
 {{/*
