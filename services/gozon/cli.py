@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -32,7 +32,10 @@ from gozon.contracts import (
     OrderCreated,
     PaymentProcessed,
 )
-from gozon.core.settings import CommonSettings, OrdersSettings, PaymentsSettings
+from gozon.core.settings import CommonSettings
+from gozon.orders.settings import OrdersSettings
+from gozon.payments.settings import PaymentsSettings
+from gozon.processes import SERVICES
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -121,12 +124,20 @@ def _payments() -> _Service[PaymentsSettings, OrderCreated]:
     )
 
 
+# How each service of the process table (gozon.processes.SERVICES) is composed; a test checks
+# that the two name the same services.
+_COMPOSITIONS: dict[str, Callable[[], _Service[Any, Any]]] = {
+    "orders": _orders,
+    "payments": _payments,
+}
+
+
 def _for_service(job: _Job) -> Command:
     """The command that runs `job` for the service named on the command line (importing only
     that service)."""
 
     def run(args: argparse.Namespace) -> int:
-        return job(_orders()) if args.service == "orders" else job(_payments())
+        return job(_COMPOSITIONS[args.service]())
 
     return run
 
@@ -424,18 +435,25 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(run=run)
         return command
 
-    consumed = {"orders": PAYMENT_PROCESSED_TOPIC, "payments": ORDER_CREATED_TOPIC}
-    for name, database, does in (
-        ("orders", "order_db", "moves orders to FINISHED or CANCELLED"),
-        ("payments", "account_db", "pays for orders: inbox, debit, outbox"),
-    ):
-        outbox_table = "order_outbox" if name == "orders" else "payment_outbox"
+    runs = {"api": run_api, "relay": run_relay, "consumer": run_consumer}
+    for declared in SERVICES:  # the process table's services, each as its package declares it
+        name, outbox_table = declared.name, declared.outbox_table
+        helps = {
+            "api": "the {name} HTTP API ({port})",
+            "relay": f"publishes {outbox_table} rows to Kafka",
+            "consumer": declared.consumer_does,
+        }
         service = services.add_parser(name, help=f"the {name} service")
         processes = service.add_subparsers(dest="process", metavar="PROCESS", required=True)
-        add(processes, "api", run_api, f"the {name} HTTP API (GOZON_{name.upper()}_API_PORT)")
-        add(processes, "relay", run_relay, f"publishes {outbox_table} rows to Kafka")
-        add(processes, "consumer", run_consumer, does)
-        add(processes, "migrate", run_migrate, f"alembic upgrade of {database} to head (or newer)")
+        for entry in declared.processes:
+            help_ = helps[entry.kind].format(name=name, port=entry.port_setting)
+            add(processes, entry.args[-1], runs[entry.kind], help_)
+        add(
+            processes,
+            declared.migration.args[-1],
+            run_migrate,
+            f"alembic upgrade of {declared.database} to head (or newer)",
+        )
         outbox = processes.add_parser("outbox", help=f"{outbox_table} maintenance")
         actions = outbox.add_subparsers(dest="action", metavar="ACTION", required=True)
         add(actions, "requeue-failed", run_requeue_failed, "requeue FAILED rows")
@@ -448,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
         replay.add_argument(
             "--since", required=True, help="rows created since: a time or an age (2h, 1d)"
         )
-        dlq = processes.add_parser("dlq", help=f"dead letters of {consumed[name]}.dlq")
+        dlq = processes.add_parser("dlq", help="dead letters of the topic its consumer reads")
         dlq_actions = dlq.add_subparsers(dest="action", metavar="ACTION", required=True)
         listing = add(dlq_actions, "list", _dlq_list, "list the dead letters, oldest first")
         listing.add_argument("--since", help="only those dead-lettered since: a time or 15m/2h/1d")
@@ -458,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
             dlq_actions,
             "redrive",
             _dlq_redrive,
-            f"publish the dead letters back to {consumed[name]} (each once; docs/operations.md)",
+            "publish the dead letters back to their topic (each once; docs/operations.md)",
         )
         again.add_argument("--since", help="pass over those dead-lettered before: a time or 2h")
         again.add_argument("--limit", type=_positive, help="at most N, the oldest first")

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from gozon.core.settings import OrdersSettings, PaymentsSettings
+from gozon.orders.settings import OrdersSettings
+from gozon.payments.settings import PaymentsSettings
 from gozon.processes import (
     LIVENESS_PATH,
     METRICS_PATH,

@@ -15,9 +15,10 @@ from prometheus_client import REGISTRY
 
 from gozon.core.inputs import MAX_BODY_BYTES
 from gozon.core.problems import MAX_LISTED_ERRORS
-from gozon.core.settings import OrdersSettings, PaymentsSettings
 from gozon.orders.api import build_app as orders_app
+from gozon.orders.settings import OrdersSettings
 from gozon.payments.api import build_app as payments_app
+from gozon.payments.settings import PaymentsSettings
 from tests.conftest import serve, until
 from tests.integration.test_gateway import uvicorn_serving
 

@@ -24,9 +24,9 @@ from sqlalchemy import func, select, text
 from gozon.core.db import create_engine, session_factory
 from gozon.core.deadline import DeadlineExceeded, request_budget
 from gozon.core.pg import Database
-from gozon.core.settings import OrdersSettings
 from gozon.orders.api import build_app
 from gozon.orders.models import Order
+from gozon.orders.settings import OrdersSettings
 from tests.conftest import serve, until
 from tests.integration.conftest import (
     frozen_when_it_waits_for_a_lock,

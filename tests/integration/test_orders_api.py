@@ -13,9 +13,9 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from gozon.core.settings import OrdersSettings
 from gozon.orders.api import build_app
 from gozon.orders.models import Order, order_outbox
+from gozon.orders.settings import OrdersSettings
 from tests.conftest import serve
 
 pytestmark = pytest.mark.integration

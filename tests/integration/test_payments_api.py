@@ -17,9 +17,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from gozon.core.pg import driver_dsn
-from gozon.core.settings import PaymentsSettings
 from gozon.payments.api import build_app
 from gozon.payments.models import MAX_BALANCE, Account, LedgerEntry
+from gozon.payments.settings import PaymentsSettings
 from tests.conftest import serve
 from tests.integration.conftest import frozen_when_it_waits_for_a_lock, read_only_switch
 

@@ -27,7 +27,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from devstack import Kafka, Postgres
 from gozon.contracts import ORDER_CREATED_TOPIC, OrderCreated, OrderCreatedPayload, utc_now
 from gozon.core.db import session_factory
-from gozon.core.settings import OrdersSettings
 from gozon.messaging.kafka import new_producer
 from gozon.messaging.outbox import add_to_outbox
 from gozon.messaging.relay import (
@@ -40,6 +39,7 @@ from gozon.messaging.relay import (
 from gozon.messaging.wakeup import OutboxListener
 from gozon.orders.api import build_app
 from gozon.orders.models import order_outbox
+from gozon.orders.settings import OrdersSettings
 from scripts.processes import GozonProcess, wait_for
 from tests.conftest import serve, until
 from tests.integration.conftest import create_topics_async

@@ -38,7 +38,7 @@ from gozon.contracts import (
     PaymentProcessed,
 )
 from gozon.core.db import create_engine, session_factory
-from gozon.core.settings import GatewaySettings, OrdersSettings, PaymentsSettings
+from gozon.core.settings import GatewaySettings
 from gozon.core.telemetry import SCHEMA_URL, QuietBackground, package_version
 from gozon.gateway.app import build_app as gateway_app
 from gozon.messaging.kafka import dlq_topic, new_producer
@@ -47,9 +47,11 @@ from gozon.messaging.wakeup import OutboxNotifier, channel_for
 from gozon.orders.api import build_app as orders_app
 from gozon.orders.consumer import make_handler as orders_handler
 from gozon.orders.models import Order, order_outbox
+from gozon.orders.settings import OrdersSettings
 from gozon.payments.api import build_app as payments_app
 from gozon.payments.consumer import make_handler as payments_handler
 from gozon.payments.models import payment_outbox
+from gozon.payments.settings import PaymentsSettings
 from tests.conftest import running_consumer, serve, until
 from tests.integration.conftest import create_topics_async
 from tests.integration.test_gateway import uvicorn_serving

@@ -12,11 +12,15 @@ import shlex
 from pathlib import Path
 
 import pytest
+from pydantic_settings import BaseSettings
 
 from devstack import supervisor_config
 from devstack.supervisor import START_RETRIES, process_log
-from gozon.cli import build_parser
-from gozon.processes import MIGRATIONS, PROCESSES, Migration, Process, process
+from gozon.cli import _COMPOSITIONS, build_parser
+from gozon.core.settings import GatewaySettings
+from gozon.orders.settings import OrdersSettings
+from gozon.payments.settings import PaymentsSettings
+from gozon.processes import MIGRATIONS, PROCESSES, SERVICES, Migration, Process, Service, process
 
 
 def test_names_ports_and_settings_are_unique() -> None:
@@ -91,3 +95,45 @@ def test_an_unknown_process_is_named_with_the_known_ones() -> None:
     assert process("orders-relay").args == ("orders", "relay")
     with pytest.raises(KeyError, match="known: gateway, orders-api"):
         process("order-relay")
+
+
+def test_each_service_declares_its_processes_and_the_table_joins_them_in_order() -> None:
+    assert [s.name for s in SERVICES] == ["orders", "payments"]
+    assert PROCESSES[0].kind == "gateway"
+    assert PROCESSES[1:] == tuple(p for s in SERVICES for p in s.processes)
+    assert tuple(s.migration for s in SERVICES) == MIGRATIONS
+    for service in SERVICES:
+        assert sorted(p.kind for p in service.processes) == ["api", "consumer", "relay"]
+
+
+def test_a_service_cannot_declare_another_services_process() -> None:
+    orders, payments = SERVICES
+    with pytest.raises(ValueError, match="payments-api is not a process of the orders service"):
+        Service(
+            "orders",
+            "order_db",
+            "order_outbox",
+            "moves orders",
+            (*orders.processes[:2], payments.processes[0]),
+            orders.migration,
+        )
+
+
+def test_the_cli_composes_exactly_the_table_services() -> None:
+    assert set(_COMPOSITIONS) == {s.name for s in SERVICES}
+    # the parser's commands come from the table: every declared one parses (above), and a
+    # process the table does not declare is refused
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["orders", "worker"])
+
+
+def test_the_settings_default_to_the_table_ports() -> None:
+    settings: dict[str | None, type[BaseSettings]] = {
+        None: GatewaySettings,
+        "orders": OrdersSettings,
+        "payments": PaymentsSettings,
+    }
+    for entry in PROCESSES:
+        fields = settings[entry.service].model_fields
+        for setting, port in entry.ports.items():
+            assert fields[setting.removeprefix("GOZON_").lower()].default == port, setting

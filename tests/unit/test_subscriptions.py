@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from gozon import contracts
-from gozon.core.settings import OrdersSettings, PaymentsSettings
 from gozon.orders import consumer as orders_consumer
+from gozon.orders.settings import OrdersSettings
 from gozon.payments import consumer as payments_consumer
 from gozon.payments.models import payment_outbox
+from gozon.payments.settings import PaymentsSettings
 
 
 def test_orders_read_payment_results_write_no_outbox_and_count_stuck_orders() -> None:

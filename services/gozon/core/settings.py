@@ -1,8 +1,10 @@
 """Settings, read once from `GOZON_*` environment variables and passed in (never global).
 
-One class per process family. The names are the same under `make up` (supervisord's environment),
-docker-compose and the Helm chart. A bad value fails the process at start-up with pydantic's
-message naming the variable; production refuses the development database password.
+One class per process family: here what every process, every worker and every service shares,
+and the gateway's; each service's own class lives in its package. The names are the same under
+`make up` (supervisord's environment), docker-compose and the Helm chart. A bad value fails the
+process at start-up with pydantic's message naming the variable; production refuses the
+development database password.
 """
 
 from __future__ import annotations
@@ -213,8 +215,10 @@ class MessagingSettings(CommonSettings):
         )
 
 
-class _ServiceSettings(MessagingSettings):
-    """What both services have, under their own prefixed names (`GOZON_ORDERS_…`).
+class ServiceSettings(MessagingSettings):
+    """What every service has, under its own prefixed names (`GOZON_ORDERS_…`): the base of
+    each service's settings, which the service package owns (gozon.orders.settings,
+    gozon.payments.settings).
 
     The API's limits nest under the gateway's 5 s timeout (docs/reliability.md): a request's
     budget is the gateway's `X-Request-Timeout-Ms`, at most `api_timeout_s`; a transaction's
@@ -268,41 +272,6 @@ class _ServiceSettings(MessagingSettings):
     def _check_database_password(self, url: str) -> None:
         if self.environment == "production" and f":{DEV_PASSWORD}@" in url:
             raise ValueError("the development database password is not allowed in production")
-
-
-class OrdersSettings(_ServiceSettings):
-    service: ClassVar[str] = "orders"
-    orders_database_url: str = (
-        f"postgresql+asyncpg://postgres:{DEV_PASSWORD}@127.0.0.1:5432/order_db"
-    )
-    orders_api_host: str = "127.0.0.1"
-    orders_api_port: int = Field(default=8081, ge=1, le=65535)
-    orders_relay_metrics_port: int = Field(default=9101, ge=0, le=65535)
-    orders_consumer_metrics_port: int = Field(default=9102, ge=0, le=65535)
-    orders_group_id: str = "orders"
-    orders_stuck_after_s: float = Field(default=60, gt=0)
-
-    @model_validator(mode="after")
-    def _no_dev_secrets(self) -> Self:
-        self._check_database_password(self.orders_database_url)
-        return self
-
-
-class PaymentsSettings(_ServiceSettings):
-    service: ClassVar[str] = "payments"
-    payments_database_url: str = (
-        f"postgresql+asyncpg://postgres:{DEV_PASSWORD}@127.0.0.1:5432/account_db"
-    )
-    payments_api_host: str = "127.0.0.1"
-    payments_api_port: int = Field(default=8082, ge=1, le=65535)
-    payments_relay_metrics_port: int = Field(default=9103, ge=0, le=65535)
-    payments_consumer_metrics_port: int = Field(default=9104, ge=0, le=65535)
-    payments_group_id: str = "payments"
-
-    @model_validator(mode="after")
-    def _no_dev_secrets(self) -> Self:
-        self._check_database_password(self.payments_database_url)
-        return self
 
 
 class GatewaySettings(CommonSettings):

@@ -17,11 +17,11 @@ from gozon.core.health import Readiness
 from gozon.core.inputs import StrictRoute
 from gozon.core.pg import Database, driver_dsn
 from gozon.core.problems import Problem
-from gozon.core.settings import OrdersSettings
 from gozon.messaging.wakeup import OutboxNotifier
 from gozon.orders import service
 from gozon.orders.models import order_outbox
 from gozon.orders.schemas import OrderCreate, OrderRead
+from gozon.orders.settings import OrdersSettings
 
 router = APIRouter(prefix="/api/orders", tags=["orders"], route_class=StrictRoute)
 log = structlog.get_logger(__name__)

@@ -26,11 +26,11 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from gozon.contracts import PAYMENT_PROCESSED_TOPIC, PaymentProcessed
 from gozon.core.pg import batch_connection
-from gozon.core.settings import OrdersSettings
 from gozon.messaging.consumer import BatchHandler, Delivery, Outcome, Rejected
 from gozon.messaging.subscription import Notify, Subscription
 from gozon.orders import queries
 from gozon.orders.models import CANCELLED, FINISHED
+from gozon.orders.settings import OrdersSettings
 
 log = structlog.get_logger(__name__)
 

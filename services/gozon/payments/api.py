@@ -17,11 +17,11 @@ from gozon.core.health import Readiness
 from gozon.core.inputs import AMOUNT_PATTERN, StrictRoute
 from gozon.core.pg import Database
 from gozon.core.problems import Problem
-from gozon.core.settings import PaymentsSettings
 from gozon.payments import service
 from gozon.payments.metrics import start_api_series
 from gozon.payments.models import MAX_BALANCE
 from gozon.payments.schemas import AccountRead, DepositRead
+from gozon.payments.settings import PaymentsSettings
 
 log = structlog.get_logger(__name__)
 router = APIRouter(prefix="/api/payments", tags=["payments"], route_class=StrictRoute)

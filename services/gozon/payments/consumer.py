@@ -27,13 +27,13 @@ import structlog
 
 from gozon.contracts import ORDER_CREATED_TOPIC, OrderCreated
 from gozon.core.pg import batch_connection
-from gozon.core.settings import PaymentsSettings
 from gozon.messaging.consumer import BatchHandler, Delivery, Outcome
 from gozon.messaging.subscription import Notify, Subscription
 from gozon.payments import service
 from gozon.payments.decisions import Decision, OrderToPay
 from gozon.payments.metrics import PAYMENT_AMOUNT, PAYMENT_OUTCOMES, start_consumer_series
 from gozon.payments.models import payment_outbox
+from gozon.payments.settings import PaymentsSettings
 
 log = structlog.get_logger(__name__)
 

@@ -1,0 +1,32 @@
+"""The payments service's settings: `GOZON_PAYMENTS_*` on top of what every service reads.
+
+Read once from the environment by `gozon payments …` and passed in (gozon.core.settings has the
+shared part and the rules: failing fast, the production password check). The default ports are
+the process table's (gozon.payments.processes).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Self
+
+from pydantic import Field, model_validator
+
+from gozon.core.settings import DEV_PASSWORD, ServiceSettings
+from gozon.payments.processes import API, CONSUMER, RELAY, SERVICE
+
+
+class PaymentsSettings(ServiceSettings):
+    service: ClassVar[str] = "payments"
+    payments_database_url: str = (
+        f"postgresql+asyncpg://postgres:{DEV_PASSWORD}@127.0.0.1:5432/{SERVICE.database}"
+    )
+    payments_api_host: str = "127.0.0.1"
+    payments_api_port: int = Field(default=API.default_port, ge=1, le=65535)
+    payments_relay_metrics_port: int = Field(default=RELAY.default_port, ge=0, le=65535)
+    payments_consumer_metrics_port: int = Field(default=CONSUMER.default_port, ge=0, le=65535)
+    payments_group_id: str = "payments"
+
+    @model_validator(mode="after")
+    def _no_dev_secrets(self) -> Self:
+        self._check_database_password(self.payments_database_url)
+        return self
