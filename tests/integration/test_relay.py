@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from devstack import Kafka, Postgres
 from gozon.contracts import ORDER_CREATED_TOPIC, OrderCreated, OrderCreatedPayload, utc_now
 from gozon.core.db import session_factory
+from gozon.core.pg import worker_pool
 from gozon.messaging.kafka import new_producer
 from gozon.messaging.outbox import add_to_outbox
 from gozon.messaging.relay import (
@@ -148,7 +149,6 @@ async def running_relay(
     await producer.start()
     relay = OutboxRelay(
         table=order_outbox,
-        sessions=session_factory(engine),
         producer=producer,
         config=config or RelayConfig(),
         database_url=engine.url.render_as_string(hide_password=False),
@@ -469,9 +469,14 @@ async def test_sent_rows_are_pruned_after_the_retention_period(
     async with running_relay(engine, kafka.bootstrap):
         await until(lambda: _all_sent(engine), 120, "the rows to be SENT")
     await insert_events(engine, topic, 2)  # pending: never pruned
-    sessions = session_factory(engine)
-    assert await prune_sent(sessions, order_outbox, timedelta(hours=1)) == 0
-    assert await prune_sent(sessions, order_outbox, timedelta(0), chunk=2) == 5
+    pool = await worker_pool(
+        engine.url.render_as_string(hide_password=False), size=1, application_name="test-prune"
+    )
+    try:
+        assert await prune_sent(pool, order_outbox, timedelta(hours=1)) == 0
+        assert await prune_sent(pool, order_outbox, timedelta(0), chunk=2) == 5
+    finally:
+        await pool.close()
     assert await statuses(engine) == {"PENDING": 2}
 
 

@@ -25,7 +25,7 @@ from sqlalchemy import Text, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from devstack import Kafka
-from gozon.core.db import is_database_outage, session_factory
+from gozon.core.db import is_database_outage
 from gozon.messaging.kafka import new_producer
 from gozon.messaging.relay import BrokerUnavailable, OutboxRelay, RelayConfig
 from gozon.orders.models import order_outbox
@@ -87,7 +87,6 @@ async def relay_for(
     await producer.start()
     relay = OutboxRelay(
         table=order_outbox,
-        sessions=session_factory(engine),
         producer=cast(AIOKafkaProducer, HookedProducer(producer, before_send)),
         config=config or RelayConfig(),
         database_url=engine.url.render_as_string(hide_password=False),

@@ -37,7 +37,7 @@ from gozon.contracts import (
     OrderCreated,
     PaymentProcessed,
 )
-from gozon.core.db import create_engine, session_factory
+from gozon.core.db import create_engine
 from gozon.core.settings import GatewaySettings
 from gozon.core.telemetry import SCHEMA_URL, QuietBackground, package_version
 from gozon.gateway.app import build_app as gateway_app
@@ -82,7 +82,6 @@ async def relaying(
     await producer.start()
     relay = OutboxRelay(
         table=table,
-        sessions=session_factory(engine),
         producer=producer,
         config=config,
         database_url=engine.url.render_as_string(hide_password=False),

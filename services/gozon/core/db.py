@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncpg
-from sqlalchemy import MetaData, event, text
+from sqlalchemy import MetaData, event
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import (
@@ -28,29 +28,21 @@ def new_metadata() -> MetaData:
 
 
 def create_engine(
-    url: str,
-    *,
-    pool_size: int = 10,
-    application_name: str = "gozon",
-    pre_ping: bool = True,
-    pool_timeout_s: float = 10,
-    command_timeout_s: float = 30,
-    server_settings: dict[str, str] | None = None,
+    url: str, *, pool_size: int = 10, application_name: str = "gozon", pre_ping: bool = True
 ) -> AsyncEngine:
-    """The engine, for the migrations, the command-line tools and the relays' housekeeping (the
-    APIs' requests and the consumers' batches use `gozon.core.pg`). `pre_ping` tests each
-    pooled connection before use (three round trips); the relays turn it off (they retry a
-    failed transaction anyway) and pass their session limits (`server_settings`)."""
+    """The engine, for the migrations and the command-line tools (the APIs, the consumers and
+    the relays run on asyncpg: `gozon.core.pg`). `pre_ping` tests each pooled connection
+    before use."""
     engine = create_async_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=pre_ping,
-        pool_timeout=pool_timeout_s,
+        pool_timeout=10,
         connect_args={
-            "server_settings": {"application_name": application_name, **(server_settings or {})},
+            "server_settings": {"application_name": application_name},
             "timeout": 5,
-            "command_timeout": command_timeout_s,
+            "command_timeout": 30,
         },
     )
     event.listen(engine.sync_engine, "handle_error", _read_only_is_a_lost_server)
@@ -67,16 +59,6 @@ def _read_only_is_a_lost_server(context: ExceptionContext) -> None:
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
-
-
-async def database_answers(engine: AsyncEngine) -> bool:
-    """Readiness: one round trip to the database."""
-    try:
-        async with engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
-    except Exception:  # any failure means "not ready"; the reason is logged by the caller
-        return False
-    return True
 
 
 # SQLSTATE classes of a server going away or refusing work: 08 connection exception, 53

@@ -1,8 +1,8 @@
 """The services' one way to PostgreSQL at run time: asyncpg, named statements.
 
-SQLAlchemy keeps the schema and the migrations (and the relays' housekeeping); both APIs'
-requests and the consumers' batches run here (docs/reliability.md,
-docs/adr/0005-orders-api-hot-path.md). Guarantees:
+SQLAlchemy keeps the schema, the migrations and the command-line tools; both APIs' requests,
+the consumers' batches and the relays' housekeeping run here (docs/reliability.md,
+docs/adr/0015-one-data-path.md). Guarantees:
 
 - **One round trip per statement**: no pre-ping, no reset query (the statements leave no
   session state), each statement prepared once per connection.

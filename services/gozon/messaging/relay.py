@@ -55,11 +55,17 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaTimeoutError
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
-from sqlalchemy import Table, delete, func, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy import Table, func, update
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gozon.core.db import is_database_busy, is_database_outage, is_database_refusal
-from gozon.core.pg import driver_dsn, unusable_after
+from gozon.core.pg import (
+    batch_connection,
+    driver_dsn,
+    pool_answers,
+    unusable_after,
+    worker_pool,
+)
 from gozon.core.runtime import sleep_unless
 from gozon.core.settings import MessagingSettings, SessionLimits
 from gozon.core.telemetry import context_from_headers
@@ -157,6 +163,22 @@ with `counted` 0 (an outage, or not tried after a transient error) is PENDING ag
 it was claimed. Only the rows named, which this transaction holds locked.
 """
 
+PRUNE: Final = """
+DELETE FROM {table}
+WHERE id IN (
+    SELECT id FROM {table}
+    WHERE status = 'SENT' AND sent_at < now() - CAST($1 AS interval)
+    LIMIT $2
+)
+"""
+"""prune($1 retention, $2 chunk): deletes at most `chunk` SENT rows sent longer than `retention`
+ago (housekeeping; never a PENDING or FAILED row)."""
+
+GAUGES: Final = """
+SELECT count(*), min(created_at) FROM {table} WHERE status = 'PENDING'
+"""
+"""gauges(): the outbox's pending rows and the creation time of the oldest (or NULL)."""
+
 
 class _Release:
     """The RELEASE statement's arrays, one entry per row not acknowledged."""
@@ -223,7 +245,6 @@ class OutboxRelay:
         self,
         *,
         table: Table,
-        sessions: async_sessionmaker[AsyncSession],
         producer: AIOKafkaProducer,
         config: RelayConfig,
         database_url: str,
@@ -232,7 +253,6 @@ class OutboxRelay:
     ) -> None:
         self.table = table
         self.name = table.name
-        self.sessions = sessions
         self.producer = producer
         self.config = config
         self.kafka_ok = False
@@ -255,9 +275,14 @@ class OutboxRelay:
         self._limits = limits
         self.connection: asyncpg.Connection | None = None
         """The relay's own connection for its batches (made at the first batch, made again
-        after a loss); the prune and the gauges use `sessions`."""
+        after a loss)."""
+        self._database_url = database_url
+        self._housekeeping: asyncpg.Pool | None = None
+        """The prune's, the gauges' and readiness's connection (`housekeeping`), apart from
+        the batches' so that a scrape never waits for a batch."""
         self._claim = CLAIM.format(table=table.name)
         self._release = RELEASE.format(table=table.name)
+        self._gauges = GAUGES.format(table=table.name)
 
     # -- one batch
 
@@ -318,8 +343,31 @@ class OutboxRelay:
             )
         return self.connection
 
+    async def housekeeping(self) -> asyncpg.Pool:
+        """The pool of one connection, bounded as the batches' (`SessionLimits`), for the
+        prune, the gauges and readiness; made on demand (the relay starts while its database
+        is down)."""
+        if self._housekeeping is None:
+            self._housekeeping = await worker_pool(
+                self._database_url,
+                size=1,
+                application_name=self._application_name,
+                limits=self._limits,
+            )
+        return self._housekeeping
+
+    async def database_answers(self) -> bool:
+        """Readiness: one round trip to the database."""
+        return await pool_answers(await self.housekeeping())
+
     async def close(self) -> None:
-        """Closes the relay's own connection (`run` does it on its way out)."""
+        """Closes the relay's connections (`run` does it on its way out)."""
+        pool, self._housekeeping = self._housekeeping, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), timeout=5)
+            except Exception:  # closing is best effort: the server ends the sessions anyway
+                pool.terminate()
         conn, self.connection = self.connection, None
         if conn is not None and not conn.is_closed():
             try:
@@ -523,7 +571,7 @@ class OutboxRelay:
             return
         self._last_prune = now
         try:
-            pruned = await prune_sent(self.sessions, self.table, self.config.retention)
+            pruned = await prune_sent(await self.housekeeping(), self.table, self.config.retention)
         except Exception as exc:
             if is_database_outage(exc):
                 self._database_down(exc)
@@ -537,37 +585,24 @@ class OutboxRelay:
 
     async def refresh_gauges(self) -> None:
         """Outbox lag at scrape time: pending rows and the age of the oldest (one cheap query)."""
-        t = self.table
-        async with self.sessions() as session:
-            pending, oldest = (
-                await session.execute(
-                    select(func.count(), func.min(t.c.created_at)).where(t.c.status == PENDING)
-                )
-            ).one()
+        async with batch_connection(await self.housekeeping()) as conn:
+            pending, oldest = await conn.fetchrow(self._gauges)
         OUTBOX_PENDING.labels(self.name).set(pending)
         age = (datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0
         OUTBOX_OLDEST_AGE.labels(self.name).set(max(0.0, age))
 
 
 async def prune_sent(
-    sessions: async_sessionmaker[AsyncSession],
-    table: Table,
-    retention: timedelta,
-    *,
-    chunk: int = 5000,
+    pool: asyncpg.Pool, table: Table, retention: timedelta, *, chunk: int = 5000
 ) -> int:
-    """Deletes SENT rows older than `retention`, in chunks so no transaction grows large."""
+    """Deletes SENT rows older than `retention`, in chunks so no transaction grows large
+    (each chunk one autocommit statement, `PRUNE`)."""
+    statement = PRUNE.format(table=table.name)
     total = 0
     while True:
-        async with sessions() as session, session.begin():
-            old = (
-                select(table.c.id)
-                .where(table.c.status == SENT, table.c.sent_at < func.now() - retention)
-                .limit(chunk)
-                .scalar_subquery()
-            )
-            result = await session.execute(delete(table).where(table.c.id.in_(old)))
-        deleted = int(getattr(result, "rowcount", 0) or 0)
+        async with batch_connection(pool) as conn:
+            status = await conn.execute(statement, retention, chunk)
+        deleted = int(status.split()[-1])  # "DELETE n"
         total += deleted
         OUTBOX_PRUNED.labels(table.name).inc(deleted)
         if deleted < chunk:

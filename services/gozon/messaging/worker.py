@@ -22,7 +22,6 @@ from pydantic import BaseModel
 from sqlalchemy import Table
 
 from gozon.core.crashloop import CrashMemory
-from gozon.core.db import create_engine, database_answers, session_factory
 from gozon.core.health import Readiness
 from gozon.core.pg import pool_answers, worker_pool
 from gozon.core.runtime import sleep_unless, stop_on_signals
@@ -140,20 +139,10 @@ async def run_relay(
     stop = stop_on_signals()
     memory = CrashMemory.load(settings.crash_state_dir, f"{spec.service}-relay")
     limits = settings.relay_session_limits
-    engine = create_engine(
-        spec.database_url,
-        pool_size=2,
-        application_name=f"{spec.service}-relay",
-        pre_ping=False,
-        command_timeout_s=limits.command_timeout_s,
-        server_settings=limits.server_settings(),
-    )
-    sessions = session_factory(engine)
     kafka = KafkaAccess.from_settings(settings)
     producer = new_producer(kafka, client_id=f"{spec.service}-relay")
     relay = OutboxRelay(
         table=table,
-        sessions=sessions,
         producer=producer,
         config=relay_config(settings),
         database_url=spec.database_url,
@@ -161,7 +150,7 @@ async def run_relay(
         limits=limits,
     )
     readiness = Readiness()
-    readiness.add("database", lambda: database_answers(engine))
+    readiness.add("database", relay.database_answers)
     readiness.add(ACCEPTS_WORK, _not(lambda: relay.refused))
     readiness.add("kafka", lambda: broker_answers(producer))
     started = _flag(readiness, "started")  # its start-up steps done (they wait for Kafka)
@@ -199,7 +188,7 @@ async def run_relay(
         memory.stopped_cleanly()
     finally:
         await producer.stop()
-        await engine.dispose()
+        await relay.close()
         log.info("relay stopped", outbox=table.name)
 
 
