@@ -36,6 +36,18 @@ What it guarantees:
 - Logs: `<data>/logs/<component>.log`. Default data folder `$GOZON_DATA_DIR/kube-node`
   (`.gozon/kube-node`); `--data-dir` or GOZON_KUBE_NODE_DIR moves it.
 
+- Storage: rancher's local-path-provisioner as a process of the node (the admin's
+  kubeconfig), behind the default StorageClass `local-path` (WaitForFirstConsumer, reclaim
+  Delete): a claim gets a hostPath volume, a folder under `<data>/volumes` made mode 0777 by a
+  helper pod running `local-path-helper` (k8s/node/local-path-helper.c, a one-file image made
+  here), and removed by the same helper when the claim is deleted.
+
+- Resource metrics: metrics-server as a process of the node, registered as the API service
+  `v1beta1.metrics.k8s.io` (the API server's aggregation layer: a front-proxy client
+  certificate, requestheader authentication, routing to the endpoint at NODE_IP), reading the
+  kubelet's /metrics/resource with the admin's certificate. The HPA controller's downscale
+  stabilization is HPA_DOWNSCALE_STABILIZATION (60 s; Kubernetes' default is 5 minutes).
+
 NetworkPolicies are accepted by the API server and not enforced: the bridge CNI has no
 policy engine (docs/kubernetes.md, "Verified on a real node").
 """
@@ -48,6 +60,7 @@ import io
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import tarfile
@@ -57,7 +70,7 @@ from pathlib import Path
 
 from devstack import StackError
 from devstack.system import ROOT, wait_until
-from scripts.kube_cluster import LocalCluster, cli, tools_bin, tools_cache
+from scripts.kube_cluster import LocalCluster, _openssl, cli, tools_bin, tools_cache
 
 NODE_COMPONENTS = (
     "etcd",
@@ -67,6 +80,8 @@ NODE_COMPONENTS = (
     "containerd",
     "kubelet",
     "kube-proxy",
+    "local-path-provisioner",
+    "metrics-server",
 )
 NODE_NAME = "gozon-node"
 NODE_DEVICE = "gozon-node0"
@@ -74,6 +89,10 @@ NODE_IP = os.environ.get("GOZON_KUBE_NODE_IP", "10.250.0.1")
 CNI_BRIDGE = "gozon-cni0"
 POD_CIDR = os.environ.get("GOZON_KUBE_POD_CIDR", "10.244.0.0/24")
 CLUSTER_DNS = "10.96.0.10"
+STORAGE_CLASS = "local-path"  # the default StorageClass (rancher's local-path-provisioner)
+PROVISIONER = "rancher.io/local-path"
+# a test node: an HPA scales in one minute after the load has gone, not five
+HPA_DOWNSCALE_STABILIZATION = os.environ.get("GOZON_KUBE_HPA_DOWNSCALE", "60s")
 CNI_BIN_DIRS = ("/usr/lib/cni", "/opt/cni/bin")
 START_TIMEOUT = float(os.environ.get("GOZON_KUBE_START_TIMEOUT", "300"))
 IMAGE_NAMESPACE = "k8s.io"  # containerd's namespace for the CRI
@@ -168,12 +187,16 @@ class NodeCluster(LocalCluster):
     @property
     def node_ports(self) -> dict[str, int]:
         state = self.data_dir / "node.json"
-        if state.exists():
-            ports: dict[str, int] = json.loads(state.read_text())["ports"]
-            return ports
         from scripts.kube_cluster import _free_ports
 
-        names = ("kubelet", "kubelet-healthz", "proxy-healthz", "proxy-metrics")
+        if state.exists():
+            ports: dict[str, int] = json.loads(state.read_text())["ports"]
+            if "metrics-server" not in ports:  # a data folder from before metrics-server
+                ports["metrics-server"] = _free_ports(1)[0]
+                state.write_text(json.dumps({"ports": ports}, indent=2) + "\n")
+            return ports
+
+        names = ("kubelet", "kubelet-healthz", "proxy-healthz", "proxy-metrics", "metrics-server")
         chosen = dict(zip(names, _free_ports(len(names)), strict=True))
         self.data_dir.mkdir(parents=True, exist_ok=True)
         state.write_text(json.dumps({"ports": chosen}, indent=2) + "\n")
@@ -189,6 +212,17 @@ class NodeCluster(LocalCluster):
         version = os.environ.get("GOZON_COREDNS_VERSION", "v1.15.0")
         return f"gozon.local/coredns:{version}"
 
+    @property
+    def local_path_helper_image(self) -> str:
+        """Named by the helper binary's hash: a changed helper is a new image."""
+        digest = hashlib.sha256((tools_bin() / "local-path-helper").read_bytes()).hexdigest()
+        return f"gozon.local/local-path-helper:{digest[:12]}"
+
+    @property
+    def volumes(self) -> Path:
+        """Where the provisioner makes the volumes' folders."""
+        return self.data_dir / "volumes"
+
     def ctr(self, *args: str, stdin: bytes | None = None, check: bool = True) -> str:
         """Debian's `ctr` against our containerd, in the CRI's namespace."""
         return _run(
@@ -203,7 +237,29 @@ class NodeCluster(LocalCluster):
             "kube-proxy": ("/CN=system:kube-proxy", client_ext),
             # the API server's identity towards the kubelet (logs, exec, port-forward)
             "apiserver-kubelet": ("/O=system:masters/CN=kube-apiserver-kubelet-client", client_ext),
+            # the API server's identity towards an aggregated API server (metrics-server)
+            "front-proxy-client": ("/CN=front-proxy-client", client_ext),
         }
+
+    def _make_pki(self) -> None:
+        """The certificates; one added to _extra_certs after the data folder was made is made
+        now, with the same CA."""
+        super()._make_pki()
+        pki = self.pki
+        ext = "extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature,keyEncipherment\n"
+        for name, (subject, extensions) in self._extra_certs(ext).items():
+            if (pki / f"{name}.crt").exists():
+                continue
+            (pki / f"{name}.ext").write_text(extensions)
+            _openssl(
+                "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
+                "-out", f"{name}.csr", "-subj", subject, cwd=pki,
+            )  # fmt: skip
+            _openssl(
+                "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                "-CAcreateserial", "-days", "3650", "-extfile", f"{name}.ext",
+                "-out", f"{name}.crt", cwd=pki,
+            )  # fmt: skip
 
     # ------------------------------------------------------------------ host network
     def _ensure_network(self) -> None:
@@ -237,7 +293,10 @@ class NodeCluster(LocalCluster):
                     f"{binary} is missing: apt-get install containerd runc iptables "
                     "containernetworking-plugins"
                 )
-        for name in ("kubelet", "kube-proxy", "pause", "coredns"):
+        for name in (
+            "kubelet", "kube-proxy", "pause", "coredns", "local-path-provisioner",
+            "local-path-helper",
+        ):  # fmt: skip
             self._binary(name)
         self._ensure_network()
         d = self.data_dir
@@ -370,6 +429,41 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         }
         if _write(d / "kube-proxy.yaml", json.dumps(proxy, indent=2) + "\n"):
             self._changed.add("kube-proxy")
+        self._prepare_local_path()
+
+    def _prepare_local_path(self) -> None:
+        """The provisioner's configuration and its helper pod's template."""
+        d = self.data_dir / "local-path"
+        d.mkdir(parents=True, exist_ok=True)
+        self.volumes.mkdir(parents=True, exist_ok=True)
+        config = {
+            "nodePathMap": [
+                {"node": "DEFAULT_PATH_FOR_NON_LISTED_NODES", "paths": [str(self.volumes)]}
+            ],
+            # the helper image has no shell: its one binary is the command
+            "setupCommand": "/local-path-helper",
+            "teardownCommand": "/local-path-helper",
+            "cmdTimeoutSeconds": 300,
+        }
+        helper_pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "helper-pod"},
+            "spec": {
+                "priorityClassName": "system-node-critical",
+                "containers": [
+                    {
+                        "name": "helper-pod",
+                        "image": self.local_path_helper_image,
+                        "imagePullPolicy": "Never",
+                    }
+                ],
+            },
+        }
+        changed = _write(d / "config.json", json.dumps(config, indent=2) + "\n")
+        changed |= _write(d / "helper-pod.yaml", json.dumps(helper_pod, indent=2) + "\n")
+        if changed:
+            self._changed.add("local-path-provisioner")
 
     def _resolv_conf(self) -> Path:
         """The host's resolv.conf without loopback name servers (they do not answer in a pod,
@@ -409,7 +503,20 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             f"--kubelet-client-certificate={pki / 'apiserver-kubelet.crt'}",
             f"--kubelet-client-key={pki / 'apiserver-kubelet.key'}",
             "--kubelet-preferred-address-types=InternalIP",
+            # the aggregation layer (metrics-server): who the API server is towards it, and
+            # whose forwarded identities it accepts
+            f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
+            f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
+            f"--requestheader-client-ca-file={pki / 'ca.crt'}",
+            "--requestheader-allowed-names=front-proxy-client",
+            "--requestheader-username-headers=X-Remote-User",
+            "--requestheader-group-headers=X-Remote-Group",
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+            "--enable-aggregator-routing=true",
         ]
+        commands["kube-controller-manager"].append(
+            f"--horizontal-pod-autoscaler-downscale-stabilization={HPA_DOWNSCALE_STABILIZATION}"
+        )
         commands["containerd"] = ["containerd", f"--config={d / 'containerd' / 'config.toml'}"]
         commands["kubelet"] = [
             self._binary("kubelet"),
@@ -423,6 +530,32 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             "--v=1",
         ]
         commands["kube-proxy"] = [self._binary("kube-proxy"), f"--config={d / 'kube-proxy.yaml'}"]
+        commands["local-path-provisioner"] = [
+            self._binary("local-path-provisioner"),
+            "start",
+            f"--config={d / 'local-path' / 'config.json'}",
+            f"--helper-pod-file={d / 'local-path' / 'helper-pod.yaml'}",
+            f"--provisioner-name={PROVISIONER}",
+            "--namespace=kube-system",
+            "--service-account-name=local-path-provisioner",
+            "--configmap-name=local-path-config",
+            f"--helper-image={self.local_path_helper_image}",
+            f"--kubeconfig={self.kubeconfig}",
+        ]
+        commands["metrics-server"] = [
+            self._binary("metrics-server"),
+            f"--bind-address={NODE_IP}",
+            f"--secure-port={self.node_ports['metrics-server']}",
+            f"--cert-dir={d / 'metrics-server'}",
+            f"--kubeconfig={self.kubeconfig}",
+            f"--authentication-kubeconfig={self.kubeconfig}",
+            f"--authorization-kubeconfig={self.kubeconfig}",
+            # the kubelet's serving certificate is its own self-signed one
+            "--kubelet-insecure-tls",
+            "--kubelet-preferred-address-types=InternalIP",
+            "--kubelet-use-node-status-port",
+            "--metric-resolution=15s",
+        ]
         return commands
 
     def _ready(self, component: str) -> bool:
@@ -440,6 +573,13 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             return self._get_ok(f"http://127.0.0.1:{p['kubelet-healthz']}/healthz")
         if component == "kube-proxy":
             return self._get_ok(f"http://127.0.0.1:{p['proxy-healthz']}/livez")
+        if component == "local-path-provisioner":
+            return True  # no health endpoint; `alive` catches one that exits
+        if component == "metrics-server":
+            insecure = ssl.create_default_context()
+            insecure.check_hostname = False
+            insecure.verify_mode = ssl.CERT_NONE  # its own self-signed serving certificate
+            return self._get_ok(f"https://{NODE_IP}:{p['metrics-server']}/livez", insecure)
         return super()._ready(component)
 
     # ------------------------------------------------------------------ images
@@ -455,6 +595,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         for name, binary, entry in (
             (self.pause_image, bin_dir / "pause", ["/pause"]),
             (self.coredns_image, bin_dir / "coredns", ["/coredns"]),
+            (self.local_path_helper_image, bin_dir / "local-path-helper", ["/local-path-helper"]),
         ):
             if not self.has_image(name):
                 self.ctr("images", "import", "-", stdin=one_file_image(binary, name, entry))
@@ -472,14 +613,22 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             self._seed()
 
     def _seed(self) -> None:
-        """Waits for the node, then runs CoreDNS (the `kube-dns` Service at CLUSTER_DNS)."""
+        """Waits for the node, then runs CoreDNS (the `kube-dns` Service at CLUSTER_DNS), the
+        default StorageClass and the metrics API; waits for them."""
         self._kubectl(
             "wait", "--for=condition=Ready", f"node/{NODE_NAME}", f"--timeout={START_TIMEOUT:.0f}s"
         )
-        self._kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
-                      stdin=json.dumps(self._coredns_objects()))  # fmt: skip
+        for objects in (
+            self._coredns_objects(), self._storage_objects(), self._metrics_objects()
+        ):  # fmt: skip
+            self._kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
+                          stdin=json.dumps(objects))  # fmt: skip
         self._kubectl(
             "-n", "kube-system", "rollout", "status", "deployment/coredns",
+            f"--timeout={START_TIMEOUT:.0f}s",
+        )  # fmt: skip
+        self._kubectl(
+            "wait", "--for=condition=Available", "apiservice/v1beta1.metrics.k8s.io",
             f"--timeout={START_TIMEOUT:.0f}s",
         )  # fmt: skip
         wait_until(
@@ -607,6 +756,68 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                         {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
                         {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53},
                     ],
+                },
+            },
+        ]
+        return {"apiVersion": "v1", "kind": "List", "items": items}
+
+    @staticmethod
+    def _storage_objects() -> dict[str, object]:
+        """The provisioner's ServiceAccount (its helper pods run as it) and the default
+        StorageClass."""
+        items: list[dict[str, object]] = [
+            {
+                "apiVersion": "v1",
+                "kind": "ServiceAccount",
+                "metadata": {"namespace": "kube-system", "name": "local-path-provisioner"},
+                "automountServiceAccountToken": False,
+            },
+            {
+                "apiVersion": "storage.k8s.io/v1",
+                "kind": "StorageClass",
+                "metadata": {
+                    "name": STORAGE_CLASS,
+                    "annotations": {"storageclass.kubernetes.io/is-default-class": "true"},
+                },
+                "provisioner": PROVISIONER,
+                "volumeBindingMode": "WaitForFirstConsumer",
+                "reclaimPolicy": "Delete",
+            },
+        ]
+        return {"apiVersion": "v1", "kind": "List", "items": items}
+
+    def _metrics_objects(self) -> dict[str, object]:
+        """metrics-server, a process at NODE_IP, as the API service v1beta1.metrics.k8s.io: a
+        Service without selector and its Endpoints (the API server routes to the endpoint)."""
+        meta = {"namespace": "kube-system", "name": "metrics-server"}
+        port = self.node_ports["metrics-server"]
+        items: list[dict[str, object]] = [
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": meta,
+                "spec": {"ports": [{"name": "https", "port": 443, "targetPort": port}]},
+            },
+            {
+                "apiVersion": "v1",
+                "kind": "Endpoints",
+                "metadata": meta,
+                "subsets": [
+                    {"addresses": [{"ip": NODE_IP}], "ports": [{"name": "https", "port": port}]}
+                ],
+            },
+            {
+                "apiVersion": "apiregistration.k8s.io/v1",
+                "kind": "APIService",
+                "metadata": {"name": "v1beta1.metrics.k8s.io"},
+                "spec": {
+                    "group": "metrics.k8s.io",
+                    "version": "v1beta1",
+                    "service": {"namespace": "kube-system", "name": "metrics-server", "port": 443},
+                    # its serving certificate is self-signed (a test node)
+                    "insecureSkipTLSVerify": True,
+                    "groupPriorityMinimum": 100,
+                    "versionPriority": 100,
                 },
             },
         ]
