@@ -32,9 +32,10 @@ test-chart: bootstrap
 	@.venv/bin/pytest tests/charts -p no:cacheprovider $(CHART_ARGS)
 
 # The chart on a real one-node Kubernetes on this machine (k8s/node-cluster: containerd, kubelet,
-# kube-proxy, CoreDNS): images built and imported, helm install --wait, helm test, a consumer pod
-# deleted under load, consumers scaled to 3; the node is stopped at the end. Root only; see
-# docs/kubernetes.md, "Verified on a real node". Extra pytest arguments: K8S_ARGS="-k saga".
+# kube-proxy, CoreDNS, local-path provisioner, metrics-server): images built and imported, helm
+# install --wait, helm test, a consumer and a database pod deleted under load, consumers scaled
+# and autoscaled, a backup restored; the node is stopped at the end. Root only; see docs/kubernetes.md, "Verified on a real node". Extra pytest
+# arguments: K8S_ARGS="-k saga".
 test-k8s: bootstrap
 	@scripts/test-k8s
 
