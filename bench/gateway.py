@@ -39,9 +39,8 @@ import port_for
 import uvicorn
 from fastapi import FastAPI
 
-from devstack import throwaway_postgres, workdir
+from devstack import GozonProcess, http_status, throwaway_postgres, wait_for, workdir
 from gozon.core.migrations import upgrade
-from scripts.processes import GozonProcess, http_status, wait_for
 
 ORDERS_MIGRATIONS = (
     Path(__file__).resolve().parent.parent / "services" / "gozon" / "orders" / "migrations"

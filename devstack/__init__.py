@@ -14,6 +14,8 @@ The public API, by job (each a module):
   process table (`gozon.processes`).
 - `throwaway_postgres`, `throwaway_kafka`, `workdir`, `free_ports`, `stack_env`
   (`devstack.throwaway`): servers on free ports in temporary folders, for tests and benches.
+- `GozonProcess`, `GOZON`, `wait_for`, `http_status` (`devstack.processes`): one `gozon …`
+  process of the tests' or a bench's own, started, waited for over HTTP, stopped or killed.
 - `prometheus_tool` (`devstack.apt`): Debian's Prometheus binaries, installed where missing.
 - `StackError`: a failure a person can act on; its message names the cause.
 
@@ -40,6 +42,7 @@ from devstack.apt import prometheus_tool  # noqa: E402 (the process table needs 
 from devstack.kafka import Kafka, create_topics  # noqa: E402
 from devstack.platform import Platform, StackConfig, migrate_and_create_topics  # noqa: E402
 from devstack.postgres import Postgres  # noqa: E402
+from devstack.processes import GOZON, GozonProcess, http_status, wait_for  # noqa: E402
 from devstack.supervisor import supervisor_config  # noqa: E402
 from devstack.system import StackError  # noqa: E402
 from devstack.throwaway import (  # noqa: E402
@@ -51,6 +54,8 @@ from devstack.throwaway import (  # noqa: E402
 )
 
 __all__ = [
+    "GOZON",
+    "GozonProcess",
     "Kafka",
     "Platform",
     "Postgres",
@@ -58,11 +63,13 @@ __all__ = [
     "StackError",
     "create_topics",
     "free_ports",
+    "http_status",
     "migrate_and_create_topics",
     "prometheus_tool",
     "stack_env",
     "supervisor_config",
     "throwaway_kafka",
     "throwaway_postgres",
+    "wait_for",
     "workdir",
 ]

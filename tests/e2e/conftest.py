@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from devstack import Kafka, Postgres, free_ports, throwaway_kafka
+from devstack import GozonProcess, Kafka, Postgres, free_ports, throwaway_kafka
 from gozon.processes import METRICS_PATH, PROCESSES, process
 from gozon.reconcile import ReconcileReport, reconcile
 from scripts.compose import (
@@ -32,7 +32,6 @@ from scripts.compose import (
     ComposeProcess,
     ComposeStack,
 )
-from scripts.processes import GozonProcess
 from tests.conftest import fresh_database
 
 COMPOSE_PROJECT = os.environ.get("GOZON_E2E_COMPOSE_PROJECT", "")

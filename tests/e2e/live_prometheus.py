@@ -18,9 +18,8 @@ import httpx
 import port_for
 import yaml
 
-from devstack import prometheus_tool
+from devstack import http_status, prometheus_tool, wait_for
 from gozon.processes import PROCESSES
-from scripts.processes import http_status, wait_for
 from tests.e2e.conftest import Platform
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 
-from scripts.processes import GozonProcess
+from devstack import GozonProcess
 from tests.e2e.conftest import Platform
 from tests.e2e.live_prometheus import ROOT, LivePrometheus
 from tests.e2e.test_metrics_live import the_spec_scenario

@@ -28,10 +28,9 @@ import asyncpg
 import httpx
 import pytest
 
-from devstack import Kafka, Postgres, throwaway_kafka, throwaway_postgres
+from devstack import GOZON, Kafka, Postgres, throwaway_kafka, throwaway_postgres
 from devstack.postgres import postgres_bin_dir
 from gozon.reconcile import ReconcileReport, reconcile
-from scripts.processes import GOZON
 from tests.e2e.conftest import platform_env, running_platform
 from tests.e2e.test_order_payment_flow import deposit, new_user, post_as_a_client_does
 

@@ -20,10 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from devstack import Kafka, Postgres, throwaway_kafka
+from devstack import GOZON, Kafka, Postgres, throwaway_kafka
 from gozon.core.migrations import upgrade
 from gozon.reconcile import reconcile
-from scripts.processes import GOZON
 from tests.conftest import _psql
 from tests.e2e.conftest import platform_env, running_platform
 from tests.e2e.test_order_payment_flow import balance, deposit, final_order, new_user, order

@@ -22,10 +22,10 @@ from aiokafka import AIOKafkaProducer
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from devstack import GOZON
 from gozon.contracts import PAYMENT_PROCESSED_TOPIC, PaymentProcessed, PaymentProcessedPayload
 from gozon.messaging.dlq import list_dead_letters
 from gozon.messaging.kafka import dlq_topic, new_producer
-from scripts.processes import GOZON
 from tests.conftest import until
 from tests.e2e.conftest import Platform
 

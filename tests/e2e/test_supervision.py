@@ -14,12 +14,11 @@ from pathlib import Path
 import port_for
 import pytest
 
-from devstack import Kafka, Platform, Postgres, StackConfig
+from devstack import Kafka, Platform, Postgres, StackConfig, http_status, wait_for
 from devstack.cli import status
 from devstack.supervisor import processes_marked
 from devstack.system import pid_alive
 from gozon.processes import PROCESSES, process
-from scripts.processes import http_status, wait_for
 from tests.conftest import fresh_database
 
 pytestmark = pytest.mark.e2e

@@ -37,13 +37,12 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from sqlalchemy import make_url
 
-from devstack import Kafka, Postgres
+from devstack import GozonProcess, Kafka, Postgres
 from gozon.contracts import ORDER_CREATED_TOPIC, PAYMENT_PROCESSED_TOPIC
 from gozon.core.pg import driver_dsn
 from gozon.orders.settings import OrdersSettings
 from gozon.payments.settings import PaymentsSettings
 from gozon.processes import PROCESSES, process
-from scripts.processes import GozonProcess
 from tests.conftest import huge_poison, largest_value_the_broker_accepts, until
 from tests.e2e.conftest import Platform
 from tests.faults.conftest import Users, record

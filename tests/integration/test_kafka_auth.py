@@ -26,7 +26,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from devstack import Kafka, throwaway_kafka
+from devstack import GozonProcess, Kafka, throwaway_kafka, wait_for
 from gozon.contracts import ORDER_CREATED_TOPIC, PAYMENT_PROCESSED_TOPIC
 from gozon.messaging.kafka import (
     KafkaAccess,
@@ -37,7 +37,6 @@ from gozon.messaging.kafka import (
     new_producer,
     start_client,
 )
-from scripts.processes import GozonProcess, wait_for
 from tests.integration.test_relay import insert_events
 
 pytestmark = pytest.mark.integration

@@ -14,11 +14,10 @@ from pathlib import Path
 import port_for
 import pytest
 
-from devstack import Kafka, Platform, Postgres, StackConfig, StackError, system
+from devstack import Kafka, Platform, Postgres, StackConfig, StackError, system, wait_for
 from devstack.supervisor import START_RETRIES
 from devstack.system import PidFile
 from gozon.processes import Process
-from scripts.processes import wait_for
 
 pytestmark = pytest.mark.integration
 

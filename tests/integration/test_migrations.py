@@ -17,9 +17,8 @@ from alembic import command
 from alembic.script import ScriptDirectory
 from alembic.util import to_tuple
 
-from devstack import Postgres
+from devstack import GOZON, Postgres
 from gozon.core.migrations import LINEAGE_TABLE, alembic_config
-from scripts.processes import GOZON
 from tests.conftest import MIGRATIONS, _psql
 from tests.next_release import NEXT_REVISION, head, next_release_migrations
 

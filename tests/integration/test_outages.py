@@ -21,13 +21,12 @@ from aiokafka.admin import AIOKafkaAdminClient
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from devstack import Kafka, Postgres
+from devstack import GozonProcess, Kafka, Postgres, http_status, wait_for
 from gozon.contracts import ORDER_CREATED_TOPIC, PAYMENT_PROCESSED_TOPIC
 from gozon.messaging.relay import RelayConfig
 from gozon.messaging.wakeup import OutboxListener
 from gozon.messaging.worker import ACCEPTS_WORK
 from gozon.orders.models import order_outbox
-from scripts.processes import GozonProcess, http_status, wait_for
 from tests.conftest import holds, until
 from tests.integration.conftest import role_of_its_own
 from tests.integration.test_relay import insert_events, running_relay, statuses

@@ -24,7 +24,7 @@ from aiokafka.structs import ConsumerRecord
 from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from devstack import Kafka, Postgres
+from devstack import GozonProcess, Kafka, Postgres, wait_for
 from gozon.contracts import ORDER_CREATED_TOPIC, OrderCreated, OrderCreatedPayload, utc_now
 from gozon.core.db import session_factory
 from gozon.core.pg import worker_pool
@@ -41,7 +41,6 @@ from gozon.messaging.wakeup import OutboxListener
 from gozon.orders.api import build_app
 from gozon.orders.models import order_outbox
 from gozon.orders.settings import OrdersSettings
-from scripts.processes import GozonProcess, wait_for
 from tests.conftest import serve, until
 from tests.integration.conftest import create_topics_async
 

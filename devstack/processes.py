@@ -1,8 +1,11 @@
-"""Real `gozon …` processes for the tests and benchmarks.
+"""Real `gozon …` processes, for the tests and the benches (not `make up`'s: see `Platform`).
 
-A process is started with its own environment, its output in a log file, waited for through
-its `/health/live` (or `/health/ready`) endpoint, and stopped with SIGTERM or killed with
-SIGKILL, as an orchestrator would.
+`GozonProcess` runs `gozon <args>` of this interpreter's virtualenv (`GOZON`) with its own
+environment, its output appended to a log file; `start()` waits for its `/health/live` (or
+`/health/ready`) and fails with the log's tail if it exits first; `stop()` is SIGTERM, as an
+orchestrator sends, and fails if it is ignored; `kill()` is SIGKILL. `wait_for` polls a
+condition against a deadline; `http_status` is a GET's status code, or None without an answer.
+Failures are `AssertionError`s: these are the tests' checks. Standard library only.
 """
 
 from __future__ import annotations
