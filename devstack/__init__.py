@@ -16,6 +16,8 @@ The public API, by job (each a module):
   (`devstack.throwaway`): servers on free ports in temporary folders, for tests and benches.
 - `GozonProcess`, `GOZON`, `wait_for`, `http_status` (`devstack.processes`): one `gozon …`
   process of the tests' or a bench's own, started, waited for over HTTP, stopped or killed.
+- `ComposeStack`, `ComposeProcess`, `COMPOSE_SERVICES`, `COMPOSE_DATABASES`
+  (`devstack.compose`): the docker-compose stack as the tests see it (`make test-compose`).
 - `prometheus_tool` (`devstack.apt`): Debian's Prometheus binaries, installed where missing.
 - `StackError`: a failure a person can act on; its message names the cause.
 
@@ -39,6 +41,12 @@ if _SERVICES not in sys.path:  # `make down` may run before the virtualenv exist
     sys.path.append(_SERVICES)
 
 from devstack.apt import prometheus_tool  # noqa: E402 (the process table needs the path above)
+from devstack.compose import (  # noqa: E402
+    COMPOSE_DATABASES,
+    COMPOSE_SERVICES,
+    ComposeProcess,
+    ComposeStack,
+)
 from devstack.kafka import Kafka, create_topics  # noqa: E402
 from devstack.platform import Platform, StackConfig, migrate_and_create_topics  # noqa: E402
 from devstack.postgres import Postgres  # noqa: E402
@@ -54,7 +62,11 @@ from devstack.throwaway import (  # noqa: E402
 )
 
 __all__ = [
+    "COMPOSE_DATABASES",
+    "COMPOSE_SERVICES",
     "GOZON",
+    "ComposeProcess",
+    "ComposeStack",
     "GozonProcess",
     "Kafka",
     "Platform",

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from scripts.compose import ComposeStack
+from devstack import ComposeStack
 from tests.e2e.conftest import COMPOSE_PROJECT, Platform, compose_platform
 
 

@@ -3,7 +3,7 @@ container back and no accepted order is lost or paid twice.
 
 Orders are created through the gateway without pause while the relays, the consumers and the
 orders API are crashed one after another (SIGKILL to the container's main process, see
-scripts/compose.py). Then, for every order the gateway answered 201: it is FINISHED or
+devstack/compose.py). Then, for every order the gateway answered 201: it is FINISHED or
 CANCELLED; FINISHED ⇔ exactly one DEBIT in the ledger, CANCELLED ⇔ none; each account's
 balance equals its ledger and never went negative; both outboxes drained with nothing FAILED.
 
@@ -27,8 +27,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from devstack import COMPOSE_SERVICES, ComposeStack
 from gozon.reconcile import reconcile
-from scripts.compose import COMPOSE_SERVICES, ComposeStack
 from tests.conftest import until
 from tests.e2e.conftest import Platform
 

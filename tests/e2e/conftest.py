@@ -23,15 +23,19 @@ from pathlib import Path
 
 import pytest
 
-from devstack import GozonProcess, Kafka, Postgres, free_ports, throwaway_kafka
-from gozon.processes import METRICS_PATH, PROCESSES, process
-from gozon.reconcile import ReconcileReport, reconcile
-from scripts.compose import (
+from devstack import (
     COMPOSE_DATABASES,
     COMPOSE_SERVICES,
     ComposeProcess,
     ComposeStack,
+    GozonProcess,
+    Kafka,
+    Postgres,
+    free_ports,
+    throwaway_kafka,
 )
+from gozon.processes import METRICS_PATH, PROCESSES, process
+from gozon.reconcile import ReconcileReport, reconcile
 from tests.conftest import fresh_database
 
 COMPOSE_PROJECT = os.environ.get("GOZON_E2E_COMPOSE_PROJECT", "")

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
+from devstack import COMPOSE_DATABASES, COMPOSE_SERVICES
 from gozon.processes import MIGRATIONS, PROCESSES, READINESS_PATH, Migration, Process
-from scripts.compose import COMPOSE_DATABASES, COMPOSE_SERVICES
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_TEXT = (ROOT / "docker-compose.yml").read_text()

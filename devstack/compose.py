@@ -2,7 +2,8 @@
 container's state, a crash, and the wait for compose's restart policy to bring it back.
 
 Used by the end-to-end tests when they run against the compose stack
-(`GOZON_E2E_COMPOSE_PROJECT`, set by `scripts/test-compose`) and by `tests/compose/`.
+(`GOZON_E2E_COMPOSE_PROJECT`, set by `scripts/test-compose`) and by `tests/compose/`. Standard
+library only.
 
 A crash is a SIGKILL to the container's main process from the host, as an OOM kill or a
 segfault would be. `docker kill` is not used for it: the engine records it as a manual stop
@@ -22,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from devstack import http_status, wait_for
+from devstack.processes import http_status, wait_for
+from devstack.system import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 
 # docker-compose.yml's service of each process and migration of the process table: the spec's
