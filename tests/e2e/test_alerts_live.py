@@ -170,6 +170,13 @@ async def test_the_breaker_alert_fires_within_two_minutes_for_an_upstream_that_h
                 sender.cancel()
             await asyncio.gather(*senders, return_exceptions=True)
     assert firing[0]["labels"]["upstream"] == "payments"
+    # Every sample Prometheus scraped since the freeze, not only those this loop happened to
+    # look at: an open spell lasts the breaker's reset time (1 s here), about one scrape.
+    since = f"{int(time.monotonic() - frozen_at) + 5}s"
+    scraped = await prometheus.api(
+        "query", query=f'gozon_gateway_breaker_state{{upstream="payments"}}[{since}]'
+    )
+    states |= {float(value) for series in scraped["result"] for _, value in series["values"]}
     # the hang made the breaker flap: half-open trials that hang, then open again
     assert {1.0, 2.0} <= states, states
 
