@@ -58,16 +58,20 @@ INSPECTOR = f"{CLUSTER_NAME}-test-inspector"
 # Run with python3 in a relay's or consumer's pod: aiokafka with the pod's own Kafka settings
 # (the ones the chart gives the process), printing one JSON object.
 _CLIENT = """
-import asyncio, json, os, sys
+import asyncio, json, os, ssl, sys
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 USER = os.environ.get("INSPECTOR_USER") or os.environ["GOZON_KAFKA_SASL_USERNAME"]
 
+CA = os.environ.get("GOZON_KAFKA_SSL_CA_FILE")
+
 def access(password=None, sasl=True):
     args = {"bootstrap_servers": os.environ["GOZON_KAFKA_BOOTSTRAP_SERVERS"],
             "request_timeout_ms": 20000}
+    if CA:  # the listener is TLS: verify the brokers against the cluster CA, as the process does
+        args |= {"security_protocol": "SSL", "ssl_context": ssl.create_default_context(cafile=CA)}
     if sasl:
         args |= {"security_protocol": os.environ["GOZON_KAFKA_SECURITY_PROTOCOL"],
                  "sasl_mechanism": os.environ["GOZON_KAFKA_SASL_MECHANISM"],
@@ -296,13 +300,15 @@ def test_every_process_available_the_kafka_ones_with_scram(cluster: StrimziClust
     for process in KAFKA_PROCESSES:
         pod: Any = cluster.core.read_namespaced_pod(_pod(cluster, process), cluster.namespace)
         env = {e.name: e.value for e in pod.spec.containers[0].env if e.value is not None}
-        assert env["GOZON_KAFKA_SECURITY_PROTOCOL"] == "SASL_PLAINTEXT"
+        assert env["GOZON_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+        assert env["GOZON_KAFKA_SSL_CA_FILE"] == "/etc/gozon/kafka-ca/ca.crt"
         assert env["GOZON_KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512"
         assert env["GOZON_KAFKA_SASL_USERNAME"] == f"{CLUSTER_NAME}-{process}"
         # ready = its producer's metadata round trip to the broker works (logged in)
         assert all(s.ready for s in pod.status.container_statuses), process
     listener = cluster.resource("kafkas", CLUSTER_NAME)["spec"]["kafka"]["listeners"][0]
     assert listener["authentication"]["type"] == "scram-sha-512"
+    assert (listener["port"], listener["tls"]) == (9093, True)
 
 
 def test_credentials_are_refused_outside_their_acls(cluster: StrimziCluster) -> None:

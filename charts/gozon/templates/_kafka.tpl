@@ -20,10 +20,18 @@ Usage: {{ include "gozon.kafkaBootstrap" . }}
 */}}
 {{- define "gozon.kafkaBootstrap" -}}
 {{- if eq .Values.kafka.mode "strimzi" }}
-{{- printf "%s-kafka-bootstrap:9092" (include "gozon.kafkaClusterName" .) }}
+{{- printf "%s-kafka-bootstrap:%d" (include "gozon.kafkaClusterName" .) (include "gozon.strimziPort" . | int) }}
 {{- else }}
 {{- required "kafka.external.bootstrapServers is required when kafka.mode is external" .Values.kafka.external.bootstrapServers }}
 {{- end }}
+{{- end }}
+
+{{/*
+gozon.strimziPort -- the port of the Strimzi Kafka's one listener: 9093 with TLS, else 9092.
+Usage: {{ include "gozon.strimziPort" . | int }}
+*/}}
+{{- define "gozon.strimziPort" -}}
+{{- ternary 9093 9092 .Values.kafka.strimzi.tls.enabled }}
 {{- end }}
 
 {{/*
@@ -38,19 +46,26 @@ Usage: {{ include "gozon.kafkaUserName" (dict "ctx" $ "process" "orders-relay") 
 {{/*
 gozon.kafkaAuth -- how a process that uses Kafka logs in, as YAML: `protocol`, `mechanism`,
 `username`, `passwordSecret` (key `password`) and `caSecret` (key `ca.crt`), or {} for
-plaintext. Strimzi mode with authentication: SCRAM-SHA-512 as the process's own KafkaUser;
-external mode: kafka.external's protocol and credentials.
+plaintext. Strimzi mode: SCRAM-SHA-512 as the process's own KafkaUser with authentication, TLS
+verified against the operator's cluster CA with tls; external mode: kafka.external's protocol
+and credentials.
 Usage: {{ $auth := include "gozon.kafkaAuth" (dict "ctx" $ "process" $name) | fromYaml }}
 */}}
 {{- define "gozon.kafkaAuth" -}}
 {{- $kafka := .ctx.Values.kafka }}
 {{- if eq $kafka.mode "strimzi" }}
+{{- $tls := $kafka.strimzi.tls.enabled }}
 {{- if $kafka.strimzi.authentication.enabled }}
 {{- $user := include "gozon.kafkaUserName" . }}
-protocol: SASL_PLAINTEXT
+protocol: {{ ternary "SASL_SSL" "SASL_PLAINTEXT" $tls }}
 mechanism: SCRAM-SHA-512
 username: {{ $user }}
 passwordSecret: {{ $user }}
+{{- else if $tls }}
+protocol: SSL
+{{- end }}
+{{- if $tls }}
+caSecret: {{ include "gozon.kafkaClusterName" .ctx }}-cluster-ca-cert
 {{- end }}
 {{- else if ne $kafka.external.securityProtocol "PLAINTEXT" }}
 {{- $e := $kafka.external }}
@@ -73,7 +88,7 @@ Usage: {{ range include "gozon.kafkaPorts" . | fromYamlArray }}
 {{- define "gozon.kafkaPorts" -}}
 {{- $ports := list }}
 {{- if eq .Values.kafka.mode "strimzi" }}
-{{- $ports = list 9092 }}
+{{- $ports = list (include "gozon.strimziPort" . | int) }}
 {{- else }}
 {{- range splitList "," (include "gozon.kafkaBootstrap" .) }}
 {{- $hostPort := splitList ":" (trim .) }}
