@@ -332,3 +332,32 @@ async def test_a_broker_certificate_from_another_ca_is_refused_in_words(
     with pytest.raises(KafkaAccessRefused, match="CERTIFICATE_VERIFY_FAILED"):
         await start_client(producer, access)
     await producer.stop()
+
+
+async def test_a_worker_restarts_itself_when_its_password_file_changes(
+    sasl_kafka: Kafka, orders_db: str, password_file: Path, process_logs: Path
+) -> None:
+    """A rotated KafkaUser secret: the mounted file changes under a running relay, which logs
+    in only when it connects. It stops cleanly and exits 75 (its supervisor starts it again,
+    with the new password) instead of failing its next login for ever."""
+    env = sasl_env(sasl_kafka, password_file)
+    relay = worker("relay", orders_db, env, process_logs / "relay-rotated.log").start()
+    try:
+        await asyncio.to_thread(
+            wait_for, lambda: relay.status() == 200, timeout=120, what="the relay ready"
+        )
+        await asyncio.sleep(6)  # a check with the same password: no restart
+        assert relay.process is not None
+        assert relay.process.poll() is None
+        await asyncio.to_thread(password_file.write_text, "rotated-" + PASSWORD + "\n")
+        await asyncio.to_thread(
+            wait_for,
+            lambda: relay.process is not None and relay.process.poll() is not None,
+            timeout=60,
+            what="the relay to exit",
+        )
+        assert relay.process.returncode == 75
+        assert "the Kafka password file changed" in relay.logs()
+        assert "relay stopped" in relay.logs()  # stopped cleanly, not killed
+    finally:
+        relay.kill()

@@ -3,13 +3,17 @@
 Each builds its engine, Kafka clients and side port in `main`, waits (reporting not ready)
 while Kafka or the database is not there yet, runs until SIGTERM, and closes what it built.
 A worker that crashed in a row before this start first backs off (`gozon.core.crashloop`).
+A worker whose Kafka password file changes under it (a rotated KafkaUser secret) stops
+cleanly and exits with `RESTART_FOR_NEW_CREDENTIALS`, so that its supervisor starts it again
+with the new password: a client logs in only when it connects, and would otherwise keep the
+old password until the broker refuses it, for ever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -44,6 +48,49 @@ from gozon.messaging.wakeup import OutboxListener, OutboxNotifier
 
 log = structlog.get_logger(__name__)
 E = TypeVar("E", bound=BaseModel)
+
+RESTART_FOR_NEW_CREDENTIALS = 75  # EX_TEMPFAIL: every supervisor here restarts on it
+PASSWORD_CHECK_EVERY_S = 5.0
+
+
+async def _stop_when_password_changes(
+    settings: MessagingSettings, stop: asyncio.Event, changed: asyncio.Event
+) -> None:
+    """Sets `changed` and `stop` once GOZON_KAFKA_SASL_PASSWORD_FILE no longer holds the
+    password this process started with (a missing or unreadable file is not a change)."""
+    if settings.kafka_sasl_password_file is None:
+        return
+    started_with = settings.kafka_sasl_password_value()
+    while not stop.is_set():
+        await sleep_unless(stop, PASSWORD_CHECK_EVERY_S)
+        try:
+            now = settings.kafka_sasl_password_value()
+        except OSError:  # a secret volume between two updates
+            continue
+        if now != started_with:
+            log.warning(
+                "the Kafka password file changed: stopping, to be started again with it",
+                password_file=str(settings.kafka_sasl_password_file),
+            )
+            changed.set()
+            stop.set()
+            return
+
+
+@contextlib.asynccontextmanager
+async def _restart_on_new_password(
+    settings: MessagingSettings, stop: asyncio.Event
+) -> AsyncIterator[None]:
+    changed = asyncio.Event()
+    watcher = asyncio.create_task(_stop_when_password_changes(settings, stop, changed))
+    try:
+        yield
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    if changed.is_set():
+        raise SystemExit(RESTART_FOR_NEW_CREDENTIALS)
 
 
 @dataclass(frozen=True)
@@ -137,6 +184,17 @@ async def run_relay(
     spec: WorkerSpec, settings: MessagingSettings, table: Table, topics: list[str]
 ) -> None:
     stop = stop_on_signals()
+    async with _restart_on_new_password(settings, stop):
+        await _run_relay(spec, settings, table, topics, stop)
+
+
+async def _run_relay(
+    spec: WorkerSpec,
+    settings: MessagingSettings,
+    table: Table,
+    topics: list[str],
+    stop: asyncio.Event,
+) -> None:
     memory = CrashMemory.load(settings.crash_state_dir, f"{spec.service}-relay")
     limits = settings.relay_session_limits
     kafka = KafkaAccess.from_settings(settings)
@@ -196,8 +254,19 @@ async def run_consumer(
     spec: WorkerSpec, settings: MessagingSettings, subscription: Subscription[E], *, group_id: str
 ) -> None:
     """Runs the service's subscription (see `gozon.messaging.subscription`) until SIGTERM."""
-    topic = subscription.topic
     stop = stop_on_signals()
+    async with _restart_on_new_password(settings, stop):
+        await _run_consumer(spec, settings, subscription, group_id, stop)
+
+
+async def _run_consumer(
+    spec: WorkerSpec,
+    settings: MessagingSettings,
+    subscription: Subscription[E],
+    group_id: str,
+    stop: asyncio.Event,
+) -> None:
+    topic = subscription.topic
     memory = CrashMemory.load(settings.crash_state_dir, f"{spec.service}-consumer")
     # The batches' pool: one connection per partition handled side by side, one spare (the
     # scrape hooks, readiness). Made on demand: the process starts while the database is down.
