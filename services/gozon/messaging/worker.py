@@ -54,13 +54,14 @@ PASSWORD_CHECK_EVERY_S = 5.0
 
 
 async def _stop_when_password_changes(
-    settings: MessagingSettings, stop: asyncio.Event, changed: asyncio.Event
+    settings: MessagingSettings, kafka: KafkaAccess, stop: asyncio.Event, changed: asyncio.Event
 ) -> None:
     """Sets `changed` and `stop` once GOZON_KAFKA_SASL_PASSWORD_FILE no longer holds the
-    password this process started with (a missing or unreadable file is not a change)."""
+    password the clients log in with, `kafka`'s (a missing or unreadable file is not a
+    change)."""
     if settings.kafka_sasl_password_file is None:
         return
-    started_with = settings.kafka_sasl_password_value()
+    started_with = kafka.password
     while not stop.is_set():
         await sleep_unless(stop, PASSWORD_CHECK_EVERY_S)
         try:
@@ -79,10 +80,10 @@ async def _stop_when_password_changes(
 
 @contextlib.asynccontextmanager
 async def _restart_on_new_password(
-    settings: MessagingSettings, stop: asyncio.Event
+    settings: MessagingSettings, kafka: KafkaAccess, stop: asyncio.Event
 ) -> AsyncIterator[None]:
     changed = asyncio.Event()
-    watcher = asyncio.create_task(_stop_when_password_changes(settings, stop, changed))
+    watcher = asyncio.create_task(_stop_when_password_changes(settings, kafka, stop, changed))
     try:
         yield
     finally:
@@ -184,20 +185,21 @@ async def run_relay(
     spec: WorkerSpec, settings: MessagingSettings, table: Table, topics: list[str]
 ) -> None:
     stop = stop_on_signals()
-    async with _restart_on_new_password(settings, stop):
-        await _run_relay(spec, settings, table, topics, stop)
+    kafka = KafkaAccess.from_settings(settings)  # the password is read here, once
+    async with _restart_on_new_password(settings, kafka, stop):
+        await _run_relay(spec, settings, kafka, table, topics, stop)
 
 
 async def _run_relay(
     spec: WorkerSpec,
     settings: MessagingSettings,
+    kafka: KafkaAccess,
     table: Table,
     topics: list[str],
     stop: asyncio.Event,
 ) -> None:
     memory = CrashMemory.load(settings.crash_state_dir, f"{spec.service}-relay")
     limits = settings.relay_session_limits
-    kafka = KafkaAccess.from_settings(settings)
     producer = new_producer(kafka, client_id=f"{spec.service}-relay")
     relay = OutboxRelay(
         table=table,
@@ -255,13 +257,15 @@ async def run_consumer(
 ) -> None:
     """Runs the service's subscription (see `gozon.messaging.subscription`) until SIGTERM."""
     stop = stop_on_signals()
-    async with _restart_on_new_password(settings, stop):
-        await _run_consumer(spec, settings, subscription, group_id, stop)
+    kafka = KafkaAccess.from_settings(settings)  # the password is read here, once
+    async with _restart_on_new_password(settings, kafka, stop):
+        await _run_consumer(spec, settings, kafka, subscription, group_id, stop)
 
 
 async def _run_consumer(
     spec: WorkerSpec,
     settings: MessagingSettings,
+    kafka: KafkaAccess,
     subscription: Subscription[E],
     group_id: str,
     stop: asyncio.Event,
@@ -276,7 +280,6 @@ async def _run_consumer(
         application_name=f"{spec.service}-consumer",
         limits=settings.consumer_session_limits,
     )
-    kafka = KafkaAccess.from_settings(settings)
     producer = new_producer(kafka, client_id=f"{spec.service}-consumer-dlq")
     consumer: AIOKafkaConsumer = new_consumer(
         kafka,
