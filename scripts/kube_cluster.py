@@ -84,6 +84,21 @@ def _openssl(*args: str, cwd: Path) -> None:
         raise StackError(f"openssl {args[0]} failed: {done.stderr.strip()}")
 
 
+def issue_cert(pki: Path, name: str, subject: str, extensions: str) -> None:
+    """`<name>.key` and `<name>.crt` in `pki`, signed by its `ca.crt`/`ca.key` for ten years,
+    with `extensions` (an openssl extfile's text)."""
+    (pki / f"{name}.ext").write_text(extensions)
+    _openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
+        "-out", f"{name}.csr", "-subj", subject, cwd=pki,
+    )  # fmt: skip
+    _openssl(
+        "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+        "-CAcreateserial", "-days", "3650", "-extfile", f"{name}.ext",
+        "-out", f"{name}.crt", cwd=pki,
+    )  # fmt: skip
+
+
 @dataclass
 class LocalCluster:
     """One local control plane, owned by its data folder."""
@@ -171,16 +186,7 @@ class LocalCluster:
             **self._extra_certs(client_ext),
         }
         for name, (subject, ext) in certs.items():
-            (pki / f"{name}.ext").write_text(ext)
-            _openssl(
-                "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
-                "-out", f"{name}.csr", "-subj", subject, cwd=pki,
-            )  # fmt: skip
-            _openssl(
-                "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                "-CAcreateserial", "-days", "3650", "-extfile", f"{name}.ext",
-                "-out", f"{name}.crt", cwd=pki,
-            )  # fmt: skip
+            issue_cert(pki, name, subject, ext)
         (pki / "done").write_text("")
 
     def _extra_certs(self, client_ext: str) -> dict[str, tuple[str, str]]:

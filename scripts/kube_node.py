@@ -70,7 +70,7 @@ from pathlib import Path
 
 from devstack import StackError
 from devstack.system import ROOT, wait_until
-from scripts.kube_cluster import LocalCluster, _openssl, cli, tools_bin, tools_cache
+from scripts.kube_cluster import LocalCluster, cli, issue_cert, tools_bin, tools_cache
 
 NODE_COMPONENTS = (
     "etcd",
@@ -250,16 +250,7 @@ class NodeCluster(LocalCluster):
         for name, (subject, extensions) in self._extra_certs(ext).items():
             if (pki / f"{name}.crt").exists():
                 continue
-            (pki / f"{name}.ext").write_text(extensions)
-            _openssl(
-                "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
-                "-out", f"{name}.csr", "-subj", subject, cwd=pki,
-            )  # fmt: skip
-            _openssl(
-                "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                "-CAcreateserial", "-days", "3650", "-extfile", f"{name}.ext",
-                "-out", f"{name}.crt", cwd=pki,
-            )  # fmt: skip
+            issue_cert(pki, name, subject, extensions)
 
     # ------------------------------------------------------------------ host network
     def _ensure_network(self) -> None:
