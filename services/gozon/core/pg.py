@@ -450,9 +450,8 @@ async def worker_pool(
     keeps doing so whenever a plan made for the actual arrays looks cheaper than the generic
     one: the orders consumer's UPDATE was planned anew at every batch (the integration test
     shows it), and planning was 29% of the payments consumer's backend CPU and 40% of the
-    orders consumer's at 50 orders/s (docs/benchmarks.md, "Generic plans for the consumers'
-    statements"). Their plans do not depend on the arrays' contents: the same index lookups
-    per entry whatever the batch."""
+    orders consumer's at 50 orders/s (docs/adr/0006-batched-consumers.md). Their plans do
+    not depend on the arrays' contents: the same index lookups per entry whatever the batch."""
     return await asyncpg.create_pool(
         driver_dsn(url),
         min_size=0,

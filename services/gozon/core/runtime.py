@@ -14,8 +14,8 @@ T = TypeVar("T")
 def run_worker(main: Coroutine[Any, Any, T]) -> T:
     """Runs a long-lived worker (relay, consumer) to completion on uvloop, as uvicorn runs the
     APIs: its event loop costs less CPU per turn than asyncio's own, and these processes are
-    all event-loop turns (a socket read or write per round trip). See docs/benchmarks.md,
-    "Workers on uvloop"."""
+    all event-loop turns (a socket read or write per round trip). See
+    docs/adr/0003-workers-on-uvloop.md."""
     import uvloop
 
     return uvloop.run(main)

@@ -172,7 +172,7 @@ class MessagingSettings(CommonSettings):
     # Done offsets are committed to Kafka together at most this long after the first of them
     # (and at once when idle, before a rebalance and at a stop); 0 commits after every batch.
     # After a crash up to this much of recorded messages is delivered again, as duplicates
-    # (docs/messaging.md; measured in docs/benchmarks.md, "Consumer offset commits").
+    # (docs/messaging.md; measured in docs/adr/0002-consumer-offset-commit-interval.md).
     consumer_commit_interval_ms: int = Field(default=250, ge=0, le=60_000)
     db_pool_size: int = Field(default=10, ge=1, le=100)
     # The consumer group's session timeout: a member silent this long (frozen, its machine

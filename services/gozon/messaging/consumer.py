@@ -115,7 +115,7 @@ LAST_COMMIT_TIMEOUT = 5.0
 # How long one fetch call waits for records before the loop turns anyway (to commit at idle,
 # update the lag gauge, notice a stop or a failed commit task). Records end the wait at once,
 # so it adds no latency; it bounds how often an idle consumer wakes (5 times a second at
-# 200 ms) and how long a stop (SIGTERM) waits when idle (docs/benchmarks.md, "Idle platform").
+# 200 ms) and how long a stop (SIGTERM) waits when idle (docs/adr/0011-development-broker.md).
 POLL_TIMEOUT = 1.0
 
 

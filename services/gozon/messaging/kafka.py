@@ -200,7 +200,7 @@ FETCH_MAX_WAIT_MS = 500
 # records consumed, an assignment change or a partition resumed all wake it at once; the
 # timeout only re-checks the partitions that have no fetch in flight. At aiokafka's default
 # (200 ms) it woke every idle consumer 5 times a second for nothing, beside the one answer
-# per FETCH_MAX_WAIT_MS it waits for anyway (docs/benchmarks.md, "Idle platform").
+# per FETCH_MAX_WAIT_MS it waits for anyway (docs/adr/0011-development-broker.md).
 FETCHER_TIMEOUT_MS = 1_000
 
 
