@@ -41,7 +41,7 @@ from typing import Any
 import aiohttp
 
 from bench.gateway import USER, create_order, own_stack
-from gozon.core.settings import GatewaySettings
+from gozon.gateway.settings import GatewaySettings
 
 HALF_SENT = (
     b"POST /api/orders HTTP/1.1\r\nHost: bench\r\nX-User-Id: attacker\r\n"

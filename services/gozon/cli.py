@@ -407,9 +407,9 @@ run_requeue_failed = _for_service(_requeue_failed)
 
 def gateway(_: argparse.Namespace) -> int:
     from gozon.core.server import serve
-    from gozon.core.settings import GatewaySettings
     from gozon.gateway.app import build_app
     from gozon.gateway.server import uvicorn_config
+    from gozon.gateway.settings import GatewaySettings
 
     settings = _start("gateway", GatewaySettings)
     app = build_app(settings, metrics_port=settings.gateway_metrics_port)

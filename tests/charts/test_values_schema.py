@@ -23,7 +23,7 @@ import pytest
 import yaml
 from pydantic_settings import BaseSettings
 
-from gozon.core.settings import GatewaySettings
+from gozon.gateway.settings import GatewaySettings
 from gozon.orders.settings import OrdersSettings
 from gozon.payments.settings import PaymentsSettings
 from scripts import chart_values_doc

@@ -23,9 +23,9 @@ import uvicorn
 from fastapi import FastAPI
 from prometheus_client import REGISTRY
 
-from gozon.core.settings import GatewaySettings
 from gozon.gateway.app import build_app
 from gozon.gateway.server import uvicorn_config
+from gozon.gateway.settings import GatewaySettings
 from tests.conftest import serve, until
 from tests.integration.upstream import MAX_BODY, Upstream
 

@@ -10,8 +10,8 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from gozon.core.settings import GatewaySettings
 from gozon.gateway.app import build_app
+from gozon.gateway.settings import GatewaySettings
 from tests.conftest import serve
 from tests.integration.upstream import Upstream
 

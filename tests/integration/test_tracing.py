@@ -38,9 +38,9 @@ from gozon.contracts import (
     PaymentProcessed,
 )
 from gozon.core.db import create_engine
-from gozon.core.settings import GatewaySettings
 from gozon.core.telemetry import SCHEMA_URL, QuietBackground, package_version
 from gozon.gateway.app import build_app as gateway_app
+from gozon.gateway.settings import GatewaySettings
 from gozon.messaging.kafka import dlq_topic, new_producer
 from gozon.messaging.relay import OutboxRelay, RelayConfig
 from gozon.messaging.wakeup import OutboxNotifier, channel_for

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from gozon.core.settings import GatewaySettings
+from gozon.gateway.settings import GatewaySettings
 
 
 def test_routes_send_each_prefix_to_its_upstream() -> None:

@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings
 from devstack import supervisor_config
 from devstack.supervisor import START_RETRIES, process_log
 from gozon.cli import _COMPOSITIONS, build_parser
-from gozon.core.settings import GatewaySettings
+from gozon.gateway.settings import GatewaySettings
 from gozon.orders.settings import OrdersSettings
 from gozon.payments.settings import PaymentsSettings
 from gozon.processes import MIGRATIONS, PROCESSES, SERVICES, Migration, Process, Service, process

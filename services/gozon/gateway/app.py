@@ -35,12 +35,12 @@ from gozon.core.app import health
 from gozon.core.health import Readiness
 from gozon.core.metrics import HttpMetricsMiddleware
 from gozon.core.problems import install_problem_handlers
-from gozon.core.settings import GatewaySettings
 from gozon.core.sideport import side_port
 from gozon.core.telemetry import ServerSpanMiddleware
 from gozon.gateway.headers import request_id, with_request_id
 from gozon.gateway.openapi import OpenApiDocs, Source
 from gozon.gateway.proxy import REQUEST_ID_KEY, Gateway, open_upstream
+from gozon.gateway.settings import GatewaySettings
 
 TITLE = "Gozon API"
 

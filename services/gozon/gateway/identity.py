@@ -28,7 +28,7 @@ import jwt
 
 from gozon.core.headers import USER_ID, check_user_id
 from gozon.core.problems import Problem
-from gozon.core.settings import GatewaySettings
+from gozon.gateway.settings import GatewaySettings
 
 REALM = 'Bearer realm="gozon"'
 # Asymmetric algorithms a JWKS key may use; a symmetric key in a JWKS file is refused, so a

@@ -70,12 +70,12 @@ from yarl import URL
 
 from gozon.core.headers import DEADLINE_HEADER
 from gozon.core.problems import Problem, problem_response
-from gozon.core.settings import GatewaySettings
 from gozon.core.telemetry import TRACE_HEADERS, get_tracer, http_method
 from gozon.gateway.breaker import CircuitBreaker, State
 from gozon.gateway.headers import downstream_headers, upstream_headers
 from gozon.gateway.identity import IDENTITY_HEADERS, identity_from
 from gozon.gateway.ratelimit import RateLimiter, retry_after
+from gozon.gateway.settings import GatewaySettings
 
 UPSTREAM_REQUESTS = Counter(
     "gozon_gateway_upstream_requests_total",

@@ -59,7 +59,7 @@ from prometheus_client import Gauge
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gozon.core.problems import PROBLEM_JSON
-from gozon.core.settings import GatewaySettings
+from gozon.gateway.settings import GatewaySettings
 
 log = structlog.get_logger(__name__)
 EDGE_REFUSALS = PrometheusCounter(
