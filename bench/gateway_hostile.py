@@ -15,7 +15,7 @@ address as the attackers (the per-address limits apply to it too):
     trickle        50 chunked bodies, a byte every 100 ms
     upgrades       500 `Upgrade: websocket` attempts, 20 at a time
     unknown_keys   8 clients each posting bodies of unknown keys just under the gateway's body
-                   limit (64 KiB, ~5,000 keys), back to back on one
+                   limit (16 KiB, ~1,250 keys), back to back on one
                    connection, never reading an answer
 
 It prints, per scenario, the user's requests, errors, p50 / p99 / max latency, the orders

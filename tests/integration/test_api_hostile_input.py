@@ -76,7 +76,7 @@ async def test_a_body_over_the_apis_limit_is_413_before_it_is_parsed(
 async def test_unknown_fields_are_refused_before_validation_with_a_bounded_answer(
     orders_client: httpx.AsyncClient,
 ) -> None:
-    keys = {f"k{n:04d}": 0 for n in range(5_000)}
+    keys = {f"k{n:04d}": 0 for n in range(1_000)}
     body = json.dumps({"amount": 1, "description": "x", **keys}).encode()
     assert len(body) < MAX_BODY_BYTES
     response = await orders_client.post(
@@ -85,7 +85,7 @@ async def test_unknown_fields_are_refused_before_validation_with_a_bounded_answe
     assert response.status_code == 422
     assert len(response.content) < 8 * 1024
     problem = response.json()
-    assert "5000 unknown field" in problem["detail"]
+    assert "1000 unknown field" in problem["detail"]
     assert len(problem["errors"]) == MAX_LISTED_ERRORS
     assert problem["errors"][0] == {
         "location": "body.k0000",

@@ -99,7 +99,7 @@ class EdgeLimits:
     body_timeout_s: float = 30.0
     max_connections_per_client: int = 256
     max_incomplete_per_client: int = 64
-    max_body_bytes: int = 64 * 1024
+    max_body_bytes: int = 16 * 1024
     write_timeout_s: float = 10.0
     open_connections: Counter[str] = field(default_factory=Counter)
     incomplete_requests: Counter[str] = field(default_factory=Counter)

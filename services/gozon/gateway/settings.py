@@ -32,8 +32,8 @@ class GatewaySettings(CommonSettings):
     # Requests outstanding per upstream; past it, 503 at once. The APIs' own limit is 16
     # running + 16 queued: more sent would only wait (or be shed there, at a higher cost).
     gateway_upstream_max_in_flight: int = Field(default=32, ge=1)
-    # The APIs refuse bodies over 64 KiB themselves (core.inputs): the gateway forwards none.
-    gateway_max_body_bytes: int = Field(default=64 * 1024, ge=0)
+    # The APIs refuse bodies over 16 KiB themselves (core.inputs): the gateway forwards none.
+    gateway_max_body_bytes: int = Field(default=16 * 1024, ge=0)
     gateway_breaker_failures: int = Field(default=5, ge=1)
     gateway_breaker_reset_s: float = Field(default=5.0, gt=0)
     gateway_rate_limit_per_s: float = Field(default=0, ge=0)  # per user; 0 turns it off
