@@ -20,10 +20,10 @@ import asyncpg
 import httpx
 import pytest
 from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from gozon.core.db import create_engine, session_factory
-from gozon.core.deadline import DeadlineExceeded, request_budget
-from gozon.core.pg import Database
+from gozon.core.db import create_engine
+from gozon.core.pg import Database, DeadlineExceeded, request_budget
 from gozon.orders.api import build_app
 from gozon.orders.models import Order
 from gozon.orders.settings import OrdersSettings
@@ -209,7 +209,7 @@ async def test_nothing_is_committed_once_the_deadline_has_passed(orders_db: str)
     try:
         with pytest.raises(DeadlineExceeded):
             await insert_then_wait_for_the_deadline()
-        async with session_factory(engine)() as session:
+        async with AsyncSession(engine) as session:
             count = await session.scalar(
                 select(func.count()).select_from(Order).where(Order.description == "after")
             )

@@ -13,8 +13,7 @@ import asyncpg
 import pytest
 from opentelemetry import trace
 
-from gozon.core.deadline import request_budget
-from gozon.core.pg import Database, driver_dsn
+from gozon.core.pg import Database, driver_dsn, request_budget
 from gozon.orders import queries, service
 from gozon.orders.schemas import OrderCreate
 from tests.conftest import until

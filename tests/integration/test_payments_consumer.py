@@ -30,7 +30,6 @@ from gozon.contracts import (
     PaymentProcessed,
     utc_now,
 )
-from gozon.core.db import session_factory
 from gozon.core.pg import Database, worker_pool
 from gozon.messaging.consumer import Delivery, Record
 from gozon.payments import service
@@ -67,7 +66,7 @@ async def engine(payments_db: str) -> AsyncIterator[AsyncEngine]:
 
 @pytest.fixture
 def sessions(engine: AsyncEngine) -> Sessions:
-    return session_factory(engine)
+    return async_sessionmaker(engine, expire_on_commit=False)
 
 
 @pytest.fixture

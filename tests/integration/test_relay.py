@@ -26,10 +26,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from devstack import GozonProcess, Kafka, Postgres, wait_for
 from gozon.contracts import ORDER_CREATED_TOPIC, OrderCreated, OrderCreatedPayload, utc_now
-from gozon.core.db import session_factory
 from gozon.core.pg import worker_pool
+from gozon.core.telemetry import current_trace_headers
 from gozon.messaging.kafka import new_producer
-from gozon.messaging.outbox import add_to_outbox
 from gozon.messaging.relay import (
     OutboxRelay,
     RelayConfig,
@@ -80,21 +79,22 @@ def event_for(user_id: str) -> OrderCreated:
 
 
 async def insert_events(engine: AsyncEngine, topic: str, count: int, keys: int = 10) -> set[str]:
-    """Outbox rows as the orders service writes them; returns their event ids."""
-    sessions = session_factory(engine)
+    """Outbox rows as the orders service writes them, in one transaction; returns their
+    event ids."""
     ids: set[str] = set()
-    async with sessions() as session, session.begin():
+    async with engine.begin() as conn:
         for n in range(count):
             event = event_for(f"user-{n % keys}")
             ids.add(str(event.event_id))
-            await add_to_outbox(
-                session,
-                order_outbox,
-                topic=topic,
-                key=event.payload.user_id,
-                event=event,
-                aggregate_id=event.aggregate_id,
-                event_type=event.event_type,
+            await conn.execute(
+                insert(order_outbox).values(
+                    topic=topic,
+                    message_key=event.payload.user_id,
+                    payload=event.model_dump(mode="json"),
+                    headers=current_trace_headers(),
+                    aggregate_id=event.aggregate_id,
+                    event_type=event.event_type,
+                )
             )
     return ids
 

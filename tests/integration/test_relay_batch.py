@@ -25,7 +25,7 @@ from sqlalchemy import Text, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from devstack import Kafka
-from gozon.core.db import is_database_outage
+from gozon.core.pg import is_database_outage
 from gozon.messaging.kafka import new_producer
 from gozon.messaging.relay import BrokerUnavailable, OutboxRelay, RelayConfig
 from gozon.orders.models import order_outbox

@@ -393,7 +393,7 @@ async def background_work(
     # Topics of their own, empty: the session's other tests leave events in the real ones.
     idle_topics = [f"idle-{uuid.uuid4().hex[:8]}" for _ in range(2)]
     await create_topics_async(kafka.bootstrap, *idle_topics)
-    notifier = OutboxNotifier(orders_engine, order_outbox.name)
+    notifier = OutboxNotifier(orders_db, order_outbox.name)
     try:
         async with (
             relaying(orders_engine, order_outbox, kafka.bootstrap, config) as orders_relay,

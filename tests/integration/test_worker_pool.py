@@ -9,8 +9,13 @@ import contextlib
 import asyncpg
 import pytest
 
-from gozon.core.db import is_database_busy, is_database_refusal
-from gozon.core.pg import batch_connection, driver_dsn, worker_pool
+from gozon.core.pg import (
+    batch_connection,
+    driver_dsn,
+    is_database_busy,
+    is_database_refusal,
+    worker_pool,
+)
 from gozon.core.settings import SessionLimits
 from gozon.messaging.consumer import is_retryable
 from tests.conftest import until

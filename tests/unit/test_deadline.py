@@ -1,4 +1,5 @@
-"""Admission control and the deadline header (gozon.core.deadline), on a stand-in ASGI app."""
+"""Admission control and the deadline header (gozon.core.deadline), on a stand-in ASGI app, and
+what a database error means (gozon.core.pg's classifiers)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,15 @@ from typing import Any
 import asyncpg
 import httpx
 from fastapi import FastAPI
-from sqlalchemy.exc import DBAPIError
 from starlette.types import Message, Receive, Scope, Send
 
-from gozon.core.db import is_database_outage, is_database_refusal, sqlstate
-from gozon.core.deadline import (
-    Admission,
+from gozon.core.deadline import Admission, install_outage_handlers, parse_budget
+from gozon.core.pg import (
     current_budget,
-    install_outage_handlers,
-    parse_budget,
+    is_database_outage,
+    is_database_refusal,
+    is_not_processed,
+    sqlstate,
 )
 from gozon.messaging.consumer import is_retryable
 from tests.conftest import until
@@ -111,16 +112,14 @@ async def test_too_small_a_budget_is_refused_before_the_app_runs() -> None:
     assert held.started == []
 
 
-class _DriverError(Exception):
-    def __init__(self, code: str) -> None:
-        super().__init__(code)
-        self.sqlstate = code
+def error(code: str) -> asyncpg.PostgresError:
+    """The driver's error for the server's SQLSTATE `code`, as the services meet it."""
+    raised = asyncpg.PostgresError.new({"C": code, "M": f"error {code}"})
+    assert raised.sqlstate == code
+    return raised
 
 
 def test_a_server_shutting_down_or_refusing_is_an_outage_and_a_bug_is_not() -> None:
-    def error(code: str) -> DBAPIError:
-        return DBAPIError("SELECT 1", {}, _DriverError(code))
-
     # admin shutdown, "the database system is shutting down", connection failure, too many
     # connections, statement timeout
     for code in ("57P01", "57P03", "08006", "53300", "57014"):
@@ -132,9 +131,6 @@ def test_a_server_shutting_down_or_refusing_is_an_outage_and_a_bug_is_not() -> N
 def test_a_database_refusing_the_service_is_waited_out_and_a_messages_fault_is_not() -> None:
     # a privilege revoked, a table missing (a migration not run), a wrong password, a missing
     # database, a read-only standby, the server's I/O error: every message would fail alike
-    def error(code: str) -> DBAPIError:
-        return DBAPIError("SELECT 1", {}, _DriverError(code))
-
     for code in ("42501", "42P01", "42703", "28P01", "3D000", "25006", "58030"):
         assert is_database_refusal(error(code)), code
         assert is_retryable(error(code)), code
@@ -158,15 +154,22 @@ def test_the_drivers_own_connection_errors_are_outages_and_its_data_errors_are_n
     assert not is_database_outage(asyncpg.DataError("invalid input"))
 
 
-def test_a_conflict_is_retried_whether_the_driver_raised_it_or_sqlalchemy_wrapped_it() -> None:
-    # the consumers' batches run on asyncpg itself now: its deadlock or serialization failure
-    # keeps its SQLSTATE, so the runner retries the batch instead of dead-lettering it
+def test_a_conflict_is_retried_and_not_processed_and_a_bad_message_is_neither() -> None:
+    # the consumers' batches run on asyncpg itself: its deadlock or serialization failure
+    # keeps its SQLSTATE, so the runner retries the batch instead of dead-lettering it, and an
+    # API answers 503 "not processed" (the server rolled the transaction back)
     assert sqlstate(asyncpg.DeadlockDetectedError("deadlock detected")) == "40P01"
     assert is_retryable(asyncpg.DeadlockDetectedError("deadlock detected"))
     assert is_retryable(asyncpg.SerializationError("could not serialize access"))
-    assert is_retryable(DBAPIError("SELECT 1", {}, _DriverError("40P01")))
+    for code in ("40P01", "40001"):
+        assert is_retryable(error(code)), code
+        assert is_not_processed(error(code)), code
+    for code in ("57P01", "08006", "53300"):
+        assert is_not_processed(error(code)), code
     assert not is_retryable(asyncpg.UniqueViolationError("duplicate key"))
     assert not is_retryable(asyncpg.CheckViolationError("refused"))
+    for code in ("23505", "23514", "42501", "22003"):
+        assert not is_not_processed(error(code)), code
     assert sqlstate(ValueError("no database error")) is None
 
 
@@ -194,6 +197,26 @@ async def test_a_connection_cut_at_the_deadline_is_503_unless_its_commit_was_sen
     assert "deadline" in before.json()["detail"]
     assert during.status_code == 504
     assert during.json()["outcome"] == "unknown"
+
+
+async def test_a_conflict_the_server_rolled_back_is_503_not_processed_and_a_bug_is_500() -> None:
+    """A deadlock inside a transaction (`Database.transaction`: the payments API's deposit, a
+    write short of time) passes through as the driver raised it: rolled back, not a bug."""
+    api = FastAPI()
+    install_outage_handlers(api)
+
+    @api.get("/raise/{code}")
+    async def raises(code: str) -> None:
+        raise error(code)
+
+    transport = httpx.ASGITransport(app=api, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        deadlock = await client.get("/raise/40P01")
+        bug = await client.get("/raise/22003")  # a number out of range: our statement's fault
+    assert deadlock.status_code == 503
+    assert deadlock.json()["outcome"] == "not_processed"
+    assert deadlock.headers["Retry-After"] == "1"
+    assert bug.status_code == 500
 
 
 async def test_a_statement_on_a_connection_closed_under_it_is_503_not_a_500() -> None:

@@ -13,7 +13,8 @@ The contract between the gateway and the APIs (docs/reliability.md):
   transaction still open at the deadline has its connection closed. The defaults nest:
   gateway 5 s > API budget 4 s > statement 3 s > pool wait 2 s.
 - `install_outage_handlers`: a lost, refused or timed-out connection, a cancelled statement,
-  an exhausted pool, a passed deadline or a database that refuses the service is a 503 with
+  a conflict the server rolled back (a deadlock), an exhausted pool, a passed deadline or a
+  database that refuses the service (as `gozon.core.pg` classifies them) is a 503 with
   `Retry-After` ("not processed": the transaction rolled back), never a 500; a write whose
   connection was lost while it may have been committing is a 504 with `"outcome": "unknown"`
   (retry with the same `Idempotency-Key`).
@@ -23,10 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import time
-from collections.abc import Iterator
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -37,18 +35,24 @@ from fastapi.responses import JSONResponse
 from prometheus_client import Counter, Gauge
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gozon.core.db import is_database_outage, is_database_refusal
 from gozon.core.headers import DEADLINE_HEADER
+from gozon.core.pg import (
+    MIN_BUDGET_S,
+    DeadlineExceeded,
+    NotProcessed,
+    OutcomeUnknown,
+    RequestBudget,
+    budget_scope,
+    current_budget,
+    is_database_refusal,
+    is_not_processed,
+)
 from gozon.core.problems import problem_response
 
 _DEADLINE_HEADER_RAW = DEADLINE_HEADER.lower().encode()
 RETRY_AFTER_S: Final = 1
-# Less than this left: the request is refused rather than started (it could not finish).
-MIN_BUDGET_S: Final = 0.05
 NOT_PROCESSED: Final = "not_processed"
 UNKNOWN: Final = "unknown"
-# SQLSTATE 57014: the statement was cancelled (here: by statement_timeout).
-QUERY_CANCELED: Final = "57014"
 
 SHED = Counter(
     "gozon_api_shed_total",
@@ -65,56 +69,6 @@ OUTAGES = Counter(
 )
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass
-class RequestBudget:
-    """The running request's deadline (time.monotonic) and whether it is committing."""
-
-    deadline: float
-    committing: bool = False
-    cut: bool = False  # a transaction's connection was closed at the deadline
-
-    def left(self) -> float:
-        return self.deadline - time.monotonic()
-
-    def left_to_start(self) -> float:
-        """The time left for work about to start: `DeadlineExceeded` when too little is left
-        for it to finish."""
-        left = self.left()
-        if left < MIN_BUDGET_S:
-            raise DeadlineExceeded
-        return left
-
-
-_budget: ContextVar[RequestBudget | None] = ContextVar("gozon_request_budget", default=None)
-
-
-def current_budget() -> RequestBudget | None:
-    return _budget.get()
-
-
-@contextlib.contextmanager
-def request_budget(seconds: float) -> Iterator[RequestBudget]:
-    """Runs the block under a deadline `seconds` from now (as `Admission` runs a request)."""
-    budget = RequestBudget(time.monotonic() + seconds)
-    token = _budget.set(budget)
-    try:
-        yield budget
-    finally:
-        _budget.reset(token)
-
-
-class DeadlineExceeded(Exception):
-    """The caller's deadline passed before the work could start or commit: nothing written."""
-
-
-class NotProcessed(Exception):
-    """The database did not do the work (nothing was committed): answer 503, retry later."""
-
-
-class OutcomeUnknown(Exception):
-    """A write was in flight when the connection was lost: it may or may not have committed."""
 
 
 def parse_budget(value: bytes | None, cap_s: float) -> float:
@@ -172,11 +126,10 @@ class Admission:
             return
         if not await self._acquire(budget, scope, receive, send):
             return
-        token = _budget.set(budget)
         try:
-            await self.app(scope, receive, send)
+            with budget_scope(budget):
+                await self.app(scope, receive, send)
         finally:
-            _budget.reset(token)
             self._release()
 
     async def _acquire(
@@ -249,7 +202,7 @@ def _unavailable(request: Request, reason: str) -> JSONResponse:
 
 async def _on_database_error(request: Request, exc: Exception) -> JSONResponse:
     # A failed COMMIT leaves `committing` set (after_commit never ran): the outcome is unknown.
-    budget = _budget.get()
+    budget = current_budget()
     if budget is not None and budget.committing:
         log.warning("database failed during commit", path=request.url.path, error=repr(exc))
         return _unknown_outcome(request)
@@ -261,7 +214,7 @@ async def _on_database_error(request: Request, exc: Exception) -> JSONResponse:
         return _unknown_outcome(request)
     if isinstance(exc, NotProcessed):
         return _unavailable(request, str(exc))
-    if is_database_outage(exc):
+    if is_not_processed(exc):  # an outage, or a conflict the server rolled back
         return _unavailable(request, repr(exc))
     if is_database_refusal(exc):
         # Not this request's fault: every request fails alike until the deployment is fixed

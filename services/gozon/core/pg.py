@@ -2,24 +2,27 @@
 
 SQLAlchemy keeps the schema, the migrations and the command-line tools; both APIs' requests,
 the consumers' batches and the relays' housekeeping run here (docs/reliability.md,
-docs/adr/0015-one-data-path.md). Guarantees:
+docs/adr/0015-one-data-path.md), and so do the caller's deadline (`RequestBudget`, set for
+each request by gozon.core.deadline.Admission) and what a failure means
+(`is_database_outage`, `is_database_refusal`, `is_database_busy`: the workers retry the
+work, the APIs answer 503). Guarantees:
 
 - **One round trip per statement**: no pre-ping, no reset query (the statements leave no
   session state), each statement prepared once per connection.
-- **A write is one autocommit statement**; every connection's `statement_timeout` is the API's
-  cap, and a request with less time left runs `BEGIN; SET LOCAL statement_timeout; …; COMMIT`
-  instead. Nothing commits after the caller's deadline; each round trip is bounded on the
-  client's side too, and a connection that ran out of time is dropped, never rolled back.
-- **A transaction of several statements** (`Database.transaction`: the payments API's
-  deposit) begins with `SET LOCAL statement_timeout` = the time left, has its connection cut
-  at the deadline, and sends no COMMIT past it; one lost during COMMIT is of unknown outcome.
+- **A write is one autocommit statement**, bounded by every connection's `statement_timeout`,
+  the API's cap; a request with less time left than the cap runs it in a transaction instead.
+- **A transaction** (`Database.transaction`: the payments API's deposit, a write short of
+  time) begins with `SET LOCAL statement_timeout` = the time left, has its connection cut at
+  the deadline (a server that stopped answering cancels nothing), and sends no COMMIT past
+  it; one lost during COMMIT is of unknown outcome. A connection that ran out of time is
+  dropped, never rolled back.
 - **A dead pooled connection is retried once when that is safe**: closed before the statement
   was sent, terminated by the server with 57P01/57P02/57P03, or read-only (25006: a standby,
   dropped). A second failure is a 503.
 - **Every failure has an honest answer**: `NotProcessed` (503, nothing written),
-  `OutcomeUnknown` (504, a write may have committed), `DeadlineExceeded` (503); a database
-  that refuses the service (`is_database_refusal`) passes through to the API's 503 handler;
-  any other database error is a bug (500).
+  `OutcomeUnknown` (504, a write may have committed), `DeadlineExceeded` (503); inside a
+  transaction the driver's errors pass through to the API's handlers, which answer the same
+  way (gozon.core.deadline); any other database error is a bug (500).
 
 The consumers' batches run on `worker_pool` (the same connections, generic plans), each on a
 connection held by `batch_connection`: one lost or left inside a transaction is dropped, so a
@@ -31,38 +34,161 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 import asyncpg
 import structlog
 from sqlalchemy.engine import make_url
 
-from gozon.core.db import READ_ONLY_SQLSTATE
-from gozon.core.deadline import (
-    MIN_BUDGET_S,
-    QUERY_CANCELED,
-    DeadlineExceeded,
-    NotProcessed,
-    OutcomeUnknown,
-    RequestBudget,
-    current_budget,
-)
 from gozon.core.settings import MessagingSettings, SessionLimits
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
+# ---------------------------------------------------------------------- the caller's deadline
+
+# Less than this left: the work is refused rather than started (it could not finish).
+MIN_BUDGET_S: Final = 0.05
+
+
+@dataclass
+class RequestBudget:
+    """The running request's deadline (time.monotonic) and whether it is committing."""
+
+    deadline: float
+    committing: bool = False
+    cut: bool = False  # a transaction's connection was closed at the deadline
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def left_to_start(self) -> float:
+        """The time left for work about to start: `DeadlineExceeded` when too little is left
+        for it to finish."""
+        left = self.left()
+        if left < MIN_BUDGET_S:
+            raise DeadlineExceeded
+        return left
+
+
+_budget: ContextVar[RequestBudget | None] = ContextVar("gozon_request_budget", default=None)
+
+
+def current_budget() -> RequestBudget | None:
+    return _budget.get()
+
+
+@contextlib.contextmanager
+def budget_scope(budget: RequestBudget) -> Iterator[RequestBudget]:
+    """Runs the block under `budget` (as `gozon.core.deadline.Admission` runs a request)."""
+    token = _budget.set(budget)
+    try:
+        yield budget
+    finally:
+        _budget.reset(token)
+
+
+def request_budget(seconds: float) -> contextlib.AbstractContextManager[RequestBudget]:
+    """Runs the block under a deadline `seconds` from now."""
+    return budget_scope(RequestBudget(time.monotonic() + seconds))
+
+
+class DeadlineExceeded(Exception):
+    """The caller's deadline passed before the work could start or commit: nothing written."""
+
+
+class NotProcessed(Exception):
+    """The database did not do the work (nothing was committed): answer 503, retry later."""
+
+
+class OutcomeUnknown(Exception):
+    """A write was in flight when the connection was lost: it may or may not have committed."""
+
+
+# ---------------------------------------------------------------------- what a failure means
+
+# SQLSTATE classes of a server going away or refusing work: 08 connection exception, 53
+# insufficient resources (too many connections), 57 operator intervention (admin shutdown,
+# "the database system is shutting down / starting up", a statement cancelled by its timeout).
+OUTAGE_SQLSTATE_CLASSES: Final = frozenset({"08", "53", "57"})
+# The server ended this session because it sat idle inside a transaction past
+# `idle_in_transaction_session_timeout` (its process frozen, say): rolled back, and the
+# connection is gone, as in an outage.
+IDLE_IN_TRANSACTION_TIMEOUT: Final = "25P03"
+# SQLSTATEs with which the database refuses the service itself, whatever the work it is given:
+# 28 invalid authorization (a wrong password, a role dropped), 3D a missing database, 3F a
+# missing schema, 42 a statement the schema or the grants do not allow (a migration not run,
+# a privilege revoked: our statements are fixed, so no message's content can cause one), 58
+# the server's own system error (its disk failing), and 25006, a read-only transaction (the
+# service reached a standby, e.g. after a failover). Not outages (the server answers), not a
+# message's fault either: the same statement fails for every message.
+REFUSAL_SQLSTATE_CLASSES: Final = frozenset({"28", "3D", "3F", "42", "58"})
+READ_ONLY_SQLSTATE: Final = "25006"
+# SQLSTATEs of a transaction that lost a wait, not of bad work: a serialization failure or a
+# deadlock (40001, 40P01), rolled back by the server, and a lock not granted within the
+# session's `lock_timeout` (55P03, lock_not_available: someone else holds the row, a frozen
+# peer say, until its own session's idle_in_transaction_session_timeout ends it). Retry the
+# whole transaction later; never skip its work.
+BUSY_SQLSTATES: Final = frozenset({"40001", "40P01", "55P03"})
+# SQLSTATE 57014: the statement was cancelled (here: by statement_timeout).
+QUERY_CANCELED: Final = "57014"
 # The server said it is terminating or not yet accepting this connection, or that this
-# connection reached a read-only server (25006: a standby, say before or after a failover;
-# such a session stays read-only for its life): the statement did not run (or was rolled
-# back), and a fresh connection may well succeed.
+# connection reached a read-only server (a standby; such a session stays read-only for its
+# life): the statement did not run (or was rolled back), and a fresh connection may well
+# succeed.
 _RETRY_SQLSTATES: Final = frozenset({"57P01", "57P02", "57P03", READ_ONLY_SQLSTATE})
-# Server-reported failures that roll the statement back and mean "later", not "never":
-# 08 connection exception, 40 rollback (serialization, deadlock), 53 insufficient resources,
-# 57 operator intervention (57014: cancelled by statement_timeout).
-_NOT_PROCESSED_CLASSES: Final = frozenset({"08", "40", "53", "57"})
+# Server-reported failures of an API's statement that roll it back and mean "later", not
+# "never": the outages' classes and 40, transaction rollback (serialization, deadlock).
+_NOT_PROCESSED_CLASSES: Final = OUTAGE_SQLSTATE_CLASSES | {"40"}
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of the server's error, None for any other failure."""
+    code = exc.sqlstate if isinstance(exc, asyncpg.PostgresError) else None
+    return code if isinstance(code, str) else None
+
+
+def is_database_outage(exc: BaseException) -> bool:
+    """A lost, refused or timed-out database connection: retry later, never skip the work.
+
+    The driver's connection closed or unusable counts (InternalClientError: still digesting
+    the server's goodbye, its FATAL read and its EOF not yet), as does the server's error of
+    an outage class."""
+    if isinstance(exc, OSError | TimeoutError | ConnectionError):
+        return True
+    if isinstance(exc, asyncpg.InterfaceError | asyncpg.InternalClientError):
+        return True
+    code = sqlstate(exc)
+    return code is not None and (
+        code[:2] in OUTAGE_SQLSTATE_CLASSES or code == IDLE_IN_TRANSACTION_TIMEOUT
+    )
+
+
+def is_database_refusal(exc: BaseException) -> bool:
+    """The database refuses this service (its role, grants, schema, a read-only server), not
+    this piece of work: wait for the fix and retry, never skip the work as a bad message."""
+    code = sqlstate(exc)
+    return code is not None and (code[:2] in REFUSAL_SQLSTATE_CLASSES or code == READ_ONLY_SQLSTATE)
+
+
+def is_database_busy(exc: BaseException) -> bool:
+    """A transaction that lost a wait (`BUSY_SQLSTATES`): retry it, never skip its work."""
+    return sqlstate(exc) in BUSY_SQLSTATES
+
+
+def is_not_processed(exc: BaseException) -> bool:
+    """The server rolled the API's statement back for a reason that passes (an outage, a
+    conflict): nothing was written, and the same request may succeed later."""
+    code = sqlstate(exc)
+    return is_database_outage(exc) or (code is not None and code[:2] in _NOT_PROCESSED_CLASSES)
+
+
+# ---------------------------------------------------------------------- the APIs' pool
+
 # A COMMIT sent just before the deadline may take this much past it before the client gives
 # up on the server (the outcome is then unknown): well inside the gateway's margin of a second
 # past the API's budget, and a thousand times what a COMMIT takes on a server that answers.
@@ -77,47 +203,6 @@ def driver_dsn(url: str) -> str:
 async def _no_reset(connection: asyncpg.Connection) -> None:
     """Release without asyncpg's reset query (a round trip): the statements here leave no
     session state behind, and asyncpg itself rolls back a transaction a request left open."""
-
-
-async def _in_short_transaction(
-    conn: asyncpg.Connection, query: str, args: Sequence[Any], left: float
-) -> list[asyncpg.Record]:
-    """The write for a request with less time left than the statement cap: its own statement
-    timeout, and no COMMIT once the deadline has passed.
-
-    Each step is bounded on the client's side too, by the time left (the COMMIT by that and
-    `COMMIT_GRACE_S`): a server that stops answering (a stalled disk, a paused machine) keeps
-    the connection open and cancels nothing. A step that ran out of time or was cancelled is
-    not followed by a ROLLBACK, which would first wait for the server to answer the cancelled
-    statement: the connection is dropped instead, and the server rolls back."""
-    started = time.monotonic()
-
-    def remaining() -> float:
-        return max(0.0, left - (time.monotonic() - started))
-
-    try:
-        try:
-            sql = f"BEGIN; SET LOCAL statement_timeout = {int(left * 1000)}"
-            await conn.execute(sql, timeout=remaining())
-            rows: list[asyncpg.Record] = await conn.fetch(query, *args, timeout=remaining())
-            budget = current_budget()
-            if budget is not None and budget.left() <= 0:
-                raise DeadlineExceeded
-        except (TimeoutError, asyncio.CancelledError):
-            conn.terminate()  # no ROLLBACK: see above
-            raise
-        except Exception:
-            with contextlib.suppress(Exception):  # a lost connection has nothing to roll back
-                await conn.execute("ROLLBACK", timeout=remaining() + COMMIT_GRACE_S)
-            raise
-    except (asyncpg.ConnectionDoesNotExistError, OSError, TimeoutError) as exc:
-        # Lost or out of time before COMMIT was sent: the open transaction ends with its
-        # connection.
-        if _server_said(exc) is not None:
-            raise  # the caller may retry it on a fresh connection
-        raise NotProcessed(f"no commit sent: {exc!r}") from exc
-    await conn.execute("COMMIT", timeout=remaining() + COMMIT_GRACE_S)
-    return rows
 
 
 class Database:
@@ -185,15 +270,36 @@ class Database:
         return await self._run(run, write=False)
 
     async def write(self, query: str, args: Sequence[Any]) -> list[asyncpg.Record]:
-        """A statement that writes and commits by itself, bounded by the request's deadline."""
+        """A statement that writes and commits by itself, bounded by the request's deadline:
+        one autocommit round trip, bounded by the connections' statement_timeout (the cap),
+        unless the request has less time left than the cap; then it runs in `transaction()`,
+        which commits nothing after the deadline."""
 
-        async def run(conn: asyncpg.Connection, left: float) -> list[asyncpg.Record]:
-            if left >= self.statement_timeout_s:
-                rows: list[asyncpg.Record] = await conn.fetch(query, *args)
-                return rows  # bounded by the connection's statement_timeout: the cap
-            return await _in_short_transaction(conn, query, args, left)
+        async def run(conn: asyncpg.Connection, left: float) -> list[asyncpg.Record] | None:
+            if left < self.statement_timeout_s:
+                return None  # the pool wait took the time: a transaction instead (below)
+            rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+            return rows
 
-        return await self._run(run, write=True)
+        if self._left() >= self.statement_timeout_s:
+            done = await self._run(run, write=True)
+            if done is not None:
+                return done
+        for attempt in (1, 2):
+            rows: list[asyncpg.Record] | None = None
+            try:
+                async with self.transaction() as conn:
+                    rows = await conn.fetch(query, *args)
+                return rows
+            except asyncpg.PostgresError as exc:
+                # The statement's connection was terminated by the server saying so, or is on
+                # a read-only server (dropped): rolled back, and a fresh connection may
+                # succeed. Never once the statement ran (its COMMIT's outcome is unknown).
+                said = _server_said(exc) or exc.sqlstate
+                if attempt == 2 or rows is not None or said not in _RETRY_SQLSTATES:
+                    raise
+                log.info("database refused the statement's connection; retrying", sqlstate=said)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
@@ -444,14 +550,10 @@ async def worker_pool(
     trip by the client too (`limits.command_timeout_s`): a stalled server fails the batch,
     which is retried as an outage, instead of holding its rows' locks for ever.
 
-    The batches' statements are planned once per connection (`plan_cache_mode =
-    force_generic_plan`). They take arrays, one entry per event. Under the default `auto`
-    the server plans the first five executions of a prepared statement anew, and then
-    keeps doing so whenever a plan made for the actual arrays looks cheaper than the generic
-    one: the orders consumer's UPDATE was planned anew at every batch (the integration test
-    shows it), and planning was 29% of the payments consumer's backend CPU and 40% of the
-    orders consumer's at 50 orders/s (docs/adr/0006-batched-consumers.md). Their plans do
-    not depend on the arrays' contents: the same index lookups per entry whatever the batch."""
+    The batches' statements, which take arrays (one entry per event), are planned once per
+    connection (`plan_cache_mode = force_generic_plan`): their plans do not depend on the
+    arrays' contents, and the server's default planned them anew at every batch
+    (docs/adr/0006-batched-consumers.md)."""
     return await asyncpg.create_pool(
         driver_dsn(url),
         min_size=0,

@@ -83,8 +83,8 @@ from opentelemetry.trace import Span
 from pydantic import BaseModel, ValidationError
 
 from gozon.core import jsontext
-from gozon.core.db import is_database_busy, is_database_outage, is_database_refusal
 from gozon.core.errors import RetryLater
+from gozon.core.pg import is_database_busy, is_database_outage, is_database_refusal
 from gozon.core.runtime import sleep_unless
 from gozon.core.telemetry import TRACE_HEADERS, context_from_headers
 from gozon.messaging.dlq import bounded_record

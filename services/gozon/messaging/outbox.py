@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
@@ -25,13 +24,9 @@ from sqlalchemy import (
     Table,
     Text,
     func,
-    insert,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.ext.asyncio import AsyncSession
-
-from gozon.core.telemetry import current_trace_headers
 
 PENDING, SENT, FAILED = "PENDING", "SENT", "FAILED"
 
@@ -60,25 +55,4 @@ def outbox_table(name: str, metadata: MetaData, *service_columns: Column[Any]) -
         Index(f"ix_{name}_pending", "id", postgresql_where=text(f"status = '{PENDING}'")),
         # Pruning finds old sent rows without scanning the pending ones.
         Index(f"ix_{name}_sent_at", "sent_at", postgresql_where=text(f"status = '{SENT}'")),
-    )
-
-
-async def add_to_outbox(
-    session: AsyncSession,
-    table: Table,
-    *,
-    topic: str,
-    key: str,
-    event: BaseModel,
-    **service_columns: Any,
-) -> None:
-    """Adds the event to the outbox inside the caller's open transaction (never commits)."""
-    await session.execute(
-        insert(table).values(
-            topic=topic,
-            message_key=key,
-            payload=event.model_dump(mode="json"),
-            headers=current_trace_headers(),
-            **service_columns,
-        )
     )

@@ -58,10 +58,12 @@ from opentelemetry.context import Context
 from sqlalchemy import Table, func, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gozon.core.db import is_database_busy, is_database_outage, is_database_refusal
 from gozon.core.pg import (
     batch_connection,
     driver_dsn,
+    is_database_busy,
+    is_database_outage,
+    is_database_refusal,
     pool_answers,
     unusable_after,
     worker_pool,

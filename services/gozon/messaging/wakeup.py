@@ -23,8 +23,8 @@ from typing import Any
 
 import asyncpg
 import structlog
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine
+
+from gozon.core.pg import driver_dsn
 
 log = structlog.get_logger(__name__)
 
@@ -55,9 +55,8 @@ class OutboxNotifier:
     pre-ping, no BEGIN/COMMIT. The connection is made on first use and again after a loss.
     """
 
-    def __init__(self, database: AsyncEngine | str, outbox: str) -> None:
-        url = database.url if isinstance(database, AsyncEngine) else make_url(database)
-        self.dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    def __init__(self, database_url: str, outbox: str) -> None:
+        self.dsn = driver_dsn(database_url)
         self.channel = channel_for(outbox)
         # pg_stat_activity tells the two services' notifiers apart, and from their writers
         self.application_name = f"{outbox}-notifier"
@@ -101,8 +100,7 @@ class OutboxListener:
     """Sets `wake` whenever the outbox's channel is notified; reconnects after a loss."""
 
     def __init__(self, database_url: str, outbox: str, wake: asyncio.Event) -> None:
-        url = make_url(database_url).set(drivername="postgresql")
-        self.dsn = url.render_as_string(hide_password=False)
+        self.dsn = driver_dsn(database_url)
         self.channel = channel_for(outbox)
         self.application_name = f"{outbox}-listener"  # the relay's, in pg_stat_activity
         self.wake = wake
