@@ -19,7 +19,7 @@ from typing import TypeAlias
 
 import port_for
 import pytest
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -151,6 +151,7 @@ async def running_relay(
         producer=producer,
         config=config or RelayConfig(),
         database_url=engine.url.render_as_string(hide_password=False),
+        new_producer=lambda: new_producer(bootstrap, client_id="test-relay"),
     )
     stop = asyncio.Event()
     task = asyncio.create_task(relay.run(stop))
@@ -159,7 +160,7 @@ async def running_relay(
     finally:
         stop.set()
         await task
-        await producer.stop()
+        await relay.producer.stop()
 
 
 def transient_errors(relay: GozonProcess) -> float:
@@ -455,6 +456,33 @@ async def test_a_message_the_broker_refuses_is_retried_then_failed_and_can_be_re
         await until(lambda: _all_sent(engine), 120, "the requeued row to be SENT")
     records = await consume(kafka.bootstrap, topic, at_least=3)
     assert "requeued" in event_ids(records)
+
+
+async def test_a_producer_state_the_broker_refuses_is_replaced_without_burning_attempts(
+    engine: AsyncEngine, kafka: Kafka, topic: str
+) -> None:
+    """The producer's sequence numbers ahead of the broker's, as after a broker's pod was
+    deleted under load on the node (`make test-strimzi`): the broker refuses every later
+    message of those partitions as OutOfOrderSequenceNumber, which aiokafka never recovers
+    from. The relay replaces the producer: the rows are published, none FAILED, no attempt
+    burned."""
+    config = RelayConfig(max_attempts=3, backoff_base=0.05, backoff_max=0.1)
+    async with running_relay(engine, kafka.bootstrap, config) as relay:
+        first = await insert_events(engine, topic, 6)
+        await until(lambda: _all_sent(engine), 60, "the first rows to be SENT")
+        refused = relay.producer
+        state = refused._txn_manager  # the desync, made on purpose (aiokafka internals)
+        assert state is not None
+        for partition in range(3):  # the topic's partitions: each ahead of the broker
+            state.increment_sequence_number(TopicPartition(topic, partition), 7)
+        then = await insert_events(engine, topic, 6)
+        await until(lambda: _all_sent(engine), 60, "the rows after the desync to be SENT")
+        assert relay.producer is not refused
+    async with engine.connect() as conn:
+        attempts = await conn.scalar(select(func.max(order_outbox.c.attempts)))
+    assert attempts == 0, "a refused producer is not the messages' fault"
+    records = await consume(kafka.bootstrap, topic, at_least=12)
+    assert set(event_ids(records)) == first | then
 
 
 async def _statuses_are(engine: AsyncEngine, wanted: dict[str, int]) -> bool:

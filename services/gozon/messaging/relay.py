@@ -23,6 +23,11 @@ Guarantees:
   counts an attempt, with exponential backoff, and does not hold up the rows behind it;
   after the limit the row is FAILED (counted, and requeued by `requeue_failed`). After a
   transient error the rows behind it in the batch are not tried: PENDING again, no attempt.
+- A producer whose idempotence state the broker refuses (`PRODUCER_STATE_ERRORS`: seen after
+  a broker's pod was deleted under load, every later message of the partition refused as out
+  of order) is replaced: its rows go back to PENDING without an attempt, and the next batch
+  goes through a new producer (`new_producer`), with a new producer id. aiokafka never
+  recovers from these errors by itself (the Java client bumps its epoch).
 - Wake-up without taxing the writers: no NOTIFY in the writers' transactions (it takes a
   database-wide lock at commit). Writers send a coalesced notification after their commit
   (`gozon.messaging.wakeup`); the relay re-polls at once while batches come back full, else
@@ -44,7 +49,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, NamedTuple
@@ -52,7 +57,13 @@ from typing import Any, Final, NamedTuple
 import asyncpg
 import structlog
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaTimeoutError
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    KafkaTimeoutError,
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
+    UnknownProducerId,
+)
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from sqlalchemy import Table, func, update
@@ -94,6 +105,17 @@ RELAY_LIMITS: Final = MessagingSettings.model_construct().relay_session_limits
 
 class BrokerUnavailable(Exception):
     """Kafka did not take the batch for reasons that are not the messages' fault."""
+
+
+# The broker refuses the producer's idempotence state (its id, epoch or a partition's sequence
+# number), not the message: every later message of that producer fails the same way.
+PRODUCER_STATE_ERRORS: Final = (
+    OutOfOrderSequenceNumber,
+    UnknownProducerId,
+    InvalidProducerEpoch,
+    ProducerFenced,
+)
+STOP_OLD_PRODUCER_S: Final = 10.0
 
 
 @dataclass(frozen=True)
@@ -252,10 +274,16 @@ class OutboxRelay:
         database_url: str,
         application_name: str = "gozon-relay",
         limits: SessionLimits = RELAY_LIMITS,
+        new_producer: Callable[[], AIOKafkaProducer] | None = None,
     ) -> None:
         self.table = table
         self.name = table.name
         self.producer = producer
+        """The producer in use: replaced when the broker refuses its state (its owner stops
+        the last one)."""
+        self._new_producer = new_producer
+        self._producer_refused: BaseException | None = None
+        """The error that condemned the producer in use; the next batch replaces it."""
         self.config = config
         self.kafka_ok = False
         self.database_ok = False
@@ -291,6 +319,8 @@ class OutboxRelay:
     async def publish_batch(self) -> int:
         """Claims (marking SENT), publishes and commits one batch; returns how many rows it
         claimed. Rows the broker did not acknowledge go back to PENDING before the commit."""
+        if self._producer_refused is not None:
+            await self._replace_producer()
         conn = await self._connect()
         try:
             # The poll's span holds the claim, the release of failed rows and the commit;
@@ -324,6 +354,21 @@ class OutboxRelay:
             OUTBOX_PUBLISH_ERRORS.labels(self.name, "transient").inc()
             raise BrokerUnavailable(repr(outage)) from outage
         return len(rows)
+
+    async def _replace_producer(self) -> None:
+        """Starts a new producer (a new producer id) in place of the refused one, then
+        stops that one; a broker that cannot be reached meanwhile is an outage."""
+        assert self._new_producer is not None
+        fresh = self._new_producer()
+        try:
+            await fresh.start()
+        except Exception as exc:
+            await _stop_quietly(fresh)
+            raise BrokerUnavailable(repr(exc)) from exc
+        old, self.producer = self.producer, fresh
+        refused, self._producer_refused = self._producer_refused, None
+        log.info("a new producer took over", outbox=self.name, refused=repr(refused))
+        await _stop_quietly(old)
 
     async def _connect(self) -> asyncpg.Connection:
         if self.connection is not None and self.connection.is_in_transaction():
@@ -429,9 +474,21 @@ class OutboxRelay:
         outage = next((error for _, error in failed if is_transient(error)), None)
         if outage is not None and await broker_answers(self.producer):
             outage = None
+        refused = next((e for _, e in failed if isinstance(e, PRODUCER_STATE_ERRORS)), None)
+        if refused is not None and self._new_producer is not None:
+            # The producer's fault, not the messages': no attempt, a new producer next batch.
+            log.warning(
+                "the broker refuses the producer's state: rows stay pending, a new producer "
+                "takes over",
+                outbox=self.name,
+                error=repr(refused),
+            )
+            self._producer_refused = outage = refused
         release = _Release()
         for row, error in failed:
-            if outage is None or not is_transient(error):
+            if self._producer_refused is not None:
+                release.add(row.id)
+            elif outage is None or not is_transient(error):
                 self._count_attempt(release, row, error)
             else:
                 release.add(row.id)
@@ -635,6 +692,15 @@ async def replay_sent(engine: AsyncEngine, table: Table, since: datetime) -> int
             .values(status=PENDING, attempts=0, next_attempt_at=func.now(), sent_at=None)
         )
     return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def _stop_quietly(producer: AIOKafkaProducer) -> None:
+    """Stops a producer given up on: its undelivered messages are PENDING rows again."""
+    try:
+        async with asyncio.timeout(STOP_OLD_PRODUCER_S):
+            await producer.stop()
+    except Exception as exc:  # best effort: the broker forgets the producer anyway
+        log.warning("stopping a replaced producer failed", error=repr(exc))
 
 
 def _trace_ids(headers: dict[str, str]) -> dict[str, str]:

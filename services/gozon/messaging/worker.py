@@ -208,11 +208,13 @@ async def _run_relay(
         database_url=spec.database_url,
         application_name=f"{spec.service}-relay",
         limits=limits,
+        # in place of a producer whose state the broker refuses (see gozon.messaging.relay)
+        new_producer=partial(new_producer, kafka, client_id=f"{spec.service}-relay"),
     )
     readiness = Readiness()
     readiness.add("database", relay.database_answers)
     readiness.add(ACCEPTS_WORK, _not(lambda: relay.refused))
-    readiness.add("kafka", lambda: broker_answers(producer))
+    readiness.add("kafka", lambda: broker_answers(relay.producer))
     started = _flag(readiness, "started")  # its start-up steps done (they wait for Kafka)
     try:
         async with side_port(
@@ -247,7 +249,7 @@ async def _run_relay(
     else:
         memory.stopped_cleanly()
     finally:
-        await producer.stop()
+        await relay.producer.stop()  # the one in use: a replaced one was stopped then
         await relay.close()
         log.info("relay stopped", outbox=table.name)
 
