@@ -188,6 +188,12 @@ def cluster(node: NodeCluster, helm: Helm) -> Iterator[StrimziCluster]:  # noqa:
             "--set", "defaultImageRegistry=",
             "--set", f"defaultImageRepository={STRIMZI_REPOSITORY}",
             "--set", f"defaultImageTag={STRIMZI_TAG}", "--set", "image.imagePullPolicy=Never",
+            # The chart's liveness probe (10 s delay, every 30 s, 1 s timeout, 3 failures)
+            # killed the operator's JVM again and again while this 2-core machine was loaded
+            # (a start takes over 80 s there): the Kafka was never made. Killed only after
+            # 2 min + 3 min unanswered here.
+            "--set", "livenessProbe.initialDelaySeconds=120",
+            "--set", "livenessProbe.periodSeconds=60",
             "--wait", "--timeout", f"{INSTALL_TIMEOUT_S}s",
             timeout=INSTALL_TIMEOUT_S + 60,
         )  # fmt: skip
