@@ -90,17 +90,18 @@ TURN_S = 0.01
 
 @dataclass
 class EdgeLimits:
-    """The limits, and the per-address connection counts shared by a server's connections."""
+    """The limits (`limits_from` the settings, whose defaults they are), and the per-address
+    connection counts shared by a server's connections."""
 
-    max_request_line_bytes: int = 8 * 1024
-    max_head_bytes: int = 16 * 1024
-    max_headers: int = 64
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 30.0
-    max_connections_per_client: int = 256
-    max_incomplete_per_client: int = 64
-    max_body_bytes: int = 16 * 1024
-    write_timeout_s: float = 10.0
+    max_request_line_bytes: int
+    max_head_bytes: int
+    max_headers: int
+    header_timeout_s: float
+    body_timeout_s: float
+    max_connections_per_client: int
+    max_incomplete_per_client: int
+    max_body_bytes: int
+    write_timeout_s: float
     open_connections: Counter[str] = field(default_factory=Counter)
     incomplete_requests: Counter[str] = field(default_factory=Counter)
 
