@@ -200,7 +200,10 @@ async def _run_relay(
 ) -> None:
     memory = CrashMemory.load(settings.crash_state_dir, f"{spec.service}-relay")
     limits = settings.relay_session_limits
-    producer = new_producer(kafka, client_id=f"{spec.service}-relay")
+    # the first producer, and each one in place of a producer whose state the broker refuses
+    # (see gozon.messaging.relay)
+    make_producer = partial(new_producer, kafka, client_id=f"{spec.service}-relay")
+    producer = make_producer()
     relay = OutboxRelay(
         table=table,
         producer=producer,
@@ -208,8 +211,7 @@ async def _run_relay(
         database_url=spec.database_url,
         application_name=f"{spec.service}-relay",
         limits=limits,
-        # in place of a producer whose state the broker refuses (see gozon.messaging.relay)
-        new_producer=partial(new_producer, kafka, client_id=f"{spec.service}-relay"),
+        new_producer=make_producer,
     )
     readiness = Readiness()
     readiness.add("database", relay.database_answers)
