@@ -22,6 +22,9 @@ What it guarantees:
   client certificate of `system:masters`.
 - The CNI chain: bridge (with host-local IPAM), firewall (the pods' traffic accepted in FORWARD,
   whatever the policy: the Docker engine's is DROP), portmap.
+- A pod's packet to a Service address that kube-proxy did not translate (no endpoint at that
+  instant) is refused at once by a routing rule (`ip rule … unreachable`), never sent out by
+  the host's default route (kube-proxy's own REJECT is behind the CNI firewall's ACCEPT).
 - kube-proxy in iptables mode; `net.bridge.bridge-nf-call-iptables` is set, so traffic
   between pods on the bridge goes through its rules (a Service's answer is un-NATed).
 - Starting is idempotent and each component is waited for: etcd, the API server, the
@@ -70,7 +73,14 @@ from pathlib import Path
 
 from devstack import StackError
 from devstack.system import ROOT, wait_until
-from scripts.kube_cluster import LocalCluster, cli, issue_cert, tools_bin, tools_cache
+from scripts.kube_cluster import (
+    SERVICE_CIDR,
+    LocalCluster,
+    cli,
+    issue_cert,
+    tools_bin,
+    tools_cache,
+)
 
 NODE_COMPONENTS = (
     "etcd",
@@ -94,6 +104,8 @@ PROVISIONER = "rancher.io/local-path"
 # a test node: an HPA scales in one minute after the load has gone, not five
 HPA_DOWNSCALE_STABILIZATION = os.environ.get("GOZON_KUBE_HPA_DOWNSCALE", "60s")
 CNI_BIN_DIRS = ("/usr/lib/cni", "/opt/cni/bin")
+SERVICE_RULE_PRIORITY = 3210
+SERVICE_ROUTE_RULE = f"{SERVICE_RULE_PRIORITY}:\tfrom all to {SERVICE_CIDR} iif {CNI_BRIDGE}"
 START_TIMEOUT = float(os.environ.get("GOZON_KUBE_START_TIMEOUT", "300"))
 IMAGE_NAMESPACE = "k8s.io"  # containerd's namespace for the CRI
 
@@ -266,6 +278,15 @@ class NodeCluster(LocalCluster):
             path = Path("/proc/sys") / key
             if path.exists() and path.read_text().strip() != "1":
                 path.write_text("1\n")
+        # A pod's packet to a Service address that kube-proxy did not translate (the Service
+        # had no endpoint at that instant) is refused here, at once. Without this rule it
+        # left by the host's default route: kube-proxy's REJECT for such a Service sits in
+        # FORWARD behind the CNI firewall plugin's ACCEPT of the pods' traffic, and on this
+        # machine an egress proxy beyond the default route accepts any connection and answers
+        # any HTTP request with an empty 404, which the gateway then pooled and kept reusing.
+        if SERVICE_ROUTE_RULE not in _run("ip", "rule", "show"):
+            _run("ip", "rule", "add", "iif", CNI_BRIDGE, "to", SERVICE_CIDR, "priority",
+                 str(SERVICE_RULE_PRIORITY), "unreachable")  # fmt: skip
 
     # ------------------------------------------------------------------ configuration
     def _cni_bin_dir(self) -> str:
@@ -857,6 +878,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         self._unmount_under(self.containerd_state)
         for device in (CNI_BRIDGE, NODE_DEVICE):
             _run("ip", "link", "delete", device, check=False)
+        _run("ip", "rule", "del", "priority", str(SERVICE_RULE_PRIORITY), check=False)
         shutil.rmtree(self.containerd_state, ignore_errors=True)
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
