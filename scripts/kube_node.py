@@ -51,8 +51,13 @@ What it guarantees:
   kubelet's /metrics/resource with the admin's certificate. The HPA controller's downscale
   stabilization is HPA_DOWNSCALE_STABILIZATION (60 s; Kubernetes' default is 5 minutes).
 
-NetworkPolicies are accepted by the API server and not enforced: the bridge CNI has no
-policy engine (docs/kubernetes.md, "Verified on a real node").
+- NetworkPolicies: kube-router's firewall alone (`--run-firewall`, no routing, no service
+  proxy) as a process of the node, with the admin's kubeconfig: it enforces
+  `networking.k8s.io/v1` policies (ingress and egress) for the node's pods with iptables and
+  ipset (this machine's kernel has no nftables `queue` expression, which kube-network-policies
+  needs). A pod no policy selects is open; traffic from the node itself (the kubelet's probes,
+  the tests' connections) is always admitted. Its chains and sets are left in place by `stop`
+  (the next start resyncs them) and removed by `delete`.
 """
 
 from __future__ import annotations
@@ -92,6 +97,7 @@ NODE_COMPONENTS = (
     "kube-proxy",
     "local-path-provisioner",
     "metrics-server",
+    "kube-router",
 )
 NODE_NAME = "gozon-node"
 NODE_DEVICE = "gozon-node0"
@@ -106,6 +112,10 @@ HPA_DOWNSCALE_STABILIZATION = os.environ.get("GOZON_KUBE_HPA_DOWNSCALE", "60s")
 CNI_BIN_DIRS = ("/usr/lib/cni", "/opt/cni/bin")
 SERVICE_RULE_PRIORITY = 3210
 SERVICE_ROUTE_RULE = f"{SERVICE_RULE_PRIORITY}:\tfrom all to {SERVICE_CIDR} iif {CNI_BRIDGE}"
+NODE_PORTS = (
+    "kubelet", "kubelet-healthz", "proxy-healthz", "proxy-metrics", "metrics-server",
+    "kube-router-health",
+)  # fmt: skip
 START_TIMEOUT = float(os.environ.get("GOZON_KUBE_START_TIMEOUT", "300"))
 IMAGE_NAMESPACE = "k8s.io"  # containerd's namespace for the CRI
 
@@ -203,12 +213,13 @@ class NodeCluster(LocalCluster):
 
         if state.exists():
             ports: dict[str, int] = json.loads(state.read_text())["ports"]
-            if "metrics-server" not in ports:  # a data folder from before metrics-server
-                ports["metrics-server"] = _free_ports(1)[0]
+            added = [name for name in NODE_PORTS if name not in ports]
+            if added:  # a data folder from before metrics-server or kube-router
+                ports.update(zip(added, _free_ports(len(added)), strict=True))
                 state.write_text(json.dumps({"ports": ports}, indent=2) + "\n")
             return ports
 
-        names = ("kubelet", "kubelet-healthz", "proxy-healthz", "proxy-metrics", "metrics-server")
+        names = NODE_PORTS
         chosen = dict(zip(names, _free_ports(len(names)), strict=True))
         self.data_dir.mkdir(parents=True, exist_ok=True)
         state.write_text(json.dumps({"ports": chosen}, indent=2) + "\n")
@@ -299,15 +310,15 @@ class NodeCluster(LocalCluster):
         )
 
     def _prepare(self) -> None:
-        for binary in ("containerd", "ctr", "runc", "iptables"):
+        for binary in ("containerd", "ctr", "runc", "iptables", "ipset"):
             if shutil.which(binary) is None:
                 raise StackError(
-                    f"{binary} is missing: apt-get install containerd runc iptables "
+                    f"{binary} is missing: apt-get install containerd runc iptables ipset "
                     "containernetworking-plugins"
                 )
         for name in (
             "kubelet", "kube-proxy", "pause", "coredns", "local-path-provisioner",
-            "local-path-helper",
+            "local-path-helper", "kube-router",
         ):  # fmt: skip
             self._binary(name)
         self._ensure_network()
@@ -568,6 +579,21 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             "--kubelet-use-node-status-port",
             "--metric-resolution=15s",
         ]
+        commands["kube-router"] = [
+            self._binary("kube-router"),
+            # the NetworkPolicy firewall only: the bridge CNI, kube-proxy and the node's routes
+            # stay as they are
+            "--run-firewall=true",
+            "--run-router=false",
+            "--run-service-proxy=false",
+            "--enable-cni=false",
+            f"--kubeconfig={self.kubeconfig}",
+            f"--hostname-override={NODE_NAME}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            f"--health-port={self.node_ports['kube-router-health']}",
+            "--metrics-port=0",
+            "--v=1",
+        ]
         return commands
 
     def _ready(self, component: str) -> bool:
@@ -582,7 +608,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             self._import_node_images()
             return True
         if component == "kubelet":
-            return self._get_ok(f"http://127.0.0.1:{p['kubelet-healthz']}/healthz")
+            # and its Node registered: kube-router, started after it, reads the Node at start
+            return (
+                self._get_ok(f"http://127.0.0.1:{p['kubelet-healthz']}/healthz")
+                and self._node_registered()
+            )
         if component == "kube-proxy":
             return self._get_ok(f"http://127.0.0.1:{p['proxy-healthz']}/livez")
         if component == "local-path-provisioner":
@@ -592,7 +622,16 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             insecure.check_hostname = False
             insecure.verify_mode = ssl.CERT_NONE  # its own self-signed serving certificate
             return self._get_ok(f"https://{NODE_IP}:{p['metrics-server']}/livez", insecure)
+        if component == "kube-router":
+            # 200 once the firewall has synced its rules
+            return self._get_ok(f"http://127.0.0.1:{p['kube-router-health']}/healthz")
         return super()._ready(component)
+
+    def _node_registered(self) -> bool:
+        try:
+            return bool(self._kubectl("get", "node", NODE_NAME, "-o", "name").strip())
+        except StackError:
+            return False
 
     # ------------------------------------------------------------------ images
     def has_image(self, name: str) -> bool:
@@ -874,6 +913,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         self.stop()
         with contextlib.suppress(StackError):
             _run(str(tools_bin() / "kube-proxy"), "--cleanup", check=False)
+        with contextlib.suppress(StackError):
+            # kube-router's chains and ipsets
+            _run(str(tools_bin() / "kube-router"), "--cleanup-config", check=False)
         self._unmount_under(self.data_dir)
         self._unmount_under(self.containerd_state)
         for device in (CNI_BRIDGE, NODE_DEVICE):

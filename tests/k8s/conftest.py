@@ -189,8 +189,11 @@ def helm(node: NodeCluster, tmp_path_factory: pytest.TempPathFactory) -> Helm:
     return Helm(env=env, binary=tool("helm"))
 
 
-def _kafka_objects(namespace: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One KRaft node (broker and controller), configured as docker-compose.yml's."""
+def _kafka_objects(namespace: str) -> tuple[dict[str, Any], ...]:
+    """One KRaft node (broker and controller), configured as docker-compose.yml's, and its
+    NetworkPolicy: the release's pods (its relays and consumers, whose own egress policies
+    allow nothing else) and the broker itself may connect, nobody else in the cluster (the
+    node may: its probes and the tests)."""
     labels = {"app.kubernetes.io/name": "kafka", "app.kubernetes.io/part-of": "gozon-test"}
     host = f"kafka.{namespace}.svc.cluster.local"
     env = {
@@ -254,7 +257,25 @@ def _kafka_objects(namespace: str) -> tuple[dict[str, Any], dict[str, Any]]:
         "metadata": {"name": "kafka", "labels": labels},
         "spec": {"selector": labels, "ports": [{"name": "kafka", "port": 9092}]},
     }
-    return deployment, service
+    policy = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "kafka", "labels": labels},
+        "spec": {
+            "podSelector": {"matchLabels": labels},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": [
+                        {"podSelector": {"matchLabels": {"app.kubernetes.io/instance": RELEASE}}},
+                        {"podSelector": {"matchLabels": labels}},
+                    ],
+                    "ports": [{"port": 9092, "protocol": "TCP"}],
+                }
+            ],
+        },
+    }
+    return deployment, service, policy
 
 
 @pytest.fixture(scope="session")
@@ -292,10 +313,14 @@ def cluster(node: NodeCluster, helm: Helm) -> Iterator[Cluster]:
         api.close()  # type: ignore[no-untyped-call]
 
     try:
-        deployment, service = _kafka_objects(namespace)
+        deployment, service, policy = _kafka_objects(namespace)
         # the client takes plain dicts as well as its models
         c.apps.create_namespaced_deployment(namespace, deployment)  # type: ignore[arg-type]
         core.create_namespaced_service(namespace, service)  # type: ignore[arg-type]
+        client.NetworkingV1Api(api).create_namespaced_network_policy(
+            namespace,
+            policy,  # type: ignore[arg-type]
+        )
         wait_for(
             lambda: c.deployment_available("kafka"),
             within=INSTALL_TIMEOUT_S,
