@@ -25,6 +25,20 @@ partial="$dir/.$PGDATABASE-$stamp.dump.partial"
 mkdir -p "$dir"
 trap 'rm -f "$partial"' EXIT
 
+# A new pod's first connection can come before its network is ready for it (a NetworkPolicy
+# enforcer adds the pod to its database's allowed peers a moment after the pod starts): wait,
+# up to BACKUP_CONNECT_WAIT_S, until the server accepts connections.
+wait_s="${BACKUP_CONNECT_WAIT_S:-60}"
+waited=0
+until pg_isready --quiet; do
+  if [ "$waited" -ge "$wait_s" ]; then
+    echo "backup: ${PGHOST:-localhost}:${PGPORT:-5432} not accepting connections after $wait_s s" >&2
+    exit 1
+  fi
+  sleep 1
+  waited=$((waited + 1))
+done
+
 pg_dump --format=custom --compress=6 --no-password --file="$partial"
 pg_restore --list "$partial" > /dev/null
 mv "$partial" "$final"
