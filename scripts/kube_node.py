@@ -56,8 +56,11 @@ What it guarantees:
   `networking.k8s.io/v1` policies (ingress and egress) for the node's pods with iptables and
   ipset (this machine's kernel has no nftables `queue` expression, which kube-network-policies
   needs). A pod no policy selects is open; traffic from the node itself (the kubelet's probes,
-  the tests' connections) is always admitted. Its chains and sets are left in place by `stop`
-  (the next start resyncs them) and removed by `delete`.
+  the tests' connections) is always admitted.
+- `stop` removes what the node added to the host's firewall and routing for its pods:
+  kube-router's chains and ipsets and the Service routing rule, once their processes have
+  stopped (the next start makes them again). kube-proxy's own chains stay until `delete`, which
+  also removes the node's devices and folders.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ import hashlib
 import io
 import json
 import os
+import shlex
 import shutil
 import ssl
 import subprocess
@@ -116,6 +120,9 @@ NODE_PORTS = (
     "kubelet", "kubelet-healthz", "proxy-healthz", "proxy-metrics", "metrics-server",
     "kube-router-health",
 )  # fmt: skip
+# what kube-router's firewall makes: its chains in the filter table, its ipsets
+KUBE_ROUTER_CHAINS = ("KUBE-ROUTER-", "KUBE-NWPLCY-", "KUBE-POD-FW-")
+KUBE_ROUTER_IPSETS = ("KUBE-SRC-", "KUBE-DST-", "inet6:KUBE-SRC-", "inet6:KUBE-DST-")
 START_TIMEOUT = float(os.environ.get("GOZON_KUBE_START_TIMEOUT", "300"))
 IMAGE_NAMESPACE = "k8s.io"  # containerd's namespace for the CRI
 
@@ -132,6 +139,28 @@ def _run(*cmd: str, stdin: bytes | None = None, check: bool = True) -> str:
         err = done.stderr.decode(errors="replace").strip()
         raise StackError(f"{' '.join(cmd[:4])} … failed: {err}")
     return done.stdout.decode(errors="replace")
+
+
+def kube_router_cleanup(rules: str) -> list[list[str]]:
+    """The iptables arguments that remove kube-router's chains, given `iptables -S`'s output.
+
+    The jumps to its chains from the others first, then its chains flushed (they jump to each
+    other), then deleted. (`kube-router --cleanup-config` is no substitute: in v2.1.0 it
+    cleans nothing of the firewall's and flushes every IPVS service of the host.)
+    """
+    jumps: list[list[str]] = []
+    chains: list[str] = []
+    for line in rules.splitlines():
+        words = shlex.split(line)
+        if len(words) < 2:
+            continue
+        if words[0] == "-N" and words[1].startswith(KUBE_ROUTER_CHAINS):
+            chains.append(words[1])
+        elif words[0] == "-A" and not words[1].startswith(KUBE_ROUTER_CHAINS):
+            targets = [words[i + 1] for i, w in enumerate(words[:-1]) if w in ("-j", "-g")]
+            if any(t.startswith(KUBE_ROUTER_CHAINS) for t in targets):
+                jumps.append(["-D", *words[1:]])
+    return jumps + [["-F", c] for c in chains] + [["-X", c] for c in chains]
 
 
 def _write(path: Path, text: str) -> bool:
@@ -892,7 +921,25 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             # here, so that a stopped node leaves nothing mounted (a CI clone's folder can then
             # be removed); the next start mounts what its pods need again.
             self._unmount_under(self.data_dir)
+            # no pod left: the Service routing rule goes
+            _run("ip", "rule", "del", "priority", str(SERVICE_RULE_PRIORITY), check=False)
+        if self._pidfile("kube-router").pid() is None:
+            self._remove_kube_router_rules()
         return stopped
+
+    @staticmethod
+    def _remove_kube_router_rules() -> None:
+        """kube-router's filter chains, then its ipsets (a set is destroyed once no rule
+        refers to it)."""
+        if shutil.which("iptables") is None:
+            return
+        for args in kube_router_cleanup(_run("iptables", "-S", check=False)):
+            _run("iptables", *args, check=False)
+        if shutil.which("ipset") is None:
+            return
+        for name in _run("ipset", "list", "-n", check=False).split():
+            if name.startswith(KUBE_ROUTER_IPSETS):
+                _run("ipset", "destroy", name, check=False)
 
     def _kill_containers(self) -> None:
         """Kills the containers containerd still runs (their shims would outlive it)."""
@@ -911,16 +958,13 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
     def delete(self) -> None:
         self.stop()
-        with contextlib.suppress(StackError):
-            _run(str(tools_bin() / "kube-proxy"), "--cleanup", check=False)
-        with contextlib.suppress(StackError):
-            # kube-router's chains and ipsets
-            _run(str(tools_bin() / "kube-router"), "--cleanup-config", check=False)
+        kube_proxy = tools_bin() / "kube-proxy"
+        if kube_proxy.exists():
+            _run(str(kube_proxy), "--cleanup", check=False)
         self._unmount_under(self.data_dir)
         self._unmount_under(self.containerd_state)
         for device in (CNI_BRIDGE, NODE_DEVICE):
             _run("ip", "link", "delete", device, check=False)
-        _run("ip", "rule", "del", "priority", str(SERVICE_RULE_PRIORITY), check=False)
         shutil.rmtree(self.containerd_state, ignore_errors=True)
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
