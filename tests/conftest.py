@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import asyncpg
 import httpx
@@ -41,6 +41,9 @@ from gozon.core.settings import MessagingSettings
 from gozon.messaging.consumer import BatchHandler, ConsumerRunner
 from gozon.messaging.kafka import new_consumer, new_producer
 
+if TYPE_CHECKING:
+    from xdist.workermanage import WorkerController
+
 E = TypeVar("E", bound=BaseModel)
 ROOT = Path(__file__).resolve().parent.parent
 KEEP_RUNS = 5
@@ -52,12 +55,22 @@ def pytest_configure(config: pytest.Config) -> None:
 
     configure_logging("tests", level="INFO", json=False)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request drowns the rest
+    worker: dict[str, str] | None = getattr(config, "workerinput", None)
+    if worker is not None:  # a pytest-xdist worker: a folder of its own in the controller's run
+        config.stash[_run_logs] = Path(worker["gozon_run_logs"]) / worker["workerid"]
+        return
     base = Path(os.environ.get("GOZON_TEST_LOGS", ROOT / ".gozon" / "test-logs"))
     run = base / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     config.stash[_run_logs] = run
     if base.is_dir():  # keep the last few runs' logs, not every run's forever
         for old in sorted(p for p in base.iterdir() if p.is_dir())[:-KEEP_RUNS]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: WorkerController) -> None:
+    """pytest-xdist: each worker is told the controller's run folder (see pytest_configure)."""
+    node.workerinput["gozon_run_logs"] = str(node.config.stash[_run_logs])
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
