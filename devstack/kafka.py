@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import fcntl
 import re
 import shutil
 import socket
@@ -42,11 +43,24 @@ def java_major_version(java: str = "java") -> int | None:
 
 
 def kafka_jars(cache_dir: Path, version: str = DEFAULT_KAFKA_VERSION) -> Path:
-    """The folder of Kafka's jars, resolved by Maven on first use and reused after that."""
+    """The folder of Kafka's jars, resolved by Maven on first use and reused after that.
+
+    Safe to call from several processes at once (`make test`'s pytest-xdist workers on a fresh
+    checkout): one resolves under a lock on the cache folder, the others wait and reuse it."""
     libs = cache_dir / f"kafka-{version}" / "libs"
     complete = libs.parent / ".complete"
     if complete.exists():
         return libs
+    libs.parent.mkdir(parents=True, exist_ok=True)
+    with (libs.parent / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process ends
+        if not complete.exists():
+            _resolve(libs, version)
+            complete.write_text(f"{version}\n")
+    return libs
+
+
+def _resolve(libs: Path, version: str) -> None:
     if shutil.which("mvn") is None:
         apt_install("maven", why="Maven is needed to resolve Kafka's jars")
     staging = libs.parent / "libs.partial"
@@ -74,8 +88,6 @@ def kafka_jars(cache_dir: Path, version: str = DEFAULT_KAFKA_VERSION) -> Path:
         raise StackError(f"Maven finished but kafka_2.13-{version}.jar is not in {staging}")
     shutil.rmtree(libs, ignore_errors=True)
     staging.rename(libs)
-    complete.write_text(f"{version}\n")
-    return libs
 
 
 _LOG4J2 = """\
