@@ -1,14 +1,18 @@
 """What the dev stack installs from Debian's packages, only where it is missing.
 
 Installing needs root; as another user the error names the packages to install. Another
-apt-get on the machine (a second checkout, unattended upgrades) is waited for.
+apt-get on the machine (a second checkout, unattended upgrades) is waited for, and callers of
+this module take turns (`make test`'s pytest-xdist workers on a fresh machine each find
+PostgreSQL missing at once: `apt-get update` does not wait for another's lock, it fails).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from devstack.system import StackError, run
@@ -21,12 +25,14 @@ def apt_install(*packages: str, why: str) -> None:
     print(f"installing {' '.join(packages)} from Debian's packages ({why})", file=sys.stderr)
     # another apt-get on the machine (a second helper, unattended upgrades) is waited for
     lock = ["-o", "DPkg::Lock::Timeout=600"]
-    run(["apt-get", *lock, "update", "-q"], what="apt-get update", env=env)
-    run(
-        ["apt-get", *lock, "install", "-y", "-q", "--no-install-recommends", *packages],
-        what=f"apt-get install {' '.join(packages)}",
-        env=env,
-    )
+    with (Path(tempfile.gettempdir()) / "gozon-apt.lock").open("w") as turn:
+        fcntl.flock(turn, fcntl.LOCK_EX)  # released when the file closes, or the process ends
+        run(["apt-get", *lock, "update", "-q"], what="apt-get update", env=env)
+        run(
+            ["apt-get", *lock, "install", "-y", "-q", "--no-install-recommends", *packages],
+            what=f"apt-get install {' '.join(packages)}",
+            env=env,
+        )
 
 
 def prometheus_tool(name: str = "promtool") -> Path:
