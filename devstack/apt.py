@@ -8,14 +8,13 @@ PostgreSQL missing at once: `apt-get update` does not wait for another's lock, i
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from devstack.system import StackError, run
+from devstack.system import StackError, one_at_a_time, run
 
 
 def apt_install(*packages: str, why: str) -> None:
@@ -25,8 +24,7 @@ def apt_install(*packages: str, why: str) -> None:
     print(f"installing {' '.join(packages)} from Debian's packages ({why})", file=sys.stderr)
     # another apt-get on the machine (a second helper, unattended upgrades) is waited for
     lock = ["-o", "DPkg::Lock::Timeout=600"]
-    with (Path(tempfile.gettempdir()) / "gozon-apt.lock").open("w") as turn:
-        fcntl.flock(turn, fcntl.LOCK_EX)  # released when the file closes, or the process ends
+    with one_at_a_time(Path(tempfile.gettempdir()) / "gozon-apt.lock"):
         run(["apt-get", *lock, "update", "-q"], what="apt-get update", env=env)
         run(
             ["apt-get", *lock, "install", "-y", "-q", "--no-install-recommends", *packages],

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import fcntl
 import re
 import shutil
 import socket
@@ -24,7 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from devstack.apt import apt_install
-from devstack.system import ROOT, PidFile, StackError, require_free_port, run, wait_until
+from devstack.system import (
+    ROOT,
+    PidFile,
+    StackError,
+    one_at_a_time,
+    require_free_port,
+    run,
+    wait_until,
+)
 
 KAFKA_POM = ROOT / "devstack" / "kafka-pom.xml"
 DEFAULT_KAFKA_VERSION = "4.4.0"
@@ -51,9 +58,7 @@ def kafka_jars(cache_dir: Path, version: str = DEFAULT_KAFKA_VERSION) -> Path:
     complete = libs.parent / ".complete"
     if complete.exists():
         return libs
-    libs.parent.mkdir(parents=True, exist_ok=True)
-    with (libs.parent / ".lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process ends
+    with one_at_a_time(libs.parent / ".lock"):
         if not complete.exists():
             _resolve(libs, version)
             complete.write_text(f"{version}\n")

@@ -12,12 +12,13 @@ Standard library only: `make down` and `make status` run before the virtualenv e
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -197,6 +198,16 @@ class PidFile:
             self._child.wait()
             self._child = None
         return True
+
+
+@contextlib.contextmanager
+def one_at_a_time(lock_file: Path) -> Iterator[None]:
+    """Holds an exclusive flock on `lock_file` (created if missing) for the block: callers in
+    other processes wait their turn. Released when the block ends, or the process does."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with lock_file.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def run(
