@@ -95,10 +95,14 @@ def _one_pod(cluster: Cluster, component: str) -> Any:
     pods = [
         p
         for p in cluster.pods(f"app.kubernetes.io/component={component}")
-        if p.status.phase == "Running" and p.metadata.deletion_timestamp is None
+        if p.status.phase == "Running" and p.metadata.deletion_timestamp is None and _ready(p)
     ]
-    assert pods, f"no running pod of {component}"
+    assert pods, f"no ready pod of {component}"
     return pods[0]
+
+
+def _ready(pod: Any) -> bool:
+    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or ())
 
 
 def _targets(cluster: Cluster) -> tuple[tuple[str, str, int], list[tuple[str, str, int]]]:
@@ -126,8 +130,8 @@ def _targets(cluster: Cluster) -> tuple[tuple[str, str, int], list[tuple[str, st
 
 def _one_kafka_ip(cluster: Cluster) -> str:
     pods = cluster.pods("app.kubernetes.io/name=kafka")
-    running = [p for p in pods if p.status.phase == "Running"]
-    assert running, "no running Kafka broker"
+    running = [p for p in pods if p.status.phase == "Running" and _ready(p)]
+    assert running, "no ready Kafka broker"
     return str(running[0].status.pod_ip)
 
 
@@ -178,16 +182,42 @@ def strangers(cluster: Cluster) -> Iterator[list[tuple[str, str]]]:
 def test_strangers_reach_the_gateway_and_nothing_else(
     cluster: Cluster, strangers: list[tuple[str, str]]
 ) -> None:
-    gateway, closed = _targets(cluster)
-    # from the node everything answers: a closed port below is the policy's doing
-    from_node = _probe_from_node([gateway, *closed])
-    assert all(state == OPEN for state in from_node.values()), from_node
+    gateway, closed = _answering_from_node(cluster)
     for namespace, pod in strangers:
         states = _as_enforced(cluster, namespace, pod, gateway, closed)
         where = f"pod {pod} in {namespace}"
         assert states[gateway[0]] == OPEN, (where, states)
         for name, _, _ in closed:
             assert states[name] in ("refused", "timed out"), (where, name, states[name])
+
+
+def _answering_from_node(
+    cluster: Cluster,
+) -> tuple[tuple[str, str, int], list[tuple[str, str, int]]]:
+    """The targets, once every one answers from the node: whatever a pod is refused later is
+    the policy's doing, not a port nobody listens on. Just after the install a worker may
+    still be restarting (it started before the broker was ready), so this waits for every
+    process to be ready and listening, re-reading the pods' addresses, up to two minutes."""
+    targets: list[tuple[str, str, int]] = []
+    states: dict[str, str] = {}
+
+    def every_target_answers() -> bool:
+        try:
+            gateway, closed = _targets(cluster)
+        except AssertionError as exc:  # a process without a ready pod yet
+            states.clear()
+            states["pods"] = str(exc)
+            return False
+        targets[:] = [gateway, *closed]
+        states.clear()
+        states.update(_probe_from_node(targets))
+        return all(state == OPEN for state in states.values())
+
+    with contextlib.suppress(AssertionError):
+        wait_for(every_target_answers, within=120, what="every target answering", every=3)
+    silent = {name: state for name, state in states.items() if state != OPEN}
+    assert not silent, f"not answering from the node: {silent}"
+    return targets[0], targets[1:]
 
 
 def _as_enforced(
