@@ -305,6 +305,31 @@ async def test_a_client_that_does_not_read_its_answer_is_cut_and_frees_the_slot(
         await counts_return_to_zero()
 
 
+async def test_pipelined_requests_are_read_ahead_only_so_far(
+    orders: Upstream, payments: Upstream
+) -> None:
+    """A client that writes requests back to back and reads nothing gets the one in flight
+    and `max_pipelined` queued answered, the last with `Connection: close`; the rest are never
+    read (uvicorn alone read and queued them all, a read's worth more after every answer)."""
+    cuts = gauge("gozon_gateway_pipeline_cuts_total")
+    orders.delay_s = 0.05  # the first still in flight while the rest arrive
+    async with edge(orders, payments, gateway_max_pipelined=4) as port:
+        reader, writer = await connect(port)
+        await send(writer, b"".join(
+            b"GET /api/orders/%d HTTP/1.1\r\nHost: gw\r\nX-User-Id: u1\r\n\r\n" % n
+            for n in range(1000)
+        ))  # fmt: skip
+        raw = await asyncio.wait_for(reader.read(), 30)  # to EOF: the gateway closes
+        heads = [part for part in raw.split(b"HTTP/1.1 ")[1:]]
+        assert [head[:3] for head in heads] == [b"200"] * 5, raw[:2000]
+        assert b"connection: close" in heads[-1].lower()
+        assert all(b"connection: close" not in head.lower() for head in heads[:-1])
+        writer.close()
+        await counts_return_to_zero()
+    assert orders.hits == 5
+    assert gauge("gozon_gateway_pipeline_cuts_total") == cuts + 1
+
+
 async def test_a_client_disconnect_is_counted_as_499_never_as_a_server_error(
     orders: Upstream, payments: Upstream
 ) -> None:

@@ -21,9 +21,20 @@ address may hold any number of connections. `EdgeProtocol` adds exactly those li
     HTTP/1.1 without exactly one `Host` header                  400, connection closed
     an answer the client does not read: writing stalled for
     `write_timeout_s`                                           connection aborted
+    more than `max_pipelined` requests read ahead behind the
+    one being answered (HTTP/1.1 pipelining)                    the queued ones answered, the
+                                                                rest never read; then closed
     `Upgrade: websocket`                                        400, connection closed
     another `Upgrade` (h2c) or CONNECT                          not upgraded: the request is
                                                                 served, then the connection closed
+
+Pipelined requests are read ahead only while none is waiting: uvicorn resumes reading after
+every answer and parses all that a read brings, so a client that writes requests back to back
+and never reads an answer made the queue grow by a read's worth of requests per answer (16,000
+queued requests, 270 MB, and garbage-collector pauses of half a second for every other client
+in a ten-second flood). Here reading stays paused while requests are queued, and a read that
+brings more than `max_pipelined` ends the connection after their answers (`Connection: close`
+on the last; RFC 9112 §9.3.2: the client retries the rest on a new connection).
 
 Chunked trailer fields are read and dropped: they never join the request's headers (uvicorn
 appends them to the very list the application reads) and never go upstream. Every connection
@@ -56,6 +67,7 @@ import structlog
 import uvicorn
 from prometheus_client import Counter as PrometheusCounter
 from prometheus_client import Gauge
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gozon.core.problems import PROBLEM_JSON
@@ -75,6 +87,11 @@ INCOMPLETE_REQUESTS = Gauge(
     "gozon_gateway_incomplete_requests",
     "Requests whose head has arrived and whose body is still arriving (they hold no upstream "
     "slot yet).",
+)
+PIPELINE_CUTS = PrometheusCounter(
+    "gozon_gateway_pipeline_cuts_total",
+    "Connections closed after their queued answers because one read brought more pipelined "
+    "requests than the gateway reads ahead.",
 )
 WRITE_TIMEOUTS = PrometheusCounter(
     "gozon_gateway_write_timeouts_total",
@@ -102,6 +119,7 @@ class EdgeLimits:
     max_incomplete_per_client: int
     max_body_bytes: int
     write_timeout_s: float
+    max_pipelined: int
     open_connections: Counter[str] = field(default_factory=Counter)
     incomplete_requests: Counter[str] = field(default_factory=Counter)
 
@@ -119,6 +137,23 @@ class _Refused(Exception):
         super().__init__(detail)
         self.status = status
         self.detail = detail
+
+
+class _PipelineCut(Exception):
+    """Raised from a parser callback: the parser stops, nothing more is read or answered."""
+
+
+class _PipelineFlow(FlowControl):
+    """uvicorn's flow control, except that reading stays paused while requests are queued
+    behind the one being answered: they are read ahead only as far as the queue is empty."""
+
+    def __init__(self, transport: asyncio.Transport, queued: Callable[[], int]) -> None:
+        super().__init__(transport)
+        self._queued = queued
+
+    def resume_reading(self) -> None:
+        if not self._queued():
+            super().resume_reading()
 
 
 def problem_bytes(status: int, detail: str, headers: dict[str, str] | None = None) -> bytes:
@@ -158,11 +193,13 @@ class EdgeProtocol(HttpToolsProtocol):
         self._body_timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
         self._head_turn_taken = self._body_turn_taken = False
+        self._pipeline_cut = False
 
     # ------------------------------------------------------------------ connection
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.flow = _PipelineFlow(transport, lambda: len(self.pipeline))
         host = self.client[0] if self.client else ""
         if self.limits.open_connections[host] >= self.limits.max_connections_per_client:
             log.warning("connection refused: too many from one address", client=host)
@@ -189,7 +226,7 @@ class EdgeProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._discarding or self.transport.is_closing():
+        if self._discarding or self._pipeline_cut or self.transport.is_closing():
             return
         if self._in_head:
             self._head_bytes += len(data)
@@ -200,7 +237,7 @@ class EdgeProtocol(HttpToolsProtocol):
         else:
             self._body_bytes += len(data)
         super().data_received(data)
-        if self._discarding or self.transport.is_closing():
+        if self._discarding or self._pipeline_cut or self.transport.is_closing():
             return
         if self._in_head and self._head_bytes > self.limits.max_head_bytes:
             self._close_with(431, self._head_too_large())
@@ -209,6 +246,8 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a parser error: ours, when a limit of ours stopped the parser."""
+        if self._pipeline_cut:
+            return  # the queued requests' answers come first, and the last one closes
         if self._refused is not None:
             self._close_with(self._refused.status, self._refused.detail)
         else:
@@ -261,6 +300,8 @@ class EdgeProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        if len(self.pipeline) >= self.limits.max_pipelined:
+            self._cut_pipeline()
         self._in_head = False
         self._head_bytes = 0
         self._body_bytes = 0
@@ -291,6 +332,24 @@ class EdgeProtocol(HttpToolsProtocol):
         self._body_done()
         self._in_head = True  # the next request's head, if any, starts now
         super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # resumes reading, then starts the next queued request
+        if not self.pipeline and not self._pipeline_cut and not self.transport.is_closing():
+            self.flow.resume_reading()  # the queue is empty now: read the next requests
+
+    def _cut_pipeline(self) -> None:
+        """More requests read ahead than `max_pipelined`: the queued ones are answered, the
+        last of them with `Connection: close`, and nothing after them is parsed or read."""
+        PIPELINE_CUTS.inc()
+        log.info("too many pipelined requests; closing after the queued ones",
+                 client=self._counted_as, queued=len(self.pipeline))  # fmt: skip
+        newest, _ = self.pipeline[0]  # uvicorn queues with appendleft
+        newest.keep_alive = False
+        self._pipeline_cut = True
+        self._cancel_timers()
+        self.flow.pause_reading()
+        raise _PipelineCut
 
     # ------------------------------------------------------------------ incomplete bodies
 
@@ -446,6 +505,7 @@ def limits_from(settings: GatewaySettings) -> EdgeLimits:
         max_incomplete_per_client=settings.gateway_max_incomplete_per_client,
         max_body_bytes=settings.gateway_max_body_bytes,
         write_timeout_s=settings.gateway_write_timeout_s,
+        max_pipelined=settings.gateway_max_pipelined,
     )
 
 

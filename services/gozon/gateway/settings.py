@@ -51,6 +51,9 @@ class GatewaySettings(CommonSettings):
     # limit in the gateway before it is admitted upstream).
     gateway_max_incomplete_per_client: int = Field(default=64, ge=1)
     gateway_write_timeout_s: float = Field(default=10.0, gt=0)  # a client not reading an answer
+    # Requests one connection may have waiting, read ahead, behind the one being answered
+    # (HTTP/1.1 pipelining); past it the connection closes after the queued ones' answers.
+    gateway_max_pipelined: int = Field(default=16, ge=1)
     # Who a request acts for (gateway/identity.py): the client's X-User-Id, or a verified JWT.
     gateway_identity: Literal["header", "jwt"] = "header"
     gateway_jwt_secret: SecretStr | None = None  # HS256
