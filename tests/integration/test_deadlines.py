@@ -219,6 +219,35 @@ async def test_nothing_is_committed_once_the_deadline_has_passed(orders_db: str)
         await engine.dispose()
 
 
+async def test_a_statement_cut_between_its_preparation_and_execution_is_the_deadlines(
+    orders_db: str,
+) -> None:
+    """The fault suite's frozen database once got a 500: the deadline's cut (a timer) fell
+    between a new statement's preparation and its execution, and asyncpg, its protocol already
+    dropped, raised `AttributeError: 'NoneType' object has no attribute 'bind_execute'`, which
+    no outage handler knows. Made certain here: the statement's preparation is sent, the loop
+    is held until the deadline has passed and the answer has arrived, so the cut runs after
+    the answer is read and before the statement resumes. Inside a cut transaction any failure
+    is `DeadlineExceeded`: a 503, nothing committed."""
+    db = await transactions(orders_db)
+
+    async def prepared_then_cut() -> None:
+        async with db.transaction() as conn:
+            fetching = asyncio.ensure_future(conn.fetch("SELECT $1::int + 1 AS never_prepared", 1))
+            await asyncio.sleep(0)  # the statement's preparation is sent
+            time.sleep(budget.left() + 0.3)  # noqa: ASYNC251 - the loop held on purpose
+            await fetching
+
+    try:
+        with request_budget(0.5) as budget, pytest.raises(DeadlineExceeded) as raised:
+            await prepared_then_cut()
+        assert budget.cut
+        assert not budget.committing
+        print(f"\nthe driver raised: {raised.value.__cause__!r}")
+    finally:
+        await db.close()
+
+
 async def test_a_commit_cut_at_the_deadline_is_of_unknown_outcome(orders_db: str) -> None:
     """The payments API's transactions (`Database.transaction`) have their connection cut at
     the deadline (a server that stopped answering cancels nothing). If the COMMIT was already

@@ -309,8 +309,9 @@ class Database:
         nothing), and no COMMIT once the deadline has passed (`DeadlineExceeded`).
 
         A connection found dead at BEGIN is retried once on a fresh one, as for `read`.
-        Inside, the driver's errors pass through (the outage handlers answer them); a
-        connection cut at the deadline sets `budget.cut` (503), one lost during COMMIT leaves
+        Inside, the driver's errors pass through (the outage handlers answer them), except
+        once the deadline has cut the connection: then any failure inside is
+        `DeadlineExceeded` and `budget.cut` is set (503); a connection lost during COMMIT leaves
         `budget.committing` set (504, the outcome unknown). A connection that failed unusable
         (`unusable_after`) or ran out of time is dropped, never pooled again."""
         conn = await self._begin()
@@ -327,6 +328,17 @@ class Database:
                     raise DeadlineExceeded
             except BaseException as exc:
                 await _roll_back(conn, exc)
+                if (
+                    budget is not None
+                    and budget.cut
+                    and isinstance(exc, Exception)
+                    and not isinstance(exc, DeadlineExceeded)
+                ):
+                    # The deadline closed the connection under the statement: whatever the
+                    # driver raised for it is the deadline's doing, and nothing was committed.
+                    # asyncpg may raise AttributeError (a protocol it has dropped) when the cut
+                    # falls between a statement's preparation and its execution.
+                    raise DeadlineExceeded("the deadline closed the transaction") from exc
                 raise
             if budget is not None:
                 budget.committing = True
