@@ -320,7 +320,7 @@ async def test_pipelined_requests_are_read_ahead_only_so_far(
             for n in range(1000)
         ))  # fmt: skip
         raw = await asyncio.wait_for(reader.read(), 30)  # to EOF: the gateway closes
-        heads = [part for part in raw.split(b"HTTP/1.1 ")[1:]]
+        heads = raw.split(b"HTTP/1.1 ")[1:]
         assert [head[:3] for head in heads] == [b"200"] * 5, raw[:2000]
         assert b"connection: close" in heads[-1].lower()
         assert all(b"connection: close" not in head.lower() for head in heads[:-1])

@@ -92,12 +92,17 @@ def _probe_from_node(targets: list[tuple[str, str, int]]) -> dict[str, str]:
 
 
 def _one_pod(cluster: Cluster, component: str) -> Any:
+    return _one_ready(cluster, f"app.kubernetes.io/component={component}", component)
+
+
+def _one_ready(cluster: Cluster, selector: str, what: str) -> Any:
+    """A ready pod matching `selector`, not being deleted."""
     pods = [
         p
-        for p in cluster.pods(f"app.kubernetes.io/component={component}")
+        for p in cluster.pods(selector)
         if p.status.phase == "Running" and p.metadata.deletion_timestamp is None and _ready(p)
     ]
-    assert pods, f"no ready pod of {component}"
+    assert pods, f"no ready pod of {what}"
     return pods[0]
 
 
@@ -112,7 +117,9 @@ def _targets(cluster: Cluster) -> tuple[tuple[str, str, int], list[tuple[str, st
     ip = {c: _one_pod(cluster, c).status.pod_ip for c in (
         "gateway", "orders-relay", "orders-consumer", "payments-relay", "payments-consumer",
     )}  # fmt: skip
-    kafka = _one_kafka_ip(cluster)
+    kafka = str(
+        _one_ready(cluster, "app.kubernetes.io/name=kafka", "the Kafka broker").status.pod_ip
+    )
     closed = [
         ("orders API (Service)", svc(f"{RELEASE}-orders-api"), 8081),
         ("payments API (Service)", svc(f"{RELEASE}-payments-api"), 8082),
@@ -126,13 +133,6 @@ def _targets(cluster: Cluster) -> tuple[tuple[str, str, int], list[tuple[str, st
         ("payments consumer side port", ip["payments-consumer"], 9104),
     ]
     return gateway, closed
-
-
-def _one_kafka_ip(cluster: Cluster) -> str:
-    pods = cluster.pods("app.kubernetes.io/name=kafka")
-    running = [p for p in pods if p.status.phase == "Running" and _ready(p)]
-    assert running, "no ready Kafka broker"
-    return str(running[0].status.pod_ip)
 
 
 def _stranger(name: str, namespace: str) -> dict[str, Any]:
